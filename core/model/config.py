@@ -1,0 +1,186 @@
+"""ModelConfig: every architectural choice the Gemma 1/2 and LLaMA papers ablate, as data.
+
+Sizes have no defaults: a preset (gin/models/*.gin) must give them, so a missing
+value is an error rather than a silently different model. Variants are strings
+or per-layer tuples so that gin binds them directly and MLflow logs them
+readably.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# One registry per variant axis; the strings are what gin files and sweeps bind.
+ATTENTION_KINDS = ("global", "local")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+NORMS = ("rmsnorm", "layernorm", "none")
+NORM_PLACEMENTS = ("pre", "post", "pre_post")
+POSITIONS = ("rope", "learned", "none")
+REMAT_POLICIES = ("none", "full", "save_dots")
+# name -> (activation, gated). Gated variants multiply act(x W_gate) by x W_up.
+ACTIVATIONS = {
+    "geglu": ("gelu_tanh", True),
+    "swiglu": ("silu", True),
+    "reglu": ("relu", True),
+    "relu": ("relu", False),
+    "gelu": ("gelu_tanh", False),
+    "relu2": ("squared_relu", False),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A model configuration that cannot describe a valid model."""
+
+
+def llama_mlp_dim(embed_dim: int, multiple_of: int = 256) -> int:
+  """LLaMA's SwiGLU hidden size: 2/3 of 4d, rounded up to a multiple.
+
+  This keeps the parameter count of a 3-matrix gated MLP equal to that of a
+  2-matrix MLP with hidden size 4d (LLaMA paper, section 2).
+  """
+  hidden = int(2 * 4 * embed_dim / 3)
+  return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only Transformer.
+
+  Attributes:
+    vocab_size: number of token ids (rows of the embedding table).
+    embed_dim: model width D.
+    num_layers: number of Transformer blocks.
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K; N = multi-head, 1 = multi-query, else grouped-query.
+    head_dim: H, width of one head.
+    mlp_dim: hidden width F of the feed-forward block; 0 means LLaMA's rule
+      `llama_mlp_dim(embed_dim, mlp_multiple_of)`.
+    max_seq_len: context length (learned positions need it; recorded for all).
+    activation: a key of ACTIVATIONS.
+    norm: 'rmsnorm', 'layernorm' or 'none'.
+    norm_placement: 'pre' (LLaMA), 'post' (original Transformer) or 'pre_post' (Gemma 2).
+    rms_scale_plus_one: Gemma parametrizes RMSNorm as x * (1 + scale) with scale
+      initialized to 0; LLaMA as x * scale with scale initialized to 1.
+    norm_eps: epsilon of the normalizers.
+    positions: 'rope', 'learned' or 'none'.
+    rope_base: RoPE wavelength base.
+    attention_pattern: per-layer kinds ('global'/'local'), tiled over the layers
+      (('local', 'global') is Gemma 2's alternation).
+    window: sliding-window size of local layers: a query attends to itself and
+      the window - 1 previous positions.
+    attn_softcap: soft-cap c of attention logits, c * tanh(logits / c); None = off.
+    final_softcap: soft-cap of the output logits; None = off.
+    query_pre_attn_scalar: queries are scaled by query_pre_attn_scalar ** -0.5;
+      None means head_dim (the usual 1/sqrt(head_dim)).
+    tie_embeddings: output projection shares the input embedding table.
+    scale_embeddings: multiply input embeddings by sqrt(embed_dim) (Gemma).
+    attention_impl: 'einsum' (plain XLA) or 'dot_product_attention'
+      (jax.nn.dot_product_attention, cuDNN flash attention on GPU).
+    dtype: compute dtype; param_dtype: storage dtype of the weights.
+    remat: rematerialization of each block in the backward pass: 'none',
+      'full', or 'save_dots' (keep matmul outputs, recompute the rest).
+  """
+
+  vocab_size: int
+  embed_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  activation: str
+  norm: str
+  norm_placement: str
+  positions: str
+  tie_embeddings: bool
+  scale_embeddings: bool
+  rms_scale_plus_one: bool = False
+  norm_eps: float = 1e-6
+  rope_base: float = 10_000.0
+  mlp_multiple_of: int = 256
+  attention_pattern: tuple[str, ...] = ("global",)
+  window: int | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  attention_impl: str = "einsum"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    # gin hands lists for tuples; keep the config hashable and comparable.
+    object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+    self.validate()
+
+  # -- derived values -------------------------------------------------------
+
+  @property
+  def hidden_dim(self) -> int:
+    """The feed-forward width actually used (mlp_dim, or LLaMA's rule when 0)."""
+    return self.mlp_dim or llama_mlp_dim(self.embed_dim, self.mlp_multiple_of)
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The attention kind of every layer, the pattern tiled over num_layers."""
+    pattern = self.attention_pattern
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return float(scalar) ** -0.5
+
+  @property
+  def gated(self) -> bool:
+    return ACTIVATIONS[self.activation][1]
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # -- validation -------------------------------------------------------------
+
+  def validate(self) -> None:
+    def need(cond: bool, msg: str) -> None:
+      if not cond:
+        raise ConfigError(f"ModelConfig: {msg}")
+
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_seq_len"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+    need(isinstance(self.mlp_dim, int) and self.mlp_dim >= 0,
+         f"mlp_dim must be an int >= 0 (0 = LLaMA's 2/3*4d rule), got {self.mlp_dim!r}")
+    need(self.num_heads % self.num_kv_heads == 0,
+         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+    _check_choice("positions", self.positions, POSITIONS)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    need(len(self.attention_pattern) > 0, "attention_pattern must name at least one layer kind")
+    for kind in self.attention_pattern:
+      _check_choice("attention_pattern entry", kind, ATTENTION_KINDS)
+    if "local" in self.layer_kinds:
+      need(isinstance(self.window, int) and self.window > 0,
+           f"local attention layers need a positive window, got {self.window!r}")
+    for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
+    if self.positions == "rope":
+      need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"ModelConfig: {name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,1 @@
+"""The `ablax` command line: one module per subcommand, dispatched by launch.cli."""

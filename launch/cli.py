@@ -1,0 +1,64 @@
+"""`ablax` entry point.
+
+Each subcommand lives in its own module `launch/<name>_cmd.py` exposing
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
+their subcommand runs, so `ablax --help` stays fast and a broken optional
+dependency of one command never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("launch.train_cmd", "train a model from gin files"),
+    "sweep": ("launch.sweep_cmd", "run an ablation sweep (grid x seeds)"),
+    "compare": ("launch.compare_cmd", "compare the runs of a sweep from MLflow"),
+    "reproduce": ("launch.reproduce_cmd", "re-run an MLflow run from its recorded config"),
+    "params": ("launch.params_cmd", "count a model's parameters without allocating it"),
+    "carbon": ("launch.carbon_cmd", "project energy and carbon of a training run"),
+    "eval": ("launch.eval_cmd", "evaluate a checkpoint"),
+    "score": ("launch.score_cmd", "per-token log-probabilities of a text under a checkpoint"),
+    "sample": ("launch.sample_cmd", "sample from a checkpoint"),
+    "tokenizer": ("launch.tokenizer_cmd", "train or subset SentencePiece tokenizers"),
+    "data": ("launch.data_cmd", "inspect a data pipeline"),
+    "import-hf": ("launch.import_hf_cmd", "convert a Hugging Face checkpoint to ablax"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="ablax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (_, help_text) in COMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    parser = build_parser()
+    if argv and argv[0] not in ("-h", "--help"):
+      parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+    parser.print_help()
+    return 0 if argv else 2
+  name, rest = argv[0], argv[1:]
+  module_name, help_text = COMMANDS[name]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name == module_name:
+      print(f"ablax {name}: not available in this version", file=sys.stderr)
+      return 2
+    raise
+  parser = argparse.ArgumentParser(prog=f"ablax {name}", description=help_text)
+  module.add_arguments(parser)
+  args = parser.parse_args(rest)
+  return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

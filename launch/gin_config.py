@@ -1,0 +1,130 @@
+"""Loading gin files and bindings, with errors that name their cause.
+
+`core/` never imports gin; this module is where gin meets the library. Gin files
+register components with dynamic registration (`from __gin__ import
+dynamic_registration`, `import core.model.config`) and bind names such as
+`ModelConfig.embed_dim`. Relative gin paths resolve against the working
+directory first, then the ablax checkout, so `gin/models/gemma_7b.gin` works from
+anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missing file.
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import gin
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding that cannot be used; the message names the cause."""
+
+
+def all_gin_files(root: Path = REPO_ROOT) -> list[Path]:
+  return sorted(p for d in ("gin", "ablations") for p in (root / d).rglob("*.gin"))
+
+
+def resolve_gin_file(path: str | os.PathLike) -> Path:
+  """The gin file at `path` (as given, or relative to the checkout), or a clear error."""
+  candidates = [Path(path), REPO_ROOT / path]
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate.resolve()
+  known = [str(p.relative_to(REPO_ROOT)) for p in all_gin_files()]
+  close = difflib.get_close_matches(str(path), known, n=3, cutoff=0.5)
+  hint = f"; did you mean {', '.join(close)}?" if close else ""
+  raise GinConfigError(f"gin file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT}){hint}")
+
+
+def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str] = (),
+          finalize: bool = True) -> list[Path]:
+  """Parses files (later ones win) then bindings; returns the resolved file paths."""
+  resolved = [resolve_gin_file(f) for f in gin_files]
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  try:
+    for f in resolved:
+      gin.parse_config_file(str(f))
+    if gin_params:
+      gin.parse_config(list(gin_params))
+  except (ValueError, OSError, SyntaxError, ImportError, TypeError) as e:
+    message = str(e)
+    if "Unable to open file" in message:
+      message = message.replace("Unable to open file", "gin include not found")
+    raise GinConfigError(message) from None
+  if finalize:
+    gin.finalize()
+  return resolved
+
+
+def build(cls_or_fn: Any, gin_files_hint: Sequence[str | os.PathLike] = (), **overrides: Any) -> Any:
+  """Calls the gin-configured `cls_or_fn`, turning missing values into a clear error."""
+  configurable = gin.get_configurable(cls_or_fn)
+  try:
+    return configurable(**overrides)
+  except TypeError as e:
+    missing = _missing_required(cls_or_fn, overrides)
+    if not missing:
+      raise
+    files = ", ".join(str(f) for f in gin_files_hint) or "(no gin files)"
+    raise GinConfigError(
+        f"{cls_or_fn.__name__} is missing required values {missing}: none of the gin files "
+        f"[{files}] or --gin_param bindings set them, e.g. "
+        f"--gin_param '{cls_or_fn.__name__}.{missing[0]} = ...'") from e
+
+
+def _missing_required(cls_or_fn: Any, overrides: dict[str, Any]) -> list[str]:
+  bound = dict(gin.get_bindings(cls_or_fn)) if _has_bindings(cls_or_fn) else {}
+  if dataclasses.is_dataclass(cls_or_fn):
+    required = [f.name for f in dataclasses.fields(cls_or_fn)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  else:
+    required = [n for n, p in inspect.signature(cls_or_fn).parameters.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  return [n for n in required if n not in bound and n not in overrides]
+
+
+def _has_bindings(cls_or_fn: Any) -> bool:
+  try:
+    gin.get_bindings(cls_or_fn)
+    return True
+  except (ValueError, KeyError):
+    return False
+
+
+def write_configs(out_dir: str | os.PathLike) -> dict[str, Path]:
+  """Writes the bound and the operative config; call after the run built its objects."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = {"config": out / "config.gin", "operative_config": out / "operative_config.gin"}
+  paths["config"].write_text(gin.config_str())
+  paths["operative_config"].write_text(gin.operative_config_str())
+  return paths
+
+
+_BINDING = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*(.+)$")
+
+
+def flatten_config_str(text: str) -> dict[str, str]:
+  """`name.param = value` lines of a gin config string as a flat dict (for MLflow params)."""
+  flat: dict[str, str] = {}
+  key, value_lines = None, []
+  for line in text.splitlines() + [""]:
+    if key is not None and (line.startswith((" ", "\t")) and line.strip()):
+      value_lines.append(line.strip())
+      continue
+    if key is not None:
+      flat[key] = " ".join(value_lines)
+      key, value_lines = None, []
+    m = _BINDING.match(line)
+    if m and not line.startswith(("import ", "from ", "include ")):
+      key, value_lines = m.group(1), [m.group(2).strip()]
+  return flat
