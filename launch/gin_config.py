@@ -54,7 +54,7 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
       gin.parse_config_file(str(f))
     if gin_params:
       gin.parse_config(list(gin_params))
-  except (ValueError, OSError, SyntaxError, ImportError, TypeError) as e:
+  except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError) as e:
     message = str(e)
     if "Unable to open file" in message:
       message = message.replace("Unable to open file", "gin include not found")

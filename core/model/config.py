@@ -177,6 +177,10 @@ class ModelConfig:
     for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
       value = getattr(self, name)
       need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
+    if self.attn_softcap is not None:
+      need(self.attention_impl == "einsum",
+           "attention soft-capping (attn_softcap) needs attention_impl='einsum'; "
+           "jax.nn.dot_product_attention has no soft-cap")
     if self.positions == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
 
