@@ -1,0 +1,1 @@
+"""MLflow run records, energy and carbon. Imports no gin and nothing of ours outside core."""
