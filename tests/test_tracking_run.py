@@ -1,0 +1,272 @@
+"""RunTracker against a local sqlite store: the run record, failure, resume, bad stores, spool."""
+
+import math
+import os
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from core.tracking import spool
+from core.tracking.run import NullTracker, RunTracker, TrackingStoreError
+
+_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+
+
+@pytest.fixture(autouse=True)
+def _restore_http_env():
+  # The tracker sets MLflow's HTTP bounds with setdefault; keep tests independent.
+  saved = {k: os.environ.get(k) for k in _HTTP_VARS}
+  yield
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+def _tracker(uri, tmp_path, **kw):
+  kw.setdefault("spool_dir", tmp_path / "spool")
+  kw.setdefault("retry_interval_s", 0.2)
+  return RunTracker(uri, kw.pop("experiment", "tests"), **kw)
+
+
+def _steps(client, run_id, key):
+  return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_run_record(_mlflow_store, tmp_path):
+  config = tmp_path / "operative_config.gin"
+  config.write_text("ModelConfig.embed_dim = 64\n")
+  with _tracker(_mlflow_store, tmp_path, run_name="baseline", tags={"ablax.config_hash": "abc"},
+                parent_run_id=None) as t:
+    t.log_params({"ModelConfig.embed_dim": 64, "long": "x" * 7000, "odd key!": 1})
+    t.set_tags({"git.dirty": "false"})
+    for step in range(50):
+      t.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.01, "nan": float("nan")}, step)
+    t.log_artifact(config, "config")
+    config.write_text("changed after logging\n")  # the logged copy must not change
+    t.log_dict({"embedding": 10, "total": 20}, "params.json")
+    t.log_text("diff --git", "code/diff.patch")
+    run_id = t.run_id
+  client = MlflowClient(_mlflow_store)
+  run = client.get_run(run_id)
+  assert run.info.status == "FINISHED"
+  assert run.info.run_name == "baseline"
+  assert run.data.params["ModelConfig.embed_dim"] == "64"
+  assert len(run.data.params["long"]) == 6000 and run.data.params["long"].endswith("[truncated]")
+  assert "odd key_" in run.data.params
+  assert run.data.tags["ablax.config_hash"] == "abc" and run.data.tags["git.dirty"] == "false"
+  assert _steps(client, run_id, "train/loss") == list(range(50))
+  assert math.isnan(client.get_metric_history(run_id, "nan")[0].value)
+  paths = {a.path for a in client.list_artifacts(run_id)}
+  assert {"config", "params.json", "code", "ablax"} <= paths
+  local = client.download_artifacts(run_id, "config/operative_config.gin", str(tmp_path / "dl"))
+  assert open(local).read() == "ModelConfig.embed_dim = 64\n"
+  assert t.pending_spool == 0
+  assert not (tmp_path / "spool" / "staged").exists() or not any(
+      (tmp_path / "spool" / "staged").iterdir())
+
+
+def test_parent_run_tag(_mlflow_store, tmp_path):
+  with _tracker(_mlflow_store, tmp_path, run_name="sweep") as parent:
+    with _tracker(_mlflow_store, tmp_path, run_name="point-0",
+                  parent_run_id=parent.run_id) as child:
+      pass
+  client = MlflowClient(_mlflow_store)
+  assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_failing_run_marked_failed_with_error(_mlflow_store, tmp_path):
+  with pytest.raises(ZeroDivisionError):
+    with _tracker(_mlflow_store, tmp_path) as t:
+      t.log_metrics({"loss": 1.0}, 0)
+      1 / 0  # noqa: B018
+  client = MlflowClient(_mlflow_store)
+  run = client.get_run(t.run_id)
+  assert run.info.status == "FAILED"
+  assert "ZeroDivisionError" in run.data.tags["ablax.error"]
+  text = open(client.download_artifacts(t.run_id, "error.txt", str(tmp_path / "dl"))).read()
+  assert "1 / 0" in text and "ZeroDivisionError" in text
+  assert _steps(client, t.run_id, "loss") == [0]
+
+
+def test_explicit_end_status(_mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  with pytest.raises(ValueError, match="status"):
+    t.end("DONE")
+  t.end("KILLED", error="SIGTERM at step 7")
+  run = MlflowClient(_mlflow_store).get_run(t.run_id)
+  assert run.info.status == "KILLED" and run.data.tags["ablax.error"] == "SIGTERM at step 7"
+
+
+def test_resume_continues_the_same_run(_mlflow_store, tmp_path):
+  first = _tracker(_mlflow_store, tmp_path, run_name="long")
+  first.start()
+  for step in range(10):
+    first.log_metrics({"loss": float(step)}, step)
+  first.end("KILLED")  # preempted
+  second = _tracker(_mlflow_store, tmp_path, run_id=first.run_id)
+  assert second.start() == first.run_id
+  client = MlflowClient(_mlflow_store)
+  assert client.get_run(first.run_id).info.status == "RUNNING"
+  for step in range(10, 20):
+    second.log_metrics({"loss": float(step)}, step)
+  second.end()
+  assert client.get_run(first.run_id).info.status == "FINISHED"
+  assert _steps(client, first.run_id, "loss") == list(range(20))
+  experiment = client.get_experiment_by_name("tests")
+  assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_resume_replays_a_spool_left_by_an_earlier_process(_mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  t.log_metrics({"loss": 0.0}, 0)
+  t.end("KILLED")
+  # An earlier process of this run lost the store at steps 1-2 and died.
+  now = int(time.time() * 1000)
+  spool.append(tmp_path / "spool", t.run_id, [
+      {"kind": "batch", "metrics": [["loss", 1.0, now + 1, 1]], "params": {}, "tags": {}},
+      {"kind": "batch", "metrics": [["loss", 2.0, now + 2, 2]], "params": {}, "tags": {}},
+  ])
+  resumed = _tracker(_mlflow_store, tmp_path, run_id=t.run_id)
+  resumed.start()
+  resumed.log_metrics({"loss": 3.0}, 3)
+  resumed.end()
+  assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == [0, 1, 2, 3]
+  assert resumed.pending_spool == 0
+
+
+def test_log_metrics_does_not_wait_for_the_store(_mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  gate = threading.Event()
+  real_send = t._send
+
+  def slow_send(record):
+    gate.wait(30)  # the store hangs until the test opens the gate
+    real_send(record)
+
+  t._send = slow_send
+  for step in range(200):
+    t.log_metrics({"loss": float(step), "lr": 0.1}, step)
+  # Every call returned while the writer was stuck in its first send.
+  assert t.delivered_batches == 0
+  gate.set()
+  assert t.flush(30)
+  t.end()
+  assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(200))
+
+
+def test_jax_values_are_converted_off_the_training_thread(_mlflow_store, tmp_path):
+  import jax.numpy as jnp
+  with _tracker(_mlflow_store, tmp_path) as t:
+    t.log_metrics({"loss": jnp.float32(2.5), "gnorm": jnp.array(0.5), "bad": "n/a"}, 3)
+  client = MlflowClient(_mlflow_store)
+  assert client.get_metric_history(t.run_id, "loss")[0].value == 2.5
+  assert client.get_metric_history(t.run_id, "gnorm")[0].value == 0.5
+  assert client.get_metric_history(t.run_id, "bad") == []
+
+
+def test_batches_respect_mlflow_limits(_mlflow_store, tmp_path):
+  with _tracker(_mlflow_store, tmp_path) as t:
+    t.log_params({f"p{i}": i for i in range(250)})
+    t.set_tags({f"t{i}": i for i in range(150)})
+    t.log_metrics({f"m{i}": float(i) for i in range(1500)}, 0)
+  run = MlflowClient(_mlflow_store).get_run(t.run_id)
+  assert len(run.data.params) == 250 and len(run.data.metrics) == 1500
+  assert run.data.tags["t149"] == "149"
+
+
+# ---------------------------------------------------------------- bad stores
+
+
+def test_unwritable_sqlite_store_fails_at_start(tmp_path):
+  blocker = tmp_path / "not_a_dir"
+  blocker.write_text("")
+  t = RunTracker(f"sqlite:///{blocker}/mlflow.db", "x", spool_dir=tmp_path / "spool")
+  with pytest.raises(TrackingStoreError, match="cannot open the run"):
+    t.start()
+
+
+def test_unwritable_spool_dir_fails_at_start(_mlflow_store, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(TrackingStoreError, match="spool directory"):
+    RunTracker(_mlflow_store, "x", spool_dir=blocker / "spool").start()
+
+
+def test_unreachable_server_fails_at_start(tmp_path):
+  import socket
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  t = RunTracker(f"http://127.0.0.1:{port}", "x", spool_dir=tmp_path / "spool")
+  with pytest.raises(TrackingStoreError, match=f"127.0.0.1:{port}"):
+    t.start()
+
+
+def test_resume_of_unknown_run_fails(_mlflow_store, tmp_path):
+  with pytest.raises(TrackingStoreError, match="cannot resume run"):
+    _tracker(_mlflow_store, tmp_path, run_id="0123456789abcdef0123456789abcdef").start()
+
+
+def test_logging_before_start_is_an_error(_mlflow_store, tmp_path):
+  with pytest.raises(RuntimeError, match="start"):
+    _tracker(_mlflow_store, tmp_path).log_metrics({"a": 1.0}, 0)
+
+
+def test_null_tracker_has_the_same_interface():
+  public = {n for n in dir(RunTracker) if not n.startswith("_")} - {"disabled"}
+  assert public <= set(dir(NullTracker))
+  t = RunTracker.disabled()
+  with t:
+    assert t.start() is None
+    t.log_metrics({"a": 1.0}, 0)
+    t.log_params({"a": 1})
+    assert t.flush(1) and t.end()
+
+
+# ---------------------------------------------------------------- spool file
+
+
+def test_spool_round_trip_and_partial_replay(tmp_path):
+  records = [{"kind": "batch", "metrics": [["m", v, 1, i]], "params": {}, "tags": {}}
+             for i, v in enumerate([1.0, float("nan"), float("inf"), -float("inf"), 5.0])]
+  spool.append(tmp_path, "run", records)
+  got = list(spool.read(tmp_path, "run"))
+  assert [r["metrics"][0][3] for r in got] == [0, 1, 2, 3, 4]
+  assert math.isnan(got[1]["metrics"][0][1]) and got[2]["metrics"][0][1] == math.inf
+  sent = []
+
+  def flaky(record):
+    if len(sent) == 2:
+      raise ConnectionError("down")
+    sent.append(record["metrics"][0][3])
+
+  with pytest.raises(ConnectionError):
+    spool.replay(tmp_path, "run", flaky)
+  assert sent == [0, 1]
+  assert [r["metrics"][0][3] for r in spool.read(tmp_path, "run")] == [2, 3, 4]
+  sent.clear()
+  sent_all = []
+  assert spool.replay(tmp_path, "run", lambda r: sent_all.append(r["metrics"][0][3])) == 3
+  assert sent_all == [2, 3, 4] and spool.pending(tmp_path, "run") == 0
+
+
+def test_replaying_a_batch_twice_records_it_once(_mlflow_store, tmp_path):
+  # A send that reached the store but whose answer was lost is replayed; the
+  # store drops the identical metric, so nothing is counted twice.
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  record = {"kind": "batch", "metrics": [["loss", 1.5, 1234, 7]], "params": {"a": "1"},
+            "tags": {}}
+  t._send(record)
+  t._send(record)
+  t.end()
+  history = MlflowClient(_mlflow_store).get_metric_history(t.run_id, "loss")
+  assert [(m.step, m.value) for m in history] == [(7, 1.5)]
