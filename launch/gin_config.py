@@ -54,7 +54,8 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
       gin.parse_config_file(str(f))
     if gin_params:
       gin.parse_config(list(gin_params))
-  except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError) as e:
+  except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError,
+          AttributeError) as e:
     message = str(e)
     if "Unable to open file" in message:
       message = message.replace("Unable to open file", "gin include not found")
@@ -122,7 +123,8 @@ def flatten_config_str(text: str) -> dict[str, str]:
       value_lines.append(line.strip())
       continue
     if key is not None:
-      flat[key] = " ".join(value_lines)
+      # Gin wraps long values as `name = \` + indented continuation lines.
+      flat[key] = " ".join(v.rstrip("\\").strip() for v in value_lines if v.rstrip("\\").strip())
       key, value_lines = None, []
     m = _BINDING.match(line)
     if m and not line.startswith(("import ", "from ", "include ")):
