@@ -1,0 +1,56 @@
+"""The default tokenizer: BPE trained on the embedded corpus, built on first use and cached.
+
+It is trained on the train split of both domains (code and prose) of the
+embedded standard-library corpus, with the papers' options (train.py). The
+cached file is named by the corpus fingerprint, the model type and the size, so
+another Python version (another corpus) gets its own tokenizer, and the same
+interpreter always gets the same one. Its first build reads a fixed sample of
+lines (DEFAULT_MAX_SENTENCES) to stay well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+from core.tokenizer.spm import Tokenizer
+from core.tokenizer.train import train_tokenizer
+
+DEFAULT_VOCAB_SIZE = 4096
+DEFAULT_MODEL_TYPE = "bpe"
+DEFAULT_MAX_SENTENCES = 200_000
+
+
+def default_tokenizer_path(cache_dir: str | os.PathLike | None = None,
+                           vocab_size: int = DEFAULT_VOCAB_SIZE,
+                           model_type: str = DEFAULT_MODEL_TYPE) -> str:
+  """Where the default tokenizer is (or will be) cached; scans the corpus, builds nothing."""
+  from core.data import builders, embedded  # pylint: disable=g-import-not-at-top
+  manifest = embedded.scan()
+  return str(builders.cache_root(cache_dir) / "tokenizers"
+             / f"embedded-{manifest['fingerprint'][:16]}-{model_type}{vocab_size}.model")
+
+
+def default_tokenizer(cache_dir: str | os.PathLike | None = None,
+                      vocab_size: int = DEFAULT_VOCAB_SIZE,
+                      model_type: str = DEFAULT_MODEL_TYPE) -> Tokenizer:
+  """The embedded-corpus tokenizer; built on first use (also building the corpus) and cached.
+
+  Args:
+    cache_dir: default $ABLAX_CACHE, else ~/.cache/ablax.
+    vocab_size: number of ids (the tiny model presets use 4096).
+    model_type: 'bpe' or 'unigram'.
+  """
+  from core.data import builders, sources  # pylint: disable=g-import-not-at-top
+  path = default_tokenizer_path(cache_dir, vocab_size, model_type)
+  if os.path.isfile(path):
+    return Tokenizer(path)
+  with builders.file_lock(builders.cache_root(cache_dir) / "tokenizers" / "build.lock"):
+    if os.path.isfile(path):
+      return Tokenizer(path)
+    cache = None if cache_dir is None else str(cache_dir)
+    texts = []
+    for domain in ("code", "prose"):
+      source = sources.Embedded(domain=domain, cache_dir=cache).open("train")
+      texts.extend(source[i] for i in range(len(source)))
+    return train_tokenizer(texts, path, vocab_size=vocab_size, model_type=model_type,
+                           max_sentences=DEFAULT_MAX_SENTENCES, seed=0)
