@@ -1,0 +1,1 @@
+"""Evaluation of models: scoring, held-out loss, multiple choice, memorization, sampling."""

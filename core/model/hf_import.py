@@ -1,0 +1,358 @@
+"""Hugging Face checkpoints (Gemma, Gemma 2, LLaMA) as ablax models.
+
+Reads a directory written by transformers' `save_pretrained` (config.json and
+*.safetensors, sharded or not), maps the config onto ModelConfig and the
+tensors onto our parameter names. Anything our model cannot represent exactly
+(RoPE scaling, biases, partial rotary dimensions, ...) is refused rather than
+approximated: an imported model must compute what the original computes, which
+tests/test_hf_parity.py checks token by token against transformers.
+
+Layout differences, HF -> ablax:
+  q/k/v_proj.weight (N*H, D) -> (D, N, H)     o_proj.weight (D, N*H) -> (N, H, D)
+  gate/up_proj.weight (F, D) -> (D, F)        down_proj.weight (D, F) -> (F, D)
+  lm_head.weight (V, D) -> unembed (D, V)     norms: Gemma stores the s of
+  x * (1 + s) and LLaMA the s of x * s, the two forms ModelConfig offers.
+RoPE needs no permutation: both use the half-split layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from core.model.config import ConfigError, ModelConfig
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+# model_type -> the CausalLM class whose weights we read.
+FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "llama": "LlamaForCausalLM"}
+# transformers activation names that compute what our registry computes.
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")
+_LAYER_KINDS = {"full_attention": "global", "sliding_attention": "local"}
+
+
+class HFImportError(ValueError):
+  """A Hugging Face checkpoint that ablax cannot represent or read; names the cause."""
+
+
+# -- config ----------------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+  path = Path(hf_dir) / CONFIG_FILE
+  if not Path(hf_dir).is_dir():
+    raise HFImportError(f"Hugging Face checkpoint directory not found: {hf_dir}")
+  if not path.is_file():
+    raise HFImportError(f"{path} not found: not a Hugging Face model directory")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise HFImportError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_family(hf_config: Mapping[str, Any]) -> str:
+  """'gemma', 'gemma2' or 'llama' from model_type (or, failing that, architectures)."""
+  architectures = list(hf_config.get("architectures") or [])
+  model_type = hf_config.get("model_type")
+  if model_type is None:
+    by_arch = [f for f, a in FAMILIES.items() if a in architectures]
+    if len(by_arch) != 1:
+      raise HFImportError(f"config.json has no model_type and architectures {architectures} "
+                          f"name none of {sorted(FAMILIES.values())}")
+    return by_arch[0]
+  if model_type not in FAMILIES:
+    raise HFImportError(f"unsupported model_type {model_type!r}; ablax imports "
+                        f"{', '.join(sorted(FAMILIES))} ({', '.join(FAMILIES.values())})")
+  if architectures and FAMILIES[model_type] not in architectures:
+    raise HFImportError(f"architectures {architectures}: ablax imports only "
+                        f"{FAMILIES[model_type]} checkpoints of model_type {model_type!r}")
+  return model_type
+
+
+def _rope_base(hf: Mapping[str, Any]) -> float:
+  """rope_theta, refusing every RoPE variant but the original one."""
+  # transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling.
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = hf.get("rope_scaling")
+  for source, rope in (("rope_parameters", params), ("rope_scaling", scaling or {})):
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+      raise HFImportError(f"{source} has rope_type {kind!r}: RoPE scaling is not supported "
+                          "(ablax implements the original RoPE only)")
+  factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if factor not in (None, 1, 1.0):
+    raise HFImportError(f"partial_rotary_factor {factor}: ablax rotates the whole head_dim")
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  return float(theta)
+
+
+def _activation(family: str, hf: Mapping[str, Any]) -> str:
+  if family == "llama":
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+      raise HFImportError(f"hidden_act {act!r}: LLaMA import supports SwiGLU (silu) only")
+    return "swiglu"
+  if family == "gemma":
+    # GemmaConfig reads hidden_act and maps the legacy 'gelu' of the released
+    # checkpoints to the tanh approximation, which the models were trained with.
+    act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    ok = _TANH_GELU + ("gelu",)
+  else:
+    act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    ok = _TANH_GELU
+  if act not in ok:
+    raise HFImportError(f"activation {act!r}: Gemma import supports GeGLU with the tanh "
+                        f"GELU ({', '.join(ok)}) only")
+  return "geglu"
+
+
+def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...]:
+  layer_types = hf.get("layer_types")
+  if layer_types is None:
+    # Gemma2Config's default (and the rule of checkpoints that predate
+    # layer_types): layer i slides when i is even, i.e. (local, global, ...).
+    layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                   for i in range(num_layers)]
+  if len(layer_types) != num_layers:
+    raise HFImportError(f"layer_types has {len(layer_types)} entries for "
+                        f"{num_layers} layers")
+  unknown = sorted(set(layer_types) - set(_LAYER_KINDS))
+  if unknown:
+    raise HFImportError(f"layer_types {unknown} are not supported "
+                        f"(only {', '.join(_LAYER_KINDS)})")
+  kinds = tuple(_LAYER_KINDS[t] for t in layer_types)
+  # Keep the shortest period that tiles the layers, as a preset would write it.
+  for period in range(1, num_layers + 1):
+    if all(kinds[i] == kinds[i % period] for i in range(num_layers)):
+      return kinds[:period]
+  return kinds
+
+
+def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
+                   param_dtype: str = "float32") -> tuple[str, ModelConfig]:
+  """(family, ModelConfig) of a HF config.json dict; refuses what ablax cannot represent."""
+  hf = dict(hf_config)
+  family = detect_family(hf)
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise HFImportError(f"{flag}=true: ablax's projections have no biases")
+  if hf.get("use_bidirectional_attention"):
+    raise HFImportError("use_bidirectional_attention=true: ablax models are causal decoders")
+
+  def need(key: str) -> Any:
+    if hf.get(key) is None:
+      raise HFImportError(f"config.json lacks {key!r}, needed for a {FAMILIES[family]}")
+    return hf[key]
+
+  embed_dim = int(need("hidden_size"))
+  num_heads = int(need("num_attention_heads"))
+  num_layers = int(need("num_hidden_layers"))
+  head_dim = hf.get("head_dim") or embed_dim // num_heads
+  fields: dict[str, Any] = dict(
+      vocab_size=int(need("vocab_size")),
+      embed_dim=embed_dim,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+      head_dim=int(head_dim),
+      mlp_dim=int(need("intermediate_size")),
+      max_seq_len=int(hf.get("max_position_embeddings") or 8192),
+      activation=_activation(family, hf),
+      norm="rmsnorm",
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      positions="rope",
+      rope_base=_rope_base(hf),
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
+  if family == "llama":
+    fields.update(norm_placement="pre", rms_scale_plus_one=False, scale_embeddings=False,
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+  else:
+    fields.update(norm_placement="pre_post" if family == "gemma2" else "pre",
+                  rms_scale_plus_one=True, scale_embeddings=True,
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+  if family == "gemma2":
+    pattern = _attention_pattern(hf, num_layers)
+    window = hf.get("sliding_window")
+    if "local" in pattern and not window:
+      raise HFImportError("layer_types has sliding_attention layers but sliding_window is "
+                          f"{window!r}")
+    scalar = hf.get("query_pre_attn_scalar", 256)
+    fields.update(
+        attention_pattern=pattern,
+        window=int(window) if "local" in pattern else None,
+        attn_softcap=_optional_float(hf.get("attn_logit_softcapping", 50.0)),
+        final_softcap=_optional_float(hf.get("final_logit_softcapping", 30.0)),
+        query_pre_attn_scalar=None if scalar == fields["head_dim"] else float(scalar))
+  try:
+    return family, ModelConfig(**fields)
+  except ConfigError as e:
+    raise HFImportError(f"config.json maps to an invalid ablax config: {e}") from None
+
+
+def _optional_float(value: Any) -> float | None:
+  return None if value is None else float(value)
+
+
+# -- tensors -----------------------------------------------------------------------
+
+
+def load_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint (via the shard index when there is one), as numpy."""
+  from safetensors import safe_open  # local: only the importer needs it
+  root = Path(hf_dir)
+  index = root / INDEX_FILE
+  if index.is_file():
+    weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+      raise HFImportError(f"{index} lists shards that are missing: {', '.join(missing)}")
+  else:
+    files = sorted(p.name for p in root.glob("*.safetensors"))
+    weight_map = None
+  if not files:
+    bins = sorted(p.name for p in root.glob("*.bin"))
+    hint = (f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))"
+            if bins else "")
+    raise HFImportError(f"no *.safetensors files in {root}{hint}")
+  tensors: dict[str, np.ndarray] = {}
+  for name in files:
+    with safe_open(str(root / name), framework="np") as f:
+      for key in f.keys():
+        if key in tensors:
+          raise HFImportError(f"tensor {key!r} appears in more than one shard ({name})")
+        if weight_map is not None and weight_map.get(key, name) != name:
+          raise HFImportError(f"tensor {key!r} is in {name} but {INDEX_FILE} puts it in "
+                              f"{weight_map[key]}")
+        tensors[key] = f.get_tensor(key)
+  if weight_map is not None:
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+      raise HFImportError(f"{INDEX_FILE} lists tensors no shard holds: {', '.join(absent[:10])}")
+  return tensors
+
+
+def params_from_hf(family: str, config: ModelConfig,
+                   tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Our flat parameter dict ('blocks/0/attn/q', ...) from HF tensors.
+
+  Every HF tensor must be used exactly once and have the shape the config
+  implies; the error names each offending tensor.
+  """
+  c = config
+  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
+                      c.vocab_size)
+  # HF name -> (our name, HF shape, conversion)
+  plan: dict[str, tuple[str, tuple[int, ...], Any]] = {}
+
+  def add(hf_name, ours, shape, convert=lambda x: x):
+    plan[hf_name] = (ours, shape, convert)
+
+  def heads(count):
+    return lambda x: x.T.reshape(d, count, h)
+
+  add("model.embed_tokens.weight", "embedder/embedding", (v, d))
+  add("model.norm.weight", "final_norm/scale", (d,))
+  if not c.tie_embeddings:
+    add("lm_head.weight", "embedder/unembed", (v, d), lambda x: x.T)
+  for i in range(c.num_layers):
+    hf_p, ours = f"model.layers.{i}.", f"blocks/{i}/"
+    add(hf_p + "self_attn.q_proj.weight", ours + "attn/q", (n * h, d), heads(n))
+    add(hf_p + "self_attn.k_proj.weight", ours + "attn/k", (k * h, d), heads(k))
+    add(hf_p + "self_attn.v_proj.weight", ours + "attn/v", (k * h, d), heads(k))
+    add(hf_p + "self_attn.o_proj.weight", ours + "attn/o", (d, n * h),
+        lambda x: x.T.reshape(n, h, d))
+    add(hf_p + "mlp.gate_proj.weight", ours + "mlp/gate", (f, d), lambda x: x.T)
+    add(hf_p + "mlp.up_proj.weight", ours + "mlp/up", (f, d), lambda x: x.T)
+    add(hf_p + "mlp.down_proj.weight", ours + "mlp/down", (d, f), lambda x: x.T)
+    add(hf_p + "input_layernorm.weight", ours + "attn_norm/scale", (d,))
+    if family == "gemma2":
+      add(hf_p + "post_attention_layernorm.weight", ours + "attn_out_norm/scale", (d,))
+      add(hf_p + "pre_feedforward_layernorm.weight", ours + "mlp_norm/scale", (d,))
+      add(hf_p + "post_feedforward_layernorm.weight", ours + "mlp_out_norm/scale", (d,))
+    else:
+      # In pre-norm models HF's post_attention_layernorm is the norm before the MLP.
+      add(hf_p + "post_attention_layernorm.weight", ours + "mlp_norm/scale", (d,))
+
+  ignored, unexpected = [], []
+  for name in tensors:
+    if name in plan:
+      continue
+    if name.endswith("rotary_emb.inv_freq"):
+      ignored.append(name)  # a cached buffer of old checkpoints, recomputed from rope_theta
+    elif name == "lm_head.weight" and c.tie_embeddings:
+      if not np.array_equal(tensors[name], tensors.get("model.embed_tokens.weight")):
+        raise HFImportError("tie_word_embeddings=true but lm_head.weight differs from "
+                            "model.embed_tokens.weight")
+    else:
+      unexpected.append(name)
+  missing = sorted(set(plan) - set(tensors), key=_natural)
+  wrong = sorted((f"{name}: shape {tuple(tensors[name].shape)}, config.json implies "
+                  f"{plan[name][1]}" for name in plan
+                  if name in tensors and tuple(tensors[name].shape) != plan[name][1]),
+                 key=_natural)
+  if missing or unexpected or wrong:
+    lines = [f"the checkpoint's tensors do not match its config.json ({FAMILIES[family]})"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): "
+                   f"{', '.join(sorted(unexpected, key=_natural))}")
+    if wrong:
+      lines.append(f"  wrong shape ({len(wrong)}):")
+      lines.extend(f"    {w}" for w in wrong)
+    raise HFImportError("\n".join(lines))
+
+  out = {}
+  for hf_name, (ours, _, convert) in plan.items():
+    # float32 for the layout change; model_from_params casts to param_dtype.
+    out[ours] = np.ascontiguousarray(convert(np.asarray(tensors[hf_name], np.float32)))
+  return out
+
+
+def _natural(name: str) -> list[Any]:
+  """Sort key that puts layers.2 before layers.10."""
+  return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
+
+
+# -- the whole conversion --------------------------------------------------------------
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+              dtype: str = "float32", param_dtype: str = "float32",
+              overwrite: bool = False):
+  """Converts a HF checkpoint; writes an ablax model directory when `out_dir` is given.
+
+  Returns:
+    (model, config, info): the Transformer, its ModelConfig and a dict with the
+    family, the source directory, the HF architecture and the tokenizer copied.
+  """
+  from core.model import io  # local: io imports the model, which the config mapping does not need
+  root = Path(hf_dir).resolve()
+  hf_config = read_hf_config(root)
+  family, config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+  params = params_from_hf(family, config, load_safetensors(root))
+  model = io.model_from_params(config, params, where=f"converted tensors of {root}")
+  tokenizer = root / "tokenizer.model"
+  info = {
+      "family": family,
+      "hf_dir": str(root),
+      "hf_architecture": FAMILIES[family],
+      "hf_model_type": hf_config.get("model_type", family),
+      "hf_dtype": hf_config.get("dtype", hf_config.get("torch_dtype")),
+      "transformers_version": hf_config.get("transformers_version"),
+      "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
+  }
+  if out_dir is not None:
+    io.save_model(out_dir, model, config,
+                  tokenizer_path=tokenizer if tokenizer.is_file() else None,
+                  metadata={"source": f"hf:{root}", "hf": info}, overwrite=overwrite)
+  return model, config, info

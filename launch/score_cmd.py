@@ -1,0 +1,114 @@
+"""`ablax score`: per-token log-probabilities of a text (or token ids) under a model.
+
+Convention: the value printed on token i is log p(token i | tokens before it);
+the first token has no value (nothing predicts it). Text is encoded with the
+checkpoint's tokenizer (or --tokenizer) and, when that tokenizer has a BOS id,
+BOS is prepended as Hugging Face's Gemma and LLaMA tokenizers do, so every
+token of the text is scored; --no_bos turns that off. An --ids-file is scored
+exactly as given (whitespace- or comma-separated integers, or a JSON list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--checkpoint", required=True, help="ablax model directory")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text-file", "--text_file", dest="text_file",
+                      help="UTF-8 text to score (read whole, newlines included)")
+  source.add_argument("--ids-file", "--ids_file", dest="ids_file",
+                      help="token ids to score, used verbatim (no BOS added)")
+  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the checkpoint's)")
+  parser.add_argument("--no_bos", "--no-bos", dest="no_bos", action="store_true",
+                      help="do not prepend the tokenizer's BOS to the text")
+  parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+class _Usage(ValueError):
+  pass
+
+
+def read_ids(path: str) -> list[int]:
+  text = Path(path).read_text()
+  try:
+    values = json.loads(text) if text.lstrip().startswith("[") else text.replace(",", " ").split()
+    return [int(v) for v in values]
+  except (ValueError, TypeError) as e:
+    raise _Usage(f"{path}: expected integers separated by whitespace or commas, or a JSON "
+                 f"list ({e})") from None
+
+
+def _load_tokenizer(path: str, model_vocab: int):
+  import sentencepiece as spm
+  if not Path(path).is_file():
+    raise _Usage(f"tokenizer file not found: {path}")
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.Load(str(path))
+  except (OSError, RuntimeError) as e:
+    raise _Usage(f"{path}: not a SentencePiece model ({e})") from None
+  if sp.GetPieceSize() > model_vocab:
+    raise _Usage(f"tokenizer {path} has {sp.GetPieceSize()} pieces but the model's vocab_size "
+                 f"is {model_vocab}: they do not belong together")
+  return sp
+
+
+def run(args: argparse.Namespace) -> int:
+  from core.eval import score
+  from core.model import io
+  try:
+    model, config, meta = io.load_model(args.checkpoint)
+    sp = None
+    if args.text_file:
+      tok_path = args.tokenizer or meta.get("tokenizer_path")
+      if not tok_path:
+        raise _Usage(f"{args.checkpoint} has no tokenizer; pass --tokenizer or --ids-file")
+      sp = _load_tokenizer(tok_path, config.vocab_size)
+      try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+      except (OSError, UnicodeDecodeError) as e:
+        raise _Usage(f"cannot read {args.text_file}: {e}") from None
+      ids = sp.EncodeAsIds(text)
+      if not args.no_bos:
+        ids = score.with_bos(ids, sp.bos_id())
+    else:
+      if args.tokenizer:
+        sp = _load_tokenizer(args.tokenizer, config.vocab_size)
+      elif meta.get("tokenizer_path"):
+        sp = _load_tokenizer(meta["tokenizer_path"], config.vocab_size)
+      try:
+        ids = read_ids(args.ids_file)
+      except OSError as e:
+        raise _Usage(f"cannot read {args.ids_file}: {e}") from None
+    logprobs = score.token_logprobs(model, ids).tolist()
+  except (_Usage, io.ModelIOError, score.ScoreError) as e:
+    print(f"ablax score: {e}", file=sys.stderr)
+    return 2
+
+  pieces = [sp.IdToPiece(i) if sp is not None and i < sp.GetPieceSize() else None for i in ids]
+  values = [None] + logprobs
+  total = float(sum(logprobs))
+  if args.json:
+    print(json.dumps({
+        "checkpoint": str(args.checkpoint),
+        "convention": "logprob[i] = log p(token i | tokens < i); token 0 has none",
+        "bos_prepended": bool(args.text_file and not args.no_bos and sp is not None
+                              and sp.bos_id() >= 0),
+        "tokens": [{"index": i, "id": t, "piece": p, "logprob": lp}
+                   for i, (t, p, lp) in enumerate(zip(ids, pieces, values))],
+        "total_logprob": total,
+        "num_scored": len(logprobs),
+    }))
+    return 0
+  print(f"{'index':>5} {'id':>8} {'logprob':>12}  piece")
+  for i, (t, p, lp) in enumerate(zip(ids, pieces, values)):
+    shown = "-" if lp is None else f"{lp:.6f}"
+    print(f"{i:>5} {t:>8} {shown:>12}  {'' if p is None else repr(p)}")
+  print(f"total log-probability {total:.6f} over {len(logprobs)} scored tokens "
+        f"(mean {total / len(logprobs):.6f})")
+  return 0
