@@ -8,16 +8,17 @@ by the arguments and the seed:
   derived from (seed, source name), repeated with a new shuffle each epoch.
   Reading record k of that order is random access, so a source's position is
   one integer, its cursor;
-- the mixture picks each next document from the source furthest behind its
-  share of tokens in the current stage (mixture.py);
 - documents are tokenized as [bos] + text + [eos] and packed into rows
-  (packing.py); a document cut at the end of a row goes on in the next.
+  (packing.py). Each piece of a row comes from the source furthest behind its
+  share of tokens in the current stage (mixture.py); the choice is made at
+  every row start and document end, and every source keeps its own document
+  in progress, which goes on in a later row when it is cut at a row end.
 
 So the whole position is small: the step, one cursor per source, the offset
-into the current document and the tokens delivered per source in the current
-stage. `get_state()` returns it as JSON-ready dict; `set_state()` re-reads and
-re-tokenizes the current document and goes on exactly where the saved iterator
-was.
+into each source's document in progress and the tokens delivered per source.
+`get_state()` returns it as a JSON-ready dict; `set_state()` re-reads and
+re-tokenizes the documents in progress and goes on exactly where the saved
+iterator was.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ class LMBatches:
     self._cursors = {n: 0 for n in self.names}
     self._stage = 0
     self._delivered = {n: 0 for n in self.names}
-    self._doc: np.ndarray | None = None
-    self._doc_source: str | None = None
-    self._doc_offset = 0
+    self._total = {n: 0 for n in self.names}
+    # name -> [tokens, offset] of the document in progress in that source.
+    self._open: dict[str, list] = {}
     self._done = False
 
   # -- public ---------------------------------------------------------------------
@@ -119,6 +120,11 @@ class LMBatches:
   def step(self) -> int:
     """Batches produced so far (the step of the next batch)."""
     return self._step
+
+  @property
+  def tokens_by_source(self) -> dict[str, int]:
+    """Tokens placed in batches so far, per source (padding excluded)."""
+    return dict(self._total)
 
   @property
   def manifest(self) -> dict:
@@ -147,16 +153,20 @@ class LMBatches:
     for r in range(self.batch_size):
       start, segment = 0, 0
       while start < self.seq_len:
-        if self._doc is None or self._doc_offset >= len(self._doc):
-          if not self._next_document(weights):
-            self._done = True
-            break
-        take = min(len(self._doc) - self._doc_offset, self.seq_len - start)
+        name = self._next_source(weights)
+        if name is None:
+          self._done = True
+          break
+        doc = self._open[name]
+        tokens, offset = doc
+        take = min(len(tokens) - offset, self.seq_len - start)
         segment += 1
-        packing.put_piece(rows, r, start, segment,
-                          self._doc[self._doc_offset:self._doc_offset + take])
-        self._doc_offset += take
-        self._delivered[self._doc_source] += take
+        packing.put_piece(rows, r, start, segment, tokens[offset:offset + take])
+        doc[1] = offset + take
+        if doc[1] >= len(tokens):
+          del self._open[name]
+        self._delivered[name] += take
+        self._total[name] += take
         start += take
         placed += take
       if self._done:
@@ -168,11 +178,10 @@ class LMBatches:
 
   def get_state(self) -> dict:
     """The iterator position: small and JSON-serializable."""
-    current = None
-    if self._doc is not None and self._doc_offset < len(self._doc):
-      current = {"source": self._doc_source, "offset": self._doc_offset}
+    current = {name: doc[1] for name, doc in self._open.items()}
     return {"version": STATE_VERSION, "step": self._step, "cursors": dict(self._cursors),
-            "stage": self._stage, "delivered": dict(self._delivered), "current": current,
+            "stage": self._stage, "delivered": dict(self._delivered),
+            "tokens": dict(self._total), "current": current,
             "done": self._done, "config_hash": self.config_hash()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
@@ -190,13 +199,10 @@ class LMBatches:
     self._cursors = {n: int(state["cursors"][n]) for n in self.names}
     self._stage = int(state["stage"])
     self._delivered = {n: int(state["delivered"][n]) for n in self.names}
+    self._total = {n: int(state["tokens"][n]) for n in self.names}
     self._done = bool(state.get("done", False))
-    current = state.get("current")
-    if current:
-      name = current["source"]
-      self._doc = self._tokens(name, self._cursors[name] - 1)
-      self._doc_source = name
-      self._doc_offset = int(current["offset"])
+    for name, offset in state["current"].items():
+      self._open[name] = [self._tokens(name, self._cursors[name] - 1), int(offset)]
 
   def config_hash(self) -> str:
     return hashlib.sha256(json.dumps(self._config, sort_keys=True).encode()).hexdigest()[:16]
@@ -207,24 +213,32 @@ class LMBatches:
     text = self._datasets[name][index]
     return np.asarray(self._prefix + self.tokenizer.encode(text) + self._suffix, np.int32)
 
-  def _next_document(self, weights: Mapping[str, float]) -> bool:
-    """Loads the next non-empty document; False when every source is exhausted."""
+  def _next_source(self, weights: Mapping[str, float]) -> str | None:
+    """The source of the next piece, with a document open; None when all are exhausted.
+
+    The choice is made again at every row boundary and document end, so each
+    source's share follows its weight to within a row, and a long document
+    does not hold the mixture until it ends.
+    """
     while True:
-      available = [n for n in self.names if self._cursors[n] < len(self._datasets[n])]
+      available = [n for n in self.names
+                   if n in self._open or self._cursors[n] < len(self._datasets[n])]
       if not available:
-        return False
+        return None
       name = mixture.pick_source(weights, self._delivered, available)
       if name is None:
         if self.num_epochs is None:
           raise DataError(f"every source with a positive weight is exhausted ({weights})")
         # A finite read (evaluation) reads every document, weight or not.
         name = available[0]
+      if name in self._open:
+        return name
       index = self._cursors[name]
       self._cursors[name] = index + 1
       tokens = self._tokens(name, index)
       if len(tokens):
-        self._doc, self._doc_source, self._doc_offset = tokens, name, 0
-        return True
+        self._open[name] = [tokens, 0]
+        return name
 
 
 def _check_args(seq_len, batch_size, split, shard_index, shard_count, num_epochs) -> None:
