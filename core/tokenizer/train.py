@@ -96,7 +96,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
         num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:
     message = str(e)
-    if "Vocabulary size is too high" in message or "vocab_size" in message:
+    if "Vocabulary size" in message and "too high" in message:
       raise TokenizerError(f"the corpus is too small for vocab_size={vocab_size}: {message.strip()} "
                            "Lower --vocab_size or give more text.") from None
     raise TokenizerError(f"SentencePiece training failed: {message.strip()}") from None
