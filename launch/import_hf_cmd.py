@@ -15,8 +15,10 @@ from core.model.config import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and *.safetensors")
-  parser.add_argument("--out", required=True, metavar="OUT_DIR", help="ablax model directory to write")
+  parser.add_argument("hf_dir", metavar="HF_DIR",
+                      help="directory with config.json and *.safetensors")
+  parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                      help="ablax model directory to write")
   parser.add_argument("--param_dtype", default="float32", choices=DTYPES,
                       help="storage dtype of the converted weights (default float32)")
   parser.add_argument("--dtype", default="float32", choices=DTYPES,

@@ -44,23 +44,19 @@ def read_ids(path: str) -> list[int]:
 
 
 def _load_tokenizer(path: str, model_vocab: int):
-  import sentencepiece as spm
-  if not Path(path).is_file():
-    raise _Usage(f"tokenizer file not found: {path}")
-  sp = spm.SentencePieceProcessor()
-  try:
-    sp.Load(str(path))
-  except (OSError, RuntimeError) as e:
-    raise _Usage(f"{path}: not a SentencePiece model ({e})") from None
-  if sp.GetPieceSize() > model_vocab:
-    raise _Usage(f"tokenizer {path} has {sp.GetPieceSize()} pieces but the model's vocab_size "
-                 f"is {model_vocab}: they do not belong together")
-  return sp
+  from core.tokenizer import check_vocab_matches, load_tokenizer
+  tok = load_tokenizer(path)
+  # A model table larger than the tokenizer is fine (padded tables); a
+  # tokenizer with more ids than the table would index past it.
+  check_vocab_matches(tok.vocab_size, model_vocab, where=f"score: tokenizer {path}",
+                      allow_padding=True)
+  return tok
 
 
 def run(args: argparse.Namespace) -> int:
   from core.eval import score
   from core.model import io
+  from core.tokenizer import TokenizerError
   try:
     model, config, meta = io.load_model(args.checkpoint)
     sp = None
@@ -73,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         text = Path(args.text_file).read_text(encoding="utf-8")
       except (OSError, UnicodeDecodeError) as e:
         raise _Usage(f"cannot read {args.text_file}: {e}") from None
-      ids = sp.EncodeAsIds(text)
+      ids = sp.encode(text)
       if not args.no_bos:
-        ids = score.with_bos(ids, sp.bos_id())
+        ids = score.with_bos(ids, sp.bos_id)
     else:
       if args.tokenizer:
         sp = _load_tokenizer(args.tokenizer, config.vocab_size)
@@ -86,19 +82,18 @@ def run(args: argparse.Namespace) -> int:
       except OSError as e:
         raise _Usage(f"cannot read {args.ids_file}: {e}") from None
     logprobs = score.token_logprobs(model, ids).tolist()
-  except (_Usage, io.ModelIOError, score.ScoreError) as e:
+  except (_Usage, io.ModelIOError, score.ScoreError, TokenizerError) as e:
     print(f"ablax score: {e}", file=sys.stderr)
     return 2
 
-  pieces = [sp.IdToPiece(i) if sp is not None and i < sp.GetPieceSize() else None for i in ids]
+  pieces = [sp.id_to_piece(i) if sp is not None and i < sp.vocab_size else None for i in ids]
   values = [None] + logprobs
   total = float(sum(logprobs))
   if args.json:
     print(json.dumps({
         "checkpoint": str(args.checkpoint),
         "convention": "logprob[i] = log p(token i | tokens < i); token 0 has none",
-        "bos_prepended": bool(args.text_file and not args.no_bos and sp is not None
-                              and sp.bos_id() >= 0),
+        "bos_prepended": bool(args.text_file and not args.no_bos and sp.bos_id >= 0),
         "tokens": [{"index": i, "id": t, "piece": p, "logprob": lp}
                    for i, (t, p, lp) in enumerate(zip(ids, pieces, values))],
         "total_logprob": total,

@@ -200,9 +200,11 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
   out = Path(out_dir).resolve()
   if out.exists():
     if not overwrite:
-      raise ModelIOError(f"{out} already exists; choose a new directory or overwrite it (overwrite=True, --overwrite)")
+      raise ModelIOError(f"{out} already exists; choose a new directory or overwrite it "
+                         "(overwrite=True, --overwrite)")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-      raise ModelIOError(f"{out} exists and is not an ablax model directory; refusing to replace it")
+      raise ModelIOError(f"{out} exists and is not an ablax model directory; "
+                         "refusing to replace it")
   params = {n: np.asarray(a) for n, a in flat_params(model).items()}
   check_params(config, {n: a.shape for n, a in params.items()}, "model parameters")
   tok = Path(tokenizer_path) if tokenizer_path is not None else None
