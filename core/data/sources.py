@@ -52,9 +52,9 @@ class TextSource:
 
 
 def _split_source(builder: tfds.core.DatasetBuilder, split: str, feature: str, name: str,
-                  manifest: dict) -> TextSource:
+                  manifest: dict, check_split: bool = True) -> TextSource:
   splits = list(builder.info.splits)
-  if split not in splits:
+  if check_split and split not in splits:
     raise DataError(f"{name} has no split {split!r} (it has {splits}); map it with "
                     f"split_names={{'{split}': '<one of {splits}>'}}")
   features = builder.info.features
@@ -116,7 +116,8 @@ class Tfds:
 
   def open(self, split: str) -> TextSource:
     builder = self.builder()
-    if not builder.is_prepared():
+    mocked = _tfds_is_mocked()
+    if not builder.is_prepared() and not mocked:
       raise DataError(
           f"TFDS dataset {self.name!r} is not prepared in {builder.data_dir}. ablax never "
           "downloads during a run; prepare it once (needs the network) with "
@@ -124,7 +125,8 @@ class Tfds:
           f"data_dir='{self.data_dir or '...'}').download_and_prepare(file_format='array_record')\"` "
           "or set data_dir to where it is prepared")
     file_format = getattr(builder.info, "file_format", None)
-    if file_format is not None and str(getattr(file_format, "value", file_format)) != "array_record":
+    if (not mocked and file_format is not None
+        and str(getattr(file_format, "value", file_format)) != "array_record"):
       raise DataError(
           f"TFDS dataset {self.name!r} in {builder.data_dir} is stored as {file_format}, which needs "
           "TensorFlow to read; re-prepare it with file_format='array_record' (or convert it with "
@@ -133,7 +135,14 @@ class Tfds:
     manifest = {"kind": "tfds", "name": builder.info.full_name, "version": str(builder.info.version),
                 "data_dir": str(builder.data_dir), "feature": self.feature,
                 "split": dataset_split, "fingerprint": _tfds_fingerprint(builder, dataset_split)}
-    return _split_source(builder, dataset_split, self.feature, f"tfds:{self.name}", manifest)
+    return _split_source(builder, dataset_split, self.feature, f"tfds:{self.name}", manifest,
+                         check_split=not mocked)
+
+
+def _tfds_is_mocked() -> bool:
+  """True inside tfds.testing.mock_data, whose datasets are generated, never prepared."""
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(prepare, "__name__", "").startswith("mock_")
 
 
 def _tfds_fingerprint(builder: tfds.core.DatasetBuilder, split: str) -> dict:
