@@ -111,7 +111,15 @@ class Attention(nnx.Module):
     self.compute_dtype = jnp.dtype(c.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               causal_only: bool = False) -> jax.Array:
+               causal_only: bool = False, cache: tuple[jax.Array, jax.Array] | None = None,
+               cache_index: jax.Array | None = None):
+    """Attention of x (B, T, D); returns (B, T, D).
+
+    With `cache` = (k, v) buffers (B, S, K, H) (see core/model/cache.py), the
+    new keys and values are written at slots cache_index.., the queries attend
+    over the whole buffer under `mask` (B, 1, T, S), and the result is
+    (output, (k, v)) with the updated buffers.
+    """
     cd = self.compute_dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(cd))
     k = jnp.einsum("bsd,dkh->bskh", x, self.k[...].astype(cd))
@@ -121,7 +129,13 @@ class Attention(nnx.Module):
     if self.rope_base is not None:
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+      causal_only = False  # the mask, not the index in the row, says what is visible
     out = attend(q, k, v, mask, scale=self.scale, logit_softcap=self.softcap, impl=self.impl,
                  window=self.window, causal_only=causal_only)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))
+    out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))
+    return out if cache is None else (out, (k, v))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.model.attention import Attention, make_masks, softcap
+from core.model.cache import KVCache, cache_masks
 from core.model.config import ModelConfig
 from core.model.embed import Embedder
 from core.model.mlp import MLP
@@ -47,11 +48,21 @@ class Block(nnx.Module):
     return x + out_norm(f(norm(x)))
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               causal_only: bool = False) -> jax.Array:
-    x = self._sublayer(x, lambda h: self.attn(h, positions, mask, causal_only),
-                       self.attn_norm, getattr(self, "attn_out_norm", None))
+               causal_only: bool = False, cache=None, cache_index=None):
+    """(B, T, D) -> (B, T, D); with a (k, v) `cache`, returns (x, updated cache)."""
+    new_cache = []
+
+    def attn(h):
+      if cache is None:
+        return self.attn(h, positions, mask, causal_only)
+      out, kv = self.attn(h, positions, mask, causal_only, cache, cache_index)
+      new_cache.append(kv)
+      return out
+
+    x = self._sublayer(x, attn, self.attn_norm, getattr(self, "attn_out_norm", None))
     x = self._sublayer(x, self.mlp, self.mlp_norm, getattr(self, "mlp_out_norm", None))
-    return constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x if cache is None else (x, new_cache[0])
 
 
 class Transformer(nnx.Module):
@@ -59,6 +70,12 @@ class Transformer(nnx.Module):
 
   `positions` default to 0..T-1; with packed rows pass per-document positions
   and `segment_ids` (0 = padding), and attention never crosses documents.
+
+  Incremental decoding: pass a `cache` (core.model.cache.init_cache) and get
+  (logits, updated cache); the T tokens are written at slots cache.index..
+  and attend to everything cached before them. With a cache, `segment_ids`
+  only mark padding (0, e.g. left padding of short prompts) and positions
+  default to index..index+T-1.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -68,7 +85,9 @@ class Transformer(nnx.Module):
     self.final_norm = make_norm(config, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+    if cache is not None:
+      return self._decode(tokens, positions, segment_ids, cache)
     c = self.config
     batch, length = tokens.shape
     if c.positions == "learned" and length > c.max_seq_len:
@@ -89,10 +108,34 @@ class Transformer(nnx.Module):
       else:
         x = nnx.remat(_call_block, policy=_REMAT_POLICIES[c.remat], static_argnums=(4,))(
             block, x, positions, mask, causal_only)
+    return self._logits(x)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
     logits = self.embedder.decode(x)
-    logits = softcap(logits, c.final_softcap)
+    logits = softcap(logits, self.config.final_softcap)
     return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def _decode(self, tokens, positions, segment_ids, cache: KVCache):
+    # Inference only: no remat, and masks come from the cache's slots.
+    c = self.config
+    batch, length = tokens.shape
+    index = cache.index
+    if positions is None:
+      positions = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    real = (jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0)
+    valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, index))
+    masks = cache_masks(valid, index, length, c.window, need_local="local" in c.layer_kinds)
+    x = self.embedder.encode(tokens, positions)
+    keys, values = [], []
+    for block, k, v in zip(self.blocks, cache.k, cache.v):
+      mask = masks.local if block.kind == "local" else masks.global_
+      x, (k, v) = block(x, positions, mask, False, (k, v), index)
+      keys.append(k)
+      values.append(v)
+    new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid,
+                        index=index + jnp.asarray(length, jnp.int32))
+    return self._logits(x), new_cache
 
 
 def _call_block(block: Block, x, positions, mask, causal_only):
