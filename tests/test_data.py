@@ -86,6 +86,9 @@ def _check_packed(batch):
     # Padding only at the end of a row; segment ids count up from 1 without gaps.
     assert not np.any(real[np.argmin(real):]) or real.all()
     ids = s[real]
+    if not len(ids):  # a whole padding row (the end of a finite read)
+      assert np.all(mask[r] == 0) and np.all(inp[r] == 0)
+      continue
     assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)
     for k in np.unique(ids):
       where = np.flatnonzero(s == k)

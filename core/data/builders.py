@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -65,7 +66,8 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
     if self._documents is None:
       raise DataError(f"{self.name} is not built in {self.data_dir}; build it with its prepare "
                       "function (core.data.builders)")
-    return {split: self._generate_examples(docs) for split, docs in self._documents.items()}
+    # TFDS refuses an empty split; a split with no documents is simply absent.
+    return {split: self._generate_examples(docs) for split, docs in self._documents.items() if docs}
 
   def _generate_examples(self, docs):
     for i, doc in enumerate(docs):
@@ -90,7 +92,9 @@ def _prepare(builders: list[tfds.core.DatasetBuilder], data_dir: Path, manifest:
   tfds.disable_progress_bar()
   for builder in builders:
     if not builder.is_prepared():
-      builder.download_and_prepare(file_format=FILE_FORMAT)
+      # TFDS prints its progress to stdout; keep stdout for what commands print (e.g. --json).
+      with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(file_format=FILE_FORMAT)
   tmp = data_dir / "manifest.json.tmp"
   tmp.write_text(json.dumps(manifest, indent=1))
   os.replace(tmp, data_dir / "manifest.json")

@@ -69,18 +69,19 @@ class LMBatches:
                stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
                add_bos: bool = True, add_eos: bool = True, shuffle: bool | None = None):
     _check_args(seq_len, batch_size, split, shard_index, shard_count, num_epochs)
-    self.tokenizer = resolve_tokenizer(tokenizer)
     self.seq_len, self.batch_size = int(seq_len), int(batch_size)
     self.seed, self.split = int(seed), split
     self.shard_index, self.shard_count = int(shard_index), int(shard_count)
     self.num_epochs = None if num_epochs is None else int(num_epochs)
     self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
-    self._prefix = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id >= 0 else []
-    self._suffix = [self.tokenizer.eos_id] if add_eos and self.tokenizer.eos_id >= 0 else []
     self._sources = open_sources(sources, split)
     self.names = tuple(self._sources)
     self.schedule = mixture.Schedule(self.names, weights, stages)
     self._datasets = {n: self._dataset(n, s) for n, s in self._sources.items()}
+    # After the sources: a bad source is reported before a default tokenizer is built.
+    self.tokenizer = resolve_tokenizer(tokenizer)
+    self._prefix = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id >= 0 else []
+    self._suffix = [self.tokenizer.eos_id] if add_eos and self.tokenizer.eos_id >= 0 else []
     self._config = {
         "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
         "split": split, "shard_index": self.shard_index, "shard_count": self.shard_count,

@@ -51,6 +51,13 @@ class TextSource:
                       "not text; set feature to a text feature") from None
 
 
+def _own_split(builder: tfds.core.DatasetBuilder, split: str, name: str) -> None:
+  """Our builders leave out empty splits: say so in the data's terms."""
+  if split not in builder.info.splits:
+    raise DataError(f"{name} has no documents in split {split!r} (every file or line was hashed "
+                    "into the other split); add documents or change validation_percent")
+
+
 def _split_source(builder: tfds.core.DatasetBuilder, split: str, feature: str, name: str,
                   manifest: dict, check_split: bool = True) -> TextSource:
   splits = list(builder.info.splits)
@@ -79,6 +86,7 @@ class Embedded:
 
   def open(self, split: str) -> TextSource:
     builder, manifest = builders.open_embedded(self.domain, self.cache_dir, self.files, self.root)
+    _own_split(builder, split, f"embedded:{self.domain}")
     return _split_source(builder, split, "text", f"embedded:{self.domain}",
                          dict(manifest, domain=self.domain))
 
@@ -176,7 +184,9 @@ class LocalFiles:
     builder, manifest = builders.prepare_local_files(
         paths, self.file_format, self.text_field, self.cache_dir, self.validation_percent,
         self.encoding_errors)
-    return _split_source(builder, split, "text", "files:" + ",".join(map(str, paths)), manifest)
+    name = "files:" + ",".join(map(str, paths))
+    _own_split(builder, split, name)
+    return _split_source(builder, split, "text", name, manifest)
 
 
 SourceSpec = Embedded | Tfds | LocalFiles
