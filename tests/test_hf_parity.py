@@ -168,7 +168,7 @@ def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):
 
 def _resave_tensors(hf_dir, edit):
   from safetensors.numpy import save_file
-  tensors = hf_import.load_safetensors(hf_dir)
+  tensors = dict(hf_import.load_safetensors(hf_dir))
   edit(tensors)
   for f in hf_dir.glob("*.safetensors"):
     f.unlink()
@@ -203,6 +203,21 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(gemma_dir, tmp_path)
   assert "unexpected (1): model.layers.0.self_attn.q_proj.bias" in message
   assert "model.layers.0.self_attn.k_proj.weight: shape (64, 64), config.json implies (16, 64)" \
       in message
+
+
+def test_bfloat16_checkpoint_imports_exactly(gemma_dir, tmp_path):
+  import ml_dtypes
+  hf_dir = _copy(gemma_dir, tmp_path / "hf")
+  _resave_tensors(hf_dir, lambda t: t.update(
+      {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+  ref = {n: np.asarray(a) for n, a in io.flat_params(hf_import.import_hf(gemma_dir)[0]).items()}
+  for param_dtype, want in (("float32", np.float32), ("bfloat16", ml_dtypes.bfloat16)):
+    model, config, _ = hf_import.import_hf(hf_dir, param_dtype=param_dtype)
+    assert config.param_dtype == param_dtype
+    for name, value in io.flat_params(model).items():
+      assert value.dtype == want, name
+      np.testing.assert_array_equal(np.asarray(value, np.float32),
+                                    ref[name].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_tied_lm_head_must_equal_the_embedding(gemma_dir, tmp_path):

@@ -204,8 +204,35 @@ def _optional_float(value: Any) -> float | None:
 # -- tensors -----------------------------------------------------------------------
 
 
-def load_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of the checkpoint (via the shard index when there is one), as numpy."""
+class SafetensorsCheckpoint(Mapping):
+  """The tensors of a checkpoint's *.safetensors files, read one at a time on access.
+
+  Shapes come from the file headers, so the importer checks a whole checkpoint
+  before reading any weights, and holds at most the converted copy in memory.
+  """
+
+  def __init__(self, files: Mapping[str, Path]):
+    self._files = dict(files)  # tensor name -> shard path
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    from safetensors import safe_open
+    with safe_open(str(self._files[name]), framework="np") as f:
+      return f.get_tensor(name)
+
+  def __iter__(self):
+    return iter(self._files)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+    with safe_open(str(self._files[name]), framework="np") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+
+def load_safetensors(hf_dir: str | os.PathLike) -> SafetensorsCheckpoint:
+  """Every tensor of the checkpoint (via the shard index when there is one), lazily."""
   from safetensors import safe_open  # local: only the importer needs it
   root = Path(hf_dir)
   index = root / INDEX_FILE
@@ -223,29 +250,40 @@ def load_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     hint = (f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))"
             if bins else "")
     raise HFImportError(f"no *.safetensors files in {root}{hint}")
-  tensors: dict[str, np.ndarray] = {}
+  where: dict[str, Path] = {}
   for name in files:
-    with safe_open(str(root / name), framework="np") as f:
-      for key in f.keys():
-        if key in tensors:
-          raise HFImportError(f"tensor {key!r} appears in more than one shard ({name})")
-        if weight_map is not None and weight_map.get(key, name) != name:
-          raise HFImportError(f"tensor {key!r} is in {name} but {INDEX_FILE} puts it in "
-                              f"{weight_map[key]}")
-        tensors[key] = f.get_tensor(key)
+    try:
+      with safe_open(str(root / name), framework="np") as f:
+        keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise HFImportError(f"{root / name}: not a readable safetensors file ({e})") from None
+    for key in keys:
+      if key in where:
+        raise HFImportError(f"tensor {key!r} appears in more than one shard ({name})")
+      if weight_map is not None and weight_map.get(key, name) != name:
+        raise HFImportError(f"tensor {key!r} is in {name} but {INDEX_FILE} puts it in "
+                            f"{weight_map[key]}")
+      where[key] = root / name
   if weight_map is not None:
-    absent = sorted(set(weight_map) - set(tensors))
+    absent = sorted(set(weight_map) - set(where))
     if absent:
       raise HFImportError(f"{INDEX_FILE} lists tensors no shard holds: {', '.join(absent[:10])}")
-  return tensors
+  return SafetensorsCheckpoint(where)
 
 
-def params_from_hf(family: str, config: ModelConfig,
-                   tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Our flat parameter dict ('blocks/0/attn/q', ...) from HF tensors.
+def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
+  if isinstance(tensors, SafetensorsCheckpoint):
+    return tensors.shape(name)
+  return tuple(np.shape(tensors[name]))
+
+
+def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
+                   dtype: Any = np.float32) -> dict[str, np.ndarray]:
+  """Our flat parameter dict ('blocks/0/attn/q', ...) of `dtype` from HF tensors.
 
   Every HF tensor must be used exactly once and have the shape the config
-  implies; the error names each offending tensor.
+  implies; the error names each offending tensor. Shapes are checked before
+  any weight is read.
   """
   c = config
   d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
@@ -295,10 +333,9 @@ def params_from_hf(family: str, config: ModelConfig,
     else:
       unexpected.append(name)
   missing = sorted(set(plan) - set(tensors), key=_natural)
-  wrong = sorted((f"{name}: shape {tuple(tensors[name].shape)}, config.json implies "
-                  f"{plan[name][1]}" for name in plan
-                  if name in tensors and tuple(tensors[name].shape) != plan[name][1]),
-                 key=_natural)
+  shapes = {name: _shape(tensors, name) for name in plan if name in tensors}
+  wrong = sorted((f"{name}: shape {shape}, config.json implies {plan[name][1]}"
+                  for name, shape in shapes.items() if shape != plan[name][1]), key=_natural)
   if missing or unexpected or wrong:
     lines = [f"the checkpoint's tensors do not match its config.json ({FAMILIES[family]})"]
     if missing:
@@ -313,8 +350,9 @@ def params_from_hf(family: str, config: ModelConfig,
 
   out = {}
   for hf_name, (ours, _, convert) in plan.items():
-    # float32 for the layout change; model_from_params casts to param_dtype.
-    out[ours] = np.ascontiguousarray(convert(np.asarray(tensors[hf_name], np.float32)))
+    # Cast first: a bf16 checkpoint imported as float32 is exact, and the
+    # layout change then runs in the target dtype, one tensor at a time.
+    out[ours] = np.ascontiguousarray(convert(np.asarray(tensors[hf_name], dtype)))
   return out
 
 
@@ -335,11 +373,13 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     (model, config, info): the Transformer, its ModelConfig and a dict with the
     family, the source directory, the HF architecture and the tokenizer copied.
   """
+  import jax.numpy as jnp  # local: the config mapping alone needs no JAX
   from core.model import io  # local: io imports the model, which the config mapping does not need
   root = Path(hf_dir).resolve()
   hf_config = read_hf_config(root)
   family, config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
-  params = params_from_hf(family, config, load_safetensors(root))
+  params = params_from_hf(family, config, load_safetensors(root),
+                          dtype=jnp.dtype(config.param_dtype))
   model = io.model_from_params(config, params, where=f"converted tensors of {root}")
   tokenizer = root / "tokenizer.model"
   info = {

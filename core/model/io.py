@@ -104,7 +104,7 @@ def model_from_params(config: ModelConfig, params: Mapping[str, Any],
   check_params(config, {n: np.shape(a) for n, a in params.items()}, where)
   abstract = abstract_model(config)
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-  dtype = np.dtype(config.param_dtype)
+  dtype = jax.numpy.dtype(config.param_dtype)
 
   def fill(path, leaf):
     value = params[_path_name(path)]
