@@ -1,0 +1,569 @@
+"""Running a sweep as a SLURM job array: one array task per sweep point.
+
+ablax does not schedule anything on a cluster; it writes an sbatch script and
+lets SLURM run it. The script is self-contained (SLURM copies it at submission,
+so later edits of the checkout do not change a queued sweep): a `case` on
+`$SLURM_ARRAY_TASK_ID` picks the point's command, which is the same `ablax
+train` child command the local runner starts (launch/sweep_runner.py), so a
+point trained on the cluster logs to the same MLflow parent run and resumes
+the same way. The array lists only the points that are not finished yet.
+
+Resources come from `SlurmResources`, bound in gin (the sweep file or a
+cluster file, e.g. `launch.slurm.SlurmResources.partition = 'gpu'` after
+`import launch.slurm`) and overridden by `--slurm_*` flags. A point that spans
+several processes (`nodes` > 1 or `ntasks_per_node` > 1) runs under `srun`,
+where `ablax train` finds its coordinator and process id in the SLURM step
+environment (launch/distributed.py).
+
+Job ids are recorded on the parent run (tags `ablax.slurm.job_ids`,
+`ablax.slurm.array`) and in `<workdir>/slurm.json`; `sweep_status` combines
+what SLURM says about each task (squeue while queued or running, then sacct,
+or `scontrol show job` where accounting is off) with the child runs in MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+JOB_IDS_TAG = "ablax.slurm.job_ids"
+ARRAY_TAG = "ablax.slurm.array"
+SCRIPT_TAG = "ablax.slurm.script"
+STATE_FILE = "slurm.json"
+
+# SLURM states after which a task will not run again by itself.
+DONE_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+
+
+class SlurmError(RuntimeError):
+  """sbatch/squeue/sacct failed or are missing; the message carries their stderr."""
+
+
+@dataclasses.dataclass
+class SlurmResources:
+  """What each array task (one sweep point) asks SLURM for.
+
+  Attributes:
+    partition: `--partition`; None uses the cluster's default.
+    nodes: hosts per point; > 1 makes the point one multi-host run under srun.
+    ntasks_per_node: processes per host (e.g. one per GPU); > 1 also uses srun.
+    gpus_per_node: `--gpus-per-node` (all GPUs of a host for its processes).
+    gpus_per_task: `--gpus-per-task` (SLURM then binds GPUs per process).
+    cpus_per_task: `--cpus-per-task`.
+    mem: `--mem` per node, e.g. '64G'.
+    time: `--time` limit, e.g. '04:00:00' or '1-00:00:00'.
+    account, qos, constraint: the options of the same names.
+    max_parallel: at most this many points at once (`--array=...%N`).
+    job_name: default: 'ablax-<sweep name>'.
+    setup: shell lines run before the point's command (module loads, venv).
+    sbatch_options: further raw options, e.g. ['--exclusive', '--reservation=r'].
+    signal_seconds: send SIGTERM this long before the time limit, so the
+      trainer checkpoints and exits; a re-submitted sweep resumes the point.
+  """
+
+  partition: str | None = None
+  nodes: int = 1
+  ntasks_per_node: int = 1
+  gpus_per_node: int | None = None
+  gpus_per_task: int | None = None
+  cpus_per_task: int | None = None
+  mem: str | None = None
+  time: str | None = None
+  account: str | None = None
+  qos: str | None = None
+  constraint: str | None = None
+  max_parallel: int | None = None
+  job_name: str | None = None
+  setup: Sequence[str] = ()
+  sbatch_options: Sequence[str] = ()
+  signal_seconds: int | None = 120
+
+  @property
+  def multi_process(self) -> bool:
+    return self.nodes > 1 or self.ntasks_per_node > 1
+
+  def check(self) -> None:
+    for name in ("nodes", "ntasks_per_node"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"SlurmResources.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("gpus_per_node", "gpus_per_task", "cpus_per_task", "max_parallel"):
+      value = getattr(self, name)
+      if value is not None and int(value) < 1:
+        raise ValueError(f"SlurmResources.{name} must be >= 1, got {value}")
+    if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", str(self.time)):
+      raise ValueError(f"SlurmResources.time {self.time!r}: use minutes, H:MM:SS or D-HH:MM:SS")
+    if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(self.mem)):
+      raise ValueError(f"SlurmResources.mem {self.mem!r}: use e.g. 64G or 4000M")
+
+
+def load_resources(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()
+                   ) -> SlurmResources:
+  """`SlurmResources` as bound in gin files (a sweep file, a cluster file); defaults if unbound.
+
+  Leaves gin's global configuration clean, like `launch.sweep.load`.
+  """
+  import gin
+  from launch import gin_config
+  if not gin_files and not gin_params:
+    return SlurmResources()
+  gin.clear_config()
+  try:
+    gin_config.parse(gin_files, gin_params, finalize=False)
+    return gin.get_configurable(SlurmResources)()
+  finally:
+    gin.clear_config()
+
+
+# flag -> (SlurmResources field, type)
+_FLAGS = {
+    "slurm_partition": ("partition", str), "slurm_nodes": ("nodes", int),
+    "slurm_ntasks_per_node": ("ntasks_per_node", int),
+    "slurm_gpus_per_node": ("gpus_per_node", int), "slurm_gpus_per_task": ("gpus_per_task", int),
+    "slurm_cpus_per_task": ("cpus_per_task", int), "slurm_mem": ("mem", str),
+    "slurm_time": ("time", str), "slurm_account": ("account", str), "slurm_qos": ("qos", str),
+    "slurm_constraint": ("constraint", str), "slurm_max_parallel": ("max_parallel", int),
+    "slurm_job_name": ("job_name", str),
+}
+
+
+def add_arguments(parser: Any) -> None:
+  """The `--slurm_*` flags (each overrides the gin binding of the same field)."""
+  group = parser.add_argument_group("SLURM (with --launcher slurm)")
+  for flag, (field, kind) in _FLAGS.items():
+    group.add_argument(f"--{flag}", type=kind, default=None,
+                       help=f"SlurmResources.{field}")
+  group.add_argument("--slurm_gin", action="append", default=[],
+                     help="gin file binding launch.slurm.SlurmResources (repeatable)")
+  group.add_argument("--slurm_setup", action="append", default=[],
+                     help="shell line run before each point, e.g. 'module load cuda' (repeatable)")
+  group.add_argument("--slurm_option", action="append", default=[],
+                     help="raw sbatch option, e.g. --slurm_option=--exclusive (repeatable)")
+
+
+def resources_from_args(args: Any, base: SlurmResources | None = None) -> SlurmResources:
+  """`base` (from gin) with every `--slurm_*` flag that was given applied on top."""
+  resources = dataclasses.replace(base or SlurmResources())
+  for flag, (field, _) in _FLAGS.items():
+    value = getattr(args, flag, None)
+    if value is not None:
+      setattr(resources, field, value)
+  resources.setup = tuple(resources.setup) + tuple(getattr(args, "slurm_setup", None) or ())
+  resources.sbatch_options = (tuple(resources.sbatch_options)
+                              + tuple(getattr(args, "slurm_option", None) or ()))
+  resources.check()
+  return resources
+
+
+# ------------------------------------------------------------ the script
+
+
+def format_indices(indices: Iterable[int]) -> str:
+  """Array indices in SLURM's compact form: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+  values = sorted(set(int(i) for i in indices))
+  if not values:
+    raise ValueError("no array indices")
+  parts, start, prev = [], values[0], values[0]
+  for v in values[1:] + [None]:
+    if v is not None and v == prev + 1:
+      prev = v
+      continue
+    parts.append(str(start) if start == prev else f"{start}-{prev}")
+    if v is not None:
+      start = prev = v
+  return ",".join(parts)
+
+
+def sbatch_directives(resources: SlurmResources, *, job_name: str, indices: Sequence[int],
+                      log_dir: Path, chdir: Path | None) -> list[str]:
+  r = resources
+  array = format_indices(indices) + (f"%{r.max_parallel}" if r.max_parallel else "")
+  lines = [f"--job-name={r.job_name or job_name}", f"--array={array}",
+           f"--output={log_dir}/%x-%A_%a.log", f"--nodes={r.nodes}",
+           f"--ntasks-per-node={r.ntasks_per_node}"]
+  if chdir is not None:
+    lines.append(f"--chdir={chdir}")
+  optional = [("partition", "--partition"), ("gpus_per_node", "--gpus-per-node"),
+              ("gpus_per_task", "--gpus-per-task"), ("cpus_per_task", "--cpus-per-task"),
+              ("mem", "--mem"), ("time", "--time"), ("account", "--account"), ("qos", "--qos"),
+              ("constraint", "--constraint")]
+  lines += [f"{flag}={getattr(r, name)}" for name, flag in optional
+            if getattr(r, name) is not None]
+  if r.signal_seconds:
+    # B: signal the batch shell, which forwards it to the running command.
+    lines.append(f"--signal=B:TERM@{int(r.signal_seconds)}")
+  lines += list(r.sbatch_options)
+  for line in lines:
+    if "\n" in line:
+      raise ValueError(f"sbatch option with a newline: {line!r}")
+  return lines
+
+
+def render_array_script(commands: Mapping[int, Sequence[str]], resources: SlurmResources, *,
+                        job_name: str, log_dir: str | os.PathLike,
+                        chdir: str | os.PathLike | None = None,
+                        env: Mapping[str, str] | None = None,
+                        labels: Mapping[int, str] | None = None) -> str:
+  """An sbatch script running `commands[i]` as array task i.
+
+  Args:
+    commands: array index -> argv; only these indices are in the array.
+    resources: per-task resources.
+    job_name: default job name (`resources.job_name` wins).
+    log_dir: where SLURM writes each task's output (`%x-%A_%a.log`).
+    chdir: working directory of the tasks (default: where sbatch runs).
+    env: variables exported before the command (e.g. MLFLOW_TRACKING_URI).
+    labels: index -> a human-readable name written as a comment per case.
+  """
+  resources.check()
+  if not commands:
+    raise ValueError("no commands to submit")
+  log_dir = Path(log_dir)
+  lines = ["#!/bin/bash", f"# ablax sweep as a SLURM job array ({len(commands)} tasks)."]
+  lines += [f"#SBATCH {d}" for d in sbatch_directives(
+      resources, job_name=job_name, indices=list(commands), log_dir=log_dir,
+      chdir=Path(chdir) if chdir is not None else None)]
+  lines += ["", "set -euo pipefail"]
+  for key, value in (env or {}).items():
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+      raise ValueError(f"bad environment variable name {key!r}")
+    lines.append(f"export {key}={shlex.quote(str(value))}")
+  lines += list(resources.setup)
+  launcher = ""
+  if resources.multi_process:
+    # One process per task; a failing process ends the step instead of leaving
+    # its peers waiting on collectives until the time limit.
+    launcher = "srun --kill-on-bad-exit=1 "
+  lines += ["", 'echo "ablax: array task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID} '
+            'on $(hostname)"', 'case "${SLURM_ARRAY_TASK_ID}" in']
+  for index in sorted(commands):
+    if labels and index in labels:
+      lines.append(f"  # {_one_line(labels[index])}")
+    # Not `exec`: the batch shell stays to forward the time-limit SIGTERM
+    # (--signal=B:...) to the command, which runs in the background below.
+    lines.append(f"  {int(index)}) cmd=({launcher}{shlex.join(commands[index])}) ;;")
+  lines += ['  *) echo "ablax: no command for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
+            "esac", "",
+            '"${cmd[@]}" &',
+            "child=$!",
+            "trap 'terminated=1; kill -TERM \"$child\" 2>/dev/null' TERM",
+            "status=0",
+            'wait "$child" || status=$?',
+            "# The first wait returns early when the trap fires; the second gets the",
+            "# command's own exit status once it has saved its checkpoint.",
+            'if [ -n "${terminated:-}" ]; then status=0; wait "$child" || status=$?; fi',
+            'exit "$status"', ""]
+  return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+# -------------------------------------------------------------- commands
+
+
+def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
+  try:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+  except FileNotFoundError:
+    raise SlurmError(f"{argv[0]} not found: run on a SLURM login node (or install slurm-client)") \
+        from None
+  except subprocess.TimeoutExpired:
+    raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s") from None
+
+
+def submit(script_path: str | os.PathLike, *, sbatch: str = "sbatch") -> str:
+  """Submits the script; returns the job id (`sbatch --parsable` prints 'id[;cluster]')."""
+  proc = _run([sbatch, "--parsable", str(script_path)])
+  if proc.returncode != 0:
+    raise SlurmError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+  out = proc.stdout.strip().splitlines()
+  if not out or not re.fullmatch(r"\d+(;\S+)?", out[-1]):
+    raise SlurmError(f"sbatch printed no job id: {proc.stdout!r}")
+  return out[-1].split(";")[0]
+
+
+def cancel(job_ids: Sequence[str], *, scancel: str = "scancel") -> None:
+  proc = _run([scancel, *job_ids])
+  if proc.returncode != 0:
+    raise SlurmError(f"scancel failed: {proc.stderr.strip()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskState:
+  job_id: str  # the array job id
+  index: int  # the array task index (= sweep point index)
+  state: str  # SLURM state, e.g. PENDING, RUNNING, COMPLETED, FAILED
+  exit_code: str = ""
+  reason: str = ""
+
+  @property
+  def done(self) -> bool:
+    return self.state in DONE_STATES
+
+
+def _state_word(state: str) -> str:
+  # sacct writes e.g. 'CANCELLED by 1000'; squeue/scontrol a bare word.
+  return state.split()[0].rstrip("+") if state.strip() else "UNKNOWN"
+
+
+def _indices(spec: str) -> list[int]:
+  """'3', '[2-5%2]', '0,4-6' -> indices."""
+  spec = spec.strip("[]").split("%")[0]
+  out = []
+  for part in filter(None, spec.split(",")):
+    lo, _, hi = part.partition("-")
+    out.extend(range(int(lo), int(hi or lo) + 1))
+  return out
+
+
+def parse_squeue(text: str) -> list[TaskState]:
+  """`squeue -h -r -o '%i|%T|%r'` lines (array tasks look like '12_3' or '12_[4-7%2]')."""
+  tasks = []
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    job, state, reason = (line.split("|") + ["", ""])[:3]
+    if "_" not in job:
+      continue
+    array_id, spec = job.split("_", 1)
+    tasks += [TaskState(array_id, i, _state_word(state), "", reason.strip()) for i in _indices(spec)]
+  return tasks
+
+
+def parse_sacct(text: str) -> list[TaskState]:
+  """`sacct -n -P -X -o JobID,State,ExitCode` lines."""
+  tasks = []
+  for line in text.splitlines():
+    parts = line.split("|")
+    if len(parts) < 3 or "_" not in parts[0]:
+      continue
+    array_id, spec = parts[0].split("_", 1)
+    tasks += [TaskState(array_id, i, _state_word(parts[1]), parts[2].strip())
+              for i in _indices(spec)]
+  return tasks
+
+
+def parse_scontrol(text: str) -> list[TaskState]:
+  """`scontrol show job -o ID` lines: one per task (or per pending range)."""
+  tasks = []
+  for line in text.splitlines():
+    fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+    if "ArrayJobId" not in fields or "ArrayTaskId" not in fields:
+      continue
+    tasks += [TaskState(fields["ArrayJobId"], i, _state_word(fields.get("JobState", "")),
+                        fields.get("ExitCode", ""), fields.get("Reason", ""))
+              for i in _indices(fields["ArrayTaskId"])]
+  return tasks
+
+
+def job_states(job_ids: Sequence[str]) -> dict[tuple[str, int], TaskState]:
+  """(array job id, index) -> the latest state SLURM reports, queued or finished."""
+  if not job_ids:
+    return {}
+  states: dict[tuple[str, int], TaskState] = {}
+  ids = ",".join(job_ids)
+  acct = _run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,ExitCode"])
+  if acct.returncode == 0:
+    found = parse_sacct(acct.stdout)
+  else:
+    # No accounting (no slurmdbd): scontrol remembers jobs for MinJobAge seconds.
+    found = []
+    for job in job_ids:
+      proc = _run(["scontrol", "show", "job", "-o", job])
+      if proc.returncode == 0:
+        found += parse_scontrol(proc.stdout)
+  for task in found:
+    states[(task.job_id, task.index)] = task
+  queue = _run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"])
+  if queue.returncode == 0:
+    # squeue is the freshest view of queued and running tasks.
+    for task in parse_squeue(queue.stdout):
+      states[(task.job_id, task.index)] = task
+  elif acct.returncode != 0 and not found:
+    raise SlurmError(f"neither sacct nor squeue know jobs {ids}: {queue.stderr.strip()}")
+  return states
+
+
+def wait(job_ids: Sequence[str], *, timeout_s: float = 3600, poll_s: float = 2.0
+         ) -> dict[tuple[str, int], TaskState]:
+  """Polls until every task of the jobs is done; returns their final states."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    states = job_states(job_ids)
+    if states and all(t.done for t in states.values()):
+      return states
+    if time.monotonic() > deadline:
+      raise SlurmError(f"jobs {','.join(job_ids)} not done after {timeout_s:.0f}s: "
+                       + ", ".join(f"{k[0]}_{k[1]}={t.state}" for k, t in sorted(states.items())))
+    time.sleep(poll_s)
+
+
+# ------------------------------------------------------------ sweeps
+
+
+@dataclasses.dataclass
+class Submission:
+  job_id: str
+  indices: list[int]
+  script: str
+
+
+def load_state(workdir: Path) -> dict[str, Any]:
+  path = Path(workdir) / STATE_FILE
+  return json.loads(path.read_text()) if path.is_file() else {"submissions": []}
+
+
+def _save_state(workdir: Path, state: Mapping[str, Any]) -> None:
+  path = Path(workdir) / STATE_FILE
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(state, indent=2))
+  tmp.replace(path)
+
+
+def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
+                 workdir: str | os.PathLike, resources: SlurmResources,
+                 train_command: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None, sbatch: str = "sbatch",
+                 dry_run: bool = False) -> Submission | None:
+  """Submits the sweep's unfinished points as one job array; None when nothing is left.
+
+  Points whose child run is FINISHED, and points still queued or running from
+  an earlier submission, are left out, so submitting again resumes a sweep.
+  With `dry_run` the script is written and printed but not submitted.
+  """
+  from launch import sweep_runner
+  workdir = Path(workdir).resolve()
+  slurm_dir = workdir / "slurm"
+  (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
+  state = load_state(workdir)
+  done = sweep_runner.finished_points(tracking_uri, parent_run_id)
+  active = set()
+  previous = [s["job_id"] for s in state["submissions"]]
+  if previous and not dry_run:
+    try:
+      active = {i for t in job_states(previous).values() if not t.done for i in [t.index]}
+    except SlurmError:
+      active = set()
+  todo = [p for p in points if p.key not in done and p.index not in active]
+  if not todo:
+    return None
+  prefix = tuple(train_command or sweep_runner.TRAIN_COMMAND)
+  commands = {p.index: sweep_runner.child_command(p, sweep, workdir=workdir,
+                                                  tracking_uri=tracking_uri,
+                                                  parent_run_id=parent_run_id, prefix=prefix)
+              for p in todo}
+  run_env = {"MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+  script = render_array_script(commands, resources, job_name=f"ablax-{sweep.name}",
+                               log_dir=slurm_dir / "logs", chdir=Path.cwd(), env=run_env,
+                               labels={p.index: f"{p.key} ({p.variant})" for p in todo})
+  script_path = slurm_dir / f"array-{len(state['submissions']):03d}.sbatch"
+  script_path.write_text(script)
+  if dry_run:
+    return Submission("", [p.index for p in todo], str(script_path))
+  job_id = submit(script_path, sbatch=sbatch)
+  submission = Submission(job_id, [p.index for p in todo], str(script_path))
+  state["submissions"].append({**dataclasses.asdict(submission), "submitted_at": time.time(),
+                               "parent_run_id": parent_run_id})
+  _save_state(workdir, state)
+  record_submission(tracking_uri, parent_run_id, submission)
+  return submission
+
+
+def record_submission(tracking_uri: str, parent_run_id: str, submission: Submission) -> None:
+  """Appends the job id to the parent run's tags and keeps the script as an artifact."""
+  from launch import sweep_runner
+  client = sweep_runner.client(tracking_uri)
+  tags = client.get_run(parent_run_id).data.tags
+  ids = [i for i in tags.get(JOB_IDS_TAG, "").split(",") if i]
+  if submission.job_id not in ids:
+    ids.append(submission.job_id)
+  arrays = [a for a in tags.get(ARRAY_TAG, "").split(" ") if a]
+  arrays.append(f"{submission.job_id}:{format_indices(submission.indices)}")
+  client.set_tag(parent_run_id, JOB_IDS_TAG, ",".join(ids)[:8000])
+  client.set_tag(parent_run_id, ARRAY_TAG, " ".join(arrays)[-8000:])
+  client.set_tag(parent_run_id, "ablax.launcher", "slurm")
+  client.log_artifact(parent_run_id, submission.script, f"slurm/{submission.job_id}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointStatus:
+  index: int
+  key: str
+  slurm: str  # latest SLURM state of the point's task, '-' if never submitted
+  mlflow: str  # status of its newest child run, '-' if none
+  job: str = ""
+
+
+def sweep_status(points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
+                 workdir: str | os.PathLike | None = None) -> list[PointStatus]:
+  """Per point: the SLURM state of its newest task and the status of its MLflow run."""
+  from launch import sweep_runner
+  state = load_state(Path(workdir)) if workdir else {"submissions": []}
+  job_ids = [s["job_id"] for s in state["submissions"]]
+  if not job_ids:
+    tags = sweep_runner.client(tracking_uri).get_run(parent_run_id).data.tags
+    job_ids = [i for i in tags.get(JOB_IDS_TAG, "").split(",") if i]
+  try:
+    states = job_states(job_ids)
+  except SlurmError:
+    states = {}
+  latest: dict[int, TaskState] = {}
+  order = {job: n for n, job in enumerate(job_ids)}
+  for (job, index), task in sorted(states.items(), key=lambda kv: order.get(kv[0][0], -1)):
+    latest[index] = task  # later submissions win
+  runs: dict[str, str] = {}
+  for run in sweep_runner.child_runs(tracking_uri, parent_run_id):  # newest first
+    key = run.data.tags.get(sweep_runner.POINT_TAG)
+    if key and key not in runs:
+      runs[key] = run.info.status
+  if any(s == "FINISHED" for s in runs.values()):
+    # A resumed point may have an old failed run and a newer finished one.
+    for run in sweep_runner.child_runs(tracking_uri, parent_run_id):
+      key = run.data.tags.get(sweep_runner.POINT_TAG)
+      if key and run.info.status == "FINISHED":
+        runs[key] = "FINISHED"
+  out = []
+  for p in points:
+    task = latest.get(p.index)
+    out.append(PointStatus(p.index, p.key, task.state if task else "-",
+                           runs.get(p.key, "-"), task.job_id if task else ""))
+  return out
+
+
+def format_status(rows: Sequence[PointStatus]) -> str:
+  counts: dict[str, int] = {}
+  for r in rows:
+    label = "finished" if r.mlflow == "FINISHED" else (
+        r.slurm.lower() if r.slurm != "-" else "not submitted")
+    counts[label] = counts.get(label, 0) + 1
+  width = max([len(r.key) for r in rows] + [5])
+  lines = [f"{'#':>3}  {'point':<{width}}  {'slurm':<13} {'mlflow':<9} job"]
+  lines += [f"{r.index:>3}  {r.key:<{width}}  {r.slurm:<13} {r.mlflow:<9} "
+            f"{r.job + '_' + str(r.index) if r.job else ''}" for r in rows]
+  lines.append(f"{len(rows)} points: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+  return "\n".join(lines)
+
+
+def settle_parent(rows: Sequence[PointStatus], *, tracking_uri: str, parent_run_id: str) -> str:
+  """Ends the parent run once no task is queued or running; returns its status.
+
+  FINISHED when every point's run finished, FAILED otherwise (a later
+  submission of the same sweep reopens it).
+  """
+  from launch import sweep_runner
+  active = [r for r in rows if r.slurm not in DONE_STATES and r.slurm != "-"
+            and r.mlflow != "FINISHED"]
+  if active:
+    return "RUNNING"
+  status = "FINISHED" if all(r.mlflow == "FINISHED" for r in rows) else "FAILED"
+  sweep_runner.close_parent(tracking_uri, parent_run_id, status)
+  return status
