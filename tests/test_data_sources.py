@@ -268,12 +268,27 @@ def test_local_files_gin_builds_a_pipeline(tmp_path, cache, tok, monkeypatch):
     (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i} " * 30)
   gin_config.parse(["gin/data/local_files.gin"], [
       f"core.data.sources.LocalFiles.paths = ('{tmp_path / 'docs'}',)",
-      "core.data.sources.LocalFiles.validation_percent = 0",
+      "core.data.sources.LocalFiles.validation_percent = 50",
       f"core.data.pipeline.lm_batches.tokenizer = '{tok.path}'",
       "core.data.pipeline.lm_batches.seq_len = 16"])
   from core.data import pipeline
   batches = gin_config.build(pipeline.lm_batches, batch_size=2, seed=0)
   assert next(batches)["inputs"].shape == (2, 16)
+  # The same bindings through DataConfig, the object a trainer can hold.
+  data = gin_config.build(pipeline.DataConfig)
+  _assert_same_batches(data.batches(batch_size=2, seed=0), gin_config.build(
+      pipeline.lm_batches, batch_size=2, seed=0))
+  state = data.batches(batch_size=2, seed=0).get_state()
+  assert data.batches(batch_size=2, seed=0, start_state=state).step == 0
+  evaluation = list(data.eval_batches(batch_size=2))
+  assert evaluation and evaluation[-1]["inputs"].shape == (2, 16)
+
+
+def _assert_same_batches(a, b, n=3):
+  for _ in range(n):
+    x, y = next(a), next(b)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_data_inspect_cli(tmp_path, cache, tok, monkeypatch, capsys):

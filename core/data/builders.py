@@ -179,14 +179,20 @@ def _decode(data: bytes, where: str, encoding_errors: str) -> str:
 def read_local_documents(paths: Sequence[Path], file_format: str = "auto", text_field: str = "text",
                          validation_percent: int = embedded.VALIDATION_PERCENT,
                          encoding_errors: str = "strict") -> dict[str, list[dict]]:
-  """Documents of local files by split: a text file is one document, a JSONL line is one."""
+  """Documents of local files by split: a text file is one document, a JSONL line is one.
+
+  The split hashes the path relative to the files' common folder (and the line
+  number), so moving a corpus does not change which documents are held out.
+  """
   docs: dict[str, list[dict]] = {s: [] for s in embedded.SPLITS}
+  base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
   for path in paths:
     data = path.read_bytes()
+    key = path.relative_to(base).as_posix()
     if file_format_of(path, file_format) == "text":
       text = _decode(data, str(path), encoding_errors)
       if text.strip():
-        docs[embedded.split_of(str(path), validation_percent)].append({"text": text, "path": str(path)})
+        docs[embedded.split_of(key, validation_percent)].append({"text": text, "path": str(path)})
       continue
     for n, line in enumerate(data.split(b"\n"), start=1):
       if not line.strip():
@@ -205,7 +211,8 @@ def read_local_documents(paths: Sequence[Path], file_format: str = "auto", text_
       if not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
       if text.strip():
-        docs[embedded.split_of(where, validation_percent)].append({"text": text, "path": where})
+        docs[embedded.split_of(f"{key}:{n}", validation_percent)].append({"text": text,
+                                                                          "path": where})
   return docs
 
 
