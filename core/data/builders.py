@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -100,6 +101,12 @@ def _prepare(builders: list[tfds.core.DatasetBuilder], data_dir: Path, manifest:
   os.replace(tmp, data_dir / "manifest.json")
 
 
+@functools.lru_cache(maxsize=16)
+def scan_embedded(files: tuple[str, ...] | None = None, root: str | None = None) -> dict:
+  """embedded.scan, once per process: a running interpreter's library does not change under it."""
+  return embedded.scan(files, root)
+
+
 def embedded_data_dir(manifest: dict, cache_dir: str | os.PathLike | None = None) -> Path:
   return cache_root(cache_dir) / "tfds" / f"embedded-{manifest['fingerprint'][:16]}"
 
@@ -114,7 +121,8 @@ def prepare_embedded(cache_dir: str | os.PathLike | None = None, files: Sequence
       pass a few).
     root: the library folder (default: this interpreter's stdlib).
   """
-  manifest = embedded.scan(files, root)
+  manifest = scan_embedded(None if files is None else tuple(files),
+                           None if root is None else str(root))
   data_dir = embedded_data_dir(manifest, cache_dir)
   done = data_dir / "manifest.json"
   if done.is_file():

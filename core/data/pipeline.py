@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -51,7 +52,7 @@ def resolve_tokenizer(tokenizer: Tokenizer | str | None) -> Tokenizer:
   if tokenizer is None:
     from core.tokenizer.default import default_tokenizer  # pylint: disable=g-import-not-at-top
     return default_tokenizer()
-  if isinstance(tokenizer, str):
+  if isinstance(tokenizer, (str, os.PathLike)):
     return load_tokenizer(tokenizer)
   return tokenizer
 

@@ -24,8 +24,8 @@ def default_tokenizer_path(cache_dir: str | os.PathLike | None = None,
                            vocab_size: int = DEFAULT_VOCAB_SIZE,
                            model_type: str = DEFAULT_MODEL_TYPE) -> str:
   """Where the default tokenizer is (or will be) cached; scans the corpus, builds nothing."""
-  from core.data import builders, embedded  # pylint: disable=g-import-not-at-top
-  manifest = embedded.scan()
+  from core.data import builders  # pylint: disable=g-import-not-at-top
+  manifest = builders.scan_embedded()
   return str(builders.cache_root(cache_dir) / "tokenizers"
              / f"embedded-{manifest['fingerprint'][:16]}-{model_type}{vocab_size}.model")
 
