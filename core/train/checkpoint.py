@@ -1,0 +1,103 @@
+"""Checkpoints: orbax CheckpointManager with keep-N, async writes, and a fallback past bad ones.
+
+A checkpoint is one step directory with three items: `state` (the TrainState:
+parameters, optimizer state, step and RNG, each array restored straight into
+its shards), `data` (the data iterator position, JSON) and `meta` (JSON:
+step, wall time, run id). Orbax writes a step into a temporary directory and
+renames it when complete, so a run killed mid-save leaves no step that looks
+finished. A step that is there but cannot be read (a truncated or deleted
+file) is reported, removed, and the previous step is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint could be restored although some exist."""
+
+
+class Checkpointer:
+  """Saves and restores train state, data position and run metadata under `directory`."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = Path(directory).resolve()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        # Keep-N is counted over finished steps only; a step being written is never deleted.
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None,
+           meta: Mapping[str, Any] | None = None, *, wait: bool = False) -> None:
+    """Starts saving `state` at `step` (in the background unless `wait`)."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(dict(data_state or {})),
+        meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    self.manager.save(int(step), args=args, force=True)
+    if wait:
+      self.wait()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+    """(step, state, data state, meta) of the newest readable checkpoint; None if there is none.
+
+    Unreadable steps are logged and deleted so that the run, going on from an
+    older step, can save that step number again.
+    """
+    steps = self.steps()
+    errors = []
+    for step in reversed(steps):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        _check_complete(restored["state"], abstract_state)
+      except Exception as e:  # noqa: BLE001  any failure to read means "not usable"
+        logger.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous "
+                       "one", step, self.directory, type(e).__name__, str(e)[:300])
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        self._discard(step)
+        continue
+      return step, restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+    if steps:
+      raise CheckpointError(f"none of the checkpoints in {self.directory} could be read: "
+                            + "; ".join(errors))
+    return None
+
+  def _discard(self, step: int) -> None:
+    try:
+      self.manager.delete(step)
+    except Exception as e:  # noqa: BLE001  leaving it is harmless but noisy
+      logger.warning("could not delete unreadable checkpoint step %d: %s", step, e)
+    self.manager.reload()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _check_complete(state: Any, abstract: Any) -> None:
+  """Every array is there with the expected shape (orbax may fill missing ones silently)."""
+  got = jax.tree.leaves(state)
+  want = jax.tree.leaves(abstract)
+  if len(got) != len(want):
+    raise CheckpointError(f"{len(got)} arrays restored, {len(want)} expected")
+  for g, w in zip(got, want):
+    if tuple(g.shape) != tuple(w.shape):
+      raise CheckpointError(f"array of shape {g.shape} restored, {w.shape} expected")

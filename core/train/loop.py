@@ -1,0 +1,475 @@
+"""The training loop: `train(...)`, the one configurable entry point of a run.
+
+What a run does, in order: build the mesh, the model's train state (fresh or
+from the newest readable checkpoint) and the data iterator (at the saved
+position); write the run directory and open the MLflow run (so a bad store
+fails before training); compile the step (timed apart from the steps); then
+loop: step, check, log, evaluate, checkpoint, until `num_steps`, SIGTERM or a
+non-finite value. At the end: a final checkpoint, the exported model, the run
+marked FINISHED.
+
+Data: every process reads the whole global batch from the same seed and fills
+only its own shards (step.device_batch). A run therefore sees the same batches
+whatever the number of processes and devices, which is what makes a 2-process
+or 8-device run reproduce a 1-device run. The cost, tokenizing the global
+batch on every host, is small next to a training step at the scales this
+platform runs; a host-sharded reader is the change to make beyond that.
+
+Run directory (`workdir`): config.gin and operative_config.gin (written by the
+caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
+logged step and per evaluation), run.json (the MLflow run id), model/ (the
+exported model) and mlflow.db (the default tracking store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from core.model.config import ModelConfig
+from core.model.flops import flops_per_token, param_counts
+from core.train import checkpoint as ckpt
+from core.train import mesh as meshlib
+from core.train import partition, throughput
+from core.train import tracking as trk
+from core.train.step import StepBuilder, device_batch
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a non-finite loss or gradient; the message names the step."""
+
+
+@dataclasses.dataclass
+class RunConfigRecord:
+  """What the caller (launch/) knows about the configuration: files and flat params."""
+  files: list[Path]
+  params: dict[str, str]
+  text: str = ""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  workdir: Path
+  step: int
+  losses: dict[int, float]
+  eval_losses: dict[int, float]
+  run_id: str | None
+  status: str  # 'FINISHED' or 'KILLED' (SIGTERM)
+  compile_s: float
+
+
+def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Callable[..., Any],
+          num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
+          mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
+          grad_accum_steps: int = 1, z_loss: float = 0.0, log_every: int = 10,
+          eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 100,
+          keep_checkpoints: int = 3, async_checkpoints: bool = True,
+          tracking_uri: str | None = None, experiment: str = "ablax",
+          run_name: str | None = None, track: bool = True, export_model: bool = True,
+          config_hook: Callable[[Path], RunConfigRecord] | None = None,
+          devices: list | None = None, progress: bool = True) -> TrainResult:
+  """Trains `model` on `data` with `optimizer`, resuming from `workdir` when it has checkpoints.
+
+  Args:
+    model: the architecture.
+    data: a factory called as data(batch_size=, seed=, split=, shard_index=,
+      shard_count=) returning an iterator of dicts of (batch, seq_len) numpy
+      arrays (inputs, targets, segment_ids, positions, loss_mask) with
+      get_state()/set_state() (core.data.pipeline.lm_batches bound by gin).
+    optimizer: a recipe from core.train.optimizer (called with param_axes and
+      total_steps).
+    num_steps: optimizer updates of the whole run.
+    batch_size: global rows per update (over all devices and micro-batches).
+    workdir: the run directory; an existing one is resumed.
+    seed: initialization, data order and RNG.
+    mesh: axis sizes (default: everything on fsdp).
+    rules: logical-axis rules overriding partition.DEFAULT_RULES.
+    grad_accum_steps: micro-batches per update.
+    z_loss: weight of the log(Z)^2 auxiliary loss.
+    log_every: steps between progress lines / metrics records.
+    eval_every: steps between held-out evaluations (0: only at the end when
+      eval_batches > 0); eval_batches: validation batches per evaluation.
+    checkpoint_every, keep_checkpoints, async_checkpoints: checkpoint policy.
+    tracking_uri, experiment, run_name, track: MLflow (process 0 only).
+    export_model: write <workdir>/model with core.model.io at the end.
+    config_hook: called with the workdir once everything is built; writes the
+      config files and returns what to log.
+    devices: the devices of the mesh (default: all).
+    progress: print progress lines (process 0).
+  """
+  workdir = Path(workdir).resolve()
+  primary = jax.process_index() == 0
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+  _sync("workdir")
+  mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
+  rule_table = partition.merged_rules(rules)
+  builder = StepBuilder(model, optax.identity(), mesh_obj, rule_table,
+                        grad_accum_steps=grad_accum_steps, z_loss=z_loss)
+  builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
+
+  train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,
+                    shard_count=1)
+  record = config_hook(workdir) if (config_hook and primary) else None
+  config_text = record.text if record else ""
+  tags = trk.run_tags(REPO_ROOT, dict(mesh_obj.shape), config_text)
+  tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
+                              run_name=run_name, enabled=track, tags=tags)
+  checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=keep_checkpoints,
+                                   async_save=async_checkpoints)
+  status, error = "FAILED", None
+  try:
+    result = _run(**locals())
+    status = result.status
+    return result
+  except BaseException as e:
+    error = f"{type(e).__name__}: {e}"
+    raise
+  finally:
+    try:
+      checkpointer.close()
+    finally:
+      tracker.end(status, error=error)
+
+
+def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_every,
+         eval_batches, checkpoint_every, export_model, progress, primary, mesh_obj, builder,
+         train_data, record, tracker, checkpointer, **unused) -> TrainResult:
+  abstract = builder.abstract_state()
+  restored = checkpointer.restore_latest(abstract)
+  if restored is None:
+    start_step, state = 0, builder.init(seed)
+    _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
+  else:
+    start_step, state, data_state, _ = restored
+    train_data.set_state(data_state)
+    _say(primary, f"resuming {workdir} from step {start_step}")
+  first = _Prefetch(train_data)
+  seq_len = first.peek()["inputs"].shape[1]
+  metrics_path = workdir / "metrics.jsonl"
+  if primary:
+    _truncate_metrics(metrics_path, start_step)
+    _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
+                    getattr(train_data, "manifest", None))
+  energy = trk.energy_meter(jax.devices()[0].device_kind, jax.device_count()) if primary else None
+
+  shape = (batch_size, seq_len)
+  t0 = time.perf_counter()
+  step_fn = builder.build(shape).lower(state, _abstract_batch(builder, shape)).compile()
+  compile_s = time.perf_counter() - t0
+  _say(primary, f"compiled the train step in {compile_s:.1f}s")
+  tracker.log_metrics({"compile_s": compile_s}, step=start_step)
+
+  fpt = flops_per_token(model, seq_len)
+  peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
+  meter = throughput.Meter(fpt, peak, num_steps, start_step)
+  evaluator = _Evaluator(builder, data, shape, seed, eval_batches) if eval_batches else None
+  terminate = _TermFlag()
+  losses: dict[int, float] = {}
+  eval_losses: dict[int, float] = {}
+  pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens in its batch)
+  last_saved = start_step
+
+  def resolve(keep_last: int) -> None:
+    """Reads back the metrics of all but the newest `keep_last` dispatched steps."""
+    while len(pending) > keep_last:
+      s, m, n_tokens = pending.pop(0)
+      host = {k: float(v) for k, v in jax.device_get(m).items()}
+      meter.add_tokens(n_tokens)
+      if not host["finite"]:
+        checkpointer.wait()
+        good = checkpointer.steps()
+        raise NonFiniteError(
+            f"non-finite {'loss' if not math.isfinite(host['loss']) else 'gradient'} at step "
+            f"{s} (loss={host['loss']}, grad_norm={host['grad_norm']}); the update was not "
+            f"applied; last good checkpoint: "
+            f"{('step ' + str(good[-1])) if good else 'none'} in {checkpointer.directory}")
+      losses[s] = host["loss"]
+      if s % log_every == 0 or s == num_steps:
+        rates = meter.report(s)
+        line = {"step": s, "loss": host["loss"], "z_loss": host["z_loss"],
+                "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates}
+        if primary:
+          _append_jsonl(metrics_path, line)
+          tracker.log_metrics({f"train/{k}": v for k, v in line.items() if k != "step"}, step=s)
+          if progress:
+            print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
+                  f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
+                  f"MFU {100 * rates['mfu']:.1f}% | ETA {throughput.format_duration(rates['eta_s'])}",
+                  flush=True)
+
+  def save(step: int, data_state: dict, wait: bool = False) -> None:
+    nonlocal last_saved
+    resolve(0)  # never save parameters that a later check would reject
+    checkpointer.save(step, state, data_state, {"time": time.time()}, wait=wait)
+    last_saved = step
+
+  step = start_step
+  data_state = None
+  try:
+    while step < num_steps:
+      batch, data_state = first.next()
+      state, m = step_fn(state, device_batch(batch, builder.batch_sharding))
+      step += 1
+      pending.append((step, m, batch["inputs"].size))
+      resolve(1)
+      if evaluator and eval_every and step % eval_every == 0 and step < num_steps:
+        resolve(0)
+        eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
+      if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
+        save(step, data_state)
+      if terminate.agreed():
+        save(step, data_state, wait=True)
+        _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
+        tracker.flush()
+        return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
+                           "KILLED", compile_s)
+    resolve(0)
+    if step > last_saved or not checkpointer.steps():
+      save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
+    if evaluator:
+      eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
+  finally:
+    terminate.restore()
+    first.close()
+  checkpointer.wait()
+  if export_model:
+    _export(workdir, builder, state, model, tracker, primary,
+            _tokenizer_path(getattr(train_data, "manifest", None)))
+  if primary:
+    _finish_record(tracker, workdir, record, peak_source, energy, step)
+  return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
+                     compile_s)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _say(primary: bool, message: str) -> None:
+  if primary:
+    print(message, flush=True)
+  logger.info(message)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def tracker_run_id(tracker) -> str | None:
+  return getattr(tracker, "run_id", None)
+
+
+def _abstract_batch(builder: StepBuilder, shape) -> dict:
+  sharding = builder.batch_sharding(shape)
+  dtypes = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
+            "positions": np.int32, "loss_mask": np.float32}
+  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def _append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(obj) + "\n")
+    f.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+  """Drops records of steps after the checkpoint being resumed: they will be redone."""
+  if not path.is_file():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        kept.append(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill
+  path.write_text("".join(l + "\n" for l in kept))
+
+
+def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
+                    manifest) -> None:
+  if start_step > 0:
+    return  # params were logged by the first session of this run; MLflow refuses changes
+  params = {f"model.{k}": v for k, v in model.to_dict().items()}
+  params.update({f"params.{k}": v for k, v in param_counts(model).items()})
+  params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
+                 "train.mesh": meshlib.describe(mesh_obj)})
+  if record:
+    params.update(record.params)
+  tracker.log_params(params)
+  tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
+  if manifest:
+    tracker.log_dict(manifest, "data_manifest.json")
+
+
+def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
+  tracker.set_tags({"mfu_peak_source": peak_source})
+  if energy is not None:
+    try:
+      tracker.log_metrics({f"energy/{k}": v for k, v in energy.read().items()
+                           if isinstance(v, (int, float))}, step=step)
+    except Exception as e:  # noqa: BLE001
+      logger.info("energy reading failed: %s", e)
+  for path in (record.files if record else []):
+    tracker.log_artifact(path, "config")
+  if (workdir / "metrics.jsonl").is_file():
+    tracker.log_artifact(workdir / "metrics.jsonl")
+
+
+def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, tracker,
+            primary: bool, tokenizer: str | None) -> None:
+  try:
+    from core.model import io  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  # Whole arrays on every process (parameters may be sharded across hosts).
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  if not primary:
+    return
+  module = nnx.merge(builder.graphdef, jax.tree.map(np.asarray, params))
+  out = io.save_model(workdir / "model", module, model, tokenizer_path=tokenizer, overwrite=True,
+                      metadata={"source": f"train:{tracker_run_id(tracker) or workdir}",
+                                "step": int(state.step)})
+  print(f"exported the model to {out}", flush=True)
+
+
+def _tokenizer_path(manifest: Any) -> str | None:
+  """The data manifest's tokenizer file, if the data layer recorded one."""
+  tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+  path = tokenizer.get("path") if isinstance(tokenizer, dict) else None
+  return path if path and Path(path).is_file() else None
+
+
+class _Prefetch:
+  """Reads batches in a thread, each paired with the iterator position after it.
+
+  The position travels with its batch, so a checkpoint taken after step n stores
+  exactly "n batches consumed", however far ahead the reader is.
+  """
+
+  def __init__(self, iterator, depth: int = 2):
+    self._it = iterator
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._head = None
+    self._thread = threading.Thread(target=self._work, name="ablax-prefetch", daemon=True)
+    self._thread.start()
+
+  def _work(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (next(self._it), self._it.get_state())
+      except BaseException as e:  # noqa: BLE001  handed to the consumer
+        item = e
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+
+  def peek(self):
+    if self._head is None:
+      self._head = self._get()
+    return self._head[0]
+
+  def _get(self):
+    item = self._queue.get()
+    if isinstance(item, StopIteration):
+      raise RuntimeError("the training data ended before num_steps; use num_epochs=None") from item
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def next(self):
+    if self._head is not None:
+      item, self._head = self._head, None
+      return item
+    return self._get()
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+class _Evaluator:
+  """Held-out loss on the first `batches` validation batches (the same ones each time)."""
+
+  def __init__(self, builder: StepBuilder, data, shape, seed: int, batches: int):
+    self.builder, self.data, self.shape, self.seed, self.batches = builder, data, shape, seed, batches
+    self.fn = None
+    self.disabled = False
+
+  def run(self, params, step: int, tracker, metrics_path: Path, primary: bool) -> float:
+    if self.disabled:
+      return float("nan")
+    try:
+      it = self.data(batch_size=self.shape[0], seed=self.seed, split="validation",
+                     shard_index=0, shard_count=1)
+    except Exception as e:  # noqa: BLE001  a source without a validation split
+      logger.warning("no held-out evaluation: the data has no validation split (%s)", e)
+      self.disabled = True
+      return float("nan")
+    if self.fn is None:
+      self.fn = self.builder.build_eval(self.shape)
+    total = tokens = 0.0
+    for _, batch in zip(range(self.batches), it):
+      if batch["inputs"].shape != tuple(self.shape):
+        break
+      loss_sum, n = self.fn(params, device_batch(batch, self.builder.batch_sharding))
+      total, tokens = total + float(loss_sum), tokens + float(n)
+    loss = total / max(tokens, 1.0)
+    if primary:
+      _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_tokens": tokens})
+      tracker.log_metrics({"eval/loss": loss}, step=step)
+      print(f"step {step} | held-out loss {loss:.4f} ({int(tokens)} tokens)", flush=True)
+    return loss
+
+
+class _TermFlag:
+  """SIGTERM sets a flag the loop checks after each step; all processes agree on it."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.flag = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    # A signal reaching one process must stop all of them at the same step,
+    # or the others would wait forever in the checkpoint's collectives.
+    flags = multihost_utils.process_allgather(np.int32(self.flag))
+    return bool(np.max(flags))
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

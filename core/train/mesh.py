@@ -1,0 +1,76 @@
+"""The device mesh: axes ('data', 'fsdp', 'tensor') with sizes from the config.
+
+Axis types are Auto: jax >= 0.7 makes `jax.make_mesh` default to Explicit axes,
+under which the model's `with_sharding_constraint` calls (core.model.sharding)
+would change meaning. Devices are taken in the order JAX lists them, never by
+id: ids are not contiguous across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+  """Mesh sizes that do not fit the devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; one of them may be -1, meaning "all remaining devices".
+
+  Attributes:
+    data: pure data parallelism (replicated parameters).
+    fsdp: data parallelism with parameters and optimizer state sharded (ZeRO-3).
+    tensor: model parallelism over heads and the MLP hidden dimension.
+  """
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def shape(self, device_count: int) -> tuple[int, int, int]:
+    sizes = [self.data, self.fsdp, self.tensor]
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1:
+      raise MeshError(f"at most one mesh axis may be -1, got {dict(zip(AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+      raise MeshError(f"mesh sizes must be positive or -1, got {dict(zip(AXES, sizes))}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+      if device_count % fixed:
+        raise MeshError(f"{device_count} devices cannot be split into mesh "
+                        f"{dict(zip(AXES, sizes))}: {fixed} does not divide {device_count}")
+      sizes[free[0]] = device_count // fixed
+    if math.prod(sizes) != device_count:
+      raise MeshError(f"mesh {dict(zip(AXES, sizes))} has {math.prod(sizes)} devices, "
+                      f"but {device_count} are in use")
+    return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: every device of every process)."""
+  config = config or MeshConfig()
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config.shape(len(devices))
+  auto = (AxisType.Auto,) * len(AXES)
+  if len(devices) == len(jax.devices()):
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  return Mesh(_reshape(devices, shape), AXES, axis_types=auto)
+
+
+def _reshape(devices, shape):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())

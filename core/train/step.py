@@ -1,0 +1,232 @@
+"""The train state and the jitted train step: loss, gradients, accumulation, update.
+
+The state is a plain pytree (`TrainState`): the step, the parameters as a pure
+dict (the `nnx.to_pure_dict` of the model's Params), the optax state and an RNG
+key. The model is rebuilt inside the traced function with `nnx.merge(graphdef,
+params)`, which costs nothing at run time, and the step is one `jax.jit` with
+explicit in/out shardings and the state donated, so parameters and optimizer
+state are updated in place, each device holding only its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from core.model.config import ModelConfig
+from core.model.sharding import activation_sharding
+from core.model.transformer import Transformer
+from core.train import partition
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: optimizer updates applied
+  params: Any            # pure dict of arrays, as nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  opt_state: Any         # the optax state
+  rng: jax.Array         # uint32 key data; per-step keys are fold_in(rng, step)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of token losses, sum of log(Z)^2, number of tokens), all over loss_mask.
+
+  Sums rather than means: accumulated micro-batches and data-parallel shards
+  then add up to exactly the loss of the whole batch, divided once by its token count.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  return (jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask),
+          jnp.sum(mask))
+
+
+@dataclasses.dataclass
+class StepBuilder:
+  """Everything the step depends on; `build()` returns the jitted (state, batch) -> (state, metrics).
+
+  Attributes:
+    config: the model.
+    optimizer: the optax transformation of the recipe.
+    mesh, rules: where parameters, batches and activation constraints live.
+    grad_accum_steps: micro-batches per update; the gradient equals the
+      full-batch gradient (token-weighted), only memory changes.
+    z_loss: weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4); 0 = off.
+  """
+  config: ModelConfig
+  optimizer: optax.GradientTransformation
+  mesh: Mesh
+  rules: Mapping[str, Any]
+  grad_accum_steps: int = 1
+  z_loss: float = 0.0
+
+  def __post_init__(self):
+    abstract = nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0)))
+    self.graphdef, param_state = nnx.split(abstract, nnx.Param)
+    self.param_state = param_state
+    self.param_specs = partition.param_specs(param_state, self.mesh, self.rules)
+    self.param_axes = _pure_tuple_tree(param_state)
+
+  # -- init -------------------------------------------------------------------------
+
+  def _init(self, rng: jax.Array) -> TrainState:
+    init_key, state_key = jax.random.split(rng)
+    model = Transformer(self.config, rngs=nnx.Rngs(params=init_key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params),
+                      rng=jax.random.key_data(state_key))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes and dtypes of the state, each leaf with its NamedSharding."""
+    shapes = jax.eval_shape(self._init, jax.random.key(0))
+    shardings = self.state_shardings(shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+  def state_shardings(self, shapes: TrainState | None = None) -> TrainState:
+    shapes = shapes or jax.eval_shape(self._init, jax.random.key(0))
+    specs = TrainState(step=PartitionSpec(), params=self.param_specs,
+                       opt_state=opt_state_specs(shapes.opt_state, self.param_specs, shapes.params),
+                       rng=PartitionSpec())
+    return partition.named(self.mesh, specs)
+
+  def init(self, seed: int) -> TrainState:
+    """A fresh state, created directly in its shards (no full copy on any device).
+
+    Random bits do not depend on the sharding (jax_threefry_partitionable), so
+    every mesh starts from the same weights.
+    """
+    shardings = self.state_shardings()
+    return jax.jit(self._init, out_shardings=shardings)(jax.random.key(seed))
+
+  # -- step -------------------------------------------------------------------------
+
+  def batch_sharding(self, shape) -> NamedSharding:
+    return NamedSharding(self.mesh, partition.batch_spec(self.mesh, self.rules, shape))
+
+  def _loss(self, params, batch):
+    model = nnx.merge(self.graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    loss_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
+
+  def _grads(self, params, batch):
+    grad_fn = jax.grad(self._loss, has_aux=True)
+    a = self.grad_accum_steps
+    if a == 1:
+      return grad_fn(params, batch)
+    # Micro-batch i takes rows i, i + a, ...: each data shard keeps its own rows,
+    # so splitting moves no data between devices.
+    def split(x):
+      b = x.shape[0]
+      if b % a:
+        raise ValueError(f"batch size {b} is not a multiple of grad_accum_steps {a}")
+      return x.reshape(b // a, a, *x.shape[1:]).swapaxes(0, 1)
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+      g_acc, aux_acc = carry
+      g, aux = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_aux = (jnp.zeros((), jnp.float32),) * 3
+    (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), micro)
+    return grads, aux
+
+  def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    with activation_sharding(self.mesh, self.rules):
+      grads, (loss_sum, z_sum, tokens) = self._grads(state.params, batch)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite step leaves the state as it was, so whatever the host does
+    # next (stop, save) it holds the last good parameters.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = TrainState(step=state.step + ok.astype(jnp.int32),
+                           params=jax.tree.map(keep, params, state.params),
+                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                           rng=state.rng)
+    metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm,
+               "param_norm": optax.global_norm(params), "tokens": tokens, "finite": ok}
+    return new_state, metrics
+
+  def build(self, batch_shape) -> Callable[[TrainState, Mapping[str, jax.Array]], Any]:
+    state_sh = self.state_shardings()
+    batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return jax.jit(self._step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+  def build_eval(self, batch_shape) -> Callable[[Any, Mapping[str, jax.Array]], Any]:
+    """(params, batch) -> (loss sum, tokens): held-out loss without a gradient."""
+    def evaluate(params, batch):
+      with activation_sharding(self.mesh, self.rules):
+        _, (loss_sum, _, tokens) = self._loss(params, batch)
+      return loss_sum, tokens
+    param_sh = partition.named(self.mesh, self.param_specs)
+    batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+
+
+def _pure_tuple_tree(param_state: nnx.State) -> dict:
+  """Pure dict of the parameters' logical axes (tuples as leaves)."""
+  variables = partition.variables_by_path(param_state)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: tuple(variables[jax.tree_util.keystr(p)].get_metadata().get("logical_axes")
+                         or ()),
+      nnx.to_pure_dict(param_state))
+
+
+def opt_state_specs(opt_shapes, param_specs, param_shapes) -> Any:
+  """Optimizer-state leaves shaped like a parameter are sharded like it (ZeRO-3); others replicate.
+
+  Optax states hold trees mirroring the parameters (Adam's mu and nu), so a leaf
+  whose path ends with a parameter's path and has its shape is that
+  parameter's moment. Factored statistics (Adafactor's row/column vectors) and
+  counters are small and replicated.
+  """
+  flat_specs = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+  flat_shapes = {jax.tree_util.keystr(p): x.shape
+                 for p, x in jax.tree_util.tree_flatten_with_path(param_shapes)[0]}
+  # Longest first, so a parameter path that ends another one's never shadows it.
+  keys = sorted(flat_specs, key=len, reverse=True)
+
+  def one(path, leaf):
+    name = jax.tree_util.keystr(path)
+    for key in keys:
+      if name.endswith(key) and tuple(leaf.shape) == tuple(flat_shapes[key]):
+        return flat_specs[key]
+    return PartitionSpec()
+  return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding]) -> dict:
+  """A global jax.Array per field from the host's copy of the whole global batch.
+
+  Every process holds the whole batch (see loop.py) and fills its own shards;
+  make_array_from_callback asks only for the addressable ones.
+  """
+  out = {}
+  for key in BATCH_KEYS:
+    host = batch[key]
+    sharding = sharding_for(host.shape)
+    out[key] = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+  return out

@@ -1,0 +1,125 @@
+"""Throughput, MFU and ETA: model FLOPs over peak FLOPs, peak from a table or measured on CPU.
+
+MFU (PaLM, appendix B) counts the FLOPs the model needs per token
+(core.model.flops.flops_per_token: 6 x matmul parameters + attention), not
+the FLOPs the hardware executes, so rematerialization lowers MFU instead of
+raising it. Peak FLOP/s come from the vendors' dense spec sheets for
+accelerators; a CPU has no meaningful sheet value, so its peak is measured: the
+best float32 matmul rate XLA reaches on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Dense peak FLOP/s per device (no sparsity), by jax `device_kind` prefix and compute dtype.
+# bf16: vendor spec sheets; float32 on GPUs: plain FP32 (JAX's default f32 matmul
+# precision on GPU may use TF32, so MFU then reads high).
+PEAK_FLOPS = {
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 2},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 2},
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12 / 2},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 2},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 2},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 2},
+    "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "NVIDIA L4": {"bfloat16": 121e12, "float32": 30.3e12},
+}
+
+
+def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  """Per-device peak from the table (longest matching prefix), or None."""
+  for kind in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if device_kind.startswith(kind):
+      return PEAK_FLOPS[kind].get(dtype, PEAK_FLOPS[kind]["bfloat16"])
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(size: int = 1024, repeats: int = 10) -> float:
+  """The best float32 matmul FLOP/s of this process's CPU (all its threads), measured.
+
+  One device runs the matmul; XLA's CPU backend spreads one matmul over every
+  core, so this is the machine's rate whatever the fake device count. The best
+  of several runs is taken: the figure is a ceiling, and a shared machine only
+  ever makes runs slower.
+  """
+  device = jax.local_devices(backend="cpu")[0]
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
+                                 jnp.float32), device)
+  # A chain of matmuls keeps dispatch overhead out of the measurement.
+  chain = jax.jit(lambda x: jax.lax.fori_loop(0, 8, lambda _, y: (y @ a) * 1e-3, x))
+  chain(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    chain(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 8 * 2 * size ** 3 / best
+
+
+def peak_flops(devices, dtype: str = "float32") -> tuple[float, str]:
+  """(total peak FLOP/s of `devices`, where the number comes from)."""
+  devices = list(devices)
+  kind = devices[0].device_kind
+  if devices[0].platform == "cpu":
+    processes = len({d.process_index for d in devices})
+    # Fake CPU devices share one machine's cores: the peak is per process, not per device.
+    return measured_cpu_peak() * processes, f"measured float32 matmul on {processes} CPU process(es)"
+  per_device = table_peak(kind, dtype)
+  if per_device is None:
+    logger.warning("no peak FLOP/s known for device kind %r; MFU is not reported", kind)
+    return float("nan"), f"unknown device {kind!r}"
+  return per_device * len(devices), f"spec sheet {kind} {dtype} x {len(devices)}"
+
+
+def format_duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_rate(x: float) -> str:
+  for unit, scale in (("M", 1e6), ("k", 1e3)):
+    if x >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f}"
+
+
+class Meter:
+  """Tokens/s and MFU over the steps since the last report, ETA from the recent rate."""
+
+  def __init__(self, flops_per_token: float, peak: float, total_steps: int, start_step: int):
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.total_steps = total_steps
+    self._mark(start_step)
+
+  def _mark(self, step: int) -> None:
+    self._t, self._step, self._tokens = time.perf_counter(), step, 0.0
+
+  def add_tokens(self, n: float) -> None:
+    self._tokens += n
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    dt = max(now - self._t, 1e-9)
+    steps = max(step - self._step, 1)
+    tokens_per_s = self._tokens / dt
+    out = {"tokens_per_s": tokens_per_s, "step_time_s": dt / steps,
+           "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else float("nan"),
+           "eta_s": (self.total_steps - step) * dt / steps}
+    self._mark(step)
+    return out

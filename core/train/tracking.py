@@ -1,0 +1,98 @@
+"""The run's MLflow record: one tracker per run, the run id kept in the workdir.
+
+Only process 0 logs; the others get a tracker that records nothing. A
+restarted run reads `<workdir>/run.json` and continues the same MLflow run.
+The default store is `sqlite:///<workdir>/mlflow.db` unless a URI is given or
+MLFLOW_TRACKING_URI is set. Starting the tracker creates or reopens the run,
+so a store that cannot be written fails before any training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+
+from core.tracking.run import NullTracker, RunTracker
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+def resolve_tracking_uri(workdir: Path, tracking_uri: str | None) -> str:
+  return (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+          or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}")
+
+
+def read_run_file(workdir: Path) -> dict:
+  path = Path(workdir) / RUN_FILE
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
+                  run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
+  """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
+  if not enabled or jax.process_index() != 0:
+    return NullTracker()
+  uri = resolve_tracking_uri(workdir, tracking_uri)
+  record = read_run_file(workdir)
+  run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+  tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
+                       spool_dir=Path(workdir) / "mlflow_spool", tags=dict(tags or {}))
+  run_id = tracker.start()
+  record.update(mlflow_run_id=run_id, tracking_uri=uri, experiment=experiment)
+  _write_json(Path(workdir) / RUN_FILE, record)
+  return tracker
+
+
+def run_tags(repo_dir: Path, mesh_shape: Mapping[str, int], config_text: str = "") -> dict:
+  """Code version, environment and mesh tags; core.tracking.record's when available."""
+  try:
+    from core.tracking import record  # pylint: disable=g-import-not-at-top
+    tags = dict(record.code_version(repo_dir))
+    tags.update(record.environment(dict(mesh_shape)))
+    if config_text:
+      tags["config_hash"] = record.config_hash(config_text)
+    return {k: str(v) for k, v in tags.items()}
+  except (ImportError, AttributeError, TypeError):
+    pass
+  tags = {"jax_version": jax.__version__, "python_version": platform.python_version(),
+          "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+          "process_count": jax.process_count(),
+          "mesh": " x ".join(f"{k}={v}" for k, v in mesh_shape.items())}
+  try:
+    git = lambda *a: subprocess.run(("git", "-C", str(repo_dir)) + a, capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip()
+    tags["git_commit"] = git("rev-parse", "HEAD")
+    tags["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+  except (OSError, subprocess.SubprocessError):
+    pass
+  if config_text:
+    import hashlib  # pylint: disable=g-import-not-at-top
+    tags["config_hash"] = hashlib.sha256(config_text.encode()).hexdigest()[:16]
+  return {k: str(v) for k, v in tags.items()}
+
+
+def energy_meter(device_kind: str, device_count: int):
+  """core.tracking.energy.EnergyMeter when that module exists and knows the device, else None."""
+  try:
+    from core.tracking.energy import EnergyMeter  # pylint: disable=g-import-not-at-top
+    meter = EnergyMeter(device_kind=device_kind, device_count=device_count)
+    meter.start()
+    return meter
+  except Exception as e:  # noqa: BLE001  energy is a record, never a reason to stop training
+    logger.info("energy not measured: %s", e)
+    return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
