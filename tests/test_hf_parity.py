@@ -110,6 +110,24 @@ def test_gemma2_parity_test_detects_each_detail(gemma2, change):
   assert diff > 100 * TOL, f"{change} went unnoticed (diff {diff:.3g})"
 
 
+def test_dot_product_attention_impl_matches_transformers(tmp_path):
+  """The jax.nn.dot_product_attention path (cuDNN on GPU) with a sliding window, on CPU here."""
+  config_cls, model_cls, kwargs, std = FAMILIES["gemma2"]
+  FAMILIES["no_attn_softcap"] = (config_cls, model_cls, dict(kwargs, attn_logit_softcapping=None),
+                                 std)
+  try:
+    hf_model = build_hf("no_attn_softcap", tmp_path / "hf")
+  finally:
+    del FAMILIES["no_attn_softcap"]
+  model, config, _ = hf_import.import_hf(tmp_path / "hf")
+  assert config.attn_softcap is None and config.window == 6
+  params = {n: np.asarray(a) for n, a in io.flat_params(model).items()}
+  fast = io.model_from_params(config.replace(attention_impl="dot_product_attention"), params)
+  ids = sample_ids()
+  diff = np.abs(token_logprobs(fast, ids) - hf_logprobs(hf_model, ids)).max()
+  assert diff < TOL, f"dot_product_attention: max |log-prob difference| {diff:.3g}"
+
+
 def train_spm(tmp_path, vocab_size=300):
   import sentencepiece as spm
   rng = np.random.default_rng(0)
@@ -218,6 +236,16 @@ def test_bfloat16_checkpoint_imports_exactly(gemma_dir, tmp_path):
       assert value.dtype == want, name
       np.testing.assert_array_equal(np.asarray(value, np.float32),
                                     ref[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_head_dim_mismatch_is_named(gemma_dir, tmp_path):
+  hf_dir = _copy(gemma_dir, tmp_path / "hf")
+  config = json.loads((hf_dir / "config.json").read_text())
+  config["head_dim"] = 8
+  (hf_dir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf_import.HFImportError, match="config.json gives head_dim 8 but q_proj "
+                     "has 64 rows for 4 heads, i.e. head_dim 16"):
+    hf_import.import_hf(hf_dir)
 
 
 def test_tied_lm_head_must_equal_the_embedding(gemma_dir, tmp_path):

@@ -1,11 +1,13 @@
 """The ablax model format (core/model/io.py), token scoring and `ablax score`."""
 
+import functools
 import json
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from core.eval import score
 from core.model import io
@@ -61,6 +63,17 @@ def saved(tmp_path_factory):
   return out, model, tokenizer
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+  return nnx.merge(graphdef, state)(ids)
+
+
+def logits_of(model, ids):
+  """Logits (B, T, V) through one jitted function: eager calls compile op by op."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_logits(graphdef, state, jax.numpy.asarray(ids)))
+
+
 def tokens(length=20, seed=1):
   return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, length).tolist()
 
@@ -72,8 +85,8 @@ def test_round_trip_gives_identical_logits(saved):
   out, model, tokenizer = saved
   loaded, config, meta = io.load_model(out)
   assert config == CONFIG
-  ids = jax.numpy.asarray([tokens()])
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  ids = [tokens()]
+  np.testing.assert_array_equal(logits_of(loaded, ids), logits_of(model, ids))
   assert meta["source"] == "test:random" and meta["metadata"] == {"step": 0}
   assert meta["tokenizer_sha256"] == io.file_sha256(tokenizer)
   assert meta["tokenizer_path"] == str(out / "tokenizer.model")
@@ -144,6 +157,14 @@ def test_load_errors_name_the_path(saved, tmp_path):
   with pytest.raises(io.ModelIOError, match="format_version 99"):
     io.load_model(newer)
 
+  invalid = tmp_path / "invalid"
+  shutil.copytree(out, invalid)
+  manifest = json.loads((invalid / "ablax_model.json").read_text())
+  manifest["config"]["activation"] = "tanh"
+  (invalid / "ablax_model.json").write_text(json.dumps(manifest))
+  with pytest.raises(io.ModelIOError, match="activation must be one of"):
+    io.load_model(invalid)
+
 
 def test_params_that_do_not_match_the_config_are_listed(saved, tmp_path):
   out, _, _ = saved
@@ -188,7 +209,7 @@ def test_bfloat16_params_round_trip(tmp_path):
 def test_token_logprobs_convention(saved):
   _, model, _ = saved
   ids = tokens()
-  logits = np.asarray(model(jax.numpy.asarray([ids])))[0]
+  logits = logits_of(model, [ids])[0]
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   want = np.array([logp[i, ids[i + 1]] for i in range(len(ids) - 1)])

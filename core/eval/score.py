@@ -49,9 +49,12 @@ def token_logprobs(model: nnx.Module, ids: Sequence[int] | np.ndarray) -> np.nda
     raise ScoreError(f"ids must be 1-D or 2-D, got shape {tokens.shape}")
   if tokens.shape[1] < 2:
     raise ScoreError("scoring needs at least 2 token ids (the first one is only context)")
-  vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-  if vocab_size is not None:
-    check_ids(tokens, vocab_size)
+  config = getattr(model, "config", None)
+  if config is not None:
+    check_ids(tokens, config.vocab_size)
+    if config.positions == "learned" and tokens.shape[1] - 1 > config.max_seq_len:
+      raise ScoreError(f"{tokens.shape[1]} ids need {tokens.shape[1] - 1} positions but the "
+                       f"learned position table has max_seq_len {config.max_seq_len}")
   graphdef, state = nnx.split(model)
   out = np.asarray(_logprobs(graphdef, state, jnp.asarray(tokens)))
   return out[0] if squeeze else out

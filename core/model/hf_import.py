@@ -346,6 +346,10 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
     if wrong:
       lines.append(f"  wrong shape ({len(wrong)}):")
       lines.extend(f"    {w}" for w in wrong)
+    q = shapes.get("model.layers.0.self_attn.q_proj.weight")
+    if q is not None and len(q) == 2 and q[0] != n * h and q[0] % n == 0:
+      lines.append(f"  head_dim mismatch: config.json gives head_dim {h} but q_proj has "
+                   f"{q[0]} rows for {n} heads, i.e. head_dim {q[0] // n}")
     raise HFImportError("\n".join(lines))
 
   out = {}

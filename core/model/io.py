@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from core.model.config import ModelConfig
+from core.model.config import ConfigError, ModelConfig
 from core.model.flops import abstract_model, param_counts
 from core.model.transformer import Transformer
 
@@ -185,6 +185,9 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
   The directory is assembled next to `out_dir` and renamed into place, so a
   crash never leaves a half-written model that looks complete.
 
+  Multi-process runs gather the parameters first and call this from one
+  process: every array must be fully addressable here.
+
   Args:
     out_dir: destination; must not exist unless `overwrite`.
     model: the Transformer whose nnx.Param leaves are saved.
@@ -205,7 +208,14 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
       raise ModelIOError(f"{out} exists and is not an ablax model directory; "
                          "refusing to replace it")
-  params = {n: np.asarray(a) for n, a in flat_params(model).items()}
+  leaves = flat_params(model)
+  scattered = [n for n, a in leaves.items()
+               if isinstance(a, jax.Array) and not a.is_fully_addressable]
+  if scattered:
+    raise ModelIOError(
+        f"parameters {scattered[:3]}... are spread over several processes; gather them "
+        "(e.g. jax.experimental.multihost_utils.process_allgather) and save from one process")
+  params = {n: np.asarray(a) for n, a in leaves.items()}
   check_params(config, {n: a.shape for n, a in params.items()}, "model parameters")
   tok = Path(tokenizer_path) if tokenizer_path is not None else None
   if tok is not None and not tok.is_file():
@@ -293,7 +303,7 @@ def config_from_dict(values: Mapping[str, Any], where: str = "config") -> ModelC
                        "(written by a newer ablax?)")
   try:
     return ModelConfig(**values)
-  except TypeError as e:
+  except (TypeError, ConfigError) as e:
     raise ModelIOError(f"{where}: {e}") from None
 
 
