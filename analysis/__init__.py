@@ -1,0 +1,1 @@
+"""Reading runs back from MLflow: comparison tables, plots, reproduction checks."""

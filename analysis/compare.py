@@ -1,0 +1,99 @@
+"""Comparing a sweep's variants (or any set of runs) from MLflow: table, plots, artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from analysis import plots
+from analysis import runs as runs_lib
+from analysis import table as table_lib
+
+CURVE_KEYS = ("train/loss", "eval/loss")
+
+
+@dataclasses.dataclass
+class Comparison:
+  table: table_lib.Table
+  groups: dict[str, list]
+  parent: object | None  # the sweep's parent run, when comparing a sweep
+
+
+def compare(c, sweep: str | None = None, experiment: str | None = None,
+            filter_string: str = "", group_by: Sequence[str] = (), metric: str | None = None,
+            baseline: str | None = None, confidence: float = 0.95) -> Comparison:
+  """Groups finished runs into variants and computes the table.
+
+  Args:
+    c: an MlflowClient.
+    sweep: a sweep name or parent run id (its children are compared).
+    experiment, filter_string: otherwise, the finished runs of this experiment
+      matching an MLflow filter (e.g. "params.`ModelConfig.num_kv_heads` = '1'").
+    group_by: params (or tags) whose values define a variant; default: the
+      sweep variant tag, else the run name.
+    metric: the ranking metric; default: the sweep's, else eval/loss (or train/loss).
+    baseline: the reference variant; default: the sweep's baseline, else the first variant.
+  """
+  parent, user_baseline = None, baseline
+  if sweep:
+    parent = runs_lib.find_sweep(c, sweep)
+    children = runs_lib.sweep_children(c, parent)
+    source = (f"sweep {parent.data.tags.get(runs_lib.SWEEP_TAG, parent.info.run_name)} "
+              f"(parent run {parent.info.run_id})")
+    if not children:
+      unfinished = runs_lib.sweep_children(c, parent, finished_only=False)
+      raise runs_lib.RunLookupError(
+          f"{source} has no finished child runs yet ({len(unfinished)} unfinished); "
+          f"run or resume it with `ablax sweep`")
+    metric = metric or parent.data.tags.get(runs_lib.METRIC_TAG)
+    if baseline is None:
+      baseline = parent.data.tags.get(runs_lib.BASELINE_TAG)
+  elif experiment:
+    children = runs_lib.experiment_runs(c, experiment, filter_string)
+    source = f"experiment {experiment}" + (f" filtered by {filter_string}" if filter_string else "")
+    if not children:
+      raise runs_lib.RunLookupError(f"no finished runs in {source}")
+  else:
+    raise ValueError("give a sweep (name or parent run id) or an experiment")
+  groups = runs_lib.group(children, group_by)
+  if metric is None:
+    metric = next((k for k in table_lib.FALLBACK_LOSS_KEYS
+                   if all(k in r.data.metrics for r in children)), None)
+    if metric is None:
+      raise runs_lib.RunLookupError(f"no loss metric common to all runs of {source}; choose one "
+                                    f"with --metric")
+  if baseline is not None and baseline not in groups:
+    if user_baseline is not None:
+      raise runs_lib.RunLookupError(f"baseline {baseline!r} is not a variant of {source}; "
+                                    f"variants: {list(groups)}")
+    source += f"; its baseline {baseline} has no finished runs, so deltas are to the first variant"
+    baseline = None
+  if baseline is None:
+    baseline = next(iter(groups))
+  table = table_lib.build(c, groups, metric, baseline, confidence, source)
+  return Comparison(table, groups, parent)
+
+
+def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
+               log_to_parent: bool = True) -> list[Path]:
+  """Writes loss_curves.png and final_<metric>.png; logs them (and the table) to the parent run."""
+  out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ablax-compare-"))
+  table = comparison.table
+  title = table.source
+  paths = []
+  curve_keys = list(dict.fromkeys([*CURVE_KEYS, table.metric]))
+  curve = plots.loss_curves(c, comparison.groups, curve_keys, out_dir / "loss_curves.png", title)
+  if curve:
+    paths.append(curve)
+  safe = table.metric.replace("/", "_")
+  paths.append(plots.final_bars(table, out_dir / f"final_{safe}.png"))
+  for fmt, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+    path = out_dir / f"comparison.{ext}"
+    path.write_text(table_lib.render(table, fmt))
+    paths.append(path)
+  if log_to_parent and comparison.parent is not None:
+    for path in paths:
+      c.log_artifact(comparison.parent.info.run_id, str(path), "comparison")
+  return paths

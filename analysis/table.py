@@ -1,0 +1,259 @@
+"""The comparison table: one row per variant, statistics over seeds, citable run ids.
+
+Each row holds the final value of the ranking metric (mean and standard
+deviation over seeds), its perplexity, the difference to the baseline variant
+with a Student-t confidence interval, mean throughput and MFU, total energy
+and carbon, and the run ids and config hashes a paper can cite.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from typing import Any, Callable, Sequence
+
+from analysis import runs as runs_lib
+from analysis import stats
+
+# Column -> metric keys tried in order (the trainer's names first).
+PERPLEXITY_KEYS = ("eval/perplexity", "eval/ppl")
+TOKENS_PER_S_KEYS = ("perf/tokens_per_s", "train/tokens_per_s", "tokens_per_s",
+                     "perf/tokens_per_sec", "throughput/tokens_per_s")
+MFU_KEYS = ("perf/mfu", "train/mfu", "mfu")
+ENERGY_KEYS = ("energy/kwh", "energy/total_kwh", "energy/kwh_pue", "energy/estimated_kwh",
+               "energy/measured_kwh", "energy_kwh")
+CARBON_KEYS = ("carbon/kg_co2eq", "carbon/kgco2eq", "carbon/co2_kg", "carbon/tco2eq",
+               "carbon_kg")
+FALLBACK_LOSS_KEYS = ("eval/loss", "train/loss", "loss")
+
+
+@dataclasses.dataclass
+class Row:
+  variant: str
+  n: int
+  seeds: list[str]
+  metric: str
+  final: list[float]
+  mean: float
+  std: float
+  ppl_mean: float
+  ppl_std: float
+  delta: stats.Delta | None
+  tokens_per_s: float
+  mfu: float
+  energy_kwh: float
+  carbon_kg: float
+  run_ids: list[str]
+  config_hashes: list[str]
+  baseline: bool = False
+
+
+@dataclasses.dataclass
+class Table:
+  rows: list[Row]
+  metric: str
+  baseline: str | None
+  confidence: float
+  source: str  # what was compared: "sweep NAME (parent RUN_ID)" or an experiment + filter
+
+  def row(self, variant: str) -> Row:
+    return next(r for r in self.rows if r.variant == variant)
+
+
+def _first(run, keys: Sequence[str]) -> tuple[str | None, float]:
+  key = runs_lib.pick_metric(run, keys)
+  return key, (run.data.metrics[key] if key else stats.NAN)
+
+
+def _mean_history(c, run, keys: Sequence[str]) -> float:
+  """Mean over logged steps, leaving out the first (it includes compilation)."""
+  key = runs_lib.pick_metric(run, keys)
+  if key is None:
+    return stats.NAN
+  values = [p.value for p in runs_lib.history(c, run.info.run_id, key)]
+  values = values[1:] if len(values) > 1 else values
+  return stats.mean(values)
+
+
+def _nanmean(xs: Sequence[float]) -> float:
+  xs = [x for x in xs if not math.isnan(x)]
+  return stats.mean(xs)
+
+
+def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
+          confidence: float = 0.95, source: str = "") -> Table:
+  """Statistics per variant; `baseline` is a variant name (None: no deltas)."""
+  if not groups:
+    raise runs_lib.RunLookupError(f"no finished runs to compare ({source})")
+  rows = []
+  for variant, group_runs in groups.items():
+    finals, ppls, keys = [], [], set()
+    for run in group_runs:
+      key = metric if metric in run.data.metrics else None
+      if key is None:
+        raise runs_lib.RunLookupError(
+            f"run {run.info.run_id} ({variant}) has no metric {metric!r}; it has "
+            f"{sorted(run.data.metrics)[:20]} (choose one with --metric)")
+      keys.add(key)
+      final = run.data.metrics[key]
+      finals.append(final)
+      ppl_key, ppl = _first(run, PERPLEXITY_KEYS)
+      ppls.append(ppl if ppl_key and "loss" in metric else _exp(final))
+    rows.append(Row(
+        variant=variant, n=len(group_runs), seeds=[str(runs_lib.seed_of(r)) for r in group_runs],
+        metric=metric, final=finals, mean=stats.mean(finals), std=stats.std(finals),
+        ppl_mean=stats.mean(ppls), ppl_std=stats.std(ppls), delta=None,
+        tokens_per_s=_nanmean([_mean_history(c, r, TOKENS_PER_S_KEYS) for r in group_runs]),
+        mfu=_nanmean([_mean_history(c, r, MFU_KEYS) for r in group_runs]),
+        energy_kwh=_nanmean([_first(r, ENERGY_KEYS)[1] for r in group_runs]),
+        carbon_kg=_nanmean([_first(r, CARBON_KEYS)[1] for r in group_runs]),
+        run_ids=[r.info.run_id for r in group_runs],
+        config_hashes=sorted({runs_lib.config_hash(r) for r in group_runs})))
+  if baseline is not None and baseline not in groups:
+    raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
+                                  f"{list(groups)}")
+  if baseline is not None:
+    base = next(r for r in rows if r.variant == baseline)
+    base.baseline = True
+    for row in rows:
+      paired = row.seeds == base.seeds and "None" not in row.seeds
+      row.delta = stats.delta_ci(row.final, base.final, confidence, paired=paired)
+  return Table(rows, metric, baseline, confidence, source)
+
+
+def _exp(x: float) -> float:
+  try:
+    return math.exp(x)
+  except OverflowError:
+    return math.inf
+
+
+# ------------------------------------------------------------------ formats
+
+
+def _num(x: float, digits: int = 4) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "n/a"
+  if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+    return f"{x:.3e}"
+  return f"{x:.{digits}f}"
+
+
+def _pm(m: float, s: float, digits: int = 4) -> str:
+  return _num(m, digits) if math.isnan(s) else f"{_num(m, digits)} ± {_num(s, digits)}"
+
+
+def _delta(row: Row, digits: int = 4) -> tuple[str, str]:
+  if row.baseline:
+    return "baseline", ""
+  if row.delta is None:
+    return "", ""
+  d = row.delta
+  sign = "+" if d.value >= 0 else ""
+  ci = "n/a" if math.isnan(d.low) else f"[{_num(d.low, digits)}, {_num(d.high, digits)}]"
+  return f"{sign}{_num(d.value, digits)}", ci
+
+
+def _cells(table: Table, row: Row, plus_minus: str = "±") -> list[str]:
+  delta, ci = _delta(row)
+  pm = lambda m, s: _pm(m, s).replace("±", plus_minus)  # noqa: E731
+  return [row.variant, str(row.n), pm(row.mean, row.std), pm(row.ppl_mean, row.ppl_std),
+          delta, ci, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
+          _num(row.carbon_kg, 6), " ".join(row.run_ids), " ".join(row.config_hashes)]
+
+
+def headers(table: Table) -> list[str]:
+  level = f"{round(table.confidence * 100):d}%"
+  return ["variant", "seeds", f"final {table.metric}", "perplexity",
+          "Δ vs baseline", f"{level} CI", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
+          "run ids", "config hash"]
+
+
+def to_text(table: Table) -> str:
+  head = headers(table)
+  body = [_cells(table, r) for r in table.rows]
+  widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+  out = [f"{table.source}", line(head), line(["-" * w for w in widths])]
+  out += [line(b) for b in body]
+  out.append(_footnote(table))
+  return "\n".join(out)
+
+
+def to_markdown(table: Table) -> str:
+  esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+  head = headers(table)
+  out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  for r in table.rows:
+    cells = _cells(table, r)
+    cells[-2] = " ".join(f"`{i}`" for i in r.run_ids)
+    cells[-1] = " ".join(f"`{h}`" for h in r.config_hashes)
+    out.append("| " + " | ".join(esc(c) for c in cells) + " |")
+  return "\n".join(out) + f"\n\n{_footnote(table)}\n"
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "\\": r"\textbackslash{}"}
+
+
+def latex_escape(text: str) -> str:
+  return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table) -> str:
+  head = [h.replace("Δ", r"$\Delta$") for h in headers(table)]
+  out = [r"\begin{tabular}{l r " + " ".join("r" for _ in head[2:-2]) + " l l}", r"\toprule",
+         " & ".join(latex_escape(h).replace(r"\$\Delta\$", r"$\Delta$") for h in head)
+         + r" \\", r"\midrule"]
+  for r in table.rows:
+    cells = [latex_escape(c) for c in _cells(table, r, plus_minus="PLUSMINUS")]
+    cells = [c.replace("PLUSMINUS", r"$\pm$") for c in cells]
+    cells[-2] = r"\texttt{" + r" ".join(latex_escape(i) for i in r.run_ids) + "}"
+    cells[-1] = r"\texttt{" + r" ".join(latex_escape(h) for h in r.config_hashes) + "}"
+    out.append(" & ".join(cells) + r" \\")
+  out += [r"\bottomrule", r"\end{tabular}", "% " + _footnote(table).replace("\n", "\n% ")]
+  return "\n".join(out) + "\n"
+
+
+def to_csv(table: Table) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  level = round(table.confidence * 100)
+  w.writerow(["variant", "baseline", "seeds", "n", "metric", "mean", "std", "perplexity_mean",
+              "perplexity_std", "delta", f"ci{level}_low", f"ci{level}_high", "ci_method",
+              "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes"])
+  f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)  # noqa: E731
+  for r in table.rows:
+    d = r.delta
+    w.writerow([r.variant, int(r.baseline), " ".join(r.seeds), r.n, r.metric, f(r.mean), f(r.std),
+                f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
+                f(d.high if d else None), d.method if d else "", f(r.tokens_per_s), f(r.mfu),
+                f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes)])
+  return buf.getvalue()
+
+
+def _footnote(table: Table) -> str:
+  methods = sorted({r.delta.method for r in table.rows if r.delta and not r.baseline})
+  how = {"paired": "paired t over shared seeds", "welch": "Welch t",
+         "none": "no interval with one seed"}
+  return (f"Mean ± sample std over seeds of the final {table.metric}; Δ = variant - baseline, "
+          f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}. "
+          f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
+          f"mean per run. Source: {table.source}.")
+
+
+FORMATS: dict[str, Callable[[Table], str]] = {
+    "text": to_text, "markdown": to_markdown, "latex": to_latex, "csv": to_csv}
+
+
+def render(table: Table, fmt: str) -> str:
+  if fmt not in FORMATS:
+    raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+  return FORMATS[fmt](table)
+
+
+def as_records(table: Table) -> list[dict[str, Any]]:
+  return [dataclasses.asdict(r) for r in table.rows]

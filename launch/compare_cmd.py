@@ -1,0 +1,67 @@
+"""`ablax compare`: a sweep's variants side by side, from MLflow.
+
+  ablax compare --sweep attention                      # by sweep name (newest) or parent run id
+  ablax compare --sweep attention --format latex
+  ablax compare --experiment tiny --filter "params.seed = '0'" --group_by ModelConfig.num_kv_heads
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis import compare as compare_lib
+from analysis import runs as runs_lib
+from analysis import table as table_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--sweep", help="sweep name (its newest parent run) or parent run id")
+  what.add_argument("--experiment", help="compare the finished runs of this MLflow experiment")
+  parser.add_argument("--filter", default="", help="MLflow filter string (with --experiment)")
+  parser.add_argument("--group_by", action="append", default=[],
+                      help="param whose value defines a variant (repeatable; default: the sweep "
+                           "variant, else the run name)")
+  parser.add_argument("--tracking_uri", default=None,
+                      help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+  parser.add_argument("--metric", default=None,
+                      help="final metric to compare (default: the sweep's, else eval/loss)")
+  parser.add_argument("--baseline", default=None, help="baseline variant for deltas")
+  parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default 0.95)")
+  parser.add_argument("--format", choices=sorted(table_lib.FORMATS), default="text")
+  parser.add_argument("--output", default=None, help="also write the table to this file")
+  parser.add_argument("--plots_dir", default=None,
+                      help="where to save the PNG plots (default: a temporary directory)")
+  parser.add_argument("--no_plots", action="store_true", help="skip plots")
+  parser.add_argument("--no_log", action="store_true",
+                      help="do not log the plots and table to the sweep's parent run")
+
+
+def run(args: argparse.Namespace) -> int:
+  if not 0.0 < args.confidence < 1.0:
+    print("ablax compare: --confidence must be in (0, 1)", file=sys.stderr)
+    return 2
+  tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
+  c = runs_lib.client(tracking_uri)
+  try:
+    comparison = compare_lib.compare(
+        c, sweep=args.sweep, experiment=args.experiment, filter_string=args.filter,
+        group_by=args.group_by, metric=args.metric, baseline=args.baseline,
+        confidence=args.confidence)
+  except (runs_lib.RunLookupError, ValueError) as e:
+    print(f"ablax compare: {e}", file=sys.stderr)
+    return 2
+  text = table_lib.render(comparison.table, args.format)
+  print(text)
+  if args.output:
+    Path(args.output).write_text(text)
+  if not args.no_plots:
+    paths = compare_lib.save_plots(c, comparison, args.plots_dir, log_to_parent=not args.no_log)
+    pngs = [str(p) for p in paths if p.suffix == ".png"]
+    logged = (f" and logged to run {comparison.parent.info.run_id}"
+              if comparison.parent is not None and not args.no_log else "")
+    print(f"plots: {', '.join(pngs)}{logged}", file=sys.stderr)
+  print(f"MLflow UI: {runs_lib.ui_command(tracking_uri)}", file=sys.stderr)
+  return 0

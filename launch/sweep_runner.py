@@ -1,0 +1,363 @@
+"""Running a sweep's points as `ablax train` subprocesses under one MLflow parent run.
+
+Each point runs as its own process: gin's configuration is global to a
+process, so separate processes are the simple way to give every point its own
+configuration, and they let N workers run at once. The child contract (what
+`ablax train` accepts) is:
+
+  ablax train --gin_file F ... --gin_param P ... --workdir DIR
+      --tracking_uri URI --experiment NAME --run_name NAME
+      --parent_run_id ID --tag K=V ... --param K=V ...
+
+The child logs to one MLflow run nested under the parent (tag
+`mlflow.parentRunId`), tagged `ablax.sweep.point=<point key>`; that tag is how
+a re-run of the sweep finds which points are done. A point whose run is
+FINISHED is skipped; any other point runs again in its own workdir, where the
+trainer resumes from its last checkpoint and continues the same MLflow run.
+
+Workers on one machine share it: with N workers on C cores each child gets
+C // N cores (pinned, so they do not trample each other's caches) and XLA's
+CPU thread pools are sized to match; with GPUs, each worker gets its own
+slice of the visible devices, or a share of GPU memory when there are fewer
+devices than workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from analysis.runs import (BASELINE_TAG, HASH_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
+                           SEED_TAG, SWEEP_TAG, VARIANT_TAG)
+from launch import sweep as sweep_lib
+
+STATE_FILE = "sweep.json"
+
+TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
+
+
+@dataclasses.dataclass
+class Outcome:
+  point: sweep_lib.Point
+  status: str  # FINISHED (ran now), SKIPPED (finished before), FAILED
+  seconds: float = 0.0
+  returncode: int | None = None
+  log: str | None = None
+
+
+# ------------------------------------------------------------- worker budget
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+  """GPU ids this process may use: CUDA_VISIBLE_DEVICES, else those nvidia-smi lists."""
+  env = os.environ if env is None else env
+  if "CUDA_VISIBLE_DEVICES" in env:
+    return [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() not in ("", "-1")]
+  if env.get("JAX_PLATFORMS", "").strip() == "cpu" or shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def available_cpus() -> list[int]:
+  try:
+    return sorted(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return list(range(os.cpu_count() or 1))
+
+
+_THREAD_FLAGS = re.compile(r"--xla_cpu_multi_thread_eigen=\S+|intra_op_parallelism_threads=\S+")
+
+
+def worker_env(slot: int, workers: int, base_env: dict[str, str] | None = None,
+               cpus: Sequence[int] | None = None,
+               gpus: Sequence[str] | None = None) -> tuple[dict[str, str], list[int]]:
+  """Environment and CPU set of worker `slot` of `workers` sharing this machine.
+
+  Returns:
+    (env, cpus): cpus is empty when the worker is not pinned (one worker).
+  """
+  env = dict(os.environ if base_env is None else base_env)
+  cpus = list(available_cpus() if cpus is None else cpus)
+  gpus = list(visible_gpus(env) if gpus is None else gpus)
+  env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+  if workers <= 1:
+    return env, []
+  per = max(1, len(cpus) // workers)
+  start = (slot * per) % max(1, len(cpus))
+  mine = cpus[start:start + per] or cpus[:per]
+  # One thread per core: XLA's CPU backend otherwise sizes its Eigen pool to
+  # every core of the machine in every worker, and N workers oversubscribe.
+  flags = _THREAD_FLAGS.sub("", env.get("XLA_FLAGS", "")).split()
+  flags += [f"--xla_cpu_multi_thread_eigen={'false' if per == 1 else 'true'}",
+            f"intra_op_parallelism_threads={per}"]
+  env["XLA_FLAGS"] = " ".join(flags)
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    env[var] = str(per)
+  if gpus:
+    if len(gpus) >= workers:
+      share = len(gpus) // workers
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * share:(slot + 1) * share])
+    else:
+      # Several workers per GPU: split its memory instead of letting the first
+      # process preallocate 75% of it.
+      per_gpu = -(-workers // len(gpus))
+      env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.2f}"
+  return env, mine
+
+
+# ------------------------------------------------------------------- MLflow
+
+
+def client(tracking_uri: str):
+  from mlflow.tracking import MlflowClient
+  os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+  return MlflowClient(tracking_uri)
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+  """Artifacts next to a sqlite store (MLflow would put them under ./mlruns of the cwd)."""
+  if tracking_uri.startswith("sqlite:///"):
+    db = Path(tracking_uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts").resolve().as_uri()
+  return None
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+  from mlflow.exceptions import MlflowException
+  c = client(tracking_uri)
+  experiment = c.get_experiment_by_name(name)
+  if experiment is not None:
+    if experiment.lifecycle_stage != "active":
+      raise sweep_lib.SweepError(f"MLflow experiment {name!r} is deleted; restore it or choose "
+                                 f"another (--experiment)")
+    return experiment.experiment_id
+  root = artifact_root_for(tracking_uri)
+  try:
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+  except MlflowException:  # created meanwhile by another process
+    return c.get_experiment_by_name(name).experiment_id
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+  """All runs nested under the parent, newest first."""
+  c = client(tracking_uri)
+  parent = c.get_run(parent_run_id)
+  runs, token = [], None
+  while True:
+    page = c.search_runs([parent.info.experiment_id],
+                         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                         order_by=["attributes.start_time DESC"], page_token=token)
+    runs.extend(page)
+    token = page.token
+    if not token:
+      return runs
+
+
+def finished_points(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+  """Point key -> run id of each point whose child run is FINISHED."""
+  done = {}
+  for run in child_runs(tracking_uri, parent_run_id):
+    key = run.data.tags.get(POINT_TAG)
+    if key and run.info.status == "FINISHED" and key not in done:
+      done[key] = run.info.run_id
+  return done
+
+
+# ------------------------------------------------------------ parent run
+
+
+def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], tracking_uri: str,
+                workdir: Path) -> str:
+  """Creates the sweep's parent run, or reopens the one recorded in `workdir`."""
+  from mlflow.exceptions import MlflowException
+  digest = sweep_lib.definition_hash(sweep)
+  state_path = workdir / STATE_FILE
+  c = client(tracking_uri)
+  if state_path.is_file():
+    state = json.loads(state_path.read_text())
+    if state.get("hash") != digest:
+      raise sweep_lib.SweepError(
+          f"{workdir} holds another definition of sweep {state.get('name')!r} (the file or its "
+          f"overrides changed); use another --workdir, or delete {workdir} to start over")
+    if state.get("tracking_uri") != tracking_uri:
+      raise sweep_lib.SweepError(
+          f"{workdir} was run against {state.get('tracking_uri')}, not {tracking_uri}; pass "
+          f"--tracking_uri {state.get('tracking_uri')} to resume it")
+    try:
+      c.get_run(state["parent_run_id"])
+      c.update_run(state["parent_run_id"], status="RUNNING")
+      return state["parent_run_id"]
+    except MlflowException:
+      print(f"ablax sweep: parent run {state['parent_run_id']} is gone from {tracking_uri}; "
+            f"starting a new one", file=sys.stderr)
+  experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
+  tags = {SWEEP_TAG: sweep.name, ROLE_TAG: "parent", HASH_TAG: digest,
+          "ablax.sweep.file": sweep_lib.relative_to_repo(getattr(sweep, "source", "")),
+          BASELINE_TAG: sweep_lib.baseline_variant(sweep),
+          METRIC_TAG: sweep.metric,
+          "mlflow.note.content": _note(sweep, points)}
+  tags.update(_record_tags())
+  run = c.create_run(experiment_id, tags=tags, run_name=sweep.name)
+  run_id = run.info.run_id
+  from mlflow.entities import Param
+  axes = sweep_lib.check_shape(sweep)
+  params = [Param("sweep.name", sweep.name), Param("sweep.points", str(len(points))),
+            Param("sweep.seeds", json.dumps(list(sweep.seeds))),
+            Param("sweep.base", json.dumps(list(sweep.base))[:6000])]
+  params += [Param(f"axis.{a.name}", json.dumps(list(a.labels))[:6000]) for a in axes]
+  c.log_batch(run_id, params=params, synchronous=True)
+  c.log_text(run_id, json.dumps({**sweep_lib.definition(sweep),
+                                 "points": [_point_record(p) for p in points]}, indent=2),
+             "sweep/sweep.json")
+  source = getattr(sweep, "source", None)
+  if source and Path(source).is_file():
+    c.log_artifact(run_id, source, "sweep")
+  workdir.mkdir(parents=True, exist_ok=True)
+  state_path.write_text(json.dumps({"name": sweep.name, "hash": digest,
+                                    "tracking_uri": tracking_uri, "parent_run_id": run_id,
+                                    "experiment": sweep.experiment_name}, indent=2))
+  return run_id
+
+
+def _note(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point]) -> str:
+  axes = ", ".join(f"{a.name} ({len(a.labels)})" for a in sweep_lib.check_shape(sweep))
+  return (f"Sweep `{sweep.name}`: {len(points)} runs = axes {axes} x {len(sweep.seeds)} seeds. "
+          f"Compare: `ablax compare --sweep {sweep.name}`.")
+
+
+def _record_tags() -> dict[str, str]:
+  """Code version and environment of the launching process, when the tracking layer has them."""
+  try:
+    from core.tracking import record  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  tags = {}
+  for fn_name in ("code_version", "environment"):
+    fn = getattr(record, fn_name, None)
+    if fn is None:
+      continue
+    try:
+      value = fn()
+    except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
+      continue
+    if isinstance(value, dict):
+      tags.update({f"ablax.{fn_name}.{k}"[:250]: str(v)[:5000] for k, v in value.items()})
+  return tags
+
+
+def _point_record(point: sweep_lib.Point) -> dict:
+  return {"key": point.key, "variant": point.variant, "seed": point.seed,
+          "gin_files": list(point.gin_files), "gin_params": list(point.gin_params)}
+
+
+def close_parent(tracking_uri: str, parent_run_id: str, status: str) -> None:
+  client(tracking_uri).set_terminated(parent_run_id, status)
+
+
+# --------------------------------------------------------------- children
+
+
+def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Path,
+                  tracking_uri: str, parent_run_id: str,
+                  prefix: Sequence[str] = TRAIN_COMMAND) -> list[str]:
+  cmd = list(prefix)
+  for f in sweep_lib.resolve_files(point):
+    cmd += ["--gin_file", f]
+  for p in point.gin_params:
+    cmd += ["--gin_param", p]
+  cmd += ["--workdir", str(workdir / point.key), "--tracking_uri", tracking_uri,
+          "--experiment", sweep.experiment_name, "--run_name", f"{sweep.name}/{point.key}",
+          "--parent_run_id", parent_run_id]
+  tags = {POINT_TAG: point.key, VARIANT_TAG: point.variant, SWEEP_TAG: sweep.name,
+          ROLE_TAG: "child", SEED_TAG: str(point.seed)}
+  for k, v in tags.items():
+    cmd += ["--tag", f"{k}={v}"]
+  for k, v in point.params.items():
+    cmd += ["--param", f"{k}={v}"]
+  return cmd
+
+
+def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]], *,
+               workers: int, log_dir: Path,
+               on_done: Callable[[Outcome, int, int], None] | None = None,
+               fail_fast: bool = False) -> list[Outcome]:
+  """Runs the commands with `workers` at a time; returns outcomes in point order.
+
+  With fail_fast, no new point starts after one failed (running ones finish).
+  Ctrl-C (or SIGTERM of the sweep) forwards SIGTERM to the running children,
+  which save a checkpoint and exit; the next `ablax sweep` resumes them.
+  """
+  log_dir.mkdir(parents=True, exist_ok=True)
+  pending = list(points)
+  outcomes: dict[int, Outcome] = {}
+  lock = threading.Lock()
+  procs: dict[int, subprocess.Popen] = {}
+  stop = threading.Event()
+  total = len(points)
+
+  def worker(slot: int) -> None:
+    env, cpus = worker_env(slot, workers)
+    while not stop.is_set():
+      with lock:
+        if not pending:
+          return
+        point = pending.pop(0)
+      log = log_dir / f"{point.key}.log"
+      start = time.monotonic()
+      with open(log, "ab") as out:
+        out.write(f"$ {' '.join(commands[point.key])}\n".encode())
+        out.flush()
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") \
+            else None
+        proc = subprocess.Popen(commands[point.key], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, preexec_fn=pin, start_new_session=True)
+        with lock:
+          procs[point.index] = proc
+        rc = proc.wait()
+        with lock:
+          procs.pop(point.index, None)
+      outcome = Outcome(point, "FINISHED" if rc == 0 else "FAILED", time.monotonic() - start,
+                        rc, str(log))
+      with lock:
+        outcomes[point.index] = outcome
+        if fail_fast and outcome.status != "FINISHED":
+          stop.set()
+        if on_done:
+          on_done(outcome, len(outcomes), total)
+
+  threads = [threading.Thread(target=worker, args=(i,), daemon=True)
+             for i in range(max(1, min(workers, len(points))))]
+  for t in threads:
+    t.start()
+  try:
+    for t in threads:
+      while t.is_alive():
+        t.join(0.5)
+  except KeyboardInterrupt:
+    stop.set()
+    with lock:
+      running = list(procs.values())
+    for proc in running:
+      proc.terminate()
+    for proc in running:
+      try:
+        proc.wait(120)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+    raise
+  return [outcomes[p.index] for p in points if p.index in outcomes]

@@ -1,0 +1,252 @@
+"""Sweeps: expansion of axes x seeds, validation before training, dry run, worker budget, resume.
+
+The runner tests use a fake `ablax train` (a small script honouring the child
+contract of launch/sweep_runner.py) so that resume logic is tested in seconds;
+tests/test_sweep_e2e.py runs the real trainer.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from launch import cli
+from launch import sweep as sweep_lib
+from launch import sweep_runner
+
+# A base that parses without the trainer: a tiny model plus a function with a
+# `seed` argument to receive the seed binding.
+BASE = """\
+from __gin__ import dynamic_registration
+import core.tokenizer.train
+include 'gin/models/tiny_llama.gin'
+core.tokenizer.train.sample_lines.max_sentences = 10
+"""
+SEED_BINDING = "sample_lines.seed"
+
+
+def sweep_file(tmp_path, axes, seeds="[0, 1]", extra="", name="t"):
+  base = tmp_path / "base.gin"
+  base.write_text(BASE)
+  path = tmp_path / f"{name}.gin"
+  path.write_text(textwrap.dedent(f"""\
+      from __gin__ import dynamic_registration
+      import launch.sweep
+
+      launch.sweep.Sweep:
+        name = '{name}'
+        base = ['{base}']
+        params = ['ModelConfig.num_layers = 2']
+        axes = {axes}
+        seeds = {seeds}
+        seed_binding = '{SEED_BINDING}'
+      """) + extra)
+  return path
+
+
+ATTENTION = ("{'attention': {'mha': ['ModelConfig.num_kv_heads = 4'], "
+             "'gqa': ['ModelConfig.num_kv_heads = 2'], 'mqa': ['ModelConfig.num_kv_heads = 1']}}")
+
+
+def test_expansion_is_axes_product_times_seeds(tmp_path):
+  overlay = tmp_path / "post.gin"
+  overlay.write_text("ModelConfig.norm_placement = 'post'\n")
+  axes = (f"{{'attention': {{'mha': ['ModelConfig.num_kv_heads = 4'], 'mqa': "
+          f"['ModelConfig.num_kv_heads = 1']}}, 'norm': {{'pre': [], 'post': ['{overlay}']}}, "
+          f"'width': {{'binding': 'ModelConfig.embed_dim', 'values': [64, 128]}}}}")
+  sweep = sweep_lib.load(str(sweep_file(tmp_path, axes, seeds="[3, 5]")))
+  points = sweep_lib.expand(sweep)
+  assert len(points) == 2 * 2 * 2 * 2
+  # First axis slowest, seeds fastest.
+  assert [p.variant for p in points[:3]] == ["attention=mha,norm=pre,width=64"] * 2 + [
+      "attention=mha,norm=pre,width=128"]
+  assert [p.seed for p in points[:4]] == [3, 5, 3, 5]
+  assert len({p.key for p in points}) == len(points)
+  p = next(p for p in points if p.variant == "attention=mqa,norm=post,width=128" and p.seed == 5)
+  assert p.params == {"attention": "mqa", "norm": "post", "width": "128", "seed": "5"}
+  assert p.gin_files[-1] == str(overlay)
+  assert p.gin_params == ("ModelConfig.num_layers = 2", "ModelConfig.num_kv_heads = 1",
+                          "ModelConfig.embed_dim = 128", f"{SEED_BINDING} = 5")
+  assert sweep_lib.baseline_variant(sweep) == "attention=mha,norm=pre,width=64"
+  sweep_lib.validate(sweep, points)
+
+
+def test_baseline_and_overrides(tmp_path):
+  path = sweep_file(tmp_path, ATTENTION, extra="launch.sweep.Sweep.baseline = {'attention': 'gqa'}\n")
+  sweep = sweep_lib.load(str(path), ["Sweep.seeds = [7]"])
+  assert list(sweep.seeds) == [7]
+  assert sweep_lib.baseline_variant(sweep) == "attention=gqa"
+  assert len(sweep_lib.expand(sweep)) == 3
+
+
+@pytest.mark.parametrize("axes,seeds,message", [
+    ("{'attention': {'mha': ['ModelConfig.num_kv_head = 4']}}", "[0]",
+     "axis 'attention' value 'mha'.*num_kv_head"),
+    ("{'kv': {'binding': 'ModelConfg.num_kv_heads', 'values': [1, 2]}}", "[0]",
+     "axis 'kv' value '1'.*ModelConfg"),
+    ("{'pos': {'alibi': ['ModelConfig.positions = \"alibi\"']}}", "[0]",
+     "axis 'pos' value 'alibi'.*positions must be one of"),
+    ("{'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': [3]}}", "[0]",
+     "axis 'kv' value '3'.*multiple of num_kv_heads"),
+    ("{'v': {'x': ['ablations/variants/no_such_overlay.gin']}}", "[0]",
+     "axis 'v' value 'x'.*gin file not found"),
+    ("{}", "[0]", "grid is empty"),
+    ("{'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': []}}", "[0]", "grid is empty"),
+    ("{'attention': {}}", "[0]", "grid is empty"),
+    (ATTENTION, "[]", "grid is empty"),
+])
+def test_bad_sweeps_fail_before_training(tmp_path, axes, seeds, message):
+  with pytest.raises(sweep_lib.SweepError, match=message):
+    sweep = sweep_lib.load(str(sweep_file(tmp_path, axes, seeds=seeds)))
+    sweep_lib.validate(sweep)
+
+
+def test_bad_seed_binding_and_baseline(tmp_path):
+  path = sweep_file(tmp_path, ATTENTION, extra="launch.sweep.Sweep.seed_binding = 'trian.seed'\n")
+  with pytest.raises(sweep_lib.SweepError, match="seed_binding 'trian.seed'"):
+    sweep_lib.validate(sweep_lib.load(str(path)))
+  path = sweep_file(tmp_path, ATTENTION, extra="launch.sweep.Sweep.baseline = {'attention': 'x'}\n")
+  with pytest.raises(sweep_lib.SweepError, match="baseline attention='x'"):
+    sweep_lib.load(str(path))
+
+
+def test_cli_bad_binding_exits_before_any_run(tmp_path, capsys, _mlflow_store):
+  path = sweep_file(tmp_path, "{'attention': {'mha': ['ModelConfig.num_kv_head = 4']}}")
+  marker = tmp_path / "child-started"
+  rc = cli.main(["sweep", str(path), "--workdir", str(tmp_path / "w"),
+                 "--train_command", f"touch {marker}"])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "axis 'attention' value 'mha'" in err and "num_kv_head" in err
+  assert not marker.exists() and not (tmp_path / "w").exists()
+
+
+def test_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
+  path = sweep_file(tmp_path, ATTENTION)
+  rc = cli.main(["sweep", str(path), "--dry-run", "--workdir", str(tmp_path / "w"),
+                 "--tracking_uri", f"sqlite:///{tmp_path / 'dry.db'}"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert "6 points" in out and "attention=mqa" in out and "seed=1" in out
+  assert "ModelConfig.num_kv_heads = 2" in out
+  assert not (tmp_path / "w").exists() and not (tmp_path / "dry.db").exists()
+
+
+def test_worker_env_splits_cores_and_gpus():
+  env, cpus = sweep_runner.worker_env(1, 2, base_env={"XLA_FLAGS": "--xla_foo=1"}, cpus=[0, 1],
+                                      gpus=[])
+  assert cpus == [1]
+  assert "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
+  assert "intra_op_parallelism_threads=1" in env["XLA_FLAGS"] and "--xla_foo=1" in env["XLA_FLAGS"]
+  assert env["OMP_NUM_THREADS"] == "1"
+  env, cpus = sweep_runner.worker_env(0, 2, base_env={}, cpus=list(range(8)), gpus=["0", "1"])
+  assert cpus == [0, 1, 2, 3] and env["CUDA_VISIBLE_DEVICES"] == "0"
+  assert "intra_op_parallelism_threads=4" in env["XLA_FLAGS"]
+  env, _ = sweep_runner.worker_env(3, 4, base_env={}, cpus=[0, 1], gpus=["0"])
+  assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.23"
+  env, cpus = sweep_runner.worker_env(0, 1, base_env={"XLA_FLAGS": "x"}, cpus=[0, 1], gpus=[])
+  assert cpus == [] and env["XLA_FLAGS"] == "x"
+
+
+# A stand-in for `ablax train` with the same flags: one MLflow run per workdir
+# (resumed when the workdir has one), fails once for the point named in
+# $FAKE_FAIL_POINT, and records every invocation.
+FAKE_TRAIN = r'''
+import argparse, json, math, os, sys
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+p = argparse.ArgumentParser()
+for flag in ("--gin_file", "--gin_param", "--tag", "--param"):
+  p.add_argument(flag, action="append", default=[])
+for flag in ("--workdir", "--tracking_uri", "--experiment", "--run_name", "--parent_run_id"):
+  p.add_argument(flag)
+a = p.parse_args()
+work = Path(a.workdir); work.mkdir(parents=True, exist_ok=True)
+tags = dict(t.split("=", 1) for t in a.tag)
+params = dict(t.split("=", 1) for t in a.param)
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(json.dumps({"point": tags["ablax.sweep.point"], "env": os.environ.get("XLA_FLAGS", "")}) + "\n")
+c = MlflowClient(a.tracking_uri)
+exp = c.get_experiment_by_name(a.experiment).experiment_id
+id_file = work / "run_id"
+if id_file.exists():
+  run_id = id_file.read_text()
+  c.update_run(run_id, status="RUNNING")
+else:
+  run_id = c.create_run(exp, tags={**tags, "mlflow.parentRunId": a.parent_run_id},
+                        run_name=a.run_name).info.run_id
+  id_file.write_text(run_id)
+  c.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], synchronous=True)
+kv = [int(x.split("=")[1]) for x in a.gin_param if "num_kv_heads" in x][0]
+seed = int(params["seed"])
+marker = work / "failed_once"
+if os.environ.get("FAKE_FAIL_POINT") == tags["ablax.sweep.point"] and not marker.exists():
+  marker.write_text("x")
+  c.set_terminated(run_id, "FAILED")
+  sys.exit(3)
+metrics = []
+for step in (0, 10, 20):
+  loss = 5.0 - 0.05 * step + 0.1 * kv + 0.01 * seed
+  metrics += [Metric("train/loss", loss, 0, step), Metric("eval/loss", loss + 0.2, 0, step),
+              Metric("perf/tokens_per_s", 1000.0 * kv, 0, step)]
+c.log_batch(run_id, metrics=metrics, synchronous=True)
+c.set_terminated(run_id, "FINISHED")
+'''
+
+
+def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeypatch):
+  script = tmp_path / "fake_train.py"
+  script.write_text(FAKE_TRAIN)
+  log = tmp_path / "invocations.jsonl"
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  axes = ("{'attention': {'mha': ['ModelConfig.num_kv_heads = 4'], "
+          "'mqa': ['ModelConfig.num_kv_heads = 1']}}")
+  path = sweep_file(tmp_path, axes)
+  sweep = sweep_lib.load(str(path))
+  mqa1 = next(p for p in sweep_lib.expand(sweep) if p.variant == "attention=mqa" and p.seed == 1)
+  monkeypatch.setenv("FAKE_FAIL_POINT", mqa1.key)
+  uri = f"sqlite:///{tmp_path / 'm.db'}"
+  argv = ["sweep", str(path), "--workdir", str(tmp_path / "w"), "--tracking_uri", uri,
+          "--workers", "2", "--train_command", f"{sys.executable} {script}"]
+
+  assert cli.main(argv + ["--no_compare"]) == 1  # one point failed
+  out = capsys.readouterr().out
+  assert "3/4 points finished" in out and mqa1.key in out
+  first = [json.loads(line) for line in log.read_text().splitlines()]
+  assert len(first) == 4
+  assert all("intra_op_parallelism_threads=1" in r["env"] for r in first)
+
+  state = json.loads((tmp_path / "w" / "sweep.json").read_text())
+  parent_id = state["parent_run_id"]
+  c = sweep_runner.client(uri)
+  assert c.get_run(parent_id).info.status == "FAILED"
+  done = sweep_runner.finished_points(uri, parent_id)
+  assert len(done) == 3 and mqa1.key not in done
+  child = c.get_run(done[next(iter(done))])
+  assert child.data.tags["mlflow.parentRunId"] == parent_id
+  assert set(child.data.params) == {"attention", "seed"}
+
+  assert cli.main(argv) == 0  # resumes: only the failed point runs again
+  out = capsys.readouterr().out
+  second = [json.loads(line) for line in log.read_text().splitlines()][len(first):]
+  assert [r["point"] for r in second] == [mqa1.key]
+  assert "3 finished before, 1 to run" in out
+  assert c.get_run(parent_id).info.status == "FINISHED"
+  assert len(sweep_runner.finished_points(uri, parent_id)) == 4
+  # The resumed point continued its run rather than starting another.
+  assert len(sweep_runner.child_runs(uri, parent_id)) == 4
+  # The comparison table is printed and logged, with the UI command.
+  assert "attention=mqa" in out and "baseline" in out
+  assert f"mlflow ui --backend-store-uri {uri}" in out
+  artifacts = {f.path for f in c.list_artifacts(parent_id, "comparison")}
+  assert "comparison/loss_curves.png" in artifacts
+
+  # Nothing left to do; a changed definition in the same workdir is refused.
+  assert cli.main(argv + ["--no_compare"]) == 0
+  assert len(log.read_text().splitlines()) == 5
+  assert "4 finished before, 0 to run" in capsys.readouterr().out
+  assert cli.main(argv + ["--gin_param", "Sweep.seeds = [0, 1, 2]"]) == 2
+  assert "another definition" in capsys.readouterr().err
+  assert len(log.read_text().splitlines()) == 5
