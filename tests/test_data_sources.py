@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from core.data import builders, embedded
 from core.data.errors import DataError
 from core.data.pipeline import lm_batches
-from core.data.sources import Embedded, LocalFiles, Tfds
+from core.data.sources import Embedded, LocalFiles, Tfds, TextSource
 from core.tokenizer import train_tokenizer
 from launch import data_cmd, gin_config
 
@@ -206,6 +206,8 @@ def test_prepared_tfds_dataset_is_read_without_its_builder_code(tiny_web):
 def test_tfds_errors_say_what_to_do(tiny_web, tmp_path):
   with pytest.raises(DataError, match=r"no feature 'text'.*text: \['content', 'url'\]"):
     Tfds(name="ablax_test_tiny_web", data_dir=tiny_web).open("train")
+  with pytest.raises(DataError, match=r"'rank' is not text.*\['content', 'url'\]"):
+    Tfds(name="ablax_test_tiny_web", feature="rank", data_dir=tiny_web).open("train")
   with pytest.raises(DataError, match="no split 'validation'.*split_names"):
     Tfds(name="ablax_test_tiny_web", feature="content", data_dir=tiny_web).open("validation")
   with pytest.raises(DataError, match="no TFDS dataset named 'no_such_dataset_xyz'"):
@@ -224,6 +226,15 @@ def test_tfds_mock_data_gives_str(tok):
     assert isinstance(source[0], str)
     batch = next(lm_batches(sources={"lm1b": spec}, tokenizer=tok, seq_len=16, batch_size=2))
   assert batch["inputs"].shape == (2, 16)
+
+
+def test_text_source_decodes_bytes_and_refuses_the_rest():
+  source = TextSource([{"t": "str"}, {"t": b"caf\xc3\xa9"}, {"t": b"\xff"}, {"t": 3}], "t", "x", {})
+  assert source[0] == "str" and source[1] == "café"
+  with pytest.raises(DataError, match=r"x\[2\].t: bytes 0..1 are not valid UTF-8"):
+    source[2]
+  with pytest.raises(DataError, match="holds int, not text"):
+    source[3]
 
 
 # -- local files: bad input -------------------------------------------------------------

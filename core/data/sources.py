@@ -19,6 +19,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from core.data import builders, embedded
@@ -41,14 +42,14 @@ class TextSource:
     value = self._data[index][self._feature]
     if isinstance(value, str):  # tfds.testing.mock_data hands str, real data bytes.
       return value
+    if not isinstance(value, (bytes, np.bytes_)):
+      raise DataError(f"{self.name}: feature {self._feature!r} holds {type(value).__name__}, "
+                      "not text; set feature to a text feature")
     try:
       return bytes(value).decode("utf-8")
     except UnicodeDecodeError as e:
       raise DataError(f"{self.name}[{index}].{self._feature}: bytes {e.start}..{e.end} are not "
                       f"valid UTF-8 ({e.reason}); the dataset's text feature must be UTF-8") from None
-    except TypeError:
-      raise DataError(f"{self.name}: feature {self._feature!r} holds {type(value).__name__}, "
-                      "not text; set feature to a text feature") from None
 
 
 def _own_split(builder: tfds.core.DatasetBuilder, split: str, name: str) -> None:
@@ -66,8 +67,11 @@ def _split_source(builder: tfds.core.DatasetBuilder, split: str, feature: str, n
                     f"split_names={{'{split}': '<one of {splits}>'}}")
   features = builder.info.features
   names = list(features.keys()) if hasattr(features, "keys") else []
+  text_features = [k for k in names if isinstance(features[k], tfds.features.Text)]
+  if feature in names and feature not in text_features:
+    raise DataError(f"{name}: feature {feature!r} is not text ({type(features[feature]).__name__}); "
+                    f"its text features are {text_features}")
   if feature not in names:
-    text_features = [k for k in names if isinstance(features[k], tfds.features.Text)]
     raise DataError(f"{name} has no feature {feature!r}; its features are {names} (text: "
                     f"{text_features}); set feature to one of them")
   return TextSource(builder.as_data_source(split=split), feature, f"{name}/{split}", manifest)
