@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   train.add_argument("--out", required=True, help="model file to write")
 
   subset = sub.add_parser("subset", help="a vocabulary subset of a model, with its id map")
-  subset.add_argument("--base", required=True, help="the base model file")
+  subset.add_argument("--base", required=True,
+                      help="the base model file, or 'default' for the default tokenizer")
   subset.add_argument("--size", type=int, required=True,
                       help="vocabulary size of the subset (specials, bytes and single characters "
                       "included)")
@@ -71,8 +72,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _subset(args: argparse.Namespace) -> int:
-  from core.tokenizer import subset_tokenizer  # pylint: disable=g-import-not-at-top
-  result = subset_tokenizer(args.base, args.size, args.out)
+  from core.tokenizer import default_tokenizer, subset_tokenizer  # pylint: disable=g-import-not-at-top
+  base = default_tokenizer().path if args.base == "default" else args.base
+  result = subset_tokenizer(base, args.size, args.out)
   print(f"wrote {result.tokenizer.path} ({result.tokenizer.vocab_size} ids) and "
         f"{result.id_map_path} (gather embedding rows with kept_ids)")
   return 0

@@ -205,6 +205,19 @@ def test_resume_gives_the_uninterrupted_batches(make, k):
   _assert_same(_take(make(stages=stages, start_state=state), 6), straight[k:])
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(0, 12), seq_len=st.integers(2, 70),
+       batch_size=st.integers(1, 5), share=st.floats(0.05, 0.95))
+def test_resume_property(sources, tok, seed, k, seq_len, batch_size, share):
+  def make_it(**kwargs):
+    return lm_batches(sources=sources, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
+                      seed=seed, weights={"a": share, "b": 1 - share}, **kwargs)
+  straight = _take(make_it(), k + 3)
+  first = make_it()
+  _take(first, k)
+  _assert_same(_take(make_it(start_state=first.get_state()), 3), straight[k:])
+
+
 def test_resume_across_epochs(make):
   # A tiny corpus repeats within a few batches; the state carries over epochs too.
   straight = _take(make(seq_len=64, batch_size=8), 40)
