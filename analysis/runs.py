@@ -22,6 +22,7 @@ HASH_TAG = "ablax.sweep.hash"
 POINT_TAG = "ablax.sweep.point"
 VARIANT_TAG = "ablax.sweep.variant"
 SEED_TAG = "ablax.sweep.seed"
+INDEX_TAG = "ablax.sweep.index"
 BASELINE_TAG = "ablax.sweep.baseline"
 METRIC_TAG = "ablax.sweep.metric"
 REPRODUCES_TAG = "ablax.reproduces"
@@ -148,10 +149,19 @@ def config_hash(run) -> str:
   return "params:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _order(run):
+  """Grid order: the sweep's point index, else the start time."""
+  try:
+    index = int(run.data.tags.get(INDEX_TAG, ""))
+  except ValueError:
+    index = 1 << 62
+  return (index, run.info.start_time or 0, run.info.run_id)
+
+
 def group(runs: Iterable, group_by: Sequence[str] = ()) -> dict[str, list]:
-  """variant -> runs, variants in first-seen order, runs sorted by seed."""
+  """variant -> runs, variants in grid order (the baseline first when it is first), runs by seed."""
   groups: dict[str, list] = {}
-  for run in runs:
+  for run in sorted(runs, key=_order):
     groups.setdefault(variant_of(run, group_by), []).append(run)
   for runs_ in groups.values():
     runs_.sort(key=lambda r: (_seed_key(seed_of(r)), r.info.run_id))

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from analysis.runs import (BASELINE_TAG, HASH_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
+from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
                            SEED_TAG, SWEEP_TAG, VARIANT_TAG)
 from launch import sweep as sweep_lib
 
@@ -284,7 +284,7 @@ def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Pa
           "--experiment", sweep.experiment_name, "--run_name", f"{sweep.name}/{point.key}",
           "--parent_run_id", parent_run_id]
   tags = {POINT_TAG: point.key, VARIANT_TAG: point.variant, SWEEP_TAG: sweep.name,
-          ROLE_TAG: "child", SEED_TAG: str(point.seed)}
+          ROLE_TAG: "child", SEED_TAG: str(point.seed), INDEX_TAG: str(point.index)}
   for k, v in tags.items():
     cmd += ["--tag", f"{k}={v}"]
   for k, v in point.params.items():
