@@ -182,6 +182,37 @@ def test_batches_respect_mlflow_limits(_mlflow_store, tmp_path):
   assert run.data.tags["t149"] == "149"
 
 
+def test_outage_spools_in_order_and_end_keeps_the_status_for_replay(_mlflow_store, tmp_path):
+  from core.tracking.run import replay_spool
+  t = _tracker(_mlflow_store, tmp_path, end_timeout_s=5)
+  t.start()
+  t.log_metrics({"loss": 0.0}, 0)
+  assert t.flush(30)
+  real_send, down = t._send, threading.Event()
+
+  def send(record):
+    if down.is_set():
+      raise ConnectionError("store unreachable")
+    real_send(record)
+
+  t._send = send
+  down.set()
+  for step in range(1, 4):
+    t.log_metrics({"loss": float(step)}, step)
+  assert t.flush(5) is False  # kept, not delivered
+  assert t.end("FINISHED") is False
+  kinds = [r["kind"] for r in spool.read(tmp_path / "spool", t.run_id)]
+  assert kinds[-1] == "terminate" and kinds.count("batch") >= 1
+  steps = [m[3] for r in spool.read(tmp_path / "spool", t.run_id) if r["kind"] == "batch"
+           for m in r["metrics"]]
+  assert steps == [1, 2, 3]
+  client = MlflowClient(_mlflow_store)
+  assert client.get_run(t.run_id).info.status == "RUNNING"
+  assert replay_spool(_mlflow_store, tmp_path / "spool", t.run_id) == len(kinds)
+  assert client.get_run(t.run_id).info.status == "FINISHED"
+  assert _steps(client, t.run_id, "loss") == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------- bad stores
 
 

@@ -13,6 +13,7 @@ them unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,6 +81,34 @@ def _bound_http_retries(tracking_uri: str, timeout_s: int, max_retries: int) -> 
   os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
   os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
   os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str):
+  """Serializes opening a sqlite store across processes.
+
+  MLflow creates and migrates a new sqlite store's schema on first use; two
+  processes doing it at once corrupt the migration ('duplicate column name',
+  'Online migration expected to match one row'), which no retry repairs. A
+  sweep starts many runs on one fresh store, so they take turns here; the
+  lock is held only while the run is opened.
+  """
+  if not tracking_uri.startswith("sqlite:///"):
+    yield
+    return
+  import fcntl
+  db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+  try:
+    f = open(db.with_name(db.name + ".lock"), "a")
+  except OSError:  # the store's folder is unusable; opening the run says so
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _STOP = object()
@@ -167,7 +196,8 @@ class RunTracker:
     self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
     _bound_http_retries(self.tracking_uri, self.http_timeout_s, self.http_max_retries)
     self._prepare_spool_dir()
-    self._retry_transient(self._open_run, "open the run")
+    with _sqlite_init_lock(self.tracking_uri):
+      self._retry_transient(self._open_run, "open the run")
     # Records left by an earlier session of this run go first, while the
     # store is known to be reachable, so the history stays in order.
     if spool.pending(self.spool_dir, self.run_id):
