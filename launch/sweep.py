@@ -9,7 +9,7 @@ other configurable), for example:
   launch.sweep.Sweep:
     name = 'attention'
     base = ['gin/experiments/tiny_llama.gin']
-    params = ['train.num_steps = 200']
+    params = ['core.train.loop.train.num_steps = 200']
     axes = {
         'attention': {
             'mha': ['ModelConfig.num_kv_heads = 4'],
@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 from launch import gin_config
 
 SEED_AXIS = "seed"
-DEFAULT_SEED_BINDING = "train.seed"
+DEFAULT_SEED_BINDING = "core.train.loop.train.seed"
 
 
 class SweepError(ValueError):

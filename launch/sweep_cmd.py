@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,25 +90,33 @@ def run(args: argparse.Namespace) -> int:
         f"{len(points) - len(todo)} finished before, {len(todo)} to run with {workers} "
         f"worker(s); logs in {workdir / 'logs'}")
   prefix = args.train_command.split() if args.train_command else sweep_runner.TRAIN_COMMAND
+  run_ids = {p.key: sweep_runner.prepare_child(sweep, p, workdir=workdir, tracking_uri=tracking_uri,
+                                               parent_run_id=parent_id) for p in todo}
   commands = {p.key: sweep_runner.child_command(p, sweep, workdir=workdir,
-                                                tracking_uri=tracking_uri, parent_run_id=parent_id,
-                                                prefix=prefix) for p in todo}
+                                                tracking_uri=tracking_uri, prefix=prefix)
+              for p in todo}
 
   def on_done(outcome: sweep_runner.Outcome, n_done: int, total: int) -> None:
     p = outcome.point
-    status = "done" if outcome.status == "FINISHED" else f"FAILED (exit {outcome.returncode}, " \
-                                                        f"log {outcome.log})"
+    status = "done" if outcome.status == "FINISHED" else (
+        f"{outcome.status} (exit {outcome.returncode}, log {outcome.log})")
     print(f"[{n_done}/{total}] {p.variant} seed={p.seed}: {status} in {outcome.seconds:.0f} s",
           flush=True)
 
+  # SIGTERM (a scheduler, `kill`) stops the children the way Ctrl-C does, so they checkpoint.
+  previous = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     outcomes = sweep_runner.run_points(todo, commands, workers=workers,
                                        log_dir=workdir / "logs", on_done=on_done,
-                                       fail_fast=args.fail_fast)
+                                       fail_fast=args.fail_fast,
+                                       settle=lambda p, rc: sweep_runner.settle_child(
+                                           tracking_uri, run_ids[p.key], rc))
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
     print(f"\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return 130
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   failed = [o for o in outcomes if o.status != "FINISHED"]
   sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
 
@@ -125,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
            else f" --tracking_uri {tracking_uri}"))
   print(f"Open the UI:    {runs_lib.ui_command(tracking_uri)}")
   return 1 if failed else 0
+
+
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt
 
 
 def _print_comparison(tracking_uri: str, parent_id: str, plots_dir: Path) -> None:

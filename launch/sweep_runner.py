@@ -2,18 +2,18 @@
 
 Each point runs as its own process: gin's configuration is global to a
 process, so separate processes are the simple way to give every point its own
-configuration, and they let N workers run at once. The child contract (what
-`ablax train` accepts) is:
+configuration, and they let N workers run at once. A child is
 
-  ablax train --gin_file F ... --gin_param P ... --workdir DIR
-      --tracking_uri URI --experiment NAME --run_name NAME
-      --parent_run_id ID --tag K=V ... --param K=V ...
+  ablax train --gin_file F ... --gin_param P ... --workdir DIR --tracking_uri URI
 
-The child logs to one MLflow run nested under the parent (tag
-`mlflow.parentRunId`), tagged `ablax.sweep.point=<point key>`; that tag is how
-a re-run of the sweep finds which points are done. A point whose run is
-FINISHED is skipped; any other point runs again in its own workdir, where the
-trainer resumes from its last checkpoint and continues the same MLflow run.
+and before it starts, the sweep creates its MLflow run (nested under the
+parent by the tag `mlflow.parentRunId`, tagged `ablax.sweep.point=<point
+key>`, the axis values as params) and writes the run id into the child's
+`<workdir>/run.json`, the file from which the trainer continues a run. The
+point tag is how a re-run of the sweep finds which points are done: a point
+whose run is FINISHED is skipped; any other point runs again in its own
+workdir, where the trainer resumes from its last checkpoint and continues the
+same MLflow run.
 
 Workers on one machine share it: with N workers on C cores each child gets
 C // N cores (pinned, so they do not trample each other's caches) and XLA's
@@ -41,6 +41,8 @@ from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT
 from launch import sweep as sweep_lib
 
 STATE_FILE = "sweep.json"
+TRAINER_RUN_FILE = "run.json"  # core/train/tracking.py RUN_FILE: the run a workdir continues
+EXPERIMENT_BINDING = "core.train.loop.train.experiment"
 
 TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
 
@@ -272,31 +274,79 @@ def close_parent(tracking_uri: str, parent_run_id: str, status: str) -> None:
 # --------------------------------------------------------------- children
 
 
+def child_workdir(workdir: Path, point: sweep_lib.Point) -> Path:
+  return workdir / point.key
+
+
+def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Path,
+                  tracking_uri: str, parent_run_id: str) -> str:
+  """The point's MLflow run, created (nested, tagged, axis params logged) before it trains.
+
+  The run id goes into the child's `run.json`, which the trainer reads to
+  continue a run (core/train/tracking.py), so the child logs into this run.
+  Creating it here gives every point its parent link, tags and axis params
+  without the trainer knowing about sweeps, and a point whose process dies
+  before its first step still shows up (not FINISHED, so it runs again).
+  """
+  from mlflow.entities import Param
+  from mlflow.exceptions import MlflowException
+  c = client(tracking_uri)
+  run_file = child_workdir(workdir, point) / TRAINER_RUN_FILE
+  if run_file.is_file():
+    record = json.loads(run_file.read_text())
+    if record.get("tracking_uri") == tracking_uri and record.get("mlflow_run_id"):
+      try:
+        c.get_run(record["mlflow_run_id"])
+        return record["mlflow_run_id"]
+      except MlflowException:
+        pass  # the store lost it: start the point's record afresh
+  experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
+  tags = {PARENT_TAG: parent_run_id, POINT_TAG: point.key, VARIANT_TAG: point.variant,
+          SWEEP_TAG: sweep.name, ROLE_TAG: "child", SEED_TAG: str(point.seed),
+          INDEX_TAG: str(point.index)}
+  run = c.create_run(experiment_id, tags=tags, run_name=f"{sweep.name}/{point.key}")
+  run_id = run.info.run_id
+  c.log_batch(run_id, params=[Param(k, v) for k, v in point.params.items()], synchronous=True)
+  run_file.parent.mkdir(parents=True, exist_ok=True)
+  run_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                  "experiment": sweep.experiment_name}, indent=2) + "\n")
+  return run_id
+
+
 def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Path,
-                  tracking_uri: str, parent_run_id: str,
-                  prefix: Sequence[str] = TRAIN_COMMAND) -> list[str]:
+                  tracking_uri: str, prefix: Sequence[str] = TRAIN_COMMAND) -> list[str]:
+  """`ablax train` for the point, in its own workdir, logging to the sweep's store."""
   cmd = list(prefix)
   for f in sweep_lib.resolve_files(point):
     cmd += ["--gin_file", f]
-  for p in point.gin_params:
+  # The experiment binding keeps the trainer from creating an experiment of
+  # its own name (it resumes the run prepare_child created in this one).
+  for p in (*point.gin_params, f"{EXPERIMENT_BINDING} = {sweep.experiment_name!r}"):
     cmd += ["--gin_param", p]
-  cmd += ["--workdir", str(workdir / point.key), "--tracking_uri", tracking_uri,
-          "--experiment", sweep.experiment_name, "--run_name", f"{sweep.name}/{point.key}",
-          "--parent_run_id", parent_run_id]
-  tags = {POINT_TAG: point.key, VARIANT_TAG: point.variant, SWEEP_TAG: sweep.name,
-          ROLE_TAG: "child", SEED_TAG: str(point.seed), INDEX_TAG: str(point.index)}
-  for k, v in tags.items():
-    cmd += ["--tag", f"{k}={v}"]
-  for k, v in point.params.items():
-    cmd += ["--param", f"{k}={v}"]
+  cmd += ["--workdir", str(child_workdir(workdir, point)), "--tracking_uri", tracking_uri]
   return cmd
+
+
+def settle_child(tracking_uri: str, run_id: str, returncode: int) -> str:
+  """The child run's final status; a run its process left RUNNING is marked FAILED."""
+  c = client(tracking_uri)
+  status = c.get_run(run_id).info.status
+  if status == "RUNNING":
+    c.set_terminated(run_id, "FAILED")
+    status = "FAILED"
+  return status
 
 
 def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]], *,
                workers: int, log_dir: Path,
                on_done: Callable[[Outcome, int, int], None] | None = None,
-               fail_fast: bool = False) -> list[Outcome]:
+               fail_fast: bool = False,
+               settle: Callable[[sweep_lib.Point, int], str] | None = None) -> list[Outcome]:
   """Runs the commands with `workers` at a time; returns outcomes in point order.
+
+  `settle(point, returncode)` gives the point's final status (default:
+  FINISHED when the process exited 0); the trainer exits 0 after a SIGTERM
+  too, so the sweep asks MLflow instead.
 
   With fail_fast, no new point starts after one failed (running ones finish).
   Ctrl-C (or SIGTERM of the sweep) forwards SIGTERM to the running children,
@@ -331,8 +381,11 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
         rc = proc.wait()
         with lock:
           procs.pop(point.index, None)
-      outcome = Outcome(point, "FINISHED" if rc == 0 else "FAILED", time.monotonic() - start,
-                        rc, str(log))
+      try:
+        status = settle(point, rc) if settle else ("FINISHED" if rc == 0 else "FAILED")
+      except Exception as e:  # noqa: BLE001  one unreadable status must not stop the others
+        status = f"FAILED ({type(e).__name__}: {e})"
+      outcome = Outcome(point, status, time.monotonic() - start, rc, str(log))
       with lock:
         outcomes[point.index] = outcome
         if fail_fast and outcome.status != "FINISHED":

@@ -149,48 +149,41 @@ def test_worker_env_splits_cores_and_gpus():
   assert cpus == [] and env["XLA_FLAGS"] == "x"
 
 
-# A stand-in for `ablax train` with the same flags: one MLflow run per workdir
-# (resumed when the workdir has one), fails once for the point named in
-# $FAKE_FAIL_POINT, and records every invocation.
+# A stand-in for `ablax train` with its flags and its resume contract: it logs
+# to the MLflow run named in <workdir>/run.json (which the sweep prepared),
+# fails once for the point named in $FAKE_FAIL_POINT, records every invocation.
 FAKE_TRAIN = r'''
-import argparse, json, math, os, sys
+import argparse, json, os, sys
 from pathlib import Path
 from mlflow.tracking import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric
 p = argparse.ArgumentParser()
-for flag in ("--gin_file", "--gin_param", "--tag", "--param"):
+for flag in ("--gin_file", "--gin_param"):
   p.add_argument(flag, action="append", default=[])
-for flag in ("--workdir", "--tracking_uri", "--experiment", "--run_name", "--parent_run_id"):
+for flag in ("--workdir", "--tracking_uri"):
   p.add_argument(flag)
 a = p.parse_args()
-work = Path(a.workdir); work.mkdir(parents=True, exist_ok=True)
-tags = dict(t.split("=", 1) for t in a.tag)
-params = dict(t.split("=", 1) for t in a.param)
+work = Path(a.workdir)
+point = work.name
 with open(os.environ["FAKE_LOG"], "a") as f:
-  f.write(json.dumps({"point": tags["ablax.sweep.point"], "env": os.environ.get("XLA_FLAGS", "")}) + "\n")
+  f.write(json.dumps({"point": point, "env": os.environ.get("XLA_FLAGS", ""),
+                      "params": a.gin_param}) + "\n")
+record = json.loads((work / "run.json").read_text())
+assert record["tracking_uri"] == a.tracking_uri
 c = MlflowClient(a.tracking_uri)
-exp = c.get_experiment_by_name(a.experiment).experiment_id
-id_file = work / "run_id"
-if id_file.exists():
-  run_id = id_file.read_text()
-  c.update_run(run_id, status="RUNNING")
-else:
-  run_id = c.create_run(exp, tags={**tags, "mlflow.parentRunId": a.parent_run_id},
-                        run_name=a.run_name).info.run_id
-  id_file.write_text(run_id)
-  c.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], synchronous=True)
-kv = [int(x.split("=")[1]) for x in a.gin_param if "num_kv_heads" in x][0]
-seed = int(params["seed"])
+run_id = record["mlflow_run_id"]
+c.update_run(run_id, status="RUNNING")
 marker = work / "failed_once"
-if os.environ.get("FAKE_FAIL_POINT") == tags["ablax.sweep.point"] and not marker.exists():
+if os.environ.get("FAKE_FAIL_POINT") == point and not marker.exists():
   marker.write_text("x")
-  c.set_terminated(run_id, "FAILED")
-  sys.exit(3)
+  sys.exit(3)  # dies without closing its run, like a crash
+kv = [int(x.split("=")[1]) for x in a.gin_param if "num_kv_heads" in x][0]
+seed = [int(x.split("=")[1]) for x in a.gin_param if x.startswith("sample_lines.seed")][0]
 metrics = []
 for step in (0, 10, 20):
   loss = 5.0 - 0.05 * step + 0.1 * kv + 0.01 * seed
   metrics += [Metric("train/loss", loss, 0, step), Metric("eval/loss", loss + 0.2, 0, step),
-              Metric("perf/tokens_per_s", 1000.0 * kv, 0, step)]
+              Metric("train/tokens_per_s", 1000.0 * kv, 0, step)]
 c.log_batch(run_id, metrics=metrics, synchronous=True)
 c.set_terminated(run_id, "FINISHED")
 '''
@@ -217,6 +210,7 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   first = [json.loads(line) for line in log.read_text().splitlines()]
   assert len(first) == 4
   assert all("intra_op_parallelism_threads=1" in r["env"] for r in first)
+  assert all("core.train.loop.train.experiment = 't'" in r["params"] for r in first)
 
   state = json.loads((tmp_path / "w" / "sweep.json").read_text())
   parent_id = state["parent_run_id"]
