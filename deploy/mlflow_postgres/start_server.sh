@@ -13,7 +13,8 @@
 #   MLFLOW_WORKERS            server worker processes (default 4)
 #   MLFLOW_AUTH               none (default) or basic: MLflow's basic-auth app; needs
 #                             MLFLOW_AUTH_ADMIN_PASSWORD on first start, and
-#                             MLFLOW_FLASK_SERVER_SECRET_KEY (see README.md)
+#                             MLFLOW_FLASK_SERVER_SECRET_KEY (see README.md); users live in
+#                             MLFLOW_AUTH_DATABASE_URI (default sqlite in MLFLOW_SERVER_DIR)
 #   MLFLOW_ALLOWED_HOSTS      Host headers accepted when bound beyond localhost
 #   MLFLOW_SERVER_DIR         pid file and log (default ./mlflow-server)
 #   MLFLOW_FOREGROUND=1       run in the foreground (systemd, containers)
@@ -54,6 +55,23 @@ case "$AUTH" in
   none) ;;
   basic)
     : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?basic auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (a long random string)}"
+    if [ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]; then
+      # Users and permissions live in their own store (MLflow's basic_auth.ini
+      # default is a sqlite file in the working directory); keep it with the server.
+      mkdir -p "$SERVER_DIR"
+      export MLFLOW_AUTH_CONFIG_PATH="$SERVER_DIR/basic_auth.ini"
+      cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
+[mlflow]
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$SERVER_DIR/basic_auth.db}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+    fi
+    "$python_bin" -c 'import flask_wtf' 2>/dev/null || {
+      echo "start_server.sh: basic auth needs Flask-WTF: pip install 'mlflow[auth]'" >&2
+      exit 2
+    }
     args+=(--app-name basic-auth) ;;
   *) echo "start_server.sh: MLFLOW_AUTH is none or basic" >&2; exit 2 ;;
 esac
