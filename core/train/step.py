@@ -151,7 +151,7 @@ class StepBuilder:
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step leaves the state as it was, so whatever the host does
@@ -163,7 +163,7 @@ class StepBuilder:
                            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
                            rng=state.rng)
     metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(params), "tokens": tokens, "finite": ok}
+               "param_norm": optax.tree.norm(params), "tokens": tokens, "finite": ok}
     return new_state, metrics
 
   def build(self, batch_shape) -> Callable[[TrainState, Mapping[str, jax.Array]], Any]:
