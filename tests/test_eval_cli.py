@@ -1,0 +1,133 @@
+"""`ablax eval` and `ablax sample` on a tiny saved model, logging to MLflow."""
+
+import json
+
+import mlflow
+import pytest
+from flax import nnx
+
+from core.eval.suite import EvalSuite
+from core.model import io
+from core.model.config import ModelConfig
+from core.model.transformer import Transformer
+from core.tokenizer import train_tokenizer
+from launch import cli
+
+PROSE = ("Paris is the capital of France. Berlin is the capital of Germany. "
+         "Water boils at one hundred degrees. The sun rises in the east and sets in the west. ")
+CODE = "def add(a, b):\n\treturn a + b\n\nprint(add(2, 3))\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ckpt")
+  tok = train_tokenizer([PROSE * 3, CODE * 3], root / "tok.model", vocab_size=300)
+  config = ModelConfig(vocab_size=tok.vocab_size, embed_dim=32, num_layers=2, num_heads=2,
+                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=128,
+                       activation="geglu", norm="rmsnorm", norm_placement="pre_post",
+                       positions="rope", tie_embeddings=True, scale_embeddings=True,
+                       attention_pattern=("local", "global"), window=8)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  out = io.save_model(root / "model", model, config, tokenizer_path=root / "tok.model",
+                      metadata={"source": "test", "step": 7})
+  data = root / "data"
+  data.mkdir()
+  (data / "prose.txt").write_text(PROSE * 4)
+  (data / "code.txt").write_text(CODE * 8)
+  task = root / "task.jsonl"
+  task.write_text("\n".join(json.dumps(r) for r in [
+      {"context": "Paris is the capital of", "choices": ["France", "Germany"], "label": 0},
+      {"context": "The sun rises in the", "choices": ["east", "west"], "label": 0},
+      {"context": "Water boils at one hundred", "choices": ["degrees", "cats", "x"], "label": 0},
+  ]) + "\n")
+  return {"dir": str(out), "data": data, "task": str(task), "tokenizer": tok}
+
+
+def run_cli(argv, capsys):
+  code = cli.main(argv)
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(checkpoint, capsys, tmp_path,
+                                                                  monkeypatch):
+  monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
+  data = checkpoint["data"]
+  argv = ["eval", "--checkpoint", checkpoint["dir"], "heldout", "memorization", checkpoint["task"],
+          "--source", f"prose=files:{data}/prose.txt", "--source", f"code=files:{data}/code.txt",
+          "--domain", "prose=text", "--split", "train", "--seq_len", "32", "--batch_size", "2",
+          "--num_batches", "2", "--num_documents", "2", "--prefix_len", "10", "--suffix_len", "10",
+          "--num_shots", "1", "--experiment", "evals", "--json"]
+  code, out, err = run_cli(argv, capsys)
+  assert code == 0, err
+  result = json.loads(out)
+  metrics = result["metrics"]
+  assert result["step"] == 7
+  for key in ("heldout/prose/bits_per_byte", "heldout/code/loss", "heldout/domain/text/loss",
+              "memorization/prose/exact_rate", "memorization/code/approximate_rate",
+              "mc/task/1shot/acc", "mc/task/1shot/acc_char"):
+    assert key in metrics, key
+  run = mlflow.tracking.MlflowClient().get_run(result["run_id"])
+  assert run.data.metrics["mc/task/1shot/acc"] == pytest.approx(metrics["mc/task/1shot/acc"])
+  assert run.data.tags["ablax.kind"] == "eval"
+
+
+def test_eval_logs_into_an_existing_run_without_ending_it(checkpoint, capsys):
+  client = mlflow.tracking.MlflowClient()
+  exp = client.create_experiment("train")
+  run = client.create_run(exp)
+  code, out, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+                            "--run_id", run.info.run_id, "--step", "42",
+                            "--normalization", "unconditional"], capsys)
+  assert code == 0, err
+  assert "mc/task/0shot/acc_unconditional" in out
+  after = client.get_run(run.info.run_id)
+  assert after.info.status == "RUNNING"
+  history = client.get_metric_history(run.info.run_id, "mc/task/0shot/acc")
+  assert [m.step for m in history] == [42]
+
+
+def test_eval_errors_are_clear(checkpoint, capsys, tmp_path):
+  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], "no_such_task"], capsys)
+  assert code == 2 and "unknown TFDS task 'no_such_task'" in err
+  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], "piqa",
+                          "--tfds_data_dir", str(tmp_path)], capsys)
+  assert code == 2 and "not prepared" in err and "never downloads" in err
+  code, _, err = run_cli(["eval", "--checkpoint", str(tmp_path), "piqa"], capsys)
+  assert code == 2 and "not an ablax model directory" in err
+  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+                          "--run_id", "train"], capsys)
+  assert code == 2 and "does not record an MLflow training run" in err
+
+
+def test_sample_greedy_and_sampled(checkpoint, capsys):
+  base = ["sample", "--checkpoint", checkpoint["dir"], "--prompt", "Paris is", "--prompt",
+          "def add(", "--max_new_tokens", "6", "--ignore_eos", "--json"]
+  code, out, err = run_cli(base, capsys)
+  assert code == 0, err
+  greedy = json.loads(out)
+  assert [len(s["ids"]) for s in greedy["samples"]] == [6, 6]
+  tok = checkpoint["tokenizer"]
+  assert greedy["samples"][0]["completion"] == tok.decode(greedy["samples"][0]["ids"])
+  code, out, _ = run_cli(base + ["--no_cache"], capsys)
+  assert json.loads(out)["samples"] == greedy["samples"]
+  code, out, _ = run_cli(base + ["--temperature", "1.0", "--top_k", "5", "--top_p", "0.9",
+                                 "--seed", "3"], capsys)
+  assert code == 0 and len(json.loads(out)["samples"]) == 2
+  code, _, err = run_cli(base + ["--temperature", "-1"], capsys)
+  assert code == 2 and "temperature" in err
+
+
+def test_eval_suite_is_a_plain_callable_for_the_training_loop(checkpoint, tmp_path):
+  model, _, _ = io.load_model(checkpoint["dir"])
+  tok = checkpoint["tokenizer"]
+  from core.data.packing import pack_documents
+  rows = pack_documents([[tok.bos_id] + tok.encode(PROSE) + [tok.eos_id]], seq_len=32)
+  docs = [[tok.bos_id] + tok.encode(PROSE * 2)]
+  suite = EvalSuite(tokenizer=tok, heldout_batches={"prose": lambda: [rows]},
+                    tasks=[checkpoint["task"]], max_examples=2,
+                    memorization_documents=lambda: iter(docs), memorization_max_documents=1)
+  first = suite(model, step=10)
+  assert first["mc/task/0shot/num_examples"] == 2
+  assert "heldout/prose/bits_per_byte" in first and "memorization/exact_rate" in first
+  assert suite(model, step=20) == first  # same data every time
