@@ -237,7 +237,9 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
       if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
         save(step, data_state)
       if terminate.agreed():
-        save(step, data_state, wait=True)
+        if last_saved != step:
+          save(step, data_state)
+        checkpointer.wait()
         _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
         tracker.flush()
         return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
