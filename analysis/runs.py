@@ -47,6 +47,7 @@ def default_tracking_uri() -> str:
 
 def client(tracking_uri: str | None = None):
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+  os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
   from mlflow.tracking import MlflowClient
   return MlflowClient(tracking_uri or default_tracking_uri())
 

@@ -22,10 +22,9 @@ PERPLEXITY_KEYS = ("eval/perplexity", "eval/ppl")
 TOKENS_PER_S_KEYS = ("perf/tokens_per_s", "train/tokens_per_s", "tokens_per_s",
                      "perf/tokens_per_sec", "throughput/tokens_per_s")
 MFU_KEYS = ("perf/mfu", "train/mfu", "mfu")
-ENERGY_KEYS = ("energy/kwh", "energy/total_kwh", "energy/kwh_pue", "energy/estimated_kwh",
-               "energy/measured_kwh", "energy_kwh")
-CARBON_KEYS = ("carbon/kg_co2eq", "carbon/kgco2eq", "carbon/co2_kg", "carbon/tco2eq",
-               "carbon_kg")
+# Energy before PUE scaling (core/tracking/energy.py keeps raw and PUE-scaled apart).
+ENERGY_KEYS = ("energy/energy_kwh", "energy/kwh", "energy_kwh")
+CARBON_KEYS = ("energy/co2_kg", "carbon/co2_kg", "carbon/kg_co2eq", "co2_kg")
 FALLBACK_LOSS_KEYS = ("eval/loss", "train/loss", "loss")
 
 

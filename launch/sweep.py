@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -252,11 +253,22 @@ def definition_hash(sweep: Sweep) -> str:
 # ----------------------------------------------------------------- validation
 
 
+class _DropGinSearchMisses(logging.Filter):
+  """gin logs 'Path not found' for every include it looks for in the cwd before its search path."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found")
+
+
+_QUIET = _DropGinSearchMisses()
+
+
 def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   """Parses, finalizes and builds the ModelConfig of one configuration; SweepError if it fails."""
   import gin
   from core.model.config import ModelConfig
   gin.clear_config()
+  logging.getLogger().addFilter(_QUIET)
   try:
     gin_config.parse(files, params)
     try:
@@ -268,6 +280,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   except gin_config.GinConfigError as e:
     raise SweepError(f"{where}: {e}") from None
   finally:
+    logging.getLogger().removeFilter(_QUIET)
     gin.clear_config()
 
 

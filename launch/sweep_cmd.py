@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from analysis import runs as runs_lib
+from launch import slurm
 from launch import sweep as sweep_lib
 from launch import sweep_runner
 
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--fail_fast", action="store_true", help="stop after the first failed point")
   parser.add_argument("--no_compare", action="store_true", help="skip the table at the end")
   parser.add_argument("--train_command", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                      help="run the points here, or submit them as a SLURM job array")
+  parser.add_argument("--status", action="store_true",
+                      help="show each point's SLURM task and MLflow run, then exit")
+  slurm.add_arguments(parser)
 
 
 def default_workers(n_points: int) -> int:
@@ -73,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"ablax sweep: {e}", file=sys.stderr)
     return 2
   print(f"all {len(points)} points parse, finalize and build")
+  if args.launcher == "slurm" or args.status:
+    from launch import slurm_sweep  # pylint: disable=g-import-not-at-top
+    return slurm_sweep.sweep_main(args, sweep, points)
   if args.dry_run:
     return 0
 
@@ -110,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
                                        log_dir=workdir / "logs", on_done=on_done,
                                        fail_fast=args.fail_fast,
                                        settle=lambda p, rc: sweep_runner.settle_child(
-                                           tracking_uri, run_ids[p.key], rc))
+                                           tracking_uri, run_ids[p.key], rc),
+                                       on_start=lambda p, env: sweep_runner.record_env(
+                                           tracking_uri, run_ids[p.key], env))
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
     print(f"\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)

@@ -43,6 +43,10 @@ from launch import sweep as sweep_lib
 STATE_FILE = "sweep.json"
 TRAINER_RUN_FILE = "run.json"  # core/train/tracking.py RUN_FILE: the run a workdir continues
 EXPERIMENT_BINDING = "core.train.loop.train.experiment"
+ENV_TAG_PREFIX = "ablax.env."
+# What a worker's environment sets that can change numerics or placement.
+ENV_VARS = ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            "JAX_PLATFORMS")
 
 TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
 
@@ -120,6 +124,14 @@ def worker_env(slot: int, workers: int, base_env: dict[str, str] | None = None,
       env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.2f}"
   return env, mine
+
+
+def pin_command(cmd: Sequence[str], cpus: Sequence[int]) -> list[str]:
+  """The command pinned to `cpus` with taskset where available (else unpinned)."""
+  taskset = shutil.which("taskset")
+  if not cpus or taskset is None:
+    return list(cmd)
+  return [taskset, "-c", ",".join(str(c) for c in cpus), *cmd]
 
 
 # ------------------------------------------------------------------- MLflow
@@ -327,6 +339,14 @@ def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Pa
   return cmd
 
 
+def record_env(tracking_uri: str, run_id: str, env: dict[str, str]) -> None:
+  """Tags the run with the thread and device settings its worker gave it (reproduce reuses them)."""
+  c = client(tracking_uri)
+  for var in ENV_VARS:
+    if env.get(var):
+      c.set_tag(run_id, f"{ENV_TAG_PREFIX}{var}", env[var])
+
+
 def settle_child(tracking_uri: str, run_id: str, returncode: int) -> str:
   """The child run's final status; a run its process left RUNNING is marked FAILED."""
   c = client(tracking_uri)
@@ -341,7 +361,8 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
                workers: int, log_dir: Path,
                on_done: Callable[[Outcome, int, int], None] | None = None,
                fail_fast: bool = False,
-               settle: Callable[[sweep_lib.Point, int], str] | None = None) -> list[Outcome]:
+               settle: Callable[[sweep_lib.Point, int], str] | None = None,
+               on_start: Callable[[sweep_lib.Point, dict], None] | None = None) -> list[Outcome]:
   """Runs the commands with `workers` at a time; returns outcomes in point order.
 
   `settle(point, returncode)` gives the point's final status (default:
@@ -370,12 +391,14 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
       log = log_dir / f"{point.key}.log"
       start = time.monotonic()
       with open(log, "ab") as out:
-        out.write(f"$ {' '.join(commands[point.key])}\n".encode())
+        cmd = pin_command(commands[point.key], cpus)
+        out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") \
-            else None
-        proc = subprocess.Popen(commands[point.key], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=pin, start_new_session=True)
+        if on_start:
+          on_start(point, env)
+        # No preexec_fn: it forces a plain fork of this (JAX-importing, threaded) process.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         with lock:
           procs[point.index] = proc
         rc = proc.wait()

@@ -55,7 +55,7 @@ def make_sweep(uri, tmp_path, name="attn"):
           t.log_metrics({"train/loss": final + 1.0 - step / 100, "eval/loss": final + (100 - step) / 50,
                          "perf/tokens_per_s": 999.0 if step == 0 else 1000.0 + seed,
                          "perf/mfu": 0.01 if step == 0 else 0.02,
-                         "energy/kwh": step * 1e-4, "carbon/kg_co2eq": step * 4e-5}, step)
+                         "energy/energy_kwh": step * 1e-4, "energy/co2_kg": step * 4e-5}, step)
   return parent_id
 
 

@@ -1,0 +1,194 @@
+"""`ablax reproduce RUN_ID`: re-run an MLflow run from its recorded config and compare the curves.
+
+  ablax reproduce 3f2a...                  # new run in the same experiment, tagged ablax.reproduces
+  ablax reproduce 3f2a... --rtol 1e-6      # accept tiny differences (another machine or library)
+
+Fetches the run's operative config (`config/operative_config.gin`) and data
+manifest from MLflow, warns where the code version or the environment differs
+from the original's tags, trains the same config into a new workdir as a new
+run linked to the original, and reports whether every loss curve matches:
+identical on the same machine and code, else the largest relative difference.
+Exit status: 0 when the curves match (within --rtol), 1 when not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from analysis import reproduce as repro
+from analysis import runs as runs_lib
+from launch import sweep_runner
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("run_id", help="the MLflow run to reproduce")
+  parser.add_argument("--tracking_uri", default=None,
+                      help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+  parser.add_argument("--workdir", default=None,
+                      help="workdir of the re-run (default: runs/reproduce/<run id>-<time>)")
+  parser.add_argument("--rtol", type=float, default=0.0,
+                      help="largest relative difference that still counts as a match (default 0: "
+                           "bit for bit)")
+  parser.add_argument("--train_command", default=None, help=argparse.SUPPRESS)
+
+
+class ReproduceError(RuntimeError):
+  """The run cannot be reproduced (missing run or config); raised before training."""
+
+
+def fetch(c, run_id: str, dest: Path) -> tuple[object, Path, dict | None]:
+  """The run, its operative config file and its data manifest (None when not recorded)."""
+  try:
+    run = runs_lib.get_run(c, run_id)
+  except runs_lib.RunLookupError as e:
+    raise ReproduceError(str(e)) from None
+  dest.mkdir(parents=True, exist_ok=True)
+  config = _download_first(c, run_id, repro.ARTIFACT_CANDIDATES, dest)
+  if config is None:
+    listed = [f.path for f in c.list_artifacts(run_id)]
+    raise ReproduceError(
+        f"run {run_id} has no operative config artifact ({' or '.join(repro.ARTIFACT_CANDIDATES)};"
+        f" it has {listed or 'no artifacts'}): it was not recorded by `ablax train`, or it "
+        f"failed before its configuration was logged")
+  manifest_path = _download_first(c, run_id, repro.MANIFEST_CANDIDATES, dest)
+  manifest = json.loads(manifest_path.read_text()) if manifest_path else None
+  return run, config, manifest
+
+
+def _download_first(c, run_id: str, candidates, dest: Path) -> Path | None:
+  from mlflow.exceptions import MlflowException
+  for path in candidates:
+    parent = str(Path(path).parent) if "/" in path else None
+    try:
+      names = {f.path for f in c.list_artifacts(run_id, parent)}
+    except (MlflowException, OSError):
+      continue
+    if path in names:
+      return Path(c.download_artifacts(run_id, path, str(dest)))
+  return None
+
+
+def current_tags() -> dict[str, str]:
+  """The code and environment tags a run started now would get.
+
+  Both the trainer's tags (core/train/tracking.py) and the run-record tags
+  (core/tracking/record.py) are produced, so an original made with either
+  naming is checked on the tags it has.
+  """
+  tags: dict[str, str] = {}
+  try:
+    from core.train import tracking as train_tracking  # pylint: disable=g-import-not-at-top
+    from core.train.loop import REPO_ROOT  # pylint: disable=g-import-not-at-top
+    tags.update(train_tracking.run_tags(REPO_ROOT, {}))
+    from core.tracking import record  # pylint: disable=g-import-not-at-top
+    tags.update(record.run_tags(record.code_version(REPO_ROOT), record.environment(), None))
+  except Exception as e:  # noqa: BLE001  a missing check is reported, not fatal
+    print(f"ablax reproduce: cannot read all of this machine's code/environment ({e})",
+          file=sys.stderr)
+  return tags
+
+
+def print_differences(diffs: dict[str, list], when: str) -> None:
+  for kind in ("code", "environment"):
+    for key, old, new in diffs[kind]:
+      print(f"WARNING: {kind} differs {when}: {key}: {old!r} (original) vs {new!r}",
+            file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+  tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
+  c = runs_lib.client(tracking_uri)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  workdir = Path(args.workdir or Path("runs") / "reproduce" / f"{args.run_id}-{stamp}").resolve()
+  if (workdir / sweep_runner.TRAINER_RUN_FILE).exists():
+    print(f"ablax reproduce: {workdir} already holds a run; choose another --workdir",
+          file=sys.stderr)
+    return 2
+  try:
+    original, config, manifest = fetch(c, args.run_id, workdir / "original")
+    _check_config(config)
+  except ReproduceError as e:
+    print(f"ablax reproduce: {e}", file=sys.stderr)
+    return 2
+  if manifest is None:
+    print("WARNING: the original recorded no data manifest; the data cannot be checked",
+          file=sys.stderr)
+  print_differences(repro.tag_differences(original.data.tags, current_tags()), "now")
+
+  new_id = _create_run(c, original, workdir, tracking_uri)
+  print(f"reproducing run {args.run_id} as run {new_id} in {workdir}", flush=True)
+  env = dict(os.environ)
+  for key, value in original.data.tags.items():
+    if key.startswith(sweep_runner.ENV_TAG_PREFIX):
+      env[key[len(sweep_runner.ENV_TAG_PREFIX):]] = value  # same threads as the original
+  prefix = args.train_command.split() if args.train_command else list(sweep_runner.TRAIN_COMMAND)
+  cmd = prefix + ["--gin_file", str(config), "--workdir", str(workdir),
+                  "--tracking_uri", tracking_uri]
+  rc = subprocess.call(cmd, env=env)
+  status = sweep_runner.settle_child(tracking_uri, new_id, rc)
+  if status != "FINISHED":
+    print(f"ablax reproduce: the re-run ended {status} (exit {rc}); run {new_id}", file=sys.stderr)
+    return 1
+
+  report = repro.compare_histories(c, args.run_id, new_id, args.rtol)
+  rerun = runs_lib.get_run(c, new_id)
+  diffs = repro.tag_differences(original.data.tags, rerun.data.tags)
+  print_differences(diffs, "in the re-run")
+  new_manifest_path = _download_first(c, new_id, repro.MANIFEST_CANDIDATES, workdir / "rerun")
+  new_manifest = json.loads(new_manifest_path.read_text()) if new_manifest_path else None
+  data_diffs = (repro.dict_differences(manifest, new_manifest)
+                if manifest is not None and new_manifest is not None else [])
+  for line in data_diffs[:20]:
+    print(f"WARNING: data manifest differs: {line}", file=sys.stderr)
+  _print_report(report)
+  c.set_tag(new_id, "ablax.reproduce.result", "identical" if report.identical else
+            ("match" if report.matches else "different"))
+  c.set_tag(new_id, "ablax.reproduce.max_rel_diff", f"{report.max_rel_diff:.6g}")
+  c.log_text(new_id, json.dumps({
+      "original": args.run_id, "rerun": new_id, "summary": report.summary(),
+      "metrics": [vars(m) for m in report.metrics], "tag_differences": diffs,
+      "data_manifest_differences": data_diffs}, indent=2, default=str), "reproduce/report.json")
+  print(f"\n{report.summary()}\noriginal {args.run_id} -> re-run {new_id}")
+  print(f"Open the UI:    {runs_lib.ui_command(tracking_uri)}")
+  return 0 if report.matches else 1
+
+
+def _check_config(config: Path) -> None:
+  """The fetched config must parse with this code before anything trains."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from launch import gin_config  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin_config.parse([config], finalize=True)
+  except gin_config.GinConfigError as e:
+    raise ReproduceError(f"the recorded config no longer parses with this code: {e}") from None
+  finally:
+    gin.clear_config()
+
+
+def _create_run(c, original, workdir: Path, tracking_uri: str) -> str:
+  """The new run, tagged with the original, handed to the trainer through run.json."""
+  experiment = c.get_experiment(original.info.experiment_id)
+  name = f"{original.info.run_name or original.info.run_id[:8]}-reproduce"
+  tags = {runs_lib.REPRODUCES_TAG: original.info.run_id,
+          "mlflow.note.content": f"Re-run of run {original.info.run_id} from its recorded "
+                                 f"operative config (`ablax reproduce`)."}
+  run = c.create_run(original.info.experiment_id, tags=tags, run_name=name)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / sweep_runner.TRAINER_RUN_FILE).write_text(json.dumps({
+      "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+      "experiment": experiment.name}, indent=2) + "\n")
+  return run.info.run_id
+
+
+def _print_report(report: repro.Report) -> None:
+  print(f"\n{'metric':<24} {'steps':>6} {'identical':>9} {'max rel diff':>13}")
+  for m in report.metrics:
+    missing = f"  missing steps {m.missing_steps[:5]}" if m.missing_steps else ""
+    print(f"{m.key:<24} {m.steps:>6} {str(m.identical):>9} {m.max_rel_diff:>13.3e}{missing}")
