@@ -8,7 +8,8 @@ from (first wins, field by field):
 1. the command-line flags `--coordinator_address`, `--num_processes`,
    `--process_id`;
 2. the environment: `ABLAX_COORDINATOR` (host:port), `ABLAX_NUM_PROCESSES`,
-   `ABLAX_PROCESS_ID`, and JAX's own `JAX_COORDINATOR_ADDRESS`;
+   `ABLAX_PROCESS_ID`, or `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+   `JAX_PROCESS_ID`;
 3. SLURM, inside a job step started by `srun`: `SLURM_PROCID`,
    `SLURM_STEP_NUM_TASKS` (or `SLURM_NTASKS`), and the first host of
    `SLURM_STEP_NODELIST` (or `SLURM_JOB_NODELIST`), with a port from
@@ -35,7 +36,7 @@ import itertools
 import logging
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +186,8 @@ def resolve_distributed(args: Any = None,
   }
   from_env = {
       "coordinator_address": env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS"),
-      "num_processes": _int_env(env, ENV_NUM_PROCESSES),
-      "process_id": _int_env(env, ENV_PROCESS_ID),
+      "num_processes": _first_int_env(env, ENV_NUM_PROCESSES, "JAX_NUM_PROCESSES"),
+      "process_id": _first_int_env(env, ENV_PROCESS_ID, "JAX_PROCESS_ID"),
   }
   if mode == "off":
     if any(v is not None for v in flags.values()):
@@ -297,6 +298,14 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
     raise DistributedConfigError(f"{name}={raw!r} is not an integer") from None
 
 
+def _first_int_env(env: Mapping[str, str], *names: str) -> int | None:
+  for name in names:
+    value = _int_env(env, name)
+    if value is not None:
+      return value
+  return None
+
+
 def _int_or(raw: str | None, default: int) -> int:
   try:
     return int(raw) if raw not in (None, "") else default
@@ -316,3 +325,27 @@ def initialize(config: DistributedConfig | None) -> bool:
               config.initialize_kwargs() or "(detected by JAX)")
   jax.distributed.initialize(**config.initialize_kwargs())
   return True
+
+
+def initialize_from(args: Any = None, environ: Mapping[str, str] | None = None, *,
+                    detected: Callable[[], bool] | None = None) -> DistributedConfig | None:
+  """`resolve_distributed`, then JAX's own detection, then `initialize`; the config used.
+
+  Args:
+    args, environ: as for `resolve_distributed`.
+    detected: says whether JAX would detect a cluster this module does not
+      resolve itself (Open MPI, a Cloud TPU VM); if so, and nothing was
+      resolved and `ABLAX_DISTRIBUTED` is not 'off', JAX detects everything.
+  """
+  env = os.environ if environ is None else environ
+  config = resolve_distributed(args, env)
+  if (config is None and detected is not None and env.get(ENV_MODE, "").strip().lower() != "off"
+      and not _from_slurm_single(env) and detected()):
+    config = DistributedConfig(None, None, None, _local_device_ids(env), source="auto")
+  initialize(config)
+  return config
+
+
+def _from_slurm_single(env: Mapping[str, str]) -> bool:
+  # A one-task SLURM step needs no runtime; JAX would still start one for it.
+  return "SLURM_JOB_ID" in env and "SLURM_PROCID" in env

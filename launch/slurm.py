@@ -15,16 +15,14 @@ several processes (`nodes` > 1 or `ntasks_per_node` > 1) runs under `srun`,
 where `ablax train` finds its coordinator and process id in the SLURM step
 environment (launch/distributed.py).
 
-Job ids are recorded on the parent run (tags `ablax.slurm.job_ids`,
-`ablax.slurm.array`) and in `<workdir>/slurm.json`; `sweep_status` combines
-what SLURM says about each task (squeue while queued or running, then sacct,
-or `scontrol show job` where accounting is off) with the child runs in MLflow.
+`job_states` reports each task from squeue while it is queued or running,
+then from sacct, or from `scontrol show job` where accounting is off.
+launch/slurm_sweep.py submits sweeps with this and records the job ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -117,7 +115,13 @@ def load_resources(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()
   gin.clear_config()
   try:
     gin_config.parse(gin_files, gin_params, finalize=False)
-    return gin.get_configurable(SlurmResources)()
+    try:
+      configurable = gin.get_configurable(SlurmResources)
+    except ValueError:
+      # Dynamic registration registers a class only when a file binds it:
+      # files that never mention SlurmResources leave the defaults.
+      return SlurmResources()
+    return configurable()
   finally:
     gin.clear_config()
 
@@ -405,165 +409,3 @@ def wait(job_ids: Sequence[str], *, timeout_s: float = 3600, poll_s: float = 2.0
       raise SlurmError(f"jobs {','.join(job_ids)} not done after {timeout_s:.0f}s: "
                        + ", ".join(f"{k[0]}_{k[1]}={t.state}" for k, t in sorted(states.items())))
     time.sleep(poll_s)
-
-
-# ------------------------------------------------------------ sweeps
-
-
-@dataclasses.dataclass
-class Submission:
-  job_id: str
-  indices: list[int]
-  script: str
-
-
-def load_state(workdir: Path) -> dict[str, Any]:
-  path = Path(workdir) / STATE_FILE
-  return json.loads(path.read_text()) if path.is_file() else {"submissions": []}
-
-
-def _save_state(workdir: Path, state: Mapping[str, Any]) -> None:
-  path = Path(workdir) / STATE_FILE
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(state, indent=2))
-  tmp.replace(path)
-
-
-def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
-                 workdir: str | os.PathLike, resources: SlurmResources,
-                 train_command: Sequence[str] | None = None,
-                 env: Mapping[str, str] | None = None, sbatch: str = "sbatch",
-                 dry_run: bool = False) -> Submission | None:
-  """Submits the sweep's unfinished points as one job array; None when nothing is left.
-
-  Points whose child run is FINISHED, and points still queued or running from
-  an earlier submission, are left out, so submitting again resumes a sweep.
-  With `dry_run` the script is written and printed but not submitted.
-  """
-  from launch import sweep_runner
-  workdir = Path(workdir).resolve()
-  slurm_dir = workdir / "slurm"
-  (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
-  state = load_state(workdir)
-  done = sweep_runner.finished_points(tracking_uri, parent_run_id)
-  active = set()
-  previous = [s["job_id"] for s in state["submissions"]]
-  if previous and not dry_run:
-    try:
-      active = {i for t in job_states(previous).values() if not t.done for i in [t.index]}
-    except SlurmError:
-      active = set()
-  todo = [p for p in points if p.key not in done and p.index not in active]
-  if not todo:
-    return None
-  prefix = tuple(train_command or sweep_runner.TRAIN_COMMAND)
-  commands = {p.index: sweep_runner.child_command(p, sweep, workdir=workdir,
-                                                  tracking_uri=tracking_uri,
-                                                  parent_run_id=parent_run_id, prefix=prefix)
-              for p in todo}
-  run_env = {"MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-  script = render_array_script(commands, resources, job_name=f"ablax-{sweep.name}",
-                               log_dir=slurm_dir / "logs", chdir=Path.cwd(), env=run_env,
-                               labels={p.index: f"{p.key} ({p.variant})" for p in todo})
-  script_path = slurm_dir / f"array-{len(state['submissions']):03d}.sbatch"
-  script_path.write_text(script)
-  if dry_run:
-    return Submission("", [p.index for p in todo], str(script_path))
-  job_id = submit(script_path, sbatch=sbatch)
-  submission = Submission(job_id, [p.index for p in todo], str(script_path))
-  state["submissions"].append({**dataclasses.asdict(submission), "submitted_at": time.time(),
-                               "parent_run_id": parent_run_id})
-  _save_state(workdir, state)
-  record_submission(tracking_uri, parent_run_id, submission)
-  return submission
-
-
-def record_submission(tracking_uri: str, parent_run_id: str, submission: Submission) -> None:
-  """Appends the job id to the parent run's tags and keeps the script as an artifact."""
-  from launch import sweep_runner
-  client = sweep_runner.client(tracking_uri)
-  tags = client.get_run(parent_run_id).data.tags
-  ids = [i for i in tags.get(JOB_IDS_TAG, "").split(",") if i]
-  if submission.job_id not in ids:
-    ids.append(submission.job_id)
-  arrays = [a for a in tags.get(ARRAY_TAG, "").split(" ") if a]
-  arrays.append(f"{submission.job_id}:{format_indices(submission.indices)}")
-  client.set_tag(parent_run_id, JOB_IDS_TAG, ",".join(ids)[:8000])
-  client.set_tag(parent_run_id, ARRAY_TAG, " ".join(arrays)[-8000:])
-  client.set_tag(parent_run_id, "ablax.launcher", "slurm")
-  client.log_artifact(parent_run_id, submission.script, f"slurm/{submission.job_id}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PointStatus:
-  index: int
-  key: str
-  slurm: str  # latest SLURM state of the point's task, '-' if never submitted
-  mlflow: str  # status of its newest child run, '-' if none
-  job: str = ""
-
-
-def sweep_status(points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
-                 workdir: str | os.PathLike | None = None) -> list[PointStatus]:
-  """Per point: the SLURM state of its newest task and the status of its MLflow run."""
-  from launch import sweep_runner
-  state = load_state(Path(workdir)) if workdir else {"submissions": []}
-  job_ids = [s["job_id"] for s in state["submissions"]]
-  if not job_ids:
-    tags = sweep_runner.client(tracking_uri).get_run(parent_run_id).data.tags
-    job_ids = [i for i in tags.get(JOB_IDS_TAG, "").split(",") if i]
-  try:
-    states = job_states(job_ids)
-  except SlurmError:
-    states = {}
-  latest: dict[int, TaskState] = {}
-  order = {job: n for n, job in enumerate(job_ids)}
-  for (job, index), task in sorted(states.items(), key=lambda kv: order.get(kv[0][0], -1)):
-    latest[index] = task  # later submissions win
-  runs: dict[str, str] = {}
-  for run in sweep_runner.child_runs(tracking_uri, parent_run_id):  # newest first
-    key = run.data.tags.get(sweep_runner.POINT_TAG)
-    if key and key not in runs:
-      runs[key] = run.info.status
-  if any(s == "FINISHED" for s in runs.values()):
-    # A resumed point may have an old failed run and a newer finished one.
-    for run in sweep_runner.child_runs(tracking_uri, parent_run_id):
-      key = run.data.tags.get(sweep_runner.POINT_TAG)
-      if key and run.info.status == "FINISHED":
-        runs[key] = "FINISHED"
-  out = []
-  for p in points:
-    task = latest.get(p.index)
-    out.append(PointStatus(p.index, p.key, task.state if task else "-",
-                           runs.get(p.key, "-"), task.job_id if task else ""))
-  return out
-
-
-def format_status(rows: Sequence[PointStatus]) -> str:
-  counts: dict[str, int] = {}
-  for r in rows:
-    label = "finished" if r.mlflow == "FINISHED" else (
-        r.slurm.lower() if r.slurm != "-" else "not submitted")
-    counts[label] = counts.get(label, 0) + 1
-  width = max([len(r.key) for r in rows] + [5])
-  lines = [f"{'#':>3}  {'point':<{width}}  {'slurm':<13} {'mlflow':<9} job"]
-  lines += [f"{r.index:>3}  {r.key:<{width}}  {r.slurm:<13} {r.mlflow:<9} "
-            f"{r.job + '_' + str(r.index) if r.job else ''}" for r in rows]
-  lines.append(f"{len(rows)} points: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-  return "\n".join(lines)
-
-
-def settle_parent(rows: Sequence[PointStatus], *, tracking_uri: str, parent_run_id: str) -> str:
-  """Ends the parent run once no task is queued or running; returns its status.
-
-  FINISHED when every point's run finished, FAILED otherwise (a later
-  submission of the same sweep reopens it).
-  """
-  from launch import sweep_runner
-  active = [r for r in rows if r.slurm not in DONE_STATES and r.slurm != "-"
-            and r.mlflow != "FINISHED"]
-  if active:
-    return "RUNNING"
-  status = "FINISHED" if all(r.mlflow == "FINISHED" for r in rows) else "FAILED"
-  sweep_runner.close_parent(tracking_uri, parent_run_id, status)
-  return status

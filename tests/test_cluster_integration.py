@@ -77,7 +77,7 @@ def _tiny_sweep():
 def test_sweep_as_job_array_status_and_resubmission(slurm_cluster, tmp_path, monkeypatch):
   """Four points as one array; one fails; a second submission runs only that one."""
   from mlflow.tracking import MlflowClient
-  from launch import slurm, sweep_runner
+  from launch import slurm, slurm_sweep, sweep_runner
   sweep, points = _tiny_sweep()
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "sweep"
@@ -86,17 +86,17 @@ def test_sweep_as_job_array_status_and_resubmission(slurm_cluster, tmp_path, mon
   stub = [PYTHON, str(CLUSTER / "stub_train.py")]
   resources = slurm.SlurmResources(cpus_per_task=1, mem="1G", time="00:10:00", max_parallel=2)
 
-  first = slurm.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
+  first = slurm_sweep.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
                              workdir=workdir, resources=resources, train_command=stub)
   assert first.indices == [0, 1, 2, 3]
   final = slurm.wait([first.job_id], timeout_s=300, poll_s=1)
   assert {i: t.state for (_, i), t in final.items()} == {
       0: "COMPLETED", 1: "FAILED", 2: "COMPLETED", 3: "COMPLETED"}
-  rows = slurm.sweep_status(points, tracking_uri=uri, parent_run_id=parent, workdir=workdir)
+  rows = slurm_sweep.sweep_status(points, tracking_uri=uri, parent_run_id=parent, workdir=workdir)
   assert [(r.slurm, r.mlflow) for r in rows] == [
       ("COMPLETED", "FINISHED"), ("FAILED", "FAILED"), ("COMPLETED", "FINISHED"),
       ("COMPLETED", "FINISHED")]
-  print(slurm.format_status(rows))
+  print(slurm_sweep.format_status(rows))
 
   client = MlflowClient(uri)
   tags = client.get_run(parent).data.tags
@@ -104,7 +104,7 @@ def test_sweep_as_job_array_status_and_resubmission(slurm_cluster, tmp_path, mon
   assert tags[slurm.ARRAY_TAG] == f"{first.job_id}:0-3"
   assert [a.path for a in client.list_artifacts(parent, f"slurm/{first.job_id}")] == [
       f"slurm/{first.job_id}/array-000.sbatch"]
-  children = sweep_runner.child_runs(uri, parent)
+  children = sweep_runner.child_runs(uri, parent)  # created before submission, one per point
   assert sorted(int(r.data.tags["slurm.array_task"]) for r in children) == [0, 1, 2, 3]
   for run in children:  # each task ran its own point
     index = int(run.data.tags["slurm.array_task"])
@@ -112,19 +112,19 @@ def test_sweep_as_job_array_status_and_resubmission(slurm_cluster, tmp_path, mon
   logs = sorted(p.name for p in (workdir / "slurm" / "logs").iterdir())
   assert logs == [f"ablax-clusterdemo-{first.job_id}_{i}.log" for i in range(4)]
 
-  second = slurm.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
+  second = slurm_sweep.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
                               workdir=workdir, resources=resources, train_command=stub)
   assert second.indices == [1]
   slurm.wait([second.job_id], timeout_s=300, poll_s=1)
-  rows = slurm.sweep_status(points, tracking_uri=uri, parent_run_id=parent, workdir=workdir)
+  rows = slurm_sweep.sweep_status(points, tracking_uri=uri, parent_run_id=parent, workdir=workdir)
   assert all(r.mlflow == "FINISHED" for r in rows)
   assert rows[1].job == second.job_id
-  assert slurm.settle_parent(rows, tracking_uri=uri, parent_run_id=parent) == "FINISHED"
+  assert slurm_sweep.settle_parent(rows, tracking_uri=uri, parent_run_id=parent) == "FINISHED"
   parent_run = client.get_run(parent)
   assert parent_run.info.status == "FINISHED"
   assert parent_run.data.tags[slurm.JOB_IDS_TAG] == f"{first.job_id},{second.job_id}"
   assert json.loads((workdir / slurm.STATE_FILE).read_text())["submissions"][1]["indices"] == [1]
-  assert slurm.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
+  assert slurm_sweep.submit_sweep(sweep, points, tracking_uri=uri, parent_run_id=parent,
                             workdir=workdir, resources=resources, train_command=stub) is None
 
 

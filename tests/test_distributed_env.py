@@ -192,3 +192,28 @@ def test_local_device_ids():
   assert cfg.initialize_kwargs()["local_device_ids"] == [1]
   with pytest.raises(DistributedConfigError):
     resolve_distributed(_args(), {**SLURM_STEP, "ABLAX_LOCAL_DEVICE_IDS": "a,b"})
+
+
+def test_jax_env_names_are_accepted():
+  env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert tuple(resolve_distributed(_args(), env)) == ("h:2", 4, 3)
+  env["ABLAX_PROCESS_ID"] = "1"  # ours first
+  assert tuple(resolve_distributed(_args(), env)) == ("h:2", 4, 1)
+
+
+def test_initialize_from(monkeypatch):
+  from launch import distributed
+  calls = []
+  monkeypatch.setattr(distributed, "initialize", lambda config: calls.append(config))
+  assert distributed.initialize_from(_args(), {}, detected=lambda: False) is None
+  assert calls == [None]
+  # A cluster only JAX knows (e.g. Open MPI): JAX detects everything.
+  cfg = distributed.initialize_from(_args(), {}, detected=lambda: True)
+  assert cfg.source == "auto" and calls[-1] is cfg
+  # ... unless switched off, or a one-task SLURM job (nothing to join).
+  assert distributed.initialize_from(_args(), {"ABLAX_DISTRIBUTED": "off"},
+                                     detected=lambda: True) is None
+  single = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+  assert distributed.initialize_from(_args(), single, detected=lambda: True) is None
+  cfg = distributed.initialize_from(_args(), SLURM_STEP, detected=lambda: True)
+  assert cfg.source == "slurm"

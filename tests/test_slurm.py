@@ -265,8 +265,17 @@ def test_flags_override_gin(tmp_path):
   assert base.partition == "gpu"  # the gin value is not mutated
 
 
-def test_no_gin_no_flags_is_defaults():
+def test_no_gin_no_flags_is_defaults(tmp_path):
   assert slurm.load_resources() == SlurmResources()
+  sweep_only = tmp_path / "sweep.gin"
+  sweep_only.write_text("from __gin__ import dynamic_registration\nimport launch.sweep\n"
+                        "launch.sweep.Sweep.name = 'x'\n")
+  # In a fresh process SlurmResources is in no registry until a file binds it.
+  code = ("from launch import slurm; "
+          f"print(slurm.load_resources([{str(sweep_only)!r}]) == slurm.SlurmResources())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+  assert out.stdout.strip() == "True", out.stderr
   r = slurm.resources_from_args(_parse_flags([]))
   assert r.partition is None and r.nodes == 1
 
@@ -277,10 +286,11 @@ def test_bad_flag_value_fails_early():
 
 
 def test_format_status():
-  rows = [slurm.PointStatus(0, "kv-1__seed-0", "COMPLETED", "FINISHED", "12"),
-          slurm.PointStatus(1, "kv-2__seed-0", "RUNNING", "RUNNING", "12"),
-          slurm.PointStatus(2, "kv-4__seed-0", "-", "-")]
-  text = slurm.format_status(rows)
+  from launch import slurm_sweep
+  rows = [slurm_sweep.PointStatus(0, "kv-1__seed-0", "COMPLETED", "FINISHED", "12"),
+          slurm_sweep.PointStatus(1, "kv-2__seed-0", "RUNNING", "RUNNING", "12"),
+          slurm_sweep.PointStatus(2, "kv-4__seed-0", "-", "-")]
+  text = slurm_sweep.format_status(rows)
   assert "12_1" in text and "3 points: 1 finished, 1 not submitted, 1 running" in text
 
 
