@@ -4,8 +4,9 @@
 
 Running the same command with the same workdir resumes the run from its newest
 checkpoint. Multi-process: give --coordinator_address/--num_processes/
---process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
-on clusters JAX detects (SLURM, Open MPI, Cloud TPU...) nothing is needed.
+--process_id (or ABLAX_COORDINATOR / JAX_COORDINATOR_ADDRESS, ABLAX_NUM_PROCESSES /
+JAX_NUM_PROCESSES, ABLAX_PROCESS_ID / JAX_PROCESS_ID); under `srun` (SLURM) and on
+clusters JAX detects (Open MPI, Cloud TPU...) nothing is needed (launch/distributed.py).
 """
 
 from __future__ import annotations
@@ -38,21 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def init_distributed(address: str | None, num_processes: int | None,
                      process_id: int | None) -> None:
-  """jax.distributed from flags, else the environment, else JAX's cluster auto-detection."""
-  env = os.environ
-  address = address or env.get("JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
-    num_processes = int(env["JAX_NUM_PROCESSES"])
-  if process_id is None and env.get("JAX_PROCESS_ID"):
-    process_id = int(env["JAX_PROCESS_ID"])
-  import jax  # pylint: disable=g-import-not-at-top
-  if address or num_processes or process_id is not None:
-    if num_processes == 1:
-      return
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id)
-  elif _cluster_detected():
-    jax.distributed.initialize()
+  """Joins the other processes of a multi-process run, if any.
+
+  jax.distributed from flags, else the environment (ABLAX_*/JAX_*), else the
+  SLURM step, else JAX's detection of other clusters; launch/distributed.py
+  decides and says what is missing.
+  """
+  from launch import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize_from(
+        argparse.Namespace(coordinator_address=address, num_processes=num_processes,
+                           process_id=process_id), detected=_cluster_detected)
+  except distributed.DistributedConfigError as e:
+    raise SystemExit(f"ablax train: {e}") from None
 
 
 def _cluster_detected() -> bool:
