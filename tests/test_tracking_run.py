@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import threading
 import time
 
@@ -25,6 +26,19 @@ def _restore_http_env():
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def _template_db(tmp_path_factory):
+  """A store with MLflow's schema already migrated (a few seconds each time otherwise)."""
+  path = tmp_path_factory.mktemp("template") / "mlflow.db"
+  MlflowClient(f"sqlite:///{path}").search_experiments()
+  return path
+
+
+@pytest.fixture(autouse=True)
+def _migrated_store(_mlflow_store, _template_db):
+  shutil.copyfile(_template_db, _mlflow_store[len("sqlite:///"):])
 
 
 def _tracker(uri, tmp_path, **kw):

@@ -13,12 +13,10 @@ them unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
-import re
 import shutil
 import socket
 import tempfile
@@ -30,6 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.tracking import spool
+from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
+                                  MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VALUE, TrackingStoreError,
+                                  bound_http_retries, clean_key, is_transient, sqlite_init_lock,
+                                  truncate)
 
 logger = logging.getLogger(__name__)
 
@@ -37,80 +39,9 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
 ERROR_TAG = "ablax.error"
 
-# MLflow limits (mlflow/utils/validation.py, MLflow 3.x).
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-_TRUNCATED = "...[truncated]"
-_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 
-class TrackingStoreError(RuntimeError):
-  """The tracking store cannot be reached or written; raised before training starts."""
-
-
-def clean_key(key: str) -> str:
-  """An MLflow-valid key: alphanumerics, _ - . space : / only, at most 250 chars."""
-  return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
-
-
-def truncate(value: Any, limit: int) -> str:
-  text = str(value)
-  return text if len(text) <= limit else text[:limit - len(_TRUNCATED)] + _TRUNCATED
-
-
-def _is_transient(error: BaseException) -> bool:
-  """Worth retrying later: unreachable, timed out, locked, 5xx or 429.
-
-  A 4xx from the store (bad value, changed param, deleted run) will fail the
-  same way forever, so it is not retried.
-  """
-  from mlflow.exceptions import MlflowException
-  if isinstance(error, MlflowException):
-    status = error.get_http_status_code()
-    return not (400 <= status < 500 and status != 429)
-  return True
-
-
-def _bound_http_retries(tracking_uri: str, timeout_s: int, max_retries: int) -> None:
-  if not tracking_uri.startswith(("http://", "https://")):
-    return
-  # setdefault: a user's explicit setting wins. These are read per request.
-  os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
-  os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
-  os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
-@contextlib.contextmanager
-def _sqlite_init_lock(tracking_uri: str):
-  """Serializes opening a sqlite store across processes.
-
-  MLflow creates and migrates a new sqlite store's schema on first use; two
-  processes doing it at once corrupt the migration ('duplicate column name',
-  'Online migration expected to match one row'), which no retry repairs. A
-  sweep starts many runs on one fresh store, so they take turns here; the
-  lock is held only while the run is opened.
-  """
-  if not tracking_uri.startswith("sqlite:///"):
-    yield
-    return
-  import fcntl
-  db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
-  try:
-    f = open(db.with_name(db.name + ".lock"), "a")
-  except OSError:  # the store's folder is unusable; opening the run says so
-    yield
-    return
-  with f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
+_MAX_ITEMS_PER_ROUND = 100_000
 _STOP = object()
 _WAKE = object()  # flush(): replay now rather than at the next retry interval
 
@@ -133,7 +64,7 @@ class RunTracker:
                tags: Mapping[str, Any] | None = None, *,
                retry_interval_s: float = 10.0, http_timeout_s: int = 10,
                http_max_retries: int = 0, start_timeout_s: float = 120.0,
-               end_timeout_s: float = 60.0):
+               end_timeout_s: float = 60.0, batch_interval_s: float = 1.0):
     """Configures the run; nothing is contacted before `start()`.
 
     Args:
@@ -152,6 +83,8 @@ class RunTracker:
         (applied unless MLFLOW_HTTP_REQUEST_* are set).
       start_timeout_s: how long `start()` retries a locked or busy store.
       end_timeout_s: how long `end()` waits for queued records.
+      batch_interval_s: the writer sends what accumulated at most this often
+        (`flush()` and `end()` send at once).
     """
     self.tracking_uri = tracking_uri
     self.experiment = experiment
@@ -165,6 +98,8 @@ class RunTracker:
     self.http_max_retries = http_max_retries
     self.start_timeout_s = start_timeout_s
     self.end_timeout_s = end_timeout_s
+    self.batch_interval_s = batch_interval_s
+    self._urgent = threading.Event()
     self._client = None
     self._queue: queue.Queue = queue.Queue()
     self._thread: threading.Thread | None = None
@@ -175,6 +110,7 @@ class RunTracker:
     self._last_attempt = 0.0
     self._ended = False
     self.delivered_batches = 0  # for tests and diagnostics
+    self.writer_cpu_s = 0.0  # CPU time the writer thread used (benchmarks)
 
   @staticmethod
   def disabled() -> "NullTracker":
@@ -194,9 +130,9 @@ class RunTracker:
     import mlflow
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
-    _bound_http_retries(self.tracking_uri, self.http_timeout_s, self.http_max_retries)
+    bound_http_retries(self.tracking_uri, self.http_timeout_s, self.http_max_retries)
     self._prepare_spool_dir()
-    with _sqlite_init_lock(self.tracking_uri):
+    with sqlite_init_lock(self.tracking_uri):
       self._retry_transient(self._open_run, "open the run")
     # Records left by an earlier session of this run go first, while the
     # store is known to be reachable, so the history stays in order.
@@ -353,10 +289,19 @@ class RunTracker:
   def _writer(self) -> None:
     stop = False
     while not stop:
+      cpu0 = time.thread_time()
       items = []
       try:
         items.append(self._queue.get(timeout=min(0.5, self.retry_interval_s)))
-        while len(items) < 4 * MAX_METRICS_PER_BATCH:
+      except queue.Empty:
+        pass
+      if items and items[0] is not _STOP and items[0] is not _WAKE:
+        # Let records pile up for a while: one store transaction per interval
+        # rather than per step keeps the writer's CPU and lock time small.
+        self._urgent.wait(self.batch_interval_s)
+      self._urgent.clear()
+      try:
+        while len(items) < _MAX_ITEMS_PER_ROUND:
           items.append(self._queue.get_nowait())
       except queue.Empty:
         pass
@@ -372,6 +317,7 @@ class RunTracker:
       except Exception:  # noqa: BLE001  the writer must never die silently
         logger.exception("tracking writer error")
       finally:
+        self.writer_cpu_s += time.thread_time() - cpu0
         with self._cond:
           self._processed += len(items)
           self._cond.notify_all()
@@ -451,7 +397,7 @@ class RunTracker:
     try:
       self._send(record)
     except Exception as e:  # noqa: BLE001
-      if _is_transient(e):
+      if is_transient(e):
         raise
       logger.error("tracking store rejected a record (%s); kept in %s", e, self._rejected_path())
       with open(self._rejected_path(), "a", encoding="utf-8") as f:
@@ -507,6 +453,7 @@ class RunTracker:
       self._enqueued += 1
       target = self._enqueued
     self._queue.put(_WAKE)
+    self._urgent.set()
     deadline = None if timeout is None else time.monotonic() + timeout
     with self._cond:
       while self._processed < target:
@@ -535,6 +482,7 @@ class RunTracker:
     with self._cond:
       self._enqueued += 1
     self._queue.put(_STOP)
+    self._urgent.set()
     self._thread.join(self.end_timeout_s)
     terminate = {"kind": "terminate", "status": status, "end_time": int(time.time() * 1000)}
     if self._thread.is_alive():

@@ -1,0 +1,82 @@
+"""Talking to an MLflow store: limits, key and value clean-up, error classes, locks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+# MLflow limits (mlflow/utils/validation.py, MLflow 3.x).
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+_TRUNCATED = "...[truncated]"
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+class TrackingStoreError(RuntimeError):
+  """The tracking store cannot be reached or written; raised before training starts."""
+
+
+def clean_key(key: str) -> str:
+  """An MLflow-valid key: alphanumerics, _ - . space : / only, at most 250 chars."""
+  return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
+
+
+def truncate(value: Any, limit: int) -> str:
+  text = str(value)
+  return text if len(text) <= limit else text[:limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def is_transient(error: BaseException) -> bool:
+  """Worth retrying later: unreachable, timed out, locked, 5xx or 429.
+
+  A 4xx from the store (bad value, changed param, deleted run) will fail the
+  same way forever, so it is not retried.
+  """
+  from mlflow.exceptions import MlflowException
+  if isinstance(error, MlflowException):
+    status = error.get_http_status_code()
+    return not (400 <= status < 500 and status != 429)
+  return True
+
+
+def bound_http_retries(tracking_uri: str, timeout_s: int, max_retries: int) -> None:
+  if not tracking_uri.startswith(("http://", "https://")):
+    return
+  # setdefault: a user's explicit setting wins. These are read per request.
+  os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+  os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+  os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+@contextlib.contextmanager
+def sqlite_init_lock(tracking_uri: str):
+  """Serializes opening a sqlite store across processes.
+
+  MLflow creates and migrates a new sqlite store's schema on first use; two
+  processes doing it at once corrupt the migration ('duplicate column name',
+  'Online migration expected to match one row'), which no retry repairs. A
+  sweep starts many runs on one fresh store, so they take turns here; the
+  lock is held only while the run is opened.
+  """
+  if not tracking_uri.startswith("sqlite:///"):
+    yield
+    return
+  import fcntl
+  db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+  try:
+    f = open(db.with_name(db.name + ".lock"), "a")
+  except OSError:  # the store's folder is unusable; opening the run says so
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
