@@ -1,0 +1,229 @@
+"""Knowledge distillation (Gemma 2): train a student on a teacher's next-token distributions.
+
+Gemma 2's small models minimize, at every position, the cross-entropy between
+the teacher's and the student's next-token distributions,
+-sum_x P_T(x | ctx) log P_S(x | ctx), instead of the log-likelihood of the
+one observed token (Gemma Team 2024b, section 3.2). Options here:
+
+- temperature tau: both distributions are softened by dividing the logits by
+  tau, and the loss is multiplied by tau^2 so its gradients keep their scale
+  (Hinton et al. 2015);
+- top_k: keep only the teacher's k most likely tokens, renormalized (what an
+  offline distillation run would store); None keeps the whole vocabulary;
+- objective: 'cross_entropy' (Gemma 2) or 'kl' = cross-entropy minus the
+  teacher's entropy. Both have the same gradient; KL is 0 when the student
+  matches the teacher, which makes the reported loss easier to read;
+- alpha: weight of the soft loss; 1 - alpha weighs the usual next-token loss.
+
+The teacher is an ablax model directory (core.model.io), any size, but it must
+share the student's tokenizer: same vocabulary size and, when both record their
+tokenizer file, the same file (sha256). Held-out evaluation stays the plain
+next-token loss, so a distilled run and a run from scratch compare directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from core.model import io
+from core.model.sharding import activation_sharding
+from core.train import partition
+from core.train.step import BATCH_KEYS, StepBuilder, cross_entropy
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("cross_entropy", "kl")
+
+
+class DistillationError(ValueError):
+  """A teacher and student that cannot be distilled together, or bad options."""
+
+
+# -- the loss --------------------------------------------------------------------------------
+
+
+def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
+                       loss_mask: jax.Array, *, temperature: float = 1.0,
+                       top_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of soft cross-entropies, sum of KL divergences, number of tokens) over loss_mask.
+
+  Per position: CE = -sum_x p_T(x) log p_S(x) and KL = CE - H(p_T), with
+  p = softmax(logits / temperature), p_T restricted to the teacher's top_k ids
+  and renormalized when top_k is set; both scaled by temperature^2. Sums, like
+  core.train.step.cross_entropy, so micro-batches and shards add up.
+  """
+  if temperature <= 0:
+    raise DistillationError(f"temperature must be > 0, got {temperature}")
+  s = student_logits.astype(jnp.float32) / temperature
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+  log_q = jax.nn.log_softmax(s, axis=-1)
+  if top_k is not None and top_k < t.shape[-1]:
+    if top_k < 1:
+      raise DistillationError(f"top_k must be >= 1 or None, got {top_k}")
+    t, ids = jax.lax.top_k(t, top_k)
+    log_q = jnp.take_along_axis(log_q, ids, axis=-1)
+  log_p = jax.nn.log_softmax(t, axis=-1)
+  p = jnp.exp(log_p)
+  ce = -jnp.sum(p * log_q, axis=-1)
+  kl = jnp.sum(p * (log_p - log_q), axis=-1)
+  mask = loss_mask.astype(jnp.float32)
+  scale = temperature ** 2
+  return scale * jnp.sum(ce * mask), scale * jnp.sum(kl * mask), jnp.sum(mask)
+
+
+# -- the teacher --------------------------------------------------------------------------------
+
+
+def load_teacher(teacher_dir: str, student_vocab_size: int,
+                 student_tokenizer_sha256: str | None = None):
+  """(teacher model, config, manifest) of `teacher_dir`, checked against the student.
+
+  Raises:
+    DistillationError: the vocabularies differ, or both sides name their
+      tokenizer file and the files differ.
+  """
+  try:
+    model, config, meta = io.load_model(teacher_dir)
+  except io.ModelIOError as e:
+    raise DistillationError(f"cannot load the teacher: {e}") from None
+  if config.vocab_size != student_vocab_size:
+    raise DistillationError(
+        f"teacher and student must share the tokenizer: the teacher in {teacher_dir} has "
+        f"vocab_size {config.vocab_size}, the student {student_vocab_size}. Distill with the "
+        "teacher's tokenizer (lm_batches.tokenizer = '<teacher>/tokenizer.model') and "
+        f"ModelConfig.vocab_size = {config.vocab_size}")
+  teacher_sha = meta.get("tokenizer_sha256")
+  if teacher_sha and student_tokenizer_sha256 and teacher_sha != student_tokenizer_sha256:
+    raise DistillationError(
+        f"teacher and student must share the tokenizer: the teacher in {teacher_dir} was "
+        f"trained with tokenizer sha256 {teacher_sha[:12]}..., the student's data uses "
+        f"{student_tokenizer_sha256[:12]}... (same vocab_size, different pieces). Use the "
+        f"teacher's tokenizer: lm_batches.tokenizer = '{meta.get('tokenizer_path')}'")
+  if not teacher_sha or not student_tokenizer_sha256:
+    logger.warning("teacher %s: tokenizer file not compared (%s records none); only the "
+                   "vocabulary size was checked", teacher_dir,
+                   "the teacher" if not teacher_sha else "the student's data")
+  return model, config, meta
+
+
+# -- the step ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DistillStepBuilder(StepBuilder):
+  """A StepBuilder whose training loss is the distillation loss.
+
+  Attributes (besides StepBuilder's):
+    teacher_dir: the teacher's ablax model directory.
+    temperature, top_k, objective, alpha: see the module docstring.
+    student_tokenizer_sha256: the student's tokenizer file hash, compared with
+      the teacher's (None: compare vocabulary sizes only).
+  """
+  teacher_dir: str = ""
+  temperature: float = 1.0
+  top_k: int | None = None
+  objective: str = "cross_entropy"
+  alpha: float = 1.0
+  student_tokenizer_sha256: str | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.teacher_dir:
+      raise DistillationError("distillation needs teacher_dir (an ablax model directory)")
+    if self.objective not in OBJECTIVES:
+      raise DistillationError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise DistillationError(f"alpha must be in [0, 1], got {self.alpha}")
+    if self.temperature <= 0:
+      raise DistillationError(f"temperature must be > 0, got {self.temperature}")
+    teacher, self.teacher_config, _ = load_teacher(
+        self.teacher_dir, self.config.vocab_size, self.student_tokenizer_sha256)
+    self.teacher_graphdef, state = nnx.split(teacher, nnx.Param)
+    specs = partition.param_specs(state, self.mesh, self.rules)
+    # Sharded like the student's parameters (ZeRO-3 over fsdp), so a large
+    # teacher is spread over the devices rather than copied onto each.
+    self.teacher_params = jax.device_put(nnx.to_pure_dict(state),
+                                         partition.named(self.mesh, specs))
+
+  def _loss(self, params, batch):
+    student = nnx.merge(self.graphdef, params)
+    logits = student(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hard_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    teacher = nnx.merge(self.teacher_graphdef, self.teacher_params)
+    teacher_logits = teacher(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce_sum, kl_sum, _ = soft_cross_entropy(logits, teacher_logits, batch["loss_mask"],
+                                           temperature=self.temperature, top_k=self.top_k)
+    soft_sum = kl_sum if self.objective == "kl" else ce_sum
+    loss_sum = self.alpha * soft_sum + (1.0 - self.alpha) * hard_sum
+    return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
+
+  def build_eval(self, batch_shape):
+    """(params, batch) -> (next-token loss sum, tokens): the same held-out loss as without a teacher."""
+    def evaluate(params, batch):
+      with activation_sharding(self.mesh, self.rules):
+        _, (loss_sum, _, tokens) = StepBuilder._loss(self, params, batch)
+      return loss_sum, tokens
+    param_sh = partition.named(self.mesh, self.param_specs)
+    batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+
+
+def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
+                 objective: str = "cross_entropy", alpha: float = 1.0,
+                 student_tokenizer_sha256: str | None = None) -> Callable[..., StepBuilder]:
+  """A factory with StepBuilder's signature that builds a DistillStepBuilder.
+
+  For a training loop that takes its step builder as an argument:
+  train(..., step_builder=distill.step_builder(teacher_dir=...)).
+  """
+  def make(*args: Any, **kwargs: Any) -> DistillStepBuilder:
+    return DistillStepBuilder(*args, **kwargs, teacher_dir=teacher_dir,
+                              temperature=temperature, top_k=top_k, objective=objective,
+                              alpha=alpha, student_tokenizer_sha256=student_tokenizer_sha256)
+  return make
+
+
+def data_tokenizer_sha256(data: Callable[..., Any]) -> str | None:
+  """The tokenizer hash a data factory records in its manifest (None if it records none)."""
+  probe = data(batch_size=1, seed=0, split="train", shard_index=0, shard_count=1)
+  manifest = getattr(probe, "manifest", None)
+  tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+  return tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+
+
+def train(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
+          objective: str = "cross_entropy", alpha: float = 1.0, **train_kwargs: Any):
+  """core.train.loop.train with the distillation loss; returns its TrainResult.
+
+  `train_kwargs` are loop.train's (model, data, optimizer, num_steps, ...). The
+  student's tokenizer is read from the data factory's manifest and checked
+  against the teacher's before anything is built.
+  """
+  from core.train import loop  # pylint: disable=g-import-not-at-top
+  sha = data_tokenizer_sha256(train_kwargs["data"]) if "data" in train_kwargs else None
+  make = step_builder(teacher_dir=teacher_dir, temperature=temperature, top_k=top_k,
+                      objective=objective, alpha=alpha, student_tokenizer_sha256=sha)
+  with _loop_step_builder(loop, make):
+    return loop.train(**train_kwargs)
+
+
+@contextlib.contextmanager
+def _loop_step_builder(loop_module, make):
+  # loop.train builds its StepBuilder by name and has no argument for another
+  # one yet; the swap lasts only for this call. When loop.train takes a
+  # `step_builder` factory, pass `make` to it instead.
+  original = loop_module.StepBuilder
+  loop_module.StepBuilder = make
+  try:
+    yield
+  finally:
+    loop_module.StepBuilder = original
