@@ -85,7 +85,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
           tracking_uri: str | None = None, experiment: str = "ablax",
           run_name: str | None = None, track: bool = True, export_model: bool = True,
           config_hook: Callable[[Path], RunConfigRecord] | None = None,
-          devices: list | None = None, progress: bool = True) -> TrainResult:
+          devices: list | None = None, progress: bool = True,
+          step_builder: Callable[..., StepBuilder] | None = None,
+          evals: Callable[[Any, int], Mapping[str, float]] | None = None) -> TrainResult:
   """Trains `model` on `data` with `optimizer`, resuming from `workdir` when it has checkpoints.
 
   Args:
@@ -114,6 +116,11 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       config files and returns what to log.
     devices: the devices of the mesh (default: all).
     progress: print progress lines (process 0).
+    step_builder: builds the step instead of StepBuilder, with its arguments
+      (e.g. core.train.distill.step_builder(teacher_dir=...) for distillation).
+    evals: called as evals(model, step) -> {metric: value} every eval_every
+      steps and at the end, on every process (e.g. core.eval.suite.EvalSuite);
+      process 0 logs what it returns.
   """
   workdir = Path(workdir).resolve()
   primary = jax.process_index() == 0
@@ -122,7 +129,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   _sync("workdir")
   mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
   rule_table = partition.merged_rules(rules)
-  builder = StepBuilder(model, optax.identity(), mesh_obj, rule_table,
+  builder = (step_builder or StepBuilder)(model, optax.identity(), mesh_obj, rule_table,
                         grad_accum_steps=grad_accum_steps, z_loss=z_loss)
   builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
 
@@ -152,7 +159,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
 
 def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_every,
          eval_batches, checkpoint_every, export_model, progress, primary, mesh_obj, builder,
-         train_data, record, tracker, checkpointer, **unused) -> TrainResult:
+         train_data, record, tracker, checkpointer, evals=None, **unused) -> TrainResult:
   abstract = builder.abstract_state()
   restored = checkpointer.restore_latest(abstract)
   if restored is None:
@@ -234,6 +241,9 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
       if evaluator and eval_every and step % eval_every == 0 and step < num_steps:
         resolve(0)
         eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
+      if evals and eval_every and step % eval_every == 0 and step < num_steps:
+        resolve(0)
+        _run_evals(evals, builder, state.params, step, tracker, metrics_path, primary)
       if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
         save(step, data_state)
       if terminate.agreed():
@@ -249,6 +259,8 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
       save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
     if evaluator:
       eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
+    if evals:
+      _run_evals(evals, builder, state.params, step, tracker, metrics_path, primary)
   finally:
     terminate.restore()
     first.close()
@@ -448,6 +460,17 @@ class _Evaluator:
       tracker.log_metrics({"eval/loss": loss}, step=step)
       print(f"step {step} | held-out loss {loss:.4f} ({int(tokens)} tokens)", flush=True)
     return loss
+
+
+def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, metrics_path: Path,
+               primary: bool) -> None:
+  """The caller's evaluations (core.eval) of the current parameters, logged at `step`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  metrics = {k: float(v) for k, v in evals(nnx.merge(builder.graphdef, params), step).items()
+             if isinstance(v, (int, float, np.floating, np.integer))}
+  if primary and metrics:
+    _append_jsonl(metrics_path, {"step": step, **metrics})
+    tracker.log_metrics(metrics, step=step)
 
 
 class _TermFlag:
