@@ -23,7 +23,6 @@ next-token loss, so a distilled run and a run from scratch compare directly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -179,12 +178,17 @@ class DistillStepBuilder(StepBuilder):
 
 def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
                  objective: str = "cross_entropy", alpha: float = 1.0,
-                 student_tokenizer_sha256: str | None = None) -> Callable[..., StepBuilder]:
+                 student_tokenizer_sha256: str | None = None,
+                 data: Callable[..., Any] | None = None) -> Callable[..., StepBuilder]:
   """A factory with StepBuilder's signature that builds a DistillStepBuilder.
 
-  For a training loop that takes its step builder as an argument:
-  train(..., step_builder=distill.step_builder(teacher_dir=...)).
+  Pass it as core.train.loop.train(step_builder=...) (gin/train/distill.gin).
+  `data`, the run's data factory, gives the student's tokenizer hash when
+  student_tokenizer_sha256 is not set, so a tokenizer mismatch stops the run
+  before it starts.
   """
+  if student_tokenizer_sha256 is None and data is not None:
+    student_tokenizer_sha256 = data_tokenizer_sha256(data)
   def make(*args: Any, **kwargs: Any) -> DistillStepBuilder:
     return DistillStepBuilder(*args, **kwargs, teacher_dir=teacher_dir,
                               temperature=temperature, top_k=top_k, objective=objective,
@@ -212,18 +216,4 @@ def train(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = Non
   sha = data_tokenizer_sha256(train_kwargs["data"]) if "data" in train_kwargs else None
   make = step_builder(teacher_dir=teacher_dir, temperature=temperature, top_k=top_k,
                       objective=objective, alpha=alpha, student_tokenizer_sha256=sha)
-  with _loop_step_builder(loop, make):
-    return loop.train(**train_kwargs)
-
-
-@contextlib.contextmanager
-def _loop_step_builder(loop_module, make):
-  # loop.train builds its StepBuilder by name and has no argument for another
-  # one yet; the swap lasts only for this call. When loop.train takes a
-  # `step_builder` factory, pass `make` to it instead.
-  original = loop_module.StepBuilder
-  loop_module.StepBuilder = make
-  try:
-    yield
-  finally:
-    loop_module.StepBuilder = original
+  return loop.train(step_builder=make, **train_kwargs)
