@@ -182,3 +182,52 @@ def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | 
   for name, version in (env.get("packages") or {}).items():
     tags[f"pkg.{name}"] = str(version)
   return tags
+
+
+def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
+                     operative_config: str | None = None, bound_config: str | None = None,
+                     gin_files: tuple[str | os.PathLike, ...] | list = (),
+                     flat_params: Mapping[str, Any] | None = None,
+                     swept_axes: Mapping[str, Any] | None = None,
+                     mesh_shape: Mapping[str, int] | None = None,
+                     param_counts: Mapping[str, int] | None = None,
+                     dataset_manifest: Mapping[str, Any] | str | os.PathLike | None = None,
+                     extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+  """Logs a run's whole record through `tracker` (a RunTracker or NullTracker); returns the tags.
+
+  Params: `flat_params` (e.g. `launch.gin_config.flatten_config_str(operative)`)
+  and the swept axes under short names. Artifacts: config/config.gin,
+  config/operative_config.gin (full text, as params truncate at 6000 chars),
+  config/gin_files/*, environment.json, code/version.json (+ code/diff.patch
+  when dirty), model/param_counts.json, data/manifest.json. Tags: run_tags().
+  """
+  code = code_version(repo_dir) if repo_dir is not None else {"commit": None, "dirty": None}
+  env = environment(mesh_shape)
+  sha = config_hash(operative_config) if operative_config is not None else None
+  tags = run_tags(code, env, sha)
+  if swept_axes:
+    tags["ablax.swept"] = ",".join(short_axis_names(swept_axes))
+  tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
+  tracker.set_tags(tags)
+  params = dict(flat_params or {})
+  if swept_axes:
+    params.update(short_axis_names(swept_axes))
+  if params:
+    tracker.log_params(params)
+  if bound_config is not None:
+    tracker.log_text(bound_config, "config/config.gin")
+  if operative_config is not None:
+    tracker.log_text(operative_config, "config/operative_config.gin")
+  for path in gin_files:
+    tracker.log_artifact(path, "config/gin_files")
+  tracker.log_dict(env, "environment.json")
+  tracker.log_dict({k: v for k, v in code.items() if k != "diff"}, "code/version.json")
+  if code.get("diff"):
+    tracker.log_text(code["diff"], "code/diff.patch")
+  if param_counts is not None:
+    tracker.log_dict(dict(param_counts), "model/param_counts.json")
+  if isinstance(dataset_manifest, Mapping):
+    tracker.log_dict(dict(dataset_manifest), "data/manifest.json")
+  elif dataset_manifest is not None:
+    tracker.log_artifact(dataset_manifest, "data")
+  return tags
