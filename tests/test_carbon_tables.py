@@ -110,6 +110,7 @@ def test_device_kinds(kind, key):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: carbon.resolve_device("Cerebras WSE-3"), "unknown device"),
+    (lambda: carbon.resolve_device("NVIDIA GH200 480GB"), "unknown device"),
     (lambda: carbon.grid_intensity(region="atlantis-1"), "unknown region"),
     (lambda: carbon.grid_intensity(region="us-centrall"), "did you mean us-central1"),
     (lambda: carbon.energy_mwh(-1, 400, 1.1), "non-negative"),

@@ -9,6 +9,17 @@ following Wu et al. 2022):
 
 Raw energy (device power only) and PUE-scaled energy (the facility's share
 included) are always reported apart, so a reader can tell which one a figure is.
+
+Published tables this reproduces (tests/test_carbon_tables.py):
+  - LLaMA (arXiv:2302.13971) Table 15: A100 at 400 W, PUE 1.1, 0.385 kg/kWh.
+    Its MWh column is truncated (65B: 449.84 -> 449) and its tCO2eq column
+    rounded (7B: 13.96 -> 14), both from the unrounded energy; the BLOOM row's
+    475 MWh does not follow the formula (476.47) although its 183 t does.
+  - Llama 2 (arXiv:2307.09288) Table 2: the power column (400 W / 350 W) is
+    the raw GPU cap; the tCO2eq follow the LLaMA convention, PUE 1.1 x 0.385
+    kg/kWh = 0.4235 kg per device-kWh, truncated to two decimals (rounding
+    would give 62.45 and 153.91 for 13B and 34B where the table has 62.44 and
+    153.90); the 539.00 total is the unrounded sum.
 """
 
 from __future__ import annotations
@@ -113,7 +124,10 @@ def resolve_device(device: str) -> DeviceSpec:
   key = str(device).strip().lower()
   if key in DEVICES:
     return DEVICES[key]
-  for pattern, name in _DEVICE_PATTERNS:
+  # Grace superchips (GH200/GB200) contain 'h200'/'b200' but are CPU+GPU
+  # modules with their own power envelope: not the H200 row.
+  superchip = re.search(r"\bg[hb]\d00\b", key) is not None
+  for pattern, name in () if superchip else _DEVICE_PATTERNS:
     if re.search(pattern, key):
       return DEVICES[name]
   raise CarbonInputError(
