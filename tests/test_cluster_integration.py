@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -128,6 +129,47 @@ def test_sweep_as_job_array_status_and_resubmission(slurm_cluster, tmp_path, mon
                             workdir=workdir, resources=resources, train_command=stub) is None
 
 
+def test_ablax_sweep_launcher_slurm_and_status(slurm_cluster, tmp_path):
+  """The CLI: `ablax sweep --launcher slurm` submits and returns; `--status` reports and settles."""
+  sweep_file = tmp_path / "cluster_sweep.gin"
+  sweep_file.write_text(textwrap.dedent("""\
+      from __gin__ import dynamic_registration
+      import launch.slurm
+      import launch.sweep
+
+      launch.sweep.Sweep:
+        name = 'clustercli'
+        base = ['gin/experiments/tiny_llama.gin']
+        axes = {'kv': {'binding': 'core.model.config.ModelConfig.num_kv_heads', 'values': [1, 2]}}
+        seeds = [0]
+      launch.slurm.SlurmResources.time = '00:10:00'
+      launch.slurm.SlurmResources.mem = '4G'
+  """))
+  workdir, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+  common = [str(sweep_file), "--workdir", str(workdir), "--tracking_uri", uri]
+  cli = [PYTHON, "-m", "launch.cli", "sweep"]
+  submitted = subprocess.run(
+      cli + common + ["--launcher", "slurm", "--slurm_cpus_per_task", "1",
+                      "--train_command", f"{PYTHON} {CLUSTER / 'stub_train.py'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert submitted.returncode == 0, submitted.stderr
+  assert "submitted SLURM job array" in submitted.stdout
+  script = (workdir / "slurm" / "array-000.sbatch").read_text()
+  for directive in ("--time=00:10:00", "--mem=4G", "--cpus-per-task=1", "--array=0-1"):
+    assert f"#SBATCH {directive}" in script  # gin and flag resources combined
+  from launch import slurm, slurm_sweep
+  job = slurm_sweep.load_state(workdir)["submissions"][0]["job_id"]
+  slurm.wait([job], timeout_s=300, poll_s=1)
+  status = subprocess.run(cli + common + ["--status"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert status.returncode == 0, status.stderr
+  assert "2 points: 2 finished" in status.stdout
+  assert f"{job}_0" in status.stdout and "parent run: FINISHED" in status.stdout
+  again = subprocess.run(cli + common + ["--launcher", "slurm"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
 def test_two_process_jax_run_under_srun(slurm_cluster, tmp_path, monkeypatch):
   """A point with ntasks_per_node=2 runs under srun; both processes find each other."""
   from launch import slurm
@@ -152,6 +194,44 @@ def test_two_process_jax_run_under_srun(slurm_cluster, tmp_path, monkeypatch):
     assert r["gathered"] == [1, 1, 2, 2]
   assert results[0]["config"][0] == results[1]["config"][0]
   assert results[0]["config"][0].startswith("localhost:")
+
+
+def test_ablax_train_two_processes_under_srun(slurm_cluster, tmp_path, monkeypatch):
+  """Real `ablax train`, 2 processes on SLURM: one MLflow run, written by process 0 only."""
+  from mlflow.tracking import MlflowClient
+  from launch import slurm
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+  workdir = tmp_path / "run"
+  train = [PYTHON, "-m", "launch.cli", "train", "--gin_file", "gin/experiments/tiny_llama.gin",
+           "--workdir", str(workdir), "--tracking_uri", uri]
+  for binding in ("num_steps = 4", "log_every = 2", "checkpoint_every = 2", "eval_every = 4",
+                  "eval_batches = 1",
+                  # Export is off: core/train/loop._export hangs with 2 processes (only
+                  # process 0 calls core.model.io.save_model, whose orbax save waits for all).
+                  "export_model = False"):
+    train += ["--gin_param", f"core.train.loop.train.{binding}"]
+  script = slurm.render_array_script(
+      {0: train}, slurm.SlurmResources(ntasks_per_node=2, cpus_per_task=1, time="00:20:00"),
+      job_name="ablax-train2", log_dir=tmp_path, chdir=REPO)
+  path = tmp_path / "train2.sbatch"
+  path.write_text(script)
+  job = slurm.submit(path)
+  final = slurm.wait([job], timeout_s=900, poll_s=2)
+  log = "\n".join(p.read_text() for p in tmp_path.glob("ablax-train2-*.log"))
+  assert [t.state for t in final.values()] == ["COMPLETED"], log[-5000:]
+  assert log.count("new run in") == 1  # progress lines come from process 0 only
+  assert "fsdp=2" in log  # one mesh over both processes' devices
+  assert (workdir / "checkpoints" / "4").is_dir()
+  client = MlflowClient(uri)
+  runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+  assert len(runs) == 1  # process 1 created no run of its own
+  run = runs[0]
+  assert run.info.run_id == json.loads((workdir / "run.json").read_text())["mlflow_run_id"]
+  assert run.info.status == "FINISHED"
+  steps = {m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id,
+                                                                                   key)}
+  assert 4 in steps
 
 
 # --------------------------------------------- PostgreSQL + mlflow server
