@@ -315,3 +315,24 @@ def test_replaying_a_batch_twice_records_it_once(_mlflow_store, tmp_path):
   t.end()
   history = MlflowClient(_mlflow_store).get_metric_history(t.run_id, "loss")
   assert [(m.step, m.value) for m in history] == [(7, 1.5)]
+
+
+def test_exit_without_end_delivers_and_marks_killed(_mlflow_store, tmp_path):
+  import subprocess
+  import sys
+  script = (
+      "import sys\n"
+      "from core.tracking.run import RunTracker\n"
+      "t = RunTracker(sys.argv[1], 'x', spool_dir=sys.argv[2], batch_interval_s=30)\n"
+      "t.start()\n"
+      "for s in range(20): t.log_metrics({'loss': float(s)}, s)\n"
+      "print(t.run_id)\n")  # and exit with records still queued, end() never called
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", script, _mlflow_store, str(tmp_path / "spool")],
+                       capture_output=True, text=True, timeout=120, cwd=repo,
+                       env=dict(os.environ, PYTHONPATH=repo))
+  assert out.returncode == 0, out.stderr
+  run_id = out.stdout.strip().splitlines()[-1]
+  client = MlflowClient(_mlflow_store)
+  assert client.get_run(run_id).info.status == "KILLED"
+  assert _steps(client, run_id, "loss") == list(range(20))

@@ -13,6 +13,7 @@ them unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -146,7 +147,15 @@ class RunTracker:
         self._last_attempt = time.monotonic()
     self._thread = threading.Thread(target=self._writer, name="ablax-tracking", daemon=True)
     self._thread.start()
+    # The writer is a daemon thread: without this, records still queued when
+    # the interpreter exits (a forgotten end(), sys.exit outside the `with`)
+    # would be lost rather than delivered or spooled.
+    atexit.register(self._at_exit)
     return self.run_id
+
+  def _at_exit(self) -> None:
+    if not self._ended:
+      self.end("KILLED", error="the process exited without RunTracker.end()")
 
   def _prepare_spool_dir(self) -> None:
     if self.spool_dir is None:
@@ -471,6 +480,7 @@ class RunTracker:
     """
     if self._ended or self._thread is None:
       return True
+    atexit.unregister(self._at_exit)
     status = status.upper()
     if status not in STATUSES:
       raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
