@@ -11,7 +11,7 @@ from flax import nnx
 from core.model import io
 from core.model.config import ModelConfig
 from core.model.transformer import Transformer
-from core.train import distill, optimizer, synthetic
+from core.train import distill, loop, optimizer, synthetic
 from core.train.mesh import MeshConfig
 from core.train.step import cross_entropy
 
@@ -133,3 +133,46 @@ def test_distill_step_builder_options_are_checked(teacher_dir):
   with pytest.raises(distill.DistillationError, match="vocab_size"):
     distill.DistillStepBuilder(STUDENT.replace(vocab_size=64), optax.identity(), mesh, {},
                                teacher_dir=teacher_dir)
+
+
+def test_training_loop_runs_evaluations_every_n_steps(tmp_path):
+  from core.eval.suite import EvalSuite
+  seen = []
+
+  def validation():
+    return synthetic.synthetic_batches(vocab_size=128, seq_len=32, batch_size=2, seed=0,
+                                       split="validation")
+
+  suite = EvalSuite(heldout_batches={"synthetic": validation}, heldout_max_batches=1)
+
+  def evals(model, step):
+    seen.append(step)
+    return suite(model, step)
+
+  result = loop.train(
+      model=STUDENT,
+      data=functools.partial(synthetic.synthetic_batches, vocab_size=128, seq_len=32),
+      optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=2),
+      num_steps=4, batch_size=2, workdir=tmp_path / "run", mesh=MeshConfig(1, 1, 1),
+      devices=jax.devices()[:1], eval_every=2, eval_batches=0, checkpoint_every=0,
+      track=False, export_model=False, progress=False, evals=evals)
+  assert seen == [2, 4]
+  lines = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if "heldout/synthetic/loss" in l]
+  assert len(lines) == 2 and result.step == 4
+
+
+def test_gin_distill_file_builds_the_distillation_step(teacher_dir):
+  import gin
+  import optax
+  from core.train.mesh import make_mesh
+  from launch import gin_config
+  gin_config.parse(["gin/train/base.gin", "gin/train/distill.gin"],
+                   [f"core.train.distill.step_builder.teacher_dir = '{teacher_dir}'",
+                    "core.train.distill.step_builder.top_k = 4",
+                    "core.train.distill.step_builder.data = None"], finalize=False)
+  make = gin.get_configurable(distill.step_builder)()
+  mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  builder = make(STUDENT, optax.identity(), mesh, {})
+  assert isinstance(builder, distill.DistillStepBuilder) and builder.top_k == 4
+  assert builder.teacher_config == TEACHER

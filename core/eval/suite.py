@@ -22,7 +22,8 @@ class EvalSuite:
   """Evaluations of one model, configured once.
 
   Attributes:
-    tokenizer: the model's tokenizer (a core.tokenizer.Tokenizer or a path).
+    tokenizer: the model's tokenizer (a core.tokenizer.Tokenizer or a path);
+      multiple choice needs it, held-out bits per byte uses it (None: no bytes).
     heldout_batches: source name -> a zero-argument factory returning an
       iterable of validation batches (called at every evaluation, so each sees
       the same batches); empty: no held-out evaluation.
@@ -38,7 +39,7 @@ class EvalSuite:
     memorization_max_documents: documents per memorization evaluation.
     seed: the few-shot draw.
   """
-  tokenizer: Any
+  tokenizer: Any = None
   heldout_batches: Mapping[str, Callable[[], Iterable[Mapping[str, Any]]]] = \
       dataclasses.field(default_factory=dict)
   heldout_max_batches: int | None = 8
@@ -52,15 +53,17 @@ class EvalSuite:
   seed: int = 0
 
   def __post_init__(self):
-    if isinstance(self.tokenizer, str):
+    if self.tokenizer is not None and not hasattr(self.tokenizer, "encode"):
       from core.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-      self.tokenizer = load_tokenizer(self.tokenizer)
+      self.tokenizer = load_tokenizer(str(self.tokenizer))
     self._byte_lengths = None
     self._tasks: list[multiple_choice.Task] | None = None
     self._documents: list[list[int]] | None = None
 
   def tasks_loaded(self) -> list[multiple_choice.Task]:
     if self._tasks is None:
+      if self.tasks and self.tokenizer is None:
+        raise multiple_choice.TaskError("multiple-choice tasks need the model's tokenizer")
       self._tasks = [load_task(t, self.tfds_data_dir, self.max_examples) for t in self.tasks]
     return self._tasks
 
@@ -68,7 +71,7 @@ class EvalSuite:
     del step  # the caller logs the metrics at its step
     metrics: dict[str, float] = {}
     if self.heldout_batches:
-      if self._byte_lengths is None:
+      if self._byte_lengths is None and self.tokenizer is not None:
         self._byte_lengths = heldout.token_byte_lengths(self.tokenizer)
       batches = {name: factory() for name, factory in self.heldout_batches.items()}
       metrics.update(heldout.evaluate(model, batches, byte_lengths=self._byte_lengths,
