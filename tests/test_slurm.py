@@ -301,3 +301,17 @@ def test_wait_times_out_with_states(fake_slurm, monkeypatch):
   with pytest.raises(slurm.SlurmError, match="12_0=RUNNING"):
     slurm.wait(["12"], timeout_s=0.2, poll_s=0.05)
   assert time.monotonic() - start < 30
+
+
+def test_job_states_of_forgotten_jobs_is_empty(fake_slurm):
+  """Without accounting, jobs older than MinJobAge are unknown everywhere: nothing is active."""
+  _fake_bin(fake_slurm, "sacct", 'echo "Slurm accounting storage is disabled" >&2; exit 1\n')
+  _fake_bin(fake_slurm, "scontrol", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; '
+            'exit 1\n')
+  _fake_bin(fake_slurm, "squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; '
+            'exit 1\n')
+  assert slurm.job_states(["12"]) == {}
+  _fake_bin(fake_slurm, "squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; '
+            'exit 1\n')
+  with pytest.raises(slurm.SlurmError, match="controller"):
+    slurm.job_states(["12"])
