@@ -42,10 +42,12 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
     children = runs_lib.sweep_children(c, parent)
     source = (f"sweep {parent.data.tags.get(runs_lib.SWEEP_TAG, parent.info.run_name)} "
               f"(parent run {parent.info.run_id})")
+    started = runs_lib.sweep_children(c, parent, finished_only=False)
+    if len(started) > len(children):
+      source += f"; {len(started) - len(children)} unfinished point(s) left out"
     if not children:
-      unfinished = runs_lib.sweep_children(c, parent, finished_only=False)
       raise runs_lib.RunLookupError(
-          f"{source} has no finished child runs yet ({len(unfinished)} unfinished); "
+          f"{source} has no finished child runs yet ({len(started)} unfinished); "
           f"run or resume it with `ablax sweep`")
     metric = metric or parent.data.tags.get(runs_lib.METRIC_TAG)
     if baseline is None:

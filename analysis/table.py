@@ -155,12 +155,23 @@ def _delta(row: Row, digits: int = 4) -> tuple[str, str]:
   return f"{sign}{_num(d.value, digits)}", ci
 
 
-def _cells(table: Table, row: Row, plus_minus: str = "±") -> list[str]:
+# The terminal table shows prefixes (unambiguous in practice) to stay readable; Markdown and
+# LaTeX give full run ids (MLflow looks runs up by the full id) and 16-digit hashes; CSV all in full.
+ID_PREFIX = {"text": 8, "markdown": None, "latex": None, "csv": None}
+HASH_PREFIX = {"text": 12, "markdown": 16, "latex": 16, "csv": None}
+
+
+def _ids(values: Sequence[str], n: int | None) -> list[str]:
+  return [v if n is None or v.startswith("params:") else v[:n] for v in values]
+
+
+def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") -> list[str]:
   delta, ci = _delta(row)
-  pm = lambda m, s: _pm(m, s).replace("±", plus_minus)  # noqa: E731
-  return [row.variant, str(row.n), pm(row.mean, row.std), pm(row.ppl_mean, row.ppl_std),
+  pm = lambda m, s, d=4: _pm(m, s, d).replace("±", plus_minus)  # noqa: E731
+  return [row.variant, str(row.n), pm(row.mean, row.std), pm(row.ppl_mean, row.ppl_std, 2),
           delta, ci, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
-          _num(row.carbon_kg, 6), " ".join(row.run_ids), " ".join(row.config_hashes)]
+          _num(row.carbon_kg, 6), " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
+          " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt]))]
 
 
 def headers(table: Table) -> list[str]:
@@ -177,7 +188,8 @@ def to_text(table: Table) -> str:
   line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
   out = [f"{table.source}", line(head), line(["-" * w for w in widths])]
   out += [line(b) for b in body]
-  out.append(_footnote(table))
+  out.append(_footnote(table) + " Run ids and hashes are prefixes here; --format csv gives them "
+             "in full.")
   return "\n".join(out)
 
 
@@ -186,9 +198,9 @@ def to_markdown(table: Table) -> str:
   head = headers(table)
   out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in table.rows:
-    cells = _cells(table, r)
+    cells = _cells(table, r, fmt="markdown")
     cells[-2] = " ".join(f"`{i}`" for i in r.run_ids)
-    cells[-1] = " ".join(f"`{h}`" for h in r.config_hashes)
+    cells[-1] = " ".join(f"`{h}`" for h in _ids(r.config_hashes, HASH_PREFIX["markdown"]))
     out.append("| " + " | ".join(esc(c) for c in cells) + " |")
   return "\n".join(out) + f"\n\n{_footnote(table)}\n"
 
@@ -203,15 +215,15 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-  head = [h.replace("Δ", r"$\Delta$") for h in headers(table)]
+  head = [latex_escape(h).replace("Δ", r"$\Delta$") for h in headers(table)]
   out = [r"\begin{tabular}{l r " + " ".join("r" for _ in head[2:-2]) + " l l}", r"\toprule",
-         " & ".join(latex_escape(h).replace(r"\$\Delta\$", r"$\Delta$") for h in head)
-         + r" \\", r"\midrule"]
+         " & ".join(head) + r" \\", r"\midrule"]
   for r in table.rows:
-    cells = [latex_escape(c) for c in _cells(table, r, plus_minus="PLUSMINUS")]
+    cells = [latex_escape(c) for c in _cells(table, r, plus_minus="PLUSMINUS", fmt="latex")]
     cells = [c.replace("PLUSMINUS", r"$\pm$") for c in cells]
     cells[-2] = r"\texttt{" + r" ".join(latex_escape(i) for i in r.run_ids) + "}"
-    cells[-1] = r"\texttt{" + r" ".join(latex_escape(h) for h in r.config_hashes) + "}"
+    cells[-1] = r"\texttt{" + r" ".join(
+        latex_escape(h) for h in _ids(r.config_hashes, HASH_PREFIX["latex"])) + "}"
     out.append(" & ".join(cells) + r" \\")
   out += [r"\bottomrule", r"\end{tabular}", "% " + _footnote(table).replace("\n", "\n% ")]
   return "\n".join(out) + "\n"

@@ -66,6 +66,7 @@ class Sweep:
     seed_binding: the binding that receives the seed.
     experiment: MLflow experiment; default: the sweep name.
     metric: the metric `ablax compare` ranks by (lower is better).
+    source: the sweep file it was loaded from (set by `load`, not bound in gin).
   """
 
   name: str
@@ -77,6 +78,7 @@ class Sweep:
   seed_binding: str = DEFAULT_SEED_BINDING
   experiment: str | None = None
   metric: str = "eval/loss"
+  source: str | None = dataclasses.field(default=None, repr=False)
 
   @property
   def experiment_name(self) -> str:
@@ -140,7 +142,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> Sweep:
     raise SweepError(f"sweep file {path}: {e}") from None
   finally:
     gin.clear_config()
-  sweep.source = str(resolved[0])  # type: ignore[attr-defined]
+  sweep.source = str(resolved[0])
   check_shape(sweep)
   return sweep
 

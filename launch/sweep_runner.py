@@ -221,7 +221,7 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
             f"starting a new one", file=sys.stderr)
   experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
   tags = {SWEEP_TAG: sweep.name, ROLE_TAG: "parent", HASH_TAG: digest,
-          "ablax.sweep.file": sweep_lib.relative_to_repo(getattr(sweep, "source", "")),
+          "ablax.sweep.file": sweep_lib.relative_to_repo(sweep.source or ""),
           BASELINE_TAG: sweep_lib.baseline_variant(sweep),
           METRIC_TAG: sweep.metric,
           "mlflow.note.content": _note(sweep, points)}
@@ -238,9 +238,8 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
   c.log_text(run_id, json.dumps({**sweep_lib.definition(sweep),
                                  "points": [_point_record(p) for p in points]}, indent=2),
              "sweep/sweep.json")
-  source = getattr(sweep, "source", None)
-  if source and Path(source).is_file():
-    c.log_artifact(run_id, source, "sweep")
+  if sweep.source and Path(sweep.source).is_file():
+    c.log_artifact(run_id, sweep.source, "sweep")
   workdir.mkdir(parents=True, exist_ok=True)
   state_path.write_text(json.dumps({"name": sweep.name, "hash": digest,
                                     "tracking_uri": tracking_uri, "parent_run_id": run_id,

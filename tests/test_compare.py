@@ -48,7 +48,7 @@ def make_sweep(uri, tmp_path, name="attn"):
                      spool_dir=tmp_path / f"spool-{key}",
                      tags={runs_lib.POINT_TAG: key, runs_lib.VARIANT_TAG: variant,
                            runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
-                           "ablax.config_hash": f"hash-{variant}"})
+                           "ablax.config_hash": f"h-{variant.split('=')[1]}"})
       with t:
         t.log_params({"attention": variant.split("=")[1], "seed": seed})
         for step in (0, 50, 100):
@@ -98,7 +98,7 @@ def test_statistics_by_hand(store):
   assert mha.tokens_per_s == pytest.approx(1001.0)
   assert mha.mfu == pytest.approx(0.02)
   assert mha.energy_kwh == pytest.approx(0.01) and mha.carbon_kg == pytest.approx(0.004)
-  assert len(mha.run_ids) == 3 and mha.config_hashes == ["hash-attention=mha"]
+  assert len(mha.run_ids) == 3 and mha.config_hashes == ["h-mha"]
 
 
 def test_formats(store):
@@ -113,7 +113,8 @@ def test_formats(store):
   tex = table_lib.render(table, "latex")
   assert r"\begin{tabular}" in tex and r"\end{tabular}" in tex
   assert r"attention=mqa & 3 & 2.3000 $\pm$ 0.1000" in tex
-  assert r"hash-attention=mqa" in tex and r"eval/loss" in tex and "_" not in tex.replace(r"\_", "")
+  assert r"\texttt{h-mqa}" in tex and r"eval/loss" in tex and "_" not in tex.replace(r"\_", "")
+  assert r"$\Delta$ vs baseline & 95\% CI" in tex
 
   rows = list(csv.DictReader(io.StringIO(table_lib.render(table, "csv"))))
   assert [r["variant"] for r in rows] == list(FINALS)

@@ -58,4 +58,4 @@ def test_real_sweep_two_points(tmp_path, capsys, monkeypatch):
   # The table came from MLflow: both variants, the baseline first, run ids cited.
   table = out[out.index("sweep e2e (parent run"):]
   assert table.index("attention=mha") < table.index("attention=mqa")
-  assert mqa.info.run_id in table
+  assert mqa.info.run_id[:8] in table
