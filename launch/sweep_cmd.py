@@ -3,6 +3,8 @@
   ablax sweep ablations/attention.gin                  # run (or resume) every point
   ablax sweep ablations/attention.gin --dry-run        # list and check the points, run nothing
   ablax sweep ablations/attention.gin --workers 2 --gin_param 'Sweep.seeds = [0, 1, 2]'
+  ablax sweep ablations/attention.gin --launcher slurm  # a job array (launch/slurm_sweep.py)
+  ablax sweep ablations/attention.gin --status         # each point's MLflow (and SLURM) state
 
 A re-run with the same sweep definition and workdir skips the points whose
 MLflow run finished and resumes the others from their checkpoints. At the end

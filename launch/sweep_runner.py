@@ -254,22 +254,16 @@ def _note(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point]) -> str:
 
 
 def _record_tags() -> dict[str, str]:
-  """Code version and environment of the launching process, when the tracking layer has them."""
+  """The launching checkout's code version (devices are the children's to record: touching
+  them here would make this process hold GPU memory the children need)."""
   try:
     from core.tracking import record  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    code = record.code_version(sweep_lib.gin_config.REPO_ROOT)
+  except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
     return {}
-  tags = {}
-  for fn_name in ("code_version", "environment"):
-    fn = getattr(record, fn_name, None)
-    if fn is None:
-      continue
-    try:
-      value = fn()
-    except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
-      continue
-    if isinstance(value, dict):
-      tags.update({f"ablax.{fn_name}.{k}"[:250]: str(v)[:5000] for k, v in value.items()})
+  tags = {"git.commit": str(code.get("commit")), "git.dirty": str(code.get("dirty")).lower()}
+  if code.get("commit"):
+    tags["mlflow.source.git.commit"] = code["commit"]
   return tags
 
 
