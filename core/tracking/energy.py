@@ -195,7 +195,7 @@ class EnergyMeter:
     """Starts the clock and the counters.
 
     Args:
-      resume_from: the last `read()` of an earlier session of the same run
+      resume_from: the last `read()` of an earlier process of the same run
         (e.g. saved with the checkpoint), so figures stay cumulative.
     """
     if resume_from:

@@ -135,7 +135,7 @@ class RunTracker:
     self._prepare_spool_dir()
     with sqlite_init_lock(self.tracking_uri):
       self._retry_transient(self._open_run, "open the run")
-    # Records left by an earlier session of this run go first, while the
+    # Records left by an earlier process of this run go first, while the
     # store is known to be reachable, so the history stays in order.
     if spool.pending(self.spool_dir, self.run_id):
       try:
@@ -228,11 +228,11 @@ class RunTracker:
       run = client.create_run(experiment_id, tags=tags, run_name=self.run_name)
       self.run_id = run.info.run_id
     # Writing an artifact proves the artifact store is writable too; the file
-    # is the run's session log (one per start, so resumes are visible).
-    session = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+    # is the run's start log (one per start, so resumes are visible).
+    start_info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
                "spool_dir": str(self.spool_dir), "resumed": resumed}
-    client.log_text(self.run_id, json.dumps(session, indent=1),
-                    f"ablax/sessions/{int(time.time() * 1000)}-{os.getpid()}.json")
+    client.log_text(self.run_id, json.dumps(start_info, indent=1),
+                    f"ablax/starts/{int(time.time() * 1000)}-{os.getpid()}.json")
 
   # ---------------------------------------------------------------- logging
 
@@ -480,10 +480,10 @@ class RunTracker:
     """
     if self._ended or self._thread is None:
       return True
-    atexit.unregister(self._at_exit)
     status = status.upper()
     if status not in STATUSES:
       raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    atexit.unregister(self._at_exit)
     if error:
       self.set_tags({ERROR_TAG: error[-MAX_TAG_VALUE:]})
       self.log_text(error, "error.txt")
