@@ -179,8 +179,9 @@ def check_shape(sweep: Sweep) -> list[Axis]:
 
 def _axis(sweep_name: str, name: str, spec: Any) -> Axis:
   where = f"sweep {sweep_name}: axis {name!r}"
-  if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
-    raise SweepError(f"{where}: axis names must be identifiers")
+  # No dots: the trainer logs dotted params ('model.norm', 'gin.*') next to the axis values.
+  if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
+    raise SweepError(f"{where}: axis names are short identifiers (letters, digits, _ and -)")
   if not isinstance(spec, Mapping):
     raise SweepError(f"{where}: expected {{'binding': ..., 'values': [...]}} or named variants "
                      f"{{name: [bindings or .gin files]}}, got {type(spec).__name__}")

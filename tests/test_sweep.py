@@ -95,6 +95,8 @@ def test_baseline_and_overrides(tmp_path):
     ("{'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': []}}", "[0]", "grid is empty"),
     ("{'attention': {}}", "[0]", "grid is empty"),
     (ATTENTION, "[]", "grid is empty"),
+    ("{'model.norm': {'binding': 'ModelConfig.norm', 'values': ['rmsnorm']}}", "[0]",
+     "axis names are short identifiers"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, axes, seeds, message):
   with pytest.raises(sweep_lib.SweepError, match=message):
