@@ -315,3 +315,25 @@ def test_job_states_of_forgotten_jobs_is_empty(fake_slurm):
             'exit 1\n')
   with pytest.raises(slurm.SlurmError, match="controller"):
     slurm.job_states(["12"])
+
+
+def test_sweep_script_has_one_task_per_point(tmp_path):
+  from launch import slurm_sweep
+  from launch import sweep as sweep_lib
+  sweep = sweep_lib.Sweep(name="s", base=["gin/experiments/tiny_llama.gin"], seeds=[0, 1],
+                          axes={"kv": {"binding": "core.model.config.ModelConfig.num_kv_heads",
+                                       "values": [1, 2]}})
+  points = sweep_lib.expand(sweep)
+  script = slurm_sweep.render_sweep_script(
+      sweep, points, tracking_uri="http://10.0.0.1:5000", workdir=tmp_path,
+      resources=SlurmResources(partition="gpu"), train_command=["ablax", "train"])
+  assert "#SBATCH --array=0-3" in script and "#SBATCH --job-name=ablax-s" in script
+  assert f"#SBATCH --output={tmp_path.resolve()}/slurm/logs/%x-%A_%a.log" in script
+  for p in points:
+    line = next(l for l in script.splitlines() if l.startswith(f"  {p.index}) cmd=("))
+    assert line.startswith(f"  {p.index}) cmd=(ablax train --gin_file ")
+    assert f"--workdir {tmp_path.resolve() / p.key} --tracking_uri http://10.0.0.1:5000" in line
+    assert f"num_kv_heads = {p.choices[0][1]}'" in line
+  path = tmp_path / "s.sbatch"
+  path.write_text(script)
+  subprocess.run(["bash", "-n", str(path)], check=True)
