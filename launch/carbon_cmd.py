@@ -108,6 +108,14 @@ def project(args: argparse.Namespace) -> dict:
   return result
 
 
+def _energy(mwh: float) -> str:
+  return f"{mwh:,.2f} MWh" if mwh >= 1 else f"{mwh * 1000:,.3g} kWh"
+
+
+def _co2(tonnes: float) -> str:
+  return f"{tonnes:,.2f} tCO2eq" if tonnes >= 1 else f"{tonnes * 1000:,.3g} kg CO2eq"
+
+
 def format_text(r: dict) -> str:
   lines = []
   if "model" in r:
@@ -123,7 +131,7 @@ def format_text(r: dict) -> str:
       f"devices       {r['count']:,} x {r['device']} for {r['hours']:,.1f} h = "
       f"{r['device_hours']:,.0f} device-hours",
       f"power         {r['power_w']:g} W per device ({r['power_source']})",
-      f"energy        {r['energy_mwh_raw']:,.2f} MWh at the devices; {r['energy_mwh']:,.2f} MWh "
+      f"energy        {_energy(r['energy_mwh_raw'])} at the devices; {_energy(r['energy_mwh'])} "
       f"with PUE {r['pue']:g}",
   ]
   if r.get("co2_tonnes") is None:
@@ -131,7 +139,7 @@ def format_text(r: dict) -> str:
   else:
     lines += [
         f"intensity     {r['intensity_kg_per_kwh']:g} kg CO2eq/kWh ({r['intensity_source']})",
-        f"carbon        {r['co2_tonnes']:,.2f} tCO2eq",
+        f"carbon        {_co2(r['co2_tonnes'])}",
     ]
   return "\n".join(lines)
 

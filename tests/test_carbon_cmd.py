@@ -44,7 +44,14 @@ def test_text_output_names_sources(capsys):
   assert code == 0
   assert "448.00 kWh" not in out and "4.48 MWh at the devices" in out  # 64 x 100 h x 700 W
   assert "5.38 MWh with PUE 1.2" in out
-  assert "region-carbon-info" in out and "0.18 tCO2eq" in out  # 5.376 MWh x 34 g/kWh
+  assert "region-carbon-info" in out and "183 kg CO2eq" in out  # 5.376 MWh x 34 g/kWh
+
+
+def test_small_runs_in_kwh_and_kg(capsys):
+  code, out, _ = _run(capsys, "--device", "cpu", "--hours", "2", "--power_w", "150",
+                      "--pue", "1.5", "--region", "europe-west9")
+  assert code == 0 and "0.3 kWh at the devices; 0.45 kWh with PUE 1.5" in out
+  assert "0.0153 kg CO2eq" in out  # 0.45 kWh x 34 g/kWh
 
 
 def test_without_intensity_only_energy(capsys):
