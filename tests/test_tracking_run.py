@@ -250,9 +250,22 @@ def test_unreachable_server_fails_at_start(tmp_path):
   with socket.socket() as s:  # a port nobody listens on
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+  os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+  os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "7"  # a user's own setting
   t = RunTracker(f"http://127.0.0.1:{port}", "x", spool_dir=tmp_path / "spool")
   with pytest.raises(TrackingStoreError, match=f"127.0.0.1:{port}"):
     t.start()
+  # MLflow's default (7 retries over minutes) is bounded; the user's value wins.
+  assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+  assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_default_uri_comes_from_the_environment(_mlflow_store, tmp_path):
+  t = RunTracker(None, "env", spool_dir=tmp_path / "spool")
+  t.start()
+  t.end()
+  assert t.tracking_uri == _mlflow_store
+  assert MlflowClient(_mlflow_store).get_run(t.run_id).info.status == "FINISHED"
 
 
 def test_resume_of_unknown_run_fails(_mlflow_store, tmp_path):
