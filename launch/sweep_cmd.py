@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                                            tracking_uri, run_ids[p.key], env))
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
-    print(f"\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)
+    print("\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return 130
   finally:
     signal.signal(signal.SIGTERM, previous)
