@@ -138,3 +138,14 @@ def test_cli_options_after_the_name_and_missing_train_args(capsys):
   assert "train" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     tpu_vm_cmd.run(_parse(["tpu-vm", "-h"]))
+
+
+def test_through_the_ablax_dispatcher(monkeypatch, capsys):
+  """As `ablax launch tpu-vm ...` once launch/cli.py lists the command."""
+  from launch import cli
+  monkeypatch.setitem(cli.COMMANDS, "launch", (
+      "launch.tpu_vm_cmd", "start a run on other machines (tpu-vm: every worker of a pod slice)"))
+  code = cli.main(["launch", "tpu-vm", "slice", "--zone", "z", "--no_code", "--no_setup",
+                   "--", "--gin_file", "gin/experiments/tiny_llama.gin"])
+  assert code == 0
+  assert "gcloud compute tpus tpu-vm ssh slice" in capsys.readouterr().out
