@@ -234,12 +234,14 @@ def render_array_script(commands: Mapping[int, Sequence[str]], resources: SlurmR
   lines += [f"#SBATCH {d}" for d in sbatch_directives(
       resources, job_name=job_name, indices=list(commands), log_dir=log_dir,
       chdir=Path(chdir) if chdir is not None else None)]
-  lines += ["", "set -euo pipefail"]
+  lines += ["", "set -eo pipefail"]
   for key, value in (env or {}).items():
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
       raise ValueError(f"bad environment variable name {key!r}")
     lines.append(f"export {key}={shlex.quote(str(value))}")
   lines += list(resources.setup)
+  # Only now: `module load` (Lmod) and old venv activate scripts read unset variables.
+  lines.append("set -u")
   launcher = ""
   if resources.multi_process:
     # One process per task; a failing process ends the step instead of leaving

@@ -72,8 +72,8 @@ def test_env_setup_and_labels():
   script = _script(env={"MLFLOW_TRACKING_URI": "http://10.0.0.1:5000", "NOTE": "a b"},
                    resources=SlurmResources(setup=["module load cuda/12"]),
                    labels={0: "kv-1__seed-0 (kv=1)", 2: "two\nlines"})
-  assert "export MLFLOW_TRACKING_URI=http://10.0.0.1:5000\nexport NOTE='a b'\nmodule load cuda/12" \
-      in script
+  assert ("export MLFLOW_TRACKING_URI=http://10.0.0.1:5000\nexport NOTE='a b'\nmodule load cuda/12"
+          "\nset -u\n") in script
   assert "  # kv-1__seed-0 (kv=1)\n  0) cmd=(" in script
   assert "  # two lines\n  2) cmd=(" in script
 
@@ -337,3 +337,11 @@ def test_sweep_script_has_one_task_per_point(tmp_path):
   path = tmp_path / "s.sbatch"
   path.write_text(script)
   subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_setup_lines_run_before_set_u(tmp_path):
+  out = tmp_path / "out.txt"
+  proc = _run_task(tmp_path, {0: ["sh", "-c", f"echo ran > {out}"]}, 0,
+                   resources=SlurmResources(setup=['echo "${NOT_SET_ANYWHERE}" > /dev/null']))
+  assert proc.returncode == 0, proc.stderr
+  assert out.read_text() == "ran\n"
