@@ -193,7 +193,10 @@ def resolve_distributed(args: Any = None,
     if any(v is not None for v in flags.values()):
       raise DistributedConfigError(f"{ENV_MODE}=off contradicts the distributed flags given")
     return None
-  slurm = _from_slurm(env)
+  explicit = all(flags[k] is not None or from_env[k] is not None for k in flags)
+  # SLURM is read only when needed: its batch-step check must not block a run
+  # whose flags already say everything.
+  slurm = None if explicit else _from_slurm(env)
 
   values: dict[str, Any] = {}
   sources: list[str] = []

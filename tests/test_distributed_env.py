@@ -135,6 +135,9 @@ def test_batch_script_with_several_tasks_needs_srun():
          "SLURM_JOB_NODELIST": "n[1-2]"}
   with pytest.raises(DistributedConfigError, match="srun"):
     resolve_distributed(_args(), env)
+  # Complete flags need nothing from SLURM (another launcher inside the job).
+  cfg = resolve_distributed(_args(coordinator_address="n1:1", num_processes=2, process_id=1), env)
+  assert tuple(cfg) == ("n1:1", 2, 1)
 
 
 def test_incomplete_settings_name_what_is_missing():
