@@ -97,7 +97,7 @@ def _memorization(args, model, tok) -> dict[str, float]:
   metrics = {}
   for name, source in sources.items():
     texts = (source[i] for i in range(len(source)))
-    docs = (d for d in memorization.documents_from_texts(texts, tok))
+    docs = memorization.documents_from_texts(texts, tok)
     metrics.update(memorization.evaluate(model, docs, prefix_len=args.prefix_len,
                                          suffix_len=args.suffix_len,
                                          max_documents=args.num_documents,

@@ -100,7 +100,7 @@ def test_eval_errors_are_clear(checkpoint, capsys, tmp_path):
   assert code == 2 and "does not record an MLflow training run" in err
 
 
-def test_sample_greedy_and_sampled(checkpoint, capsys):
+def test_sample(checkpoint, capsys):
   base = ["sample", "--checkpoint", checkpoint["dir"], "--prompt", "Paris is", "--prompt",
           "def add(", "--max_new_tokens", "6", "--ignore_eos", "--json"]
   code, out, err = run_cli(base, capsys)
@@ -109,11 +109,6 @@ def test_sample_greedy_and_sampled(checkpoint, capsys):
   assert [len(s["ids"]) for s in greedy["samples"]] == [6, 6]
   tok = checkpoint["tokenizer"]
   assert greedy["samples"][0]["completion"] == tok.decode(greedy["samples"][0]["ids"])
-  code, out, _ = run_cli(base + ["--no_cache"], capsys)
-  assert json.loads(out)["samples"] == greedy["samples"]
-  code, out, _ = run_cli(base + ["--temperature", "1.0", "--top_k", "5", "--top_p", "0.9",
-                                 "--seed", "3"], capsys)
-  assert code == 0 and len(json.loads(out)["samples"]) == 2
   code, _, err = run_cli(base + ["--temperature", "-1"], capsys)
   assert code == 2 and "temperature" in err
 
@@ -131,3 +126,37 @@ def test_eval_suite_is_a_plain_callable_for_the_training_loop(checkpoint, tmp_pa
   assert first["mc/task/0shot/num_examples"] == 2
   assert "heldout/prose/bits_per_byte" in first and "memorization/exact_rate" in first
   assert suite(model, step=20) == first  # same data every time
+
+
+GIN_EVALS = """
+from __gin__ import dynamic_registration
+import core.data.pipeline
+import core.eval.suite
+
+core.eval.suite.EvalSuite:
+  tokenizer = %TOKENIZER
+  heldout_batches = {'prose': @heldout_prose/core.data.pipeline.lm_batches}
+  heldout_max_batches = 2
+  tasks = [%TASK]
+  num_shots = 1
+
+heldout_prose/core.data.pipeline.lm_batches:
+  sources = {'prose': %PROSE}
+  tokenizer = %TOKENIZER
+  seq_len = 32
+  batch_size = 2
+  split = 'train'
+  num_epochs = 1
+"""
+
+
+def test_eval_suite_from_gin_as_in_the_readme(checkpoint, tmp_path, monkeypatch):
+  import gin
+  monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
+  tok = checkpoint["tokenizer"]
+  gin.parse_config([f"TOKENIZER = '{tok.path}'", f"TASK = '{checkpoint['task']}'",
+                    f"PROSE = 'files:{checkpoint['data']}/prose.txt'", GIN_EVALS])
+  suite = gin.get_configurable(EvalSuite)()
+  model, _, _ = io.load_model(checkpoint["dir"])
+  metrics = suite(model, step=1)
+  assert "heldout/prose/bits_per_byte" in metrics and "mc/task/1shot/acc" in metrics

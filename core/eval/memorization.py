@@ -11,7 +11,7 @@ enough to have a prefix and a suffix.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from flax import nnx
@@ -31,10 +31,10 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def documents_from_texts(texts: Iterable[str], tokenizer: Any, add_bos: bool = True
-                         ) -> list[list[int]]:
-  """Token ids of each text, with BOS in front as in training (core.data frames docs so)."""
+                         ) -> Iterator[list[int]]:
+  """Token ids of each text, lazily, with BOS in front as in training (core.data frames docs so)."""
   bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
-  return [bos + tokenizer.encode(t) for t in texts]
+  return (bos + tokenizer.encode(t) for t in texts)
 
 
 def evaluate(model: nnx.Module, documents: Iterable[Sequence[int]], *, prefix_len: int = 50,

@@ -10,6 +10,7 @@ so each evaluation scores the same examples and curves are comparable.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from flax import nnx
@@ -53,7 +54,7 @@ class EvalSuite:
   seed: int = 0
 
   def __post_init__(self):
-    if self.tokenizer is not None and not hasattr(self.tokenizer, "encode"):
+    if isinstance(self.tokenizer, (str, os.PathLike)):
       from core.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
       self.tokenizer = load_tokenizer(str(self.tokenizer))
     self._byte_lengths = None
