@@ -37,28 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--process_id", type=int, default=None)
 
 
-def init_distributed(address: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
-  """Joins the other processes of a multi-process run, if any.
-
-  jax.distributed from flags, else the environment (ABLAX_*/JAX_*), else the
-  SLURM step, else JAX's detection of other clusters; launch/distributed.py
-  decides and says what is missing.
-  """
-  from launch import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    distributed.initialize_from(
-        argparse.Namespace(coordinator_address=address, num_processes=num_processes,
-                           process_id=process_id), detected=_cluster_detected)
-  except distributed.DistributedConfigError as e:
-    raise SystemExit(f"ablax train: {e}") from None
-
-
-def _cluster_detected() -> bool:
+def _jax_detects_cluster() -> bool:
+  """Whether JAX's own detection would find a cluster (Open MPI, Cloud TPU, ...)."""
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types  # noqa: SLF001
-               if env.__name__ not in ("GkeTpuCluster",))
+    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)  # noqa: SLF001
   except Exception:  # noqa: BLE001  private API: without it, single-process unless told
     return False
 
@@ -66,7 +49,12 @@ def _cluster_detected() -> bool:
 def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-  init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  from launch import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize_from(args, detected=_jax_detects_cluster)
+  except distributed.DistributedConfigError as e:
+    print(f"ablax train: {e}", file=sys.stderr)
+    return 2
 
   import gin  # pylint: disable=g-import-not-at-top
   from core.train import loop  # pylint: disable=g-import-not-at-top
@@ -85,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     flat = gin_config.flatten_config_str(operative)
     return loop.RunConfigRecord(files=[paths["config"], paths["operative_config"]],
                                 params={f"gin.{k}": v for k, v in flat.items()},
-                                text=operative)
+                                text=operative, bound_text=gin.config_str(), gin_files=files)
 
   overrides = {"workdir": workdir, "config_hook": config_hook, "tracking_uri": args.tracking_uri}
   if args.no_tracking:

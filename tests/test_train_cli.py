@@ -42,5 +42,6 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   assert run.data.params["model.embed_dim"] == "128"
   assert any(k.startswith("gin.") for k in run.data.params)
   assert "train/loss" in run.data.metrics and "eval/loss" in run.data.metrics
+  assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
   artifacts = {a.path for a in MlflowClient(_mlflow_store).list_artifacts(run_id)}
   assert "config" in artifacts and "metrics.jsonl" in artifacts

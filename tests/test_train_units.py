@@ -137,3 +137,25 @@ def test_gradient_accumulation_equals_full_batch():
     grads[a] = jax.tree.map(lambda x, n=n: x / n, g)
   for x, y in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2])):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mixed_precision_and_remat_step_matches_float32_loosely():
+  mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 64, (2, 9)).astype(np.int32)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((2, 8), np.float32),
+           "segment_ids": np.ones((2, 8), np.int32),
+           "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1))}
+  losses = {}
+  for name, config in (("f32", TINY), ("bf16_remat", TINY.replace(dtype="bfloat16",
+                                                                   remat="save_dots"))):
+    b = StepBuilder(config, optax.identity(), mesh, {})
+    b.optimizer = optimizer.llama_adamw(param_axes=b.param_axes, total_steps=4)
+    state = b.init(0)
+    assert state.params["blocks"][0]["attn"]["q"].dtype == jnp.float32  # master weights
+    step = b.build((2, 8))
+    state, metrics = step(state, batch)
+    losses[name] = float(metrics["loss"])
+    assert bool(metrics["finite"])
+  assert losses["bf16_remat"] == pytest.approx(losses["f32"], rel=2e-2)

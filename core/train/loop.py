@@ -59,10 +59,20 @@ class NonFiniteError(FloatingPointError):
 
 @dataclasses.dataclass
 class RunConfigRecord:
-  """What the caller (launch/) knows about the configuration: files and flat params."""
+  """What the caller (launch/) knows about the configuration.
+
+  Attributes:
+    files: the config files it wrote into the workdir.
+    params: flat name -> value of the operative config (MLflow params).
+    text: the operative config (what was used, defaults included).
+    bound_text: the bound config (what the files and bindings said).
+    gin_files: the gin files the run was started with.
+  """
   files: list[Path]
   params: dict[str, str]
   text: str = ""
+  bound_text: str | None = None
+  gin_files: list[Path] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -136,10 +146,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,
                     shard_count=1)
   record = config_hook(workdir) if (config_hook and primary) else None
-  config_text = record.text if record else ""
-  tags = trk.run_tags(REPO_ROOT, dict(mesh_obj.shape), config_text)
   tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
-                              run_name=run_name, enabled=track, tags=tags)
+                              run_name=run_name, enabled=track)
   checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=keep_checkpoints,
                                    async_save=async_checkpoints)
   status, error = "FAILED", None
@@ -322,17 +330,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
                     manifest) -> None:
   if start_step > 0:
-    return  # params were logged by the first session of this run; MLflow refuses changes
+    return  # logged by the first session of this run; MLflow refuses changed params
   params = {f"model.{k}": v for k, v in model.to_dict().items()}
-  params.update({f"params.{k}": v for k, v in param_counts(model).items()})
   params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
                  "train.mesh": meshlib.describe(mesh_obj)})
   if record:
     params.update(record.params)
-  tracker.log_params(params)
+  trk.write_record(tracker, repo_dir=REPO_ROOT, mesh_shape=dict(mesh_obj.shape), params=params,
+                   counts=param_counts(model), operative_config=record.text if record else None,
+                   bound_config=record.bound_text if record else None,
+                   gin_files=record.gin_files if record else [], manifest=manifest)
   tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
-  if manifest:
-    tracker.log_dict(manifest, "data_manifest.json")
 
 
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
@@ -343,8 +351,6 @@ def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, ste
                            if isinstance(v, (int, float))}, step=step)
     except Exception as e:  # noqa: BLE001
       logger.info("energy reading failed: %s", e)
-  for path in (record.files if record else []):
-    tracker.log_artifact(path, "config")
   if (workdir / "metrics.jsonl").is_file():
     tracker.log_artifact(workdir / "metrics.jsonl")
 
