@@ -170,11 +170,12 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
          train_data, record, tracker, checkpointer, evals=None, **unused) -> TrainResult:
   abstract = builder.abstract_state()
   restored = checkpointer.restore_latest(abstract)
+  saved_meta: dict = {}
   if restored is None:
     start_step, state = 0, builder.init(seed)
     _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
   else:
-    start_step, state, data_state, _ = restored
+    start_step, state, data_state, saved_meta = restored
     train_data.set_state(data_state)
     _say(primary, f"resuming {workdir} from step {start_step}")
   first = _Prefetch(train_data)
@@ -184,7 +185,8 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
     _truncate_metrics(metrics_path, start_step)
     _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
                     getattr(train_data, "manifest", None))
-  energy = trk.energy_meter(jax.devices()[0].device_kind, jax.device_count()) if primary else None
+  energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
+                             resume_from=saved_meta.get("energy")) if primary else None)
 
   shape = (batch_size, seq_len)
   t0 = time.perf_counter()
@@ -225,6 +227,9 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
         if primary:
           _append_jsonl(metrics_path, line)
           tracker.log_metrics({f"train/{k}": v for k, v in line.items() if k != "step"}, step=s)
+          if energy is not None:
+            tracker.log_metrics({f"energy/{k}": v for k, v in _energy_reading(energy).items()},
+                                step=s)
           if progress:
             print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
                   f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
@@ -234,7 +239,10 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   def save(step: int, data_state: dict, wait: bool = False) -> None:
     nonlocal last_saved
     resolve(0)  # never save parameters that a later check would reject
-    checkpointer.save(step, state, data_state, {"time": time.time()}, wait=wait)
+    meta = {"time": time.time()}
+    if energy is not None:
+      meta["energy"] = _energy_reading(energy)  # so a resumed run's figures stay cumulative
+    checkpointer.save(step, state, data_state, meta, wait=wait)
     last_saved = step
 
   step = start_step
@@ -343,14 +351,22 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
   tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
 
 
+def _energy_reading(energy) -> dict[str, float]:
+  try:
+    return {k: float(v) for k, v in energy.read().items() if isinstance(v, (int, float))}
+  except Exception as e:  # noqa: BLE001  a failing counter must not stop training
+    logger.info("energy reading failed: %s", e)
+    return {}
+
+
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
   tracker.set_tags({"mfu_peak_source": peak_source})
   if energy is not None:
+    tracker.log_metrics({f"energy/{k}": v for k, v in _energy_reading(energy).items()}, step=step)
     try:
-      tracker.log_metrics({f"energy/{k}": v for k, v in energy.read().items()
-                           if isinstance(v, (int, float))}, step=step)
+      tracker.log_dict(energy.inputs(), "energy/inputs.json")
     except Exception as e:  # noqa: BLE001
-      logger.info("energy reading failed: %s", e)
+      logger.info("energy inputs unavailable: %s", e)
   if (workdir / "metrics.jsonl").is_file():
     tracker.log_artifact(workdir / "metrics.jsonl")
 

@@ -99,12 +99,16 @@ def write_record(tracker, *, repo_dir: Path, mesh_shape: Mapping[str, int],
     tracker.log_dict(manifest, "data/manifest.json")
 
 
-def energy_meter(device_kind: str, device_count: int):
-  """core.tracking.energy.EnergyMeter when that module exists and knows the device, else None."""
+def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, Any] | None = None):
+  """A started core.tracking.energy.EnergyMeter (cumulative over resumed sessions), or None.
+
+  None when the module is missing or does not know the device: energy is part
+  of the record, never a reason to stop training.
+  """
   try:
     from core.tracking.energy import EnergyMeter  # pylint: disable=g-import-not-at-top
     meter = EnergyMeter(device_kind=device_kind, device_count=device_count)
-    meter.start()
+    meter.start(resume_from=resume_from or None)
     return meter
   except Exception as e:  # noqa: BLE001  energy is a record, never a reason to stop training
     logger.info("energy not measured: %s", e)
