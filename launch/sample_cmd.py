@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   eos_id=None if args.ignore_eos else tok.eos_id, pad_id=max(tok.pad_id, 0),
-                  use_cache=not args.no_cache)
+                  use_cache=not args.no_cache, vocab_limit=tok.vocab_size)
     if args.timing:
       sampling.generate(model, prompts, **kwargs)
     gen = sampling.generate(model, prompts, **kwargs)

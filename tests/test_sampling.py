@@ -138,6 +138,9 @@ def test_sampler_restrictions():
   # softmax([3, 2, 1, 0, -1]) = .64, .24, .09, ...: top_p .8 keeps the first two.
   assert support(Sampler(1.0, top_p=0.8)) == {1, 2}
   assert support(Sampler(5.0)) == {0, 1, 2, 3, 4}
+  # Ids past the tokenizer (a padded table) are never produced, greedy or sampled.
+  assert support(Sampler(0.0, vocab_limit=1)) == {0}
+  assert support(Sampler(5.0, vocab_limit=3)) == {0, 1, 2}
 
 
 def test_bad_arguments_are_clear_errors():

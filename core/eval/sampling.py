@@ -34,10 +34,13 @@ class Sampler:
   temperature 0 is greedy (argmax). Otherwise logits are divided by the
   temperature, restricted to the top_k most likely tokens (None: all), then to
   the smallest set whose probability reaches top_p (None or 1: all), and sampled.
+  Ids >= vocab_limit are never chosen (a model table padded beyond its
+  tokenizer has rows no text maps to).
   """
   temperature: float = 0.0
   top_k: int | None = None
   top_p: float | None = None
+  vocab_limit: int | None = None
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -54,6 +57,9 @@ class Sampler:
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
   """Token ids (B,) drawn from float32 logits (B, V) as `sampler` says."""
+  if sampler.vocab_limit is not None and sampler.vocab_limit < logits.shape[-1]:
+    ids = jnp.arange(logits.shape[-1])
+    logits = jnp.where(ids < sampler.vocab_limit, logits, jnp.finfo(jnp.float32).min)
   if sampler.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / sampler.temperature
@@ -114,7 +120,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int],
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-             pad_id: int = 0, use_cache: bool = True, return_logits: bool = False) -> Generation:
+             pad_id: int = 0, use_cache: bool = True, return_logits: bool = False,
+             vocab_limit: int | None = None) -> Generation:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -127,13 +134,15 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int]
     pad_id: id fed for padding (its value never matters: padding is masked).
     use_cache: decode with the key/value cache (False recomputes every step).
     return_logits: keep the logits of every step (B, max_new_tokens, V).
+    vocab_limit: never produce ids >= this (the tokenizer's size when the
+      model's table is padded beyond it).
   """
   if len(prompts) and np.ndim(prompts[0]) == 0:
     prompts = [prompts]
   prompts = [[int(t) for t in p] for p in prompts]
   if max_new_tokens < 1:
     raise SamplingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  sampler = Sampler(float(temperature), top_k, top_p)
+  sampler = Sampler(float(temperature), top_k, top_p, vocab_limit)
   config = model.config
   tokens, segments, positions = left_pad(prompts, pad_id)
   bad = tokens[(tokens < 0) | (tokens >= config.vocab_size)]
