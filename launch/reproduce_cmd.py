@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if key.startswith(sweep_runner.ENV_TAG_PREFIX):
       env[key[len(sweep_runner.ENV_TAG_PREFIX):]] = value  # same threads as the original
   prefix = args.train_command.split() if args.train_command else list(sweep_runner.TRAIN_COMMAND)
+  cores = original.data.tags.get(sweep_runner.CPU_COUNT_TAG)
+  if cores and cores.isdigit():
+    # As many cores as the original's worker: XLA sizes its CPU thread pools by them.
+    prefix = sweep_runner.pin_command(prefix, sweep_runner.available_cpus()[:int(cores)])
   cmd = prefix + ["--gin_file", str(config), "--workdir", str(workdir),
                   "--tracking_uri", tracking_uri]
   rc = subprocess.call(cmd, env=env)

@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
                                        fail_fast=args.fail_fast,
                                        settle=lambda p, rc: sweep_runner.settle_child(
                                            tracking_uri, run_ids[p.key], rc),
-                                       on_start=lambda p, env: sweep_runner.record_env(
-                                           tracking_uri, run_ids[p.key], env))
+                                       on_start=lambda p, env, cpus: sweep_runner.record_env(
+                                           tracking_uri, run_ids[p.key], env, cpus))
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
     print("\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)

@@ -46,7 +46,8 @@ EXPERIMENT_BINDING = "core.train.loop.train.experiment"
 ENV_TAG_PREFIX = "ablax.env."
 # What a worker's environment sets that can change numerics or placement.
 ENV_VARS = ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
-            "JAX_PLATFORMS")
+            "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+CPU_COUNT_TAG = "ablax.cpus"  # cores a pinned worker had
 
 TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
 
@@ -332,12 +333,20 @@ def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Pa
   return cmd
 
 
-def record_env(tracking_uri: str, run_id: str, env: dict[str, str]) -> None:
-  """Tags the run with the thread and device settings its worker gave it (reproduce reuses them)."""
+def record_env(tracking_uri: str, run_id: str, env: dict[str, str],
+               cpus: Sequence[int] = ()) -> None:
+  """Tags the run with the thread, core and device settings its worker gave it.
+
+  `ablax reproduce` applies them again: XLA's CPU thread pools follow the cores
+  a process may use, and a different split of a reduction changes the last
+  bits of the loss.
+  """
   c = client(tracking_uri)
   for var in ENV_VARS:
     if env.get(var):
       c.set_tag(run_id, f"{ENV_TAG_PREFIX}{var}", env[var])
+  if cpus:
+    c.set_tag(run_id, CPU_COUNT_TAG, str(len(cpus)))
 
 
 def settle_child(tracking_uri: str, run_id: str, returncode: int) -> str:
@@ -355,7 +364,8 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
                on_done: Callable[[Outcome, int, int], None] | None = None,
                fail_fast: bool = False,
                settle: Callable[[sweep_lib.Point, int], str] | None = None,
-               on_start: Callable[[sweep_lib.Point, dict], None] | None = None) -> list[Outcome]:
+               on_start: Callable[[sweep_lib.Point, dict, list], None] | None = None
+               ) -> list[Outcome]:
   """Runs the commands with `workers` at a time; returns outcomes in point order.
 
   `settle(point, returncode)` gives the point's final status (default:
@@ -388,7 +398,7 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
         if on_start:
-          on_start(point, env)
+          on_start(point, env, cpus)
         # No preexec_fn: it forces a plain fork of this (JAX-importing, threaded) process.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)

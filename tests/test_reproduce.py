@@ -33,6 +33,9 @@ p.add_argument("--workdir")
 p.add_argument("--tracking_uri")
 a = p.parse_args()
 assert Path(a.gin_file[0]).read_text().startswith("from __gin__")
+assert os.environ["XLA_FLAGS"] == "--xla_test_flag=1"  # the original worker's settings
+if hasattr(os, "sched_getaffinity"):
+  assert len(os.sched_getaffinity(0)) == 1
 record = json.loads((Path(a.workdir) / "run.json").read_text())
 c = MlflowClient(a.tracking_uri)
 run_id = record["mlflow_run_id"]
@@ -62,7 +65,8 @@ def original(tmp_path, store, monkeypatch):
   c = runs_lib.client(store)
   exp = c.create_experiment(f"repro-{tmp_path.name}", artifact_location=(tmp_path / "art").as_uri())
   run = c.create_run(exp, run_name="orig", tags={"git.commit": "abc", "pkg.jax": "0.0.1",
-                                                  "ablax.env.XLA_FLAGS": "--xla_test_flag=1"})
+                                                  "ablax.env.XLA_FLAGS": "--xla_test_flag=1",
+                                                  "ablax.cpus": "1"})
   run_id = run.info.run_id
   (tmp_path / "config").mkdir()
   (tmp_path / "config" / "operative_config.gin").write_text(CONFIG)

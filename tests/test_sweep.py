@@ -223,6 +223,9 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   child = c.get_run(done[next(iter(done))])
   assert child.data.tags["mlflow.parentRunId"] == parent_id
   assert set(child.data.params) == {"attention", "seed"}
+  # What reproduce needs to rerun it bit for bit: the worker's threads and cores.
+  assert "intra_op_parallelism_threads=1" in child.data.tags["ablax.env.XLA_FLAGS"]
+  assert child.data.tags["ablax.cpus"] == "1"
 
   assert cli.main(argv) == 0  # resumes: only the failed point runs again
   out = capsys.readouterr().out
