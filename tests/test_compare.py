@@ -35,6 +35,9 @@ def store(tmp_path_factory):
 
 
 def make_sweep(uri, tmp_path, name="attn"):
+  # Created here so that artifacts stay in tmp_path (MLflow's default is ./mlruns of the cwd).
+  runs_lib.client(uri).create_experiment("ablations",
+                                         artifact_location=(tmp_path / "artifacts").as_uri())
   parent = RunTracker(uri, "ablations", run_name=name, spool_dir=tmp_path / "spool-parent",
                       tags={runs_lib.SWEEP_TAG: name, runs_lib.ROLE_TAG: "parent",
                             runs_lib.BASELINE_TAG: "attention=mha",
