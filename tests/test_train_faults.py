@@ -127,7 +127,6 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
   assert [got[s] for s in range(1, 13)] == [expected[s] for s in range(1, 13)]
 
 
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(_command(tmp_path, workdir), env=_env(tmp_path), cwd=REPO,
