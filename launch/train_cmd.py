@@ -46,6 +46,17 @@ def _jax_detects_cluster() -> bool:
     return False
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+  from core.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from core.model.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from core.model.io import ModelIOError  # pylint: disable=g-import-not-at-top
+  from core.tokenizer import TokenizerError  # pylint: disable=g-import-not-at-top
+  from core.tracking.carbon import CarbonInputError  # pylint: disable=g-import-not-at-top
+  from core.tracking.store import TrackingStoreError  # pylint: disable=g-import-not-at-top
+  return (ConfigError, DataError, TokenizerError, CarbonInputError, TrackingStoreError,
+          ModelIOError)
+
+
 def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -86,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
   except loop.NonFiniteError as e:
     print(f"ablax train: stopped: {e}", file=sys.stderr)
     return 1
+  except _input_errors() as e:
+    # Bad input (config, data, tokenizer, carbon inputs, tracking store): the
+    # message says what to change; a traceback would only hide it.
+    print(f"ablax train: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
   if result.status == "KILLED":
     print(f"ablax train: stopped by SIGTERM at step {result.step}; the same command resumes it")
   return 0

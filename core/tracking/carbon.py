@@ -156,6 +156,8 @@ def device_power_w(device: str, power_w: float | None = None) -> tuple[float, st
 # Sources of the region table.
 _GOOGLE_2023 = ("Google Cloud region carbon data, 2023 grid carbon intensity "
                 "(github.com/GoogleCloudPlatform/region-carbon-info, data/yearly/2023.csv)")
+_EMBER_WORLD = ("Ember, Global Electricity Review 2023: world average carbon intensity of "
+                "electricity generation in 2022, 436 g CO2/kWh")
 _LLAMA_US = ("Touvron et al. 2023a (LLaMA), Table 15: national US average 0.385 kg CO2e/kWh, "
              "after Wu et al. 2022")
 
@@ -163,6 +165,8 @@ _LLAMA_US = ("Touvron et al. 2023a (LLaMA), Table 15: national US average 0.385 
 # market-based figure (renewable purchases) is a user value, not a region.
 REGIONS: dict[str, tuple[float, str]] = {
     "us-average-llama": (385.0, _LLAMA_US),
+    # The default of gin/train/base.gin when the machine's grid is unknown.
+    "world-2022": (436.0, _EMBER_WORLD),
     **{region: (float(g), _GOOGLE_2023) for region, g in (
         ("africa-south1", 646), ("asia-east1", 451), ("asia-east2", 360),
         ("asia-northeast1", 459), ("asia-northeast2", 385), ("asia-northeast3", 378),

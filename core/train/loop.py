@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
+from core.tokenizer import check_vocab_matches
 from core.train import checkpoint as ckpt
 from core.train import mesh as meshlib
 from core.train import partition, throughput
@@ -97,7 +98,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
           config_hook: Callable[[Path], RunConfigRecord] | None = None,
           devices: list | None = None, progress: bool = True,
           step_builder: Callable[..., StepBuilder] | None = None,
-          evals: Callable[[Any, int], Mapping[str, float]] | None = None) -> TrainResult:
+          evals: Callable[[Any, int], Mapping[str, float]] | None = None,
+          pue: float = 1.0, grid_region: str | None = None,
+          grid_intensity: float | None = None,
+          device_power_w: float | None = None) -> TrainResult:
   """Trains `model` on `data` with `optimizer`, resuming from `workdir` when it has checkpoints.
 
   Args:
@@ -131,7 +135,12 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     evals: called as evals(model, step) -> {metric: value} every eval_every
       steps and at the end, on every process (e.g. core.eval.suite.EvalSuite);
       process 0 logs what it returns.
+    pue, grid_region, grid_intensity, device_power_w: energy and carbon inputs
+      (core.tracking.carbon): facility overhead (PUE), a region of the cited grid
+      table or an intensity in g CO2eq/kWh, and the power per device where the
+      device table has none (TPU v5e/v5p). Checked before anything is built.
   """
+  trk.check_carbon_inputs(pue, grid_region, grid_intensity, device_power_w)
   workdir = Path(workdir).resolve()
   primary = jax.process_index() == 0
   if primary:
@@ -145,6 +154,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
 
   train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,
                     shard_count=1)
+  tokenizer = getattr(train_data, "tokenizer", None)
+  if tokenizer is not None:
+    # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
+    check_vocab_matches(tokenizer.vocab_size, model.vocab_size, where="train: data tokenizer")
   record = config_hook(workdir) if (config_hook and primary) else None
   tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
                               run_name=run_name, enabled=track)
@@ -167,7 +180,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
 
 def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_every,
          eval_batches, checkpoint_every, export_model, progress, primary, mesh_obj, builder,
-         train_data, record, tracker, checkpointer, evals=None, **unused) -> TrainResult:
+         train_data, record, tracker, checkpointer, evals=None, pue=1.0, grid_region=None,
+         grid_intensity=None, device_power_w=None, **unused) -> TrainResult:
   abstract = builder.abstract_state()
   restored = checkpointer.restore_latest(abstract)
   saved_meta: dict = {}
@@ -186,7 +200,9 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
     _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
                     getattr(train_data, "manifest", None))
   energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
-                             resume_from=saved_meta.get("energy")) if primary else None)
+                             resume_from=saved_meta.get("energy"), pue=pue,
+                             grid_region=grid_region, grid_intensity=grid_intensity,
+                             device_power_w=device_power_w) if primary else None)
 
   shape = (batch_size, seq_len)
   t0 = time.perf_counter()

@@ -99,20 +99,37 @@ def write_record(tracker, *, repo_dir: Path, mesh_shape: Mapping[str, int],
     tracker.log_dict(manifest, "data/manifest.json")
 
 
-def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, Any] | None = None):
+def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, Any] | None = None,
+                 *, pue: float = 1.0, grid_region: str | None = None,
+                 grid_intensity: float | None = None, device_power_w: float | None = None):
   """A started core.tracking.energy.EnergyMeter (cumulative over resumed sessions), or None.
 
-  None when the module is missing or does not know the device: energy is part
-  of the record, never a reason to stop training.
+  None when the device has no known power figure and none was given: energy is
+  part of the record, never a reason to stop training. Bad carbon inputs are
+  caught earlier, by `check_carbon_inputs`.
   """
   try:
     from core.tracking.energy import EnergyMeter  # pylint: disable=g-import-not-at-top
-    meter = EnergyMeter(device_kind=device_kind, device_count=device_count)
+    meter = EnergyMeter(device_kind=device_kind, device_count=device_count, pue=pue,
+                        region=grid_region, intensity_g_per_kwh=grid_intensity,
+                        power_w=device_power_w)
     meter.start(resume_from=resume_from or None)
     return meter
   except Exception as e:  # noqa: BLE001  energy is a record, never a reason to stop training
     logger.info("energy not measured: %s", e)
+    print(f"energy and carbon not recorded: {e}", flush=True)
     return None
+
+
+def check_carbon_inputs(pue: float, grid_region: str | None, grid_intensity: float | None,
+                        device_power_w: float | None) -> None:
+  """Raises CarbonInputError for a bad PUE, region, intensity or power, before training starts."""
+  from core.tracking import carbon  # pylint: disable=g-import-not-at-top
+  carbon.check_pue(pue)
+  if grid_region is not None or grid_intensity is not None:
+    carbon.grid_intensity(region=grid_region, intensity_g_per_kwh=grid_intensity)
+  if device_power_w is not None and not device_power_w > 0:
+    raise carbon.CarbonInputError(f"device_power_w must be positive, got {device_power_w!r}")
 
 
 def _write_json(path: Path, obj: Any) -> None:
