@@ -186,7 +186,8 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
   crash never leaves a half-written model that looks complete.
 
   Multi-process runs gather the parameters first and call this from one
-  process: every array must be fully addressable here.
+  process (the write involves no other process): every array must be fully
+  addressable here.
 
   Args:
     out_dir: destination; must not exist unless `overwrite`.
@@ -265,7 +266,11 @@ def _gin_header(config: ModelConfig, meta: Mapping[str, Any]) -> str:
 
 def _save_params(path: Path, params: Mapping[str, np.ndarray]) -> None:
   import orbax.checkpoint as ocp  # local: orbax is slow to import and only needed here
-  with ocp.StandardCheckpointer() as ckptr:
+  # Host-local numpy arrays, written by the calling process alone: by default orbax
+  # synchronizes every process of a multi-process run and would wait for the others forever.
+  me = jax.process_index()
+  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
     ckptr.save(path, _nest(params))
     ckptr.wait_until_finished()
 

@@ -394,13 +394,8 @@ def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, trac
   except ImportError:
     return
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    # save_model writes with orbax, which synchronizes every process; called from
-    # process 0 alone it would wait forever. The last checkpoint holds the weights.
-    _say(primary, "model export skipped in a multi-process run; the final checkpoint in "
-         f"{workdir / 'checkpoints'} holds the parameters")
-    return
-  # Whole arrays on every process (parameters may be sharded across hosts).
+  # Whole arrays on every process (parameters may be sharded across hosts); then process 0
+  # writes the model directory alone (save_model scopes orbax to the calling process).
   params = multihost_utils.process_allgather(state.params, tiled=True)
   if not primary:
     return
@@ -511,11 +506,13 @@ def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, metrics_
   """The caller's evaluations (core.eval) of the current parameters, logged at `step`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
-    # save_model writes with orbax, which synchronizes every process; called from
-    # process 0 alone it would wait forever. The last checkpoint holds the weights.
-    _say(primary, "model export skipped in a multi-process run; the final checkpoint in "
-         f"{workdir / 'checkpoints'} holds the parameters")
-    return
+    # Parameters may be sharded across hosts: every process takes part in the gather,
+    # then process 0 alone evaluates whole local copies (no collectives), so the others
+    # simply wait for it at the next step.
+    params = multihost_utils.process_allgather(params, tiled=True)
+    if not primary:
+      return
+    params = jax.tree.map(np.asarray, params)
   metrics = {k: float(v) for k, v in evals(nnx.merge(builder.graphdef, params), step).items()
              if isinstance(v, (int, float, np.floating, np.integer))}
   if primary and metrics:
