@@ -21,7 +21,6 @@ core/ imports no gin, so model.gin is generated as plain text.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,8 @@ from flax import nnx
 from core.model.config import ConfigError, ModelConfig
 from core.model.flops import abstract_model, param_counts
 from core.model.transformer import Transformer
+# A stored tokenizer is identified the way core.tokenizer identifies it: by its file's hash.
+from core.tokenizer.spm import file_sha256
 
 FORMAT_NAME = "ablax-model"
 FORMAT_VERSION = 1
@@ -166,14 +167,6 @@ def _gin_literal(value: Any) -> str:
 
 
 # -- save / load -----------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfig, *,

@@ -50,27 +50,39 @@ def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
 PEAK_ENV = "ABLAX_CPU_PEAK_FLOPS"
 
 
-@functools.lru_cache(maxsize=None)
-def measured_cpu_peak(size: int = 1024, repeats: int = 3, chain: int = 4) -> float:
-  """The best float32 matmul FLOP/s of this process's CPU (all its threads), measured.
+def matmul_rate(m: int, k: int, n: int, *, repeats: int = 3, chain: int = 2,
+                device=None) -> float:
+  """The best float32 FLOP/s of (m, k) @ (k, n) matmuls on `device` (default: the first).
 
-  One device runs the matmul; XLA's CPU backend spreads one matmul over every
-  core, so this is the machine's rate whatever the fake device count. The best
-  of several runs is taken: the figure is a ceiling, and a shared machine only
-  ever makes runs slower.
+  Each of `chain` loop iterations multiplies (m, k) @ (k, n) @ (n, k), which
+  keeps the shape so the chain can loop and keeps dispatch overhead out of the
+  measurement. The best of `repeats` runs is taken: the figure is a ceiling, and
+  a shared machine only ever makes runs slower.
   """
-  device = jax.local_devices(backend="cpu")[0]
-  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
-                                 jnp.float32), device)
-  # A chain of matmuls keeps dispatch overhead out of the measurement.
-  run = jax.jit(lambda x: jax.lax.fori_loop(0, chain, lambda _, y: (y @ a) * 1e-3, x))
+  device = device or jax.local_devices()[0]
+  rng = np.random.default_rng(0)
+  # Scaled so that values stay O(1) along the chain.
+  a, b, c = (jax.device_put(jnp.asarray(x, jnp.float32), device) for x in (
+      rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k),
+      rng.standard_normal((n, k)) / np.sqrt(n)))
+  run = jax.jit(lambda x: jax.lax.fori_loop(0, chain, lambda _, y: (y @ b) @ c, x))
   run(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     run(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return chain * 2 * size ** 3 / best
+  return chain * 2 * (2 * m * k * n) / best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(size: int = 1024) -> float:
+  """The best float32 matmul FLOP/s of this process's CPU (all its threads), measured.
+
+  One device runs the matmul; XLA's CPU backend spreads one matmul over every
+  core, so this is the machine's rate whatever the fake device count.
+  """
+  return matmul_rate(size, size, size, device=jax.local_devices(backend="cpu")[0])
 
 
 def peak_flops(devices, dtype: str = "float32") -> tuple[float, str]:
