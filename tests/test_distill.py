@@ -21,13 +21,15 @@ def np_soft_ce(student, teacher, mask, temperature, top_k=None):
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-  log_q = log_softmax(student / temperature)
-  t = teacher / temperature
+  log_q = log_softmax(student.astype(np.float64) / temperature)
+  log_p = log_softmax(teacher.astype(np.float64) / temperature)
   if top_k is not None:
-    ids = np.argsort(-t, axis=-1)[..., :top_k]
-    t = np.take_along_axis(t, ids, -1)
-    log_q = np.take_along_axis(log_q, ids, -1)
-  log_p = log_softmax(t)
+    # The teacher's top k classes, plus one class for the rest of the vocabulary.
+    ids = np.argsort(-log_p, axis=-1)[..., :top_k]
+    def coarsen(log_x):
+      top = np.take_along_axis(log_x, ids, -1)
+      return np.concatenate([top, np.log1p(-np.exp(top).sum(-1, keepdims=True))], -1)
+    log_p, log_q = coarsen(log_p), coarsen(log_q)
   p = np.exp(log_p)
   ce = -(p * log_q).sum(-1)
   kl = (p * (log_p - log_q)).sum(-1)
@@ -56,9 +58,10 @@ def test_soft_loss_limits():
   # A student equal to its teacher: KL 0, cross-entropy = the teacher's entropy > 0.
   ce, kl, _ = distill.soft_cross_entropy(logits, logits, mask)
   assert float(kl) == pytest.approx(0.0, abs=1e-5) and float(ce) > 0
-  # Top-1 of the teacher is the hard next-token loss on the teacher's argmax.
-  ce1, kl1, _ = distill.soft_cross_entropy(other, logits, mask, top_k=1)
-  hard, _, _ = cross_entropy(other, jnp.argmax(logits, -1), mask)
+  # Top-1 of a teacher that is sure of its argmax is the hard next-token loss on it.
+  sure = logits.at[..., 0].set(60.0)
+  ce1, kl1, _ = distill.soft_cross_entropy(other, sure, mask, top_k=1)
+  hard, _, _ = cross_entropy(other, jnp.zeros((3, 4), jnp.int32), mask)
   assert float(ce1) == pytest.approx(float(hard), rel=1e-5) == pytest.approx(float(kl1), rel=1e-5)
   # top_k >= vocab is the whole distribution.
   full = distill.soft_cross_entropy(other, logits, mask)
@@ -69,6 +72,27 @@ def test_soft_loss_limits():
   assert float(ce_after) < float(full[1])
   with pytest.raises(distill.DistillationError, match="temperature"):
     distill.soft_cross_entropy(other, logits, mask, temperature=0)
+
+
+def test_top_k_student_keeps_the_teachers_tail_mass():
+  # Fit student logits to a teacher by gradient descent on the top-k loss: the student must
+  # end with the teacher's top-k probabilities and leave the rest of the vocabulary the
+  # teacher's remaining mass, not zero (zero would make held-out loss explode on tail tokens).
+  rng = np.random.default_rng(2)
+  teacher = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
+  mask = jnp.ones((4,))
+  loss = lambda s: distill.soft_cross_entropy(s, teacher, mask, top_k=4)[1]  # the KL
+  student = jnp.zeros((4, 32))
+  step = jax.jit(lambda s: s - 2.0 * jax.grad(loss)(s))
+  for _ in range(500):
+    student = step(student)
+  p, q = jax.nn.softmax(teacher), jax.nn.softmax(student)
+  top = jax.lax.top_k(teacher, 4)[1]
+  np.testing.assert_allclose(np.take_along_axis(q, top, -1), np.take_along_axis(p, top, -1),
+                             atol=1e-3)
+  tail = 1.0 - np.take_along_axis(p, top, -1).sum(-1)
+  assert tail.min() > 0.3  # the comparison below is about real mass
+  np.testing.assert_allclose(1.0 - np.take_along_axis(q, top, -1).sum(-1), tail, atol=1e-3)
 
 
 TEACHER = ModelConfig(vocab_size=128, embed_dim=48, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -8,8 +8,13 @@ one observed token (Gemma Team 2024b, section 3.2). Options here:
 - temperature tau: both distributions are softened by dividing the logits by
   tau, and the loss is multiplied by tau^2 so its gradients keep their scale
   (Hinton et al. 2015);
-- top_k: keep only the teacher's k most likely tokens, renormalized (what an
-  offline distillation run would store); None keeps the whole vocabulary;
+- top_k: keep only the teacher's k most likely tokens and lump the rest of the
+  vocabulary into one "other" class (what an offline distillation run would
+  store: k log-probabilities per position, the rest implied). The student is
+  scored on the same k + 1 classes, so it keeps the teacher's tail mass.
+  Renormalizing the k probabilities instead would teach the student that every
+  other token has probability 0: its held-out loss then explodes on the many
+  observed tokens outside the teacher's top k. None keeps the whole vocabulary;
 - objective: 'cross_entropy' (Gemma 2) or 'kl' = cross-entropy minus the
   teacher's entropy. Both have the same gradient; KL is 0 when the student
   matches the teacher, which makes the reported loss easier to read;
@@ -55,8 +60,9 @@ def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
   """(sum of soft cross-entropies, sum of KL divergences, number of tokens) over loss_mask.
 
   Per position: CE = -sum_x p_T(x) log p_S(x) and KL = CE - H(p_T), with
-  p = softmax(logits / temperature), p_T restricted to the teacher's top_k ids
-  and renormalized when top_k is set; both scaled by temperature^2. Sums, like
+  p = softmax(logits / temperature); when top_k is set, both distributions are
+  coarsened to the teacher's top_k ids plus one class holding the rest of the
+  vocabulary. Both scaled by temperature^2. Sums, like
   core.train.step.cross_entropy, so micro-batches and shards add up.
   """
   if temperature <= 0:
@@ -64,18 +70,28 @@ def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
   s = student_logits.astype(jnp.float32) / temperature
   t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
   log_q = jax.nn.log_softmax(s, axis=-1)
+  log_p = jax.nn.log_softmax(t, axis=-1)
   if top_k is not None and top_k < t.shape[-1]:
     if top_k < 1:
       raise DistillationError(f"top_k must be >= 1 or None, got {top_k}")
-    t, ids = jax.lax.top_k(t, top_k)
-    log_q = jnp.take_along_axis(log_q, ids, axis=-1)
-  log_p = jax.nn.log_softmax(t, axis=-1)
+    _, ids = jax.lax.top_k(t, top_k)
+    log_p = _with_rest(jnp.take_along_axis(log_p, ids, axis=-1))
+    log_q = _with_rest(jnp.take_along_axis(log_q, ids, axis=-1))
   p = jnp.exp(log_p)
   ce = -jnp.sum(p * log_q, axis=-1)
   kl = jnp.sum(p * (log_p - log_q), axis=-1)
   mask = loss_mask.astype(jnp.float32)
   scale = temperature ** 2
   return scale * jnp.sum(ce * mask), scale * jnp.sum(kl * mask), jnp.sum(mask)
+
+
+def _with_rest(log_top: jax.Array) -> jax.Array:
+  """log-probabilities of k classes, with log(1 - their total) appended as class k + 1."""
+  total = jax.nn.logsumexp(log_top, axis=-1, keepdims=True)
+  # log(1 - e^total) via expm1: exact when the k classes hold almost all the mass; the
+  # floor keeps log finite (and 0 * log 0 = 0) when they hold all of it.
+  rest = jnp.log(jnp.maximum(-jnp.expm1(total), jnp.finfo(jnp.float32).tiny))
+  return jnp.concatenate([log_top, rest], axis=-1)
 
 
 # -- the teacher --------------------------------------------------------------------------------
