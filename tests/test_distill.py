@@ -12,7 +12,7 @@ from flax import nnx
 from core.model import io
 from core.model.config import ModelConfig
 from core.model.transformer import Transformer
-from core.train import distill, loop, optimizer, synthetic
+from core.train import distill, optimizer, synthetic
 from core.train.mesh import MeshConfig
 from core.train.step import cross_entropy
 

@@ -249,7 +249,7 @@ def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
   table = capsys.readouterr().out.splitlines()
   assert table[0].split() == ["index", "id", "logprob", "piece"]
   assert len(table) == 1 + (len(ids) - 1) + 1 and table[1].split()[2] == "-"
-  assert table[-1].startswith(f"total log-probability ") and f"over {len(ids) - 2} " in table[-1]
+  assert table[-1].startswith("total log-probability ") and f"over {len(ids) - 2} " in table[-1]
 
 
 def test_score_cli_ids_file(saved, tmp_path, capsys):

@@ -29,7 +29,6 @@ import logging
 import math
 import queue
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
