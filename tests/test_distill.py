@@ -2,10 +2,12 @@
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -13,8 +15,9 @@ from core.model import io
 from core.model.config import ModelConfig
 from core.model.transformer import Transformer
 from core.train import distill, optimizer, synthetic
+from core.train import mesh as meshlib
 from core.train.mesh import MeshConfig
-from core.train.step import cross_entropy
+from core.train.step import BATCH_KEYS, cross_entropy
 
 
 def np_soft_ce(student, teacher, mask, temperature, top_k=None):
@@ -109,6 +112,22 @@ def teacher_dir(tmp_path_factory):
   tok.write_bytes(b"not read: only its hash matters here")
   return str(io.save_model(root / "model", Transformer(TEACHER, rngs=nnx.Rngs(0)), TEACHER,
                            tokenizer_path=tok))
+
+
+def test_teacher_weights_are_a_step_argument_not_program_constants(teacher_dir):
+  # Closed over, jit would bake the teacher into the compiled step as constants
+  # (replicated, and as large as the teacher); it must arrive as an argument.
+  mesh = meshlib.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  b = distill.DistillStepBuilder(STUDENT, optax.sgd(0.1), mesh, {}, teacher_dir=teacher_dir)
+  shape = (2, 16)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32)
+           for k in BATCH_KEYS}
+  text = b.build(shape).lower(b.init(0), batch, b.step_inputs()).as_text()
+  constants = re.findall(r'dense<"0x([0-9A-Fa-f]+)">', text)
+  largest = max((len(c) // 2 for c in constants), default=0)
+  assert largest < 1024, f"a {largest}-byte constant in the step: the teacher was closed over"
+  assert len(jax.tree.leaves(b.step_inputs())) == len(jax.tree.leaves(
+      nnx.state(Transformer(TEACHER, rngs=nnx.Rngs(0)), nnx.Param)))
 
 
 def test_teacher_must_share_the_tokenizer(teacher_dir):

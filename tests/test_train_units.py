@@ -133,7 +133,7 @@ def test_gradient_accumulation_equals_full_batch():
   for a in (1, 2):
     b = StepBuilder(TINY, optax.identity(), mesh, {}, grad_accum_steps=a)
     params = b.init(0).params
-    g, (loss_sum, _, n) = jax.jit(b._grads)(params, batch)
+    g, (loss_sum, _, n) = jax.jit(b._grads)(params, batch, b.step_inputs())
     grads[a] = jax.tree.map(lambda x, n=n: x / n, g)
   for x, y in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2])):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
@@ -155,7 +155,7 @@ def test_mixed_precision_and_remat_step_matches_float32_loosely():
     state = b.init(0)
     assert state.params["blocks"][0]["attn"]["q"].dtype == jnp.float32  # master weights
     step = b.build((2, 8))
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, b.step_inputs())
     losses[name] = float(metrics["loss"])
     assert bool(metrics["finite"])
   assert losses["bf16_remat"] == pytest.approx(losses["f32"], rel=2e-2)

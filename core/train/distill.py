@@ -162,17 +162,24 @@ class DistillStepBuilder(StepBuilder):
     teacher, self.teacher_config, _ = load_teacher(
         self.teacher_dir, self.config.vocab_size, self.student_tokenizer_sha256)
     self.teacher_graphdef, state = nnx.split(teacher, nnx.Param)
-    specs = partition.param_specs(state, self.mesh, self.rules)
-    # Sharded like the student's parameters (ZeRO-3 over fsdp), so a large
-    # teacher is spread over the devices rather than copied onto each.
-    self.teacher_params = jax.device_put(nnx.to_pure_dict(state),
-                                         partition.named(self.mesh, specs))
+    # Sharded like the student's parameters (ZeRO-3 over fsdp), so a large teacher is
+    # spread over the devices rather than copied onto each; it reaches the step as its
+    # third argument (step_inputs), never as a constant of the compiled program.
+    self.teacher_shardings = partition.named(
+        self.mesh, partition.param_specs(state, self.mesh, self.rules))
+    self.teacher_params = jax.device_put(nnx.to_pure_dict(state), self.teacher_shardings)
 
-  def _loss(self, params, batch):
+  def step_inputs(self):
+    return self.teacher_params
+
+  def step_input_shardings(self):
+    return self.teacher_shardings
+
+  def _loss(self, params, batch, inputs=()):
     student = nnx.merge(self.graphdef, params)
     logits = student(batch["inputs"], batch["positions"], batch["segment_ids"])
     hard_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    teacher = nnx.merge(self.teacher_graphdef, self.teacher_params)
+    teacher = nnx.merge(self.teacher_graphdef, inputs)
     teacher_logits = teacher(batch["inputs"], batch["positions"], batch["segment_ids"])
     ce_sum, kl_sum, _ = soft_cross_entropy(logits, teacher_logits, batch["loss_mask"],
                                            temperature=self.temperature, top_k=self.top_k)

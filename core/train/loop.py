@@ -205,7 +205,8 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
 
   shape = (batch_size, seq_len)
   t0 = time.perf_counter()
-  step_fn = builder.build(shape).lower(state, _abstract_batch(builder, shape)).compile()
+  inputs = builder.step_inputs()
+  step_fn = builder.build(shape).lower(state, _abstract_batch(builder, shape), inputs).compile()
   compile_s = time.perf_counter() - t0
   _say(primary, f"compiled the train step in {compile_s:.1f}s")
   tracker.log_metrics({"compile_s": compile_s}, step=start_step)
@@ -265,7 +266,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   try:
     while step < num_steps:
       batch, data_state = first.next()
-      state, m = step_fn(state, device_batch(batch, builder.batch_sharding))
+      state, m = step_fn(state, device_batch(batch, builder.batch_sharding), inputs)
       step += 1
       pending.append((step, m, batch["inputs"].size))
       resolve(1)

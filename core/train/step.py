@@ -53,7 +53,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
 
 @dataclasses.dataclass
 class StepBuilder:
-  """Everything the step depends on; `build()` returns the jitted (state, batch) -> (state, metrics).
+  """Everything the step depends on; `build()` returns the jitted step.
+
+  The step maps (state, batch, inputs) to (state, metrics).
+
+  `inputs` is `step_inputs()`: arrays the loss reads besides the state and the
+  batch (a distillation teacher's weights; none here). They enter the step as an
+  argument because jit bakes closed-over arrays into the program as constants:
+  replicated on every device and as large as the arrays themselves.
 
   Attributes:
     config: the model.
@@ -115,17 +122,26 @@ class StepBuilder:
   def batch_sharding(self, shape) -> NamedSharding:
     return NamedSharding(self.mesh, partition.batch_spec(self.mesh, self.rules, shape))
 
-  def _loss(self, params, batch):
+  def step_inputs(self) -> Any:
+    """The step's third argument (a pytree of arrays; empty here)."""
+    return ()
+
+  def step_input_shardings(self) -> Any:
+    """NamedShardings of step_inputs(), leaf for leaf."""
+    return ()
+
+  def _loss(self, params, batch, inputs=()):
+    del inputs  # the plain next-token loss reads nothing else
     model = nnx.merge(self.graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     loss_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
 
-  def _grads(self, params, batch):
+  def _grads(self, params, batch, inputs):
     grad_fn = jax.grad(self._loss, has_aux=True)
     a = self.grad_accum_steps
     if a == 1:
-      return grad_fn(params, batch)
+      return grad_fn(params, batch, inputs)
     # Micro-batch i takes rows i, i + a, ...: each data shard keeps its own rows,
     # so splitting moves no data between devices.
     def split(x):
@@ -137,7 +153,7 @@ class StepBuilder:
 
     def body(carry, mb):
       g_acc, aux_acc = carry
-      g, aux = grad_fn(params, mb)
+      g, aux = grad_fn(params, mb, inputs)
       return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -145,9 +161,9 @@ class StepBuilder:
     (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), micro)
     return grads, aux
 
-  def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+  def _step(self, state: TrainState, batch: Mapping[str, jax.Array], inputs: Any):
     with activation_sharding(self.mesh, self.rules):
-      grads, (loss_sum, z_sum, tokens) = self._grads(state.params, batch)
+      grads, (loss_sum, z_sum, tokens) = self._grads(state.params, batch, inputs)
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
@@ -166,11 +182,12 @@ class StepBuilder:
                "param_norm": optax.tree.norm(params), "tokens": tokens, "finite": ok}
     return new_state, metrics
 
-  def build(self, batch_shape) -> Callable[[TrainState, Mapping[str, jax.Array]], Any]:
+  def build(self, batch_shape) -> Callable[[TrainState, Mapping[str, jax.Array], Any], Any]:
+    """The jitted step; call it as step(state, batch, builder.step_inputs())."""
     state_sh = self.state_shardings()
     batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
     replicated = NamedSharding(self.mesh, PartitionSpec())
-    return jax.jit(self._step, in_shardings=(state_sh, batch_sh),
+    return jax.jit(self._step, in_shardings=(state_sh, batch_sh, self.step_input_shardings()),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
   def build_eval(self, batch_shape) -> Callable[[Any, Mapping[str, jax.Array]], Any]:
