@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from core.eval.score import token_logprobs  # noqa: E402
 from core.model import hf_import, io  # noqa: E402
 from launch import cli  # noqa: E402
+from tests.tiny_spm import train_spm  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 320
@@ -126,22 +127,6 @@ def test_dot_product_attention_impl_matches_transformers(tmp_path):
   ids = sample_ids()
   diff = np.abs(token_logprobs(fast, ids) - hf_logprobs(hf_model, ids)).max()
   assert diff < TOL, f"dot_product_attention: max |log-prob difference| {diff:.3g}"
-
-
-def train_spm(tmp_path, vocab_size=300):
-  import sentencepiece as spm
-  rng = np.random.default_rng(0)
-  words = ("the model attention layer window norm token embedding gradient sample window "
-           "query key value head rotary position scale softcap residual block vocabulary "
-           "paper table figure result ablation global local tied untied").split()
-  lines = [" ".join(rng.choice(words, size=int(rng.integers(4, 12)))) + f" {i}."
-           for i in range(400)]
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(lines) + "\n")
-  spm.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(tmp_path / "spm"),
-                                 vocab_size=vocab_size, model_type="bpe", minloglevel=2,
-                                 num_threads=1)
-  return tmp_path / "spm.model"
 
 
 def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):

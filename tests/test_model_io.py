@@ -13,6 +13,7 @@ from core.eval import score
 from core.model import io
 from core.model.config import ModelConfig
 from launch import cli, gin_config
+from tests.tiny_spm import train_spm
 
 CONFIG = ModelConfig(vocab_size=320, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
@@ -20,24 +21,6 @@ CONFIG = ModelConfig(vocab_size=320, embed_dim=32, num_layers=2, num_heads=4, nu
                      scale_embeddings=True, rms_scale_plus_one=True,
                      attention_pattern=("local", "global"), window=5, attn_softcap=20.0,
                      final_softcap=15.0, query_pre_attn_scalar=12.0, norm_eps=1e-5)
-
-
-def train_spm(tmp_path, vocab_size=300):
-  """A tiny SentencePiece model (BPE, bos id 1) trained on generated sentences."""
-  import sentencepiece as spm
-  rng = np.random.default_rng(0)
-  words = ("a model reads the tokens and predicts the next one while the layers mix "
-           "attention with feed forward blocks under a window of local context; every "
-           "published table lists parameters, embeddings, heads, vocabulary sizes, "
-           "learning rates, warmup steps, batch sizes, gradient clipping and weight decay").split()
-  lines = [" ".join(rng.choice(words, size=int(rng.integers(3, 14)))) + f" {i}"
-           for i in range(300)]
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(lines) + "\n")
-  spm.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(tmp_path / "tok"),
-                                 vocab_size=vocab_size, model_type="bpe", minloglevel=2,
-                                 num_threads=1)
-  return tmp_path / "tok.model"
 
 
 def random_model(config, seed=0):
