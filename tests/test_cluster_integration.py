@@ -170,22 +170,29 @@ def test_ablax_sweep_launcher_slurm_and_status(slurm_cluster, tmp_path):
   assert again.returncode == 0 and "nothing to submit" in again.stdout
 
 
+def _run_two_process_task(tmp_path, job_name: str, time_limit: str, timeout_s: float,
+                          command: list[str]) -> tuple[str, str]:
+  """Submits `command` as one task of 2 processes (srun) and waits: (final state, the logs)."""
+  from launch import slurm
+  script = slurm.render_array_script(
+      {0: command}, slurm.SlurmResources(ntasks_per_node=2, cpus_per_task=1, time=time_limit),
+      job_name=job_name, log_dir=tmp_path, chdir=REPO)
+  path = tmp_path / f"{job_name}.sbatch"
+  path.write_text(script)
+  final = slurm.wait([slurm.submit(path)], timeout_s=timeout_s, poll_s=1)
+  log = "\n".join(p.read_text() for p in tmp_path.glob(f"{job_name}-*.log"))
+  (state,) = [t.state for t in final.values()]
+  return state, log
+
+
 def test_two_process_jax_run_under_srun(slurm_cluster, tmp_path, monkeypatch):
   """A point with ntasks_per_node=2 runs under srun; both processes find each other."""
-  from launch import slurm
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   out = tmp_path / "out"
   out.mkdir()
-  script = slurm.render_array_script(
-      {0: [PYTHON, str(CLUSTER / "jax_two_process.py"), str(out)]},
-      slurm.SlurmResources(ntasks_per_node=2, cpus_per_task=1, time="00:10:00"),
-      job_name="ablax-two", log_dir=tmp_path, chdir=REPO)
-  path = tmp_path / "two.sbatch"
-  path.write_text(script)
-  job = slurm.submit(path)
-  final = slurm.wait([job], timeout_s=300, poll_s=1)
-  log = "\n".join(p.read_text() for p in tmp_path.glob("ablax-two-*.log"))
-  assert [t.state for t in final.values()] == ["COMPLETED"], log
+  state, log = _run_two_process_task(tmp_path, "ablax-two", "00:10:00", 300,
+                                     [PYTHON, str(CLUSTER / "jax_two_process.py"), str(out)])
+  assert state == "COMPLETED", log
   results = [json.loads((out / f"process-{i}.json").read_text()) for i in range(2)]
   for i, r in enumerate(results):
     assert r["source"] == "slurm" and r["config"][1:] == [2, i]
@@ -199,7 +206,6 @@ def test_two_process_jax_run_under_srun(slurm_cluster, tmp_path, monkeypatch):
 def test_ablax_train_two_processes_under_srun(slurm_cluster, tmp_path, monkeypatch):
   """Real `ablax train`, 2 processes on SLURM: one MLflow run, written by process 0 only."""
   from mlflow.tracking import MlflowClient
-  from launch import slurm
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "run"
@@ -208,15 +214,8 @@ def test_ablax_train_two_processes_under_srun(slurm_cluster, tmp_path, monkeypat
   for binding in ("num_steps = 4", "log_every = 2", "checkpoint_every = 2", "eval_every = 4",
                   "eval_batches = 1"):
     train += ["--gin_param", f"core.train.loop.train.{binding}"]
-  script = slurm.render_array_script(
-      {0: train}, slurm.SlurmResources(ntasks_per_node=2, cpus_per_task=1, time="00:20:00"),
-      job_name="ablax-train2", log_dir=tmp_path, chdir=REPO)
-  path = tmp_path / "train2.sbatch"
-  path.write_text(script)
-  job = slurm.submit(path)
-  final = slurm.wait([job], timeout_s=900, poll_s=2)
-  log = "\n".join(p.read_text() for p in tmp_path.glob("ablax-train2-*.log"))
-  assert [t.state for t in final.values()] == ["COMPLETED"], log[-5000:]
+  state, log = _run_two_process_task(tmp_path, "ablax-train2", "00:20:00", 900, train)
+  assert state == "COMPLETED", log[-5000:]
   assert log.count("new run in") == 1  # progress lines come from process 0 only
   assert "fsdp=2" in log  # one mesh over both processes' devices
   assert (workdir / "checkpoints" / "4").is_dir()
