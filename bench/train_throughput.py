@@ -82,7 +82,8 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
   state = builder.init(0)
 
   t = time.perf_counter()
-  step = builder.build((batch_size, seq_len)).lower(state, batches[0], ()).compile()
+  inputs = builder.step_inputs()
+  step = builder.build((batch_size, seq_len)).lower(state, batches[0], inputs).compile()
   compile_s = time.perf_counter() - t
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -90,7 +91,7 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
 
   def run_step(i):
     nonlocal state
-    state, metrics = step(state, batches[i % len(batches)], ())
+    state, metrics = step(state, batches[i % len(batches)], inputs)
     return metrics["loss"]
 
   for i in range(2):
@@ -120,9 +121,10 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
     loss = jax.jit(builder._loss)  # pylint: disable=protected-access
     grads = jax.jit(builder._grads)  # pylint: disable=protected-access
     jax.block_until_ready(loss(params, batches[0]))
-    jax.block_until_ready(grads(params, batches[0], ()))
+    jax.block_until_ready(grads(params, batches[0], inputs))
     result["forward_s"] = _median_time(loss, (params, batches[0]), max(steps // 2, 3))
-    result["forward_backward_s"] = _median_time(grads, (params, batches[0], ()), max(steps // 2, 3))
+    result["forward_backward_s"] = _median_time(grads, (params, batches[0], inputs),
+                                                max(steps // 2, 3))
     result["update_s"] = step_s - result["forward_backward_s"]
   # The MLP's first matmul at this batch: the rate the model's biggest GEMMs can reach.
   result["mlp_shape_peak_flops"] = matmul_rate(tokens, config.embed_dim, config.hidden_dim,
