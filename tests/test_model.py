@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core.model.attention import make_masks
+from core.model.masking import dense_mask, training_spec
 from core.model.config import ConfigError, ModelConfig, llama_mlp_dim
 from core.model.positions import apply_rope
 from core.model.transformer import Transformer
@@ -64,10 +64,10 @@ def test_local_layer_with_window_at_least_length_equals_global():
 
 
 def test_sliding_window_mask_sees_itself_and_window_minus_one_previous():
-  masks = make_masks(1, 6, None, window=3, need_local=True)
-  row = np.asarray(masks.local[0, 0, 5])
+  spec = training_spec(6, None)
+  row = np.asarray(dense_mask(spec, 6, window=3)[0, 5])
   assert row.tolist() == [False, False, False, True, True, True]
-  assert np.asarray(masks.global_[0, 0, 5]).all()
+  assert np.asarray(dense_mask(spec, 6, window=None)[0, 5]).all()
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "llama"])
@@ -171,7 +171,13 @@ def test_bfloat16_compute_keeps_float32_logits():
     (dict(norm_placement="middle"), "norm_placement must be one of"),
     (dict(attention_pattern=("local",)), "need a positive window"),
     (dict(attention_pattern=("global", "sliding")), "attention_pattern entry"),
-    (dict(attn_softcap=50.0, attention_impl="dot_product_attention"), "needs attention_impl"),
+    (dict(attn_softcap=50.0, attention_impl="dot_product_attention"), "soft-capping"),
+    (dict(attn_softcap=50.0, attention_impl="cudnn", dtype="bfloat16"), "soft-capping.*'blockwise'"),
+    (dict(attention_impl="cudnn"), "bfloat16 or float16"),
+    (dict(attention_impl="splash"), "head_dim a multiple of 128"),
+    (dict(attention_impl="splash", head_dim=128, attention_block_q=100), "multiples of 128"),
+    (dict(attention_block_k=0), "attention_block_k must be a positive int"),
+    (dict(attention_impl="flash"), "attention_impl must be one of"),
     (dict(embed_dim=0), "embed_dim must be a positive int"),
     (dict(head_dim=7), "even head_dim"),
 ])

@@ -1,49 +1,24 @@
-"""Attention: masks, one attention function with pluggable implementations, the module.
+"""Attention: one attention function with pluggable implementations, the module.
 
 Multi-head, grouped-query and multi-query attention are one code path: queries
-are grouped as (K kv heads) x (G = N / K query heads each). Masks (causal,
-sliding window, packed segments) are built once per forward pass and shared by
-every layer of the same kind.
+are grouped as (K kv heads) x (G = N / K query heads each). What each query
+may see (causal, sliding window, packed segments) is one MaskSpec per forward
+pass; only the einsum reference and explicit-mask backends turn it into a dense
+(T, S) mask.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.model import attention_impls
+from core.model.blockwise import blockwise_attention
+from core.model.masking import MaskSpec, dense_mask
 from core.model.positions import apply_rope
 from core.model.sharding import constrain, param
-
-
-class Masks(NamedTuple):
-  """Boolean (B, 1, T, S) masks, True where a query may attend to a key."""
-  global_: jax.Array
-  local: jax.Array | None
-
-
-def make_masks(batch: int, length: int, segment_ids: jax.Array | None,
-               window: int | None, need_local: bool) -> Masks:
-  """Causal masks over sequence indices, restricted to same-segment keys.
-
-  Causality uses the index in the row, not the per-segment position, so packed
-  documents never see each other (the segment test) nor the future (the index
-  test). A local layer additionally sees only the `window` most recent keys,
-  itself included.
-  """
-  idx = jnp.arange(length)
-  causal = idx[:, None] >= idx[None, :]  # (T, S)
-  mask = jnp.broadcast_to(causal, (batch, 1, length, length))
-  if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = mask & same[:, None, :, :]
-  local = None
-  if need_local:
-    in_window = (idx[:, None] - idx[None, :]) < window
-    local = mask & in_window[None, None]
-  return Masks(global_=mask, local=local)
+from core.model.splash import splash_attention
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -53,32 +28,43 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return cap * jnp.tanh(x / cap)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
            logit_softcap: float | None, impl: str, window: int | None = None,
-           causal_only: bool = False) -> jax.Array:
+           block_q: int = 512, block_k: int = 512) -> jax.Array:
   """Attention of q (B, T, N, H) over k, v (B, S, K, H); returns (B, T, N, H).
 
-  impl='einsum' is plain XLA and supports every option. impl='dot_product_attention'
-  calls jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU;
-  when `causal_only` (no packed segments) it passes is_causal and the window
-  instead of a dense mask so that cuDNN can skip masked blocks.
+  `impl` is a concrete implementation (see core/model/attention_impls.py; the
+  caller resolves 'auto'). Which keys each query sees is `spec` with `window`,
+  by the one rule of core/model/masking.py.
   """
-  if impl == "dot_product_attention":
+  if impl == "blockwise":
+    return blockwise_attention(q, k, v, scale=scale, logit_softcap=logit_softcap, window=window,
+                               q_segment_ids=spec.q_segment_ids,
+                               kv_segment_ids=spec.kv_segment_ids, q_offset=spec.q_offset,
+                               block_q=block_q, block_k=block_k)
+  if impl == "splash":
+    return splash_attention(q, k, v, spec, scale=scale, logit_softcap=logit_softcap,
+                            window=window, block_q=block_q, block_k=block_k)
+  if impl in ("cudnn", "dot_product_attention"):
     if logit_softcap is not None:
-      raise ValueError("attention soft-capping needs attention_impl='einsum'")
-    if causal_only:
+      raise ValueError(f"attention soft-capping needs another attention_impl than {impl!r}")
+    backend = "cudnn" if impl == "cudnn" else None
+    if spec.causal_only:
+      # is_causal and the window instead of a mask, so cuDNN skips masked blocks.
       return jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=True,
+          q, k, v, scale=scale, is_causal=True, implementation=backend,
           local_window_size=None if window is None else (window - 1, 0))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    mask = dense_mask(spec, q.shape[1], window)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=backend)
 
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   logits = softcap(logits, logit_softcap)
-  # mask (B, 1, T, S) -> (B, 1, 1, T, S) to broadcast over kv heads and groups.
-  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  # mask (B, T, S) -> (B, 1, 1, T, S) to broadcast over kv heads and groups.
+  mask = dense_mask(spec, t, window)[:, None, None]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
@@ -106,19 +92,18 @@ class Attention(nnx.Module):
     self.window = c.window if kind == "local" else None
     self.scale = c.query_scale
     self.softcap = c.attn_softcap
-    self.impl = c.attention_impl
+    self.config = c
+    self.block_q, self.block_k = c.attention_block_q, c.attention_block_k
     self.rope_base = c.rope_base if c.positions == "rope" else None
     self.compute_dtype = jnp.dtype(c.dtype)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               causal_only: bool = False, cache: tuple[jax.Array, jax.Array] | None = None,
-               cache_index: jax.Array | None = None):
+  def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,
+               cache: tuple[jax.Array, jax.Array] | None = None):
     """Attention of x (B, T, D); returns (B, T, D).
 
     With `cache` = (k, v) buffers (B, S, K, H) (see core/model/cache.py), the
-    new keys and values are written at slots cache_index.., the queries attend
-    over the whole buffer under `mask` (B, 1, T, S), and the result is
-    (output, (k, v)) with the updated buffers.
+    new keys and values are written at slots spec.q_offset.., the queries attend
+    over the whole buffer, and the result is (output, (k, v)) with the updated buffers.
     """
     cd = self.compute_dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(cd))
@@ -130,12 +115,14 @@ class Attention(nnx.Module):
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
+      start = (0, spec.q_offset, 0, 0)
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-      causal_only = False  # the mask, not the index in the row, says what is visible
-    out = attend(q, k, v, mask, scale=self.scale, logit_softcap=self.softcap, impl=self.impl,
-                 window=self.window, causal_only=causal_only)
+    impl = attention_impls.choose(self.config, jax.default_backend(), spec.key_length,
+                                  packed=spec.q_segment_ids is not None,
+                                  decoding=cache is not None)
+    out = attend(q, k, v, spec, scale=self.scale, logit_softcap=self.softcap, impl=impl,
+                 window=self.window, block_q=self.block_q, block_k=self.block_k)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))
     return out if cache is None else (out, (k, v))

@@ -6,7 +6,7 @@ and a forward pass with a cache writes its tokens at slots index..index+T-1 and
 attends over the buffer.
 
 Local (sliding-window) layers keep a full-length buffer too and mask it to the
-window, the same mask the uncached forward pass uses, so cached decoding equals
+window by the same rule as the uncached forward pass (core/model/masking.py), so cached decoding equals
 full recomputation exactly; a ring buffer of `window` slots would save memory on
 long contexts at the price of a second masking scheme.
 
@@ -24,7 +24,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from core.model.attention import Masks
 from core.model.config import ModelConfig
 
 
@@ -53,21 +52,3 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                  valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
-
-
-def cache_masks(valid: jax.Array, index: jax.Array, length: int, window: int | None,
-                need_local: bool) -> Masks:
-  """(B, 1, T, S) masks of T new tokens at slots index.. over a cache of S slots.
-
-  `valid` already includes the new tokens. A query at slot i sees valid slots
-  j <= i; a local layer only those with i - j < window, as in `make_masks`.
-  """
-  batch, slots = valid.shape
-  query = index + jnp.arange(length)[:, None]  # (T, 1)
-  key = jnp.arange(slots)[None, :]  # (1, S)
-  causal = key <= query
-  mask = causal[None, None] & valid[:, None, None, :]
-  local = None
-  if need_local:
-    local = mask & ((query - key) < window)[None, None]
-  return Masks(global_=mask, local=local)

@@ -12,9 +12,11 @@ import dataclasses
 import math
 from typing import Any
 
+from core.model import attention_impls
+from core.model.attention_impls import IMPLS as ATTENTION_IMPLS
+
 # One registry per variant axis; the strings are what gin files and sweeps bind.
 ATTENTION_KINDS = ("global", "local")
-ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 NORMS = ("rmsnorm", "layernorm", "none")
 NORM_PLACEMENTS = ("pre", "post", "pre_post")
 POSITIONS = ("rope", "learned", "none")
@@ -77,8 +79,13 @@ class ModelConfig:
       None means head_dim (the usual 1/sqrt(head_dim)).
     tie_embeddings: output projection shares the input embedding table.
     scale_embeddings: multiply input embeddings by sqrt(embed_dim) (Gemma).
-    attention_impl: 'einsum' (plain XLA) or 'dot_product_attention'
-      (jax.nn.dot_product_attention, cuDNN flash attention on GPU).
+    attention_impl: 'auto' (the default: splash on TPU, cuDNN or blockwise on
+      GPU, einsum or blockwise on CPU by length), 'einsum' (the dense XLA
+      reference), 'blockwise' (flash-style pure JAX, memory linear in T),
+      'splash' (TPU), 'cudnn' (GPU) or 'dot_product_attention' (jax chooses);
+      see core/model/attention_impls.py.
+    attention_block_q, attention_block_k: query and key block sizes of the
+      blockwise and splash implementations.
     dtype: compute dtype; param_dtype: storage dtype of the weights.
     remat: rematerialization of each block in the backward pass: 'none',
       'full', or 'save_dots' (keep matmul outputs, recompute the rest).
@@ -107,7 +114,9 @@ class ModelConfig:
   attn_softcap: float | None = None
   final_softcap: float | None = None
   query_pre_attn_scalar: float | None = None
-  attention_impl: str = "einsum"
+  attention_impl: str = "auto"
+  attention_block_q: int = 512
+  attention_block_k: int = 512
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -177,10 +186,15 @@ class ModelConfig:
     for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
       value = getattr(self, name)
       need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
-    if self.attn_softcap is not None:
-      need(self.attention_impl == "einsum",
-           "attention soft-capping (attn_softcap) needs attention_impl='einsum'; "
-           "jax.nn.dot_product_attention has no soft-cap")
+    for name in ("attention_block_q", "attention_block_k"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+    why = attention_impls.unsupported(
+        self.attention_impl, head_dim=self.head_dim, dtype=self.dtype,
+        attn_softcap=self.attn_softcap, block_q=self.attention_block_q,
+        block_k=self.attention_block_k)
+    need(why is None, f"attention_impl={self.attention_impl!r} cannot serve this model: {why}; "
+         "use attention_impl='auto' or 'blockwise'")
     if self.positions == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -32,6 +32,14 @@ def activation_sharding(mesh: jax.sharding.Mesh,
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[jax.sharding.Mesh, dict] | None:
+  """The (mesh, rules) installed by `activation_sharding`, or None outside one.
+
+  For code that must place work on devices itself (a Pallas kernel in shard_map).
+  """
+  return _ACTIVE.get()
+
+
 def logical_to_spec(axes: Sequence[str | None],
                     rules: Mapping[str, str | Sequence[str] | None]) -> PartitionSpec:
   """PartitionSpec for logical `axes`; an axis without a rule is replicated."""

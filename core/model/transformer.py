@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core.model.attention import Attention, make_masks, softcap
-from core.model.cache import KVCache, cache_masks
+from core.model.attention import Attention, softcap
+from core.model.cache import KVCache
+from core.model.masking import MaskSpec, decode_spec, training_spec
 from core.model.config import ModelConfig
 from core.model.embed import Embedder
 from core.model.mlp import MLP
@@ -47,15 +48,14 @@ class Block(nnx.Module):
       return norm(x + f(x))
     return x + out_norm(f(norm(x)))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               causal_only: bool = False, cache=None, cache_index=None):
+  def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec, cache=None):
     """(B, T, D) -> (B, T, D); with a (k, v) `cache`, returns (x, updated cache)."""
     new_cache = []
 
     def attn(h):
       if cache is None:
-        return self.attn(h, positions, mask, causal_only)
-      out, kv = self.attn(h, positions, mask, causal_only, cache, cache_index)
+        return self.attn(h, positions, spec)
+      out, kv = self.attn(h, positions, spec, cache)
       new_cache.append(kv)
       return out
 
@@ -95,19 +95,14 @@ class Transformer(nnx.Module):
                        "of the learned position table")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    kinds = c.layer_kinds
-    masks = make_masks(batch, length, segment_ids, c.window, need_local="local" in kinds)
-    causal_only = segment_ids is None
-
     x = self.embedder.encode(tokens, positions)
     x = constrain(x, ("batch", "length", "act_embed"))
     for block in self.blocks:
-      mask = masks.local if block.kind == "local" else masks.global_
       if c.remat == "none":
-        x = block(x, positions, mask, causal_only)
+        x = block(x, positions, training_spec(length, segment_ids))
       else:
-        x = nnx.remat(_call_block, policy=_REMAT_POLICIES[c.remat], static_argnums=(4,))(
-            block, x, positions, mask, causal_only)
+        x = nnx.remat(_call_block, policy=_REMAT_POLICIES[c.remat])(
+            block, x, positions, segment_ids)
     return self._logits(x)
 
   def _logits(self, x: jax.Array) -> jax.Array:
@@ -125,12 +120,11 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
     real = (jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0)
     valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, index))
-    masks = cache_masks(valid, index, length, c.window, need_local="local" in c.layer_kinds)
+    spec = decode_spec(valid, index, length)
     x = self.embedder.encode(tokens, positions)
     keys, values = [], []
     for block, k, v in zip(self.blocks, cache.k, cache.v):
-      mask = masks.local if block.kind == "local" else masks.global_
-      x, (k, v) = block(x, positions, mask, False, (k, v), index)
+      x, (k, v) = block(x, positions, spec, (k, v))
       keys.append(k)
       values.append(v)
     new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid,
@@ -138,5 +132,6 @@ class Transformer(nnx.Module):
     return self._logits(x), new_cache
 
 
-def _call_block(block: Block, x, positions, mask, causal_only):
-  return block(x, positions, mask, causal_only)
+def _call_block(block: Block, x, positions, segment_ids):
+  # The spec is rebuilt inside: its offset and length must stay Python ints, not remat inputs.
+  return block(x, positions, training_spec(x.shape[1], segment_ids))
