@@ -16,6 +16,11 @@ that), and reports:
   (the optimizer update is the difference), plus the FLOPs XLA counts in the
   compiled step against the model FLOPs.
 
+--peer times ablax's cpu_bench step against bench/peer_step.py, a plain JAX +
+optax step of the same shape with no ablax import, alternately in this one
+process (rounds of --steps steps each), and prints the tokens/s ratio of the
+medians: ours / peer.
+
 --profile_dir writes a jax.profiler trace of 3 steps (open with TensorBoard or
 Perfetto). Numbers on a shared machine vary: medians are reported, and the
 peak is measured in the same process just before.
@@ -132,6 +137,69 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
   return result
 
 
+def peer_compare(steps: int, rounds: int, gin_params: list[str], peak: float) -> dict:
+  """ablax's cpu_bench step against bench/peer_step.py, alternating, same data shape."""
+  import optax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO / "bench"))
+  import peer_step  # pylint: disable=g-import-not-at-top
+  from core.model.flops import flops_per_token  # pylint: disable=g-import-not-at-top
+  from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
+  from core.train.step import StepBuilder, device_batch  # pylint: disable=g-import-not-at-top
+  from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
+
+  config, batch_size, seq_len, recipe = load_experiment("cpu_bench", gin_params)
+  shape = (config.vocab_size, config.embed_dim, config.num_layers, config.num_heads,
+           config.head_dim, config.hidden_dim)
+  peer_shape = (peer_step.VOCAB, peer_step.D, peer_step.LAYERS, peer_step.HEADS,
+                peer_step.HEAD_DIM, peer_step.MLP)
+  if shape != peer_shape:
+    raise SystemExit(f"bench/peer_step.py has shape {peer_shape}, cpu_bench {shape}")
+  mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
+  builder = StepBuilder(config, optax.identity(), mesh, partition.merged_rules())
+  builder.optimizer = recipe(param_axes=builder.param_axes, total_steps=1000)
+  data = SyntheticBatches(vocab_size=config.vocab_size, seq_len=seq_len, batch_size=batch_size)
+  host = next(data)
+  batch = device_batch(host, builder.batch_sharding)
+  inputs = builder.step_inputs()
+  ours = builder.build((batch_size, seq_len))
+  state = builder.init(0)
+  params = peer_step.init(jax.random.key(0))
+  opt_state = peer_step.optimizer.init(params)
+  tokens_in, targets = jax.device_put(host["inputs"]), jax.device_put(host["targets"])
+
+  def run_ours():
+    nonlocal state
+    state, metrics = ours(state, batch, inputs)
+    return metrics["loss"]
+
+  def run_peer():
+    nonlocal params, opt_state
+    params, opt_state, loss = peer_step.train_step(params, opt_state, tokens_in, targets)
+    return loss
+
+  times = {"ours": [], "peer": []}
+  for fn in (run_ours, run_peer):  # compile and warm up both
+    for _ in range(2):
+      jax.block_until_ready(fn())
+  for r in range(rounds):
+    for name, fn in (("ours", run_ours), ("peer", run_peer)):
+      for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - t)
+    print(f"round {r + 1}/{rounds}: ours {statistics.median(times['ours']) * 1e3:.0f} ms, "
+          f"peer {statistics.median(times['peer']) * 1e3:.0f} ms", flush=True)
+  tokens = batch_size * seq_len
+  fpt = flops_per_token(config, seq_len)
+  out = {"steps_each": len(times["ours"]), "peak_flops": peak}
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    out[name] = {"step_s_median": med, "tokens_per_s": tokens / med,
+                 "mfu": fpt * tokens / med / peak, "step_s_all": ts}
+  out["ratio"] = out["ours"]["tokens_per_s"] / out["peer"]["tokens_per_s"]
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
@@ -140,6 +208,9 @@ def main(argv=None) -> int:
   parser.add_argument("--no_breakdown", action="store_true")
   parser.add_argument("--profile_dir", default=None)
   parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--peer", action="store_true",
+                      help="cpu_bench against bench/peer_step.py, alternating (see above)")
+  parser.add_argument("--rounds", type=int, default=4, help="with --peer: alternations")
   args = parser.parse_args(argv)
 
   device = jax.devices()[0]
@@ -154,6 +225,20 @@ def main(argv=None) -> int:
     source = f"spec sheet {device.device_kind}"
   print(f"device: {device.device_kind} x1 ({device.platform}); peak {peak / 1e9:.1f} GFLOP/s "
         f"({source})", flush=True)
+  if args.peer:
+    r = peer_compare(args.steps, args.rounds, args.gin_param, peak)
+    peak = max(peak, matmul_rate(1024, 1024, 1024, repeats=10, chain=8))
+    for side in ("ours", "peer"):
+      r[side]["mfu"] *= r["peak_flops"] / peak
+    print(f"peak used for MFU: {peak / 1e9:.1f} GFLOP/s ({source})")
+    for side in ("ours", "peer"):
+      print(f"{side:5s} step {r[side]['step_s_median'] * 1e3:7.1f} ms  "
+            f"{r[side]['tokens_per_s']:7.0f} tok/s  MFU {100 * r[side]['mfu']:5.1f}%")
+    print(f"ratio ours/peer (tokens/s, medians of {r['steps_each']} steps each): "
+          f"{r['ratio']:.3f}")
+    if args.out:
+      Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
   results = []
   for name in args.configs:
     r = bench(name, args.steps, args.gin_param, peak, not args.no_breakdown, args.profile_dir)

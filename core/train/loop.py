@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
@@ -358,6 +359,9 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
   params = {f"model.{k}": v for k, v in model.to_dict().items()}
   params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
                  "train.mesh": meshlib.describe(mesh_obj)})
+  # What 'auto' resolved to on this platform at this length (the trainer always packs).
+  used = attention_impls.used_by_kind(model, jax.default_backend(), seq_len, packed=True)
+  params.update({f"attention.impl.{kind}": impl for kind, impl in used.items()})
   if record:
     params.update(record.params)
   trk.write_record(tracker, repo_dir=REPO_ROOT, mesh_shape=dict(mesh_obj.shape), params=params,
