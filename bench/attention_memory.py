@@ -94,12 +94,12 @@ def layer_time(config, kind: str, length: int, repeats: int) -> float:
   v = jax.random.normal(ks[2], (1, length, c.num_kv_heads, c.head_dim))
   spec = training_spec(length, None)
   impl = attention_impls.choose(c, jax.default_backend(), length, packed=False)
+  block_q, block_k = attention_impls.block_sizes(c, jax.default_backend())
   window = c.window if kind == "local" else None
 
   def loss(q, k, v):
     return jnp.sum(attend(q, k, v, spec, scale=c.query_scale, logit_softcap=c.attn_softcap,
-                          impl=impl, window=window, block_q=c.attention_block_q,
-                          block_k=c.attention_block_k))
+                          impl=impl, window=window, block_q=block_q, block_k=block_k))
 
   return _median_time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v), repeats)
 
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--impls", nargs="+", default=["einsum", "blockwise"])
-  parser.add_argument("--block", type=int, default=512)
+  parser.add_argument("--block", type=int, default=None,
+                      help="block size of blockwise (default: the platform's)")
   parser.add_argument("--window", type=int, default=None,
                       help="local window (default: tiny_gemma2's own)")
   parser.add_argument("--repeats", type=int, default=3)

@@ -188,6 +188,15 @@ def test_auto_picks_per_platform_and_variant(changes, platform, length, packed, 
   assert kinds == {"global": expected, "local": expected}
 
 
+def test_block_sizes_default_per_platform_unless_bound():
+  assert attention_impls.block_sizes(config_of(attention_block_q=None, attention_block_k=None),
+                                     "cpu") == (128, 128)
+  assert attention_impls.block_sizes(config_of(attention_block_q=None, attention_block_k=None),
+                                     "tpu") == (512, 512)
+  assert attention_impls.block_sizes(config_of(attention_block_q=64, attention_block_k=32),
+                                     "tpu") == (64, 32)
+
+
 def test_explicit_backends_on_the_wrong_platform_are_clear_errors():
   with pytest.raises(ValueError, match="'splash' runs on TPU only.*CPU.*'blockwise'"):
     attention_impls.choose(config_of(head_dim=128, attention_impl="splash"), "cpu", 512, False)

@@ -93,7 +93,6 @@ class Attention(nnx.Module):
     self.scale = c.query_scale
     self.softcap = c.attn_softcap
     self.config = c
-    self.block_q, self.block_k = c.attention_block_q, c.attention_block_k
     self.rope_base = c.rope_base if c.positions == "rope" else None
     self.compute_dtype = jnp.dtype(c.dtype)
 
@@ -118,11 +117,13 @@ class Attention(nnx.Module):
       start = (0, spec.q_offset, 0, 0)
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-    impl = attention_impls.choose(self.config, jax.default_backend(), spec.key_length,
+    platform = jax.default_backend()
+    impl = attention_impls.choose(self.config, platform, spec.key_length,
                                   packed=spec.q_segment_ids is not None,
                                   decoding=cache is not None)
+    block_q, block_k = attention_impls.block_sizes(self.config, platform)
     out = attend(q, k, v, spec, scale=self.scale, logit_softcap=self.softcap, impl=impl,
-                 window=self.window, block_q=self.block_q, block_k=self.block_k)
+                 window=self.window, block_q=block_q, block_k=block_k)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))
     return out if cache is None else (out, (k, v))

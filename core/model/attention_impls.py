@@ -23,7 +23,12 @@ IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn", "dot_product_attentio
 
 # Measured by bench/attention_memory.py (bench/README.md): on 2 CPU cores the
 # dense path is faster for short sequences, blockwise from this length on.
-CPU_BLOCKWISE_FROM = 2048
+CPU_BLOCKWISE_FROM = 512
+
+# Block sizes where ModelConfig leaves them None. On CPU small tiles stay in cache
+# and let causal and window skipping drop more work (bench/README.md: 128 beat
+# 512 at every length); splash's and MaxText's TPU default is 512.
+DEFAULT_BLOCK = {"cpu": 128, "gpu": 512, "tpu": 512}
 
 # TPU vector lanes: splash tiles the head and sequence dimensions by 128.
 _LANES = 128
@@ -31,8 +36,14 @@ CUDNN_MAX_HEAD_DIM = 128  # the widest head every cuDNN 9 flash kernel (fwd + bw
 _PLATFORM_OF = {"splash": "tpu", "cudnn": "gpu"}
 
 
+def block_sizes(config, platform: str) -> tuple[int, int]:
+  """(block_q, block_k): the config's, or this platform's default where it leaves them None."""
+  default = DEFAULT_BLOCK.get(platform, 512)
+  return (config.attention_block_q or default, config.attention_block_k or default)
+
+
 def unsupported(impl: str, *, head_dim: int, dtype: str, attn_softcap: float | None,
-                block_q: int, block_k: int) -> str | None:
+                block_q: int | None, block_k: int | None) -> str | None:
   """Why `impl` cannot serve this variant, or None. Platform-independent facts only."""
   if impl in ("cudnn", "dot_product_attention") and attn_softcap is not None:
     return "attention soft-capping (attn_softcap) is not in jax.nn.dot_product_attention"
@@ -45,7 +56,7 @@ def unsupported(impl: str, *, head_dim: int, dtype: str, attn_softcap: float | N
   if impl == "splash":
     if head_dim % _LANES:
       return f"splash attention needs head_dim a multiple of {_LANES}, got {head_dim}"
-    if block_q % _LANES or block_k % _LANES:
+    if (block_q or _LANES) % _LANES or (block_k or _LANES) % _LANES:
       return f"splash attention needs block sizes that are multiples of {_LANES}, " \
              f"got attention_block_q={block_q}, attention_block_k={block_k}"
   return None
@@ -76,10 +87,11 @@ def choose(config, platform: str, length: int, packed: bool, decoding: bool = Fa
   if impl != "auto":
     check_platform(impl, platform)
     return impl
+  block_q, block_k = block_sizes(config, platform)
   facts = dict(head_dim=config.head_dim, dtype=config.dtype, attn_softcap=config.attn_softcap,
-               block_q=config.attention_block_q, block_k=config.attention_block_k)
+               block_q=block_q, block_k=block_k)
   if platform == "tpu":
-    if unsupported("splash", **facts) is None and length % config.attention_block_q == 0:
+    if unsupported("splash", **facts) is None and length % max(block_q, block_k) == 0:
       return "splash"
     return "blockwise"
   if platform == "gpu":

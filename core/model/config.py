@@ -85,7 +85,8 @@ class ModelConfig:
       'splash' (TPU), 'cudnn' (GPU) or 'dot_product_attention' (jax chooses);
       see core/model/attention_impls.py.
     attention_block_q, attention_block_k: query and key block sizes of the
-      blockwise and splash implementations.
+      blockwise and splash implementations; None = the platform's default
+      (attention_impls.DEFAULT_BLOCK).
     dtype: compute dtype; param_dtype: storage dtype of the weights.
     remat: rematerialization of each block in the backward pass: 'none',
       'full', or 'save_dots' (keep matmul outputs, recompute the rest).
@@ -115,8 +116,8 @@ class ModelConfig:
   final_softcap: float | None = None
   query_pre_attn_scalar: float | None = None
   attention_impl: str = "auto"
-  attention_block_q: int = 512
-  attention_block_k: int = 512
+  attention_block_q: int | None = None
+  attention_block_k: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -188,7 +189,8 @@ class ModelConfig:
       need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
     for name in ("attention_block_q", "attention_block_k"):
       value = getattr(self, name)
-      need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+      need(value is None or (isinstance(value, int) and value > 0),
+           f"{name} must be a positive int or None (the platform's default), got {value!r}")
     why = attention_impls.unsupported(
         self.attention_impl, head_dim=self.head_dim, dtype=self.dtype,
         attn_softcap=self.attn_softcap, block_q=self.attention_block_q,
