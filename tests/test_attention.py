@@ -214,3 +214,30 @@ def test_decoding_runs_einsum_or_blockwise():
   assert attention_impls.choose(config_of(head_dim=128, attention_impl="splash"), "tpu", 8192,
                                 True, decoding=True) == "blockwise"
   assert attention_impls.choose(config_of(), "cpu", 64, True, decoding=True) == "einsum"
+
+
+def test_blockwise_model_and_splash_kernel_under_a_training_mesh_equal_einsum():
+  """Sharded over a (2, 2, 2) mesh (batch over data x fsdp, kv heads over tensor)."""
+  from core.model.sharding import activation_sharding  # pylint: disable=g-import-not-at-top
+  from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
+  mesh = meshlib.make_mesh(meshlib.MeshConfig(2, 2, 2))
+  rules = partition.merged_rules()
+
+  q, k, v = qkv(4, 256, 4, 2, 128)
+  segments = jnp.array([[1] * 100 + [2] * 156] * 2 + [[1] * 256] * 2)
+  kw = dict(scale=128 ** -0.5, logit_softcap=30.0, window=64)
+  ref = attend(q, k, v, training_spec(256, segments), impl="einsum", **kw)
+  with activation_sharding(mesh, rules):
+    splash = jax.jit(lambda q, k, v, s: splash_attention(
+        q, k, v, training_spec(256, s), block_q=128, block_k=128, interpret=True, **kw))
+    got = splash(q, k, v, segments)
+  assert_same(got, ref, tol=5e-5)
+
+  config = ModelConfig(**GEMMA2)
+  tokens = jax.random.randint(jax.random.key(1), (4, 29), 0, config.vocab_size)
+  expected = Transformer(config.replace(attention_impl="einsum"), rngs=nnx.Rngs(0))(tokens)
+  model = Transformer(config.replace(attention_impl="blockwise"), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  with activation_sharding(mesh, rules):
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+  assert_same(logits, expected)
