@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,13 +49,9 @@ def model_config(length: int, impl: str, block: int, window: int | None):
 
 
 def _median_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  from train_throughput import _median_time as median_time  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))  # compile and warm up outside the timing
+  return median_time(fn, args, repeats)
 
 
 def model_step(config, length: int, repeats: int) -> dict:

@@ -112,8 +112,7 @@ class Transformer(nnx.Module):
     return constrain(logits, ("batch", "length", "act_vocab"))
 
   def _decode(self, tokens, positions, segment_ids, cache: KVCache):
-    # Inference only: no remat, and masks come from the cache's slots.
-    c = self.config
+    # Inference only: no remat, and visibility comes from the cache's slots.
     batch, length = tokens.shape
     index = cache.index
     if positions is None:
