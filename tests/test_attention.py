@@ -241,3 +241,19 @@ def test_blockwise_model_and_splash_kernel_under_a_training_mesh_equal_einsum():
   with activation_sharding(mesh, rules):
     logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
   assert_same(logits, expected)
+
+
+def test_blockwise_in_bfloat16_is_as_close_to_float32_as_einsum():
+  q, k, v = (x.astype(jnp.bfloat16) for x in qkv(2, 300, 4, 2, 32))
+  spec = training_spec(300, None)
+  kw = dict(scale=32 ** -0.5, logit_softcap=30.0, window=100)
+  exact = attend(*(x.astype(jnp.float32) for x in (q, k, v)), spec, impl="einsum", **kw)
+  error = {}
+  for impl in ("einsum", "blockwise"):
+    out = attend(q, k, v, spec, impl=impl, block_q=128, block_k=128, **kw)
+    grad = jax.grad(lambda q: jnp.sum(attend(q, k, v, spec, impl=impl, block_q=128,
+                                             block_k=128, **kw).astype(jnp.float32)))(q)
+    assert out.dtype == grad.dtype == jnp.bfloat16
+    assert bool(jnp.isfinite(grad.astype(jnp.float32)).all())
+    error[impl] = float(jnp.abs(out.astype(jnp.float32) - exact).max())
+  assert error["blockwise"] <= 1.5 * error["einsum"] < 0.05, error
