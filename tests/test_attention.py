@@ -190,7 +190,7 @@ def test_auto_picks_per_platform_and_variant(changes, platform, length, packed, 
 
 def test_block_sizes_default_per_platform_unless_bound():
   assert attention_impls.block_sizes(config_of(attention_block_q=None, attention_block_k=None),
-                                     "cpu") == (128, 128)
+                                     "cpu") == (64, 64)
   assert attention_impls.block_sizes(config_of(attention_block_q=None, attention_block_k=None),
                                      "tpu") == (512, 512)
   assert attention_impls.block_sizes(config_of(attention_block_q=64, attention_block_k=32),

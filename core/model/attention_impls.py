@@ -21,14 +21,16 @@ from __future__ import annotations
 
 IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn", "dot_product_attention")
 
-# Measured by bench/attention_memory.py (bench/README.md): on 2 CPU cores the
-# dense path is faster for short sequences, blockwise from this length on.
-CPU_BLOCKWISE_FROM = 512
+# Measured by bench/attention_memory.py (bench/README.md): on 2 CPU cores the two
+# are even at 128 tokens and blockwise is faster from 256 on; the einsum
+# reference keeps the shortest sequences.
+CPU_BLOCKWISE_FROM = 256
 
 # Block sizes where ModelConfig leaves them None. On CPU small tiles stay in cache
-# and let causal and window skipping drop more work (bench/README.md: 128 beat
-# 512 at every length); splash's and MaxText's TPU default is 512.
-DEFAULT_BLOCK = {"cpu": 128, "gpu": 512, "tpu": 512}
+# and let causal and window skipping drop more work (bench/README.md: 64 beat
+# 128, and 128 beat 512, in the cpu_bench step and at 2048-8192 tokens);
+# splash's and MaxText's TPU default is 512.
+DEFAULT_BLOCK = {"cpu": 64, "gpu": 512, "tpu": 512}
 
 # TPU vector lanes: splash tiles the head and sequence dimensions by 128.
 _LANES = 128
