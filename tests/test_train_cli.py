@@ -40,6 +40,9 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   run = MlflowClient(_mlflow_store).get_run(run_id)
   assert run.info.status == "FINISHED"
   assert run.data.params["model.embed_dim"] == "128"
+  # 'auto' as resolved for 128 tokens on CPU: the einsum reference (attention_impls.choose).
+  assert run.data.params["model.attention_impl"] == "auto"
+  assert run.data.params["attention.impl.global"] == "einsum"
   assert any(k.startswith("gin.") for k in run.data.params)
   assert "train/loss" in run.data.metrics and "eval/loss" in run.data.metrics
   assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
