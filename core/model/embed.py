@@ -46,6 +46,12 @@ class Embedder(nnx.Module):
       x = x + jnp.take(self.position_embedding[...], positions, axis=0).astype(self.compute_dtype)
     return x
 
+  def output_rows(self) -> jax.Array:
+    """(V, D) in the compute dtype: one row per vocabulary entry, for vocabulary-tiled losses."""
+    if self.tied:
+      return self.embedding[...].astype(self.compute_dtype)
+    return self.unembed[...].astype(self.compute_dtype).T
+
   def decode(self, x: jax.Array) -> jax.Array:
     if self.tied:
       w = self.embedding[...].astype(self.compute_dtype)

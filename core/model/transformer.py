@@ -88,6 +88,15 @@ class Transformer(nnx.Module):
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
     if cache is not None:
       return self._decode(tokens, positions, segment_ids, cache)
+    return self.head(self.hidden(tokens, positions, segment_ids))
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """(B, T, D) final hidden states, after the final norm: what `head` maps to logits.
+
+    A vocabulary-tiled loss (core.train.loss.chunked_cross_entropy) starts here,
+    with embedder.output_rows(), so the whole (B, T, V) logits never exist.
+    """
     c = self.config
     batch, length = tokens.shape
     if c.positions == "learned" and length > c.max_seq_len:
@@ -103,10 +112,10 @@ class Transformer(nnx.Module):
       else:
         x = nnx.remat(_call_block, policy=_REMAT_POLICIES[c.remat])(
             block, x, positions, segment_ids)
-    return self._logits(x)
+    return self.final_norm(x)
 
-  def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final hidden states (B, T, D) -> float32 logits (B, T, V), soft-capped."""
     logits = self.embedder.decode(x)
     logits = softcap(logits, self.config.final_softcap)
     return constrain(logits, ("batch", "length", "act_vocab"))
@@ -128,7 +137,7 @@ class Transformer(nnx.Module):
       values.append(v)
     new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid,
                         index=index + jnp.asarray(length, jnp.int32))
-    return self._logits(x), new_cache
+    return self.head(self.final_norm(x)), new_cache
 
 
 def _call_block(block: Block, x, positions, segment_ids):

@@ -40,7 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from core.model import io
 from core.model.sharding import activation_sharding
 from core.train import partition
-from core.train.step import BATCH_KEYS, StepBuilder, cross_entropy
+from core.train.loss import cross_entropy
+from core.train.step import BATCH_KEYS, StepBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ class DistillStepBuilder(StepBuilder):
     super().__post_init__()
     if not self.teacher_dir:
       raise DistillationError("distillation needs teacher_dir (an ablax model directory)")
+    if self.loss_vocab_chunk:
+      raise DistillationError("distillation compares whole teacher and student logits; "
+                              "loss_vocab_chunk must be 0 with it")
     if self.objective not in OBJECTIVES:
       raise DistillationError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
     if not 0.0 <= self.alpha <= 1.0:

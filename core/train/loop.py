@@ -90,7 +90,8 @@ class TrainResult:
 def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Callable[..., Any],
           num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
           mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
-          grad_accum_steps: int = 1, z_loss: float = 0.0, log_every: int = 10,
+          grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
+          log_every: int = 10,
           eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, async_checkpoints: bool = True,
           tracking_uri: str | None = None, experiment: str = "ablax",
@@ -120,6 +121,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     rules: logical-axis rules overriding partition.DEFAULT_RULES.
     grad_accum_steps: micro-batches per update.
     z_loss: weight of the log(Z)^2 auxiliary loss.
+    loss_vocab_chunk: > 0 computes the loss this many vocabulary rows at a
+      time, so the (B, T, V) float32 logits never exist (large vocabularies).
     log_every: steps between progress lines / metrics records.
     eval_every: steps between held-out evaluations (0: only at the end when
       eval_batches > 0); eval_batches: validation batches per evaluation.
@@ -149,7 +152,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
   rule_table = partition.merged_rules(rules)
   builder = (step_builder or StepBuilder)(model, optax.identity(), mesh_obj, rule_table,
-                        grad_accum_steps=grad_accum_steps, z_loss=z_loss)
+                        grad_accum_steps=grad_accum_steps, z_loss=z_loss,
+                        loss_vocab_chunk=loss_vocab_chunk)
   builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
 
   train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,

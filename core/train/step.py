@@ -23,6 +23,7 @@ from core.model.config import ModelConfig
 from core.model.sharding import activation_sharding
 from core.model.transformer import Transformer
 from core.train import partition
+from core.train.loss import chunked_cross_entropy, cross_entropy
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -34,21 +35,6 @@ class TrainState:
   params: Any            # pure dict of arrays, as nnx.to_pure_dict(nnx.state(model, nnx.Param))
   opt_state: Any         # the optax state
   rng: jax.Array         # uint32 key data; per-step keys are fold_in(rng, step)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(sum of token losses, sum of log(Z)^2, number of tokens), all over loss_mask.
-
-  Sums rather than means: accumulated micro-batches and data-parallel shards
-  then add up to exactly the loss of the whole batch, divided once by its token count.
-  """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return (jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask),
-          jnp.sum(mask))
 
 
 @dataclasses.dataclass
@@ -69,6 +55,9 @@ class StepBuilder:
     grad_accum_steps: micro-batches per update; the gradient equals the
       full-batch gradient (token-weighted), only memory changes.
     z_loss: weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4); 0 = off.
+    loss_vocab_chunk: > 0 computes the loss vocabulary-tiled, this many
+      vocabulary rows at a time (core.train.loss.chunked_cross_entropy), so the
+      (B, T, V) float32 logits never exist; 0 = from whole logits.
   """
   config: ModelConfig
   optimizer: optax.GradientTransformation
@@ -76,8 +65,11 @@ class StepBuilder:
   rules: Mapping[str, Any]
   grad_accum_steps: int = 1
   z_loss: float = 0.0
+  loss_vocab_chunk: int = 0
 
   def __post_init__(self):
+    if self.loss_vocab_chunk < 0:
+      raise ValueError(f"loss_vocab_chunk must be >= 0 (0 = off), got {self.loss_vocab_chunk}")
     abstract = nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0)))
     self.graphdef, param_state = nnx.split(abstract, nnx.Param)
     self.param_state = param_state
@@ -133,8 +125,14 @@ class StepBuilder:
   def _loss(self, params, batch, inputs=()):
     del inputs  # the plain next-token loss reads nothing else
     model = nnx.merge(self.graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    loss_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    if self.loss_vocab_chunk:
+      hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+      loss_sum, z_sum, tokens = chunked_cross_entropy(
+          hidden, model.embedder.output_rows(), batch["targets"], batch["loss_mask"],
+          chunk=self.loss_vocab_chunk, final_softcap=self.config.final_softcap)
+    else:
+      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      loss_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
 
   def _grads(self, params, batch, inputs):
