@@ -257,3 +257,19 @@ def test_blockwise_in_bfloat16_is_as_close_to_float32_as_einsum():
     assert bool(jnp.isfinite(grad.astype(jnp.float32)).all())
     error[impl] = float(jnp.abs(out.astype(jnp.float32) - exact).max())
   assert error["blockwise"] <= 1.5 * error["einsum"] < 0.05, error
+
+
+def test_target_platform_overrides_the_host_backend_while_tracing():
+  """Compiling for a TPU from a CPU host: the TPU's choice (here splash) is what gets traced."""
+  config = config_of(head_dim=128, attention_block_q=128, attention_block_k=128)
+  assert attention_impls.current_platform() == "cpu"
+  with attention_impls.target_platform("tpu"):
+    assert attention_impls.current_platform() == "tpu"
+    assert attention_impls.choose(config, attention_impls.current_platform(), 256,
+                                  True) == "splash"
+    jaxpr = jax.make_jaxpr(Transformer(config, rngs=nnx.Rngs(0)))(jnp.zeros((1, 256), jnp.int32))
+    assert "pallas_call" in str(jaxpr)
+  assert attention_impls.current_platform() == "cpu"
+  with pytest.raises(ValueError, match="platform must be one of"):
+    with attention_impls.target_platform("npu"):
+      pass

@@ -117,7 +117,7 @@ class Attention(nnx.Module):
       start = (0, spec.q_offset, 0, 0)
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-    platform = jax.default_backend()
+    platform = attention_impls.current_platform()
     impl = attention_impls.choose(self.config, platform, spec.key_length,
                                   packed=spec.q_segment_ids is not None,
                                   decoding=cache is not None)

@@ -19,6 +19,12 @@ forward pass (which implementation a layer kind runs), and by the run record
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
+import jax
+
 IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn", "dot_product_attention")
 
 # Measured by bench/attention_memory.py (bench/README.md): on 2 CPU cores the two
@@ -36,6 +42,30 @@ DEFAULT_BLOCK = {"cpu": 64, "gpu": 512, "tpu": 512}
 _LANES = 128
 CUDNN_MAX_HEAD_DIM = 128  # the widest head every cuDNN 9 flash kernel (fwd + bwd) serves
 _PLATFORM_OF = {"splash": "tpu", "cudnn": "gpu"}
+
+
+_TARGET = contextvars.ContextVar("ablax_attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Choose implementations for `platform` ('cpu', 'gpu', 'tpu') while tracing inside.
+
+  For compiling ahead of time for hardware that is not the host's: tracing then
+  happens on the host, whose jax.default_backend() is not the target.
+  """
+  if platform not in DEFAULT_BLOCK:
+    raise ValueError(f"platform must be one of {tuple(DEFAULT_BLOCK)}, got {platform!r}")
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def current_platform() -> str:
+  """The platform attention is traced for: target_platform's, else jax's default backend."""
+  return _TARGET.get() or jax.default_backend()
 
 
 def block_sizes(config, platform: str) -> tuple[int, int]:

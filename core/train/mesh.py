@@ -61,15 +61,10 @@ def make_mesh(config: MeshConfig | None = None,
   devices = list(jax.devices() if devices is None else devices)
   shape = config.shape(len(devices))
   auto = (AxisType.Auto,) * len(AXES)
-  if len(devices) == len(jax.devices()):
-    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
-  return Mesh(_reshape(devices, shape), AXES, axis_types=auto)
-
-
-def _reshape(devices, shape):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return np.asarray(devices, dtype=object).reshape(shape)
+  # jax.make_mesh orders devices for the physical topology (ICI rings on TPU), for
+  # any device list: a subset, or compile-only topology devices, get the groups
+  # the real slice would get, so the mesh that is planned is the mesh that runs.
+  return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 
 def describe(mesh: Mesh) -> str:
