@@ -16,16 +16,10 @@ from flax import nnx
 from core.model import attention_impls
 from core.model.blockwise import blockwise_attention
 from core.model.masking import MaskSpec, dense_mask
+from core.model.ops import softcap
 from core.model.positions import apply_rope
 from core.model.sharding import constrain, param
 from core.model.splash import splash_attention
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-  """cap * tanh(x / cap): bounds logits smoothly (Gemma 2)."""
-  if cap is None:
-    return x
-  return cap * jnp.tanh(x / cap)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,

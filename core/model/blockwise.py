@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from core.model.masking import visible
+from core.model.ops import softcap
 
 # A finite "minus infinity": exp(NEG - m) underflows to 0 without inf - inf = nan.
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -97,7 +98,7 @@ def _scores(static: _Static, qi, kj, rows, cols, q_seg_i, kv_seg_j):
   """Capped scores (B, K, G, bq, bk) in float32 and the visibility mask."""
   raw = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj,
                    preferred_element_type=jnp.float32) * static.scale
-  capped = raw if static.softcap is None else static.softcap * jnp.tanh(raw / static.softcap)
+  capped = softcap(raw, static.softcap)
   mask = visible(rows, cols, q_seg_i, kv_seg_j, static.window)[:, None, None]
   return capped, mask
 

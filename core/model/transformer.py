@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core.model.attention import Attention, softcap
+from core.model.attention import Attention
 from core.model.cache import KVCache
 from core.model.masking import MaskSpec, decode_spec, training_spec
 from core.model.config import ModelConfig
 from core.model.embed import Embedder
 from core.model.mlp import MLP
+from core.model.ops import softcap
 from core.model.norms import make_norm
 from core.model.sharding import constrain
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from core.model.ops import softcap
+
 # A finite "minus infinity", so that exp(_NEG - m) is 0 and never nan.
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -52,8 +54,7 @@ def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: ja
     m, s, target_logit = carry
     w, real_c, start = xs
     logits = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
-    if final_softcap is not None:
-      logits = final_softcap * jnp.tanh(logits / final_softcap)
+    logits = softcap(logits, final_softcap)
     logits = jnp.where(real_c, logits, _NEG)
     # The running max only keeps exp() in range; log-sum-exp does not depend on it.
     m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
