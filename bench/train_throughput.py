@@ -61,6 +61,21 @@ def load_experiment(name: str, gin_params: list[str]):
   return config, batch_size, seq_len, fn
 
 
+def one_device_step(name: str, gin_params: list[str]):
+  """(config, batch_size, seq_len, builder, synthetic data) of the experiment's real train step
+  on one device: the experiment's model and optimizer recipe, synthetic batches of its shape."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
+  from core.train.step import StepBuilder  # pylint: disable=g-import-not-at-top
+  from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
+  config, batch_size, seq_len, recipe = load_experiment(name, gin_params)
+  mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
+  builder = StepBuilder(config, optax.identity(), mesh, partition.merged_rules())
+  builder.optimizer = recipe(param_axes=builder.param_axes, total_steps=1000)
+  data = SyntheticBatches(vocab_size=config.vocab_size, seq_len=seq_len, batch_size=batch_size)
+  return config, batch_size, seq_len, builder, data
+
+
 def _median_time(fn, args, steps: int) -> float:
   times = []
   for _ in range(steps):
@@ -73,16 +88,9 @@ def _median_time(fn, args, steps: int) -> float:
 def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: bool,
           profile_dir: str | None) -> dict:
   from core.model.flops import flops_per_token, param_counts  # pylint: disable=g-import-not-at-top
-  from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
-  from core.train.step import StepBuilder, device_batch  # pylint: disable=g-import-not-at-top
-  from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  from core.train.step import device_batch  # pylint: disable=g-import-not-at-top
 
-  config, batch_size, seq_len, recipe = load_experiment(name, gin_params)
-  mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
-  builder = StepBuilder(config, optax.identity(), mesh, partition.merged_rules())
-  builder.optimizer = recipe(param_axes=builder.param_axes, total_steps=1000)
-  data = SyntheticBatches(vocab_size=config.vocab_size, seq_len=seq_len, batch_size=batch_size)
+  config, batch_size, seq_len, builder, data = one_device_step(name, gin_params)
   batches = [device_batch(next(data), builder.batch_sharding) for _ in range(4)]
   state = builder.init(0)
 
@@ -139,25 +147,18 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
 
 def peer_compare(steps: int, rounds: int, gin_params: list[str], peak: float) -> dict:
   """ablax's cpu_bench step against bench/peer_step.py, alternating, same data shape."""
-  import optax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(REPO / "bench"))
   import peer_step  # pylint: disable=g-import-not-at-top
   from core.model.flops import flops_per_token  # pylint: disable=g-import-not-at-top
-  from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
-  from core.train.step import StepBuilder, device_batch  # pylint: disable=g-import-not-at-top
-  from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
+  from core.train.step import device_batch  # pylint: disable=g-import-not-at-top
 
-  config, batch_size, seq_len, recipe = load_experiment("cpu_bench", gin_params)
+  config, batch_size, seq_len, builder, data = one_device_step("cpu_bench", gin_params)
   shape = (config.vocab_size, config.embed_dim, config.num_layers, config.num_heads,
            config.head_dim, config.hidden_dim)
   peer_shape = (peer_step.VOCAB, peer_step.D, peer_step.LAYERS, peer_step.HEADS,
                 peer_step.HEAD_DIM, peer_step.MLP)
   if shape != peer_shape:
     raise SystemExit(f"bench/peer_step.py has shape {peer_shape}, cpu_bench {shape}")
-  mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
-  builder = StepBuilder(config, optax.identity(), mesh, partition.merged_rules())
-  builder.optimizer = recipe(param_axes=builder.param_axes, total_steps=1000)
-  data = SyntheticBatches(vocab_size=config.vocab_size, seq_len=seq_len, batch_size=batch_size)
   host = next(data)
   batch = device_batch(host, builder.batch_sharding)
   inputs = builder.step_inputs()

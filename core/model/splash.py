@@ -14,6 +14,7 @@ the tensor axis), each device on its own rows.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from core.model import sharding
 from core.model.masking import MaskSpec
 
 
+@functools.lru_cache(maxsize=None)  # one kernel (and block-mask analysis) per shape, not per layer
 def _kernel(length: int, heads_per_kv: int, window: int | None, softcap: float | None,
             block_q: int, block_k: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
@@ -76,19 +78,12 @@ def _under_mesh(fn, qg, kt, vt, seg, kv_heads: int):
   batch = sharding.logical_to_spec(("batch",), rules)[0]
   heads = sharding.logical_to_spec(("act_kv_heads",), rules)[0]
   names = (heads,) if isinstance(heads, str) else tuple(heads or ())
-  if kv_heads % max(1, _size(mesh, names)):
+  if kv_heads % math.prod(mesh.shape[name] for name in names):
     heads = None  # too few kv heads to split: each device keeps them all
   q_spec = PartitionSpec(batch, heads, None, None, None)
   kv_spec = PartitionSpec(batch, heads, None, None)
   seg_spec = None if seg is None else PartitionSpec(batch, None)
-  mapped = jax.shard_map(functools.partial(fn), mesh=mesh,
+  mapped = jax.shard_map(fn, mesh=mesh,
                          in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                          check_vma=False)
   return mapped(qg, kt, vt, seg)
-
-
-def _size(mesh, names) -> int:
-  size = 1
-  for name in names:
-    size *= mesh.shape[name]
-  return size

@@ -32,7 +32,6 @@ class Block(nnx.Module):
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     self.placement = config.norm_placement
-    self.kind = kind
     self.attn_norm = make_norm(config, rngs=rngs)
     self.attn = Attention(config, kind, rngs=rngs)
     if self.placement == "pre_post":

@@ -364,7 +364,8 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
   params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
                  "train.mesh": meshlib.describe(mesh_obj)})
   # What 'auto' resolved to on this platform at this length (the trainer always packs).
-  used = attention_impls.used_by_kind(model, jax.default_backend(), seq_len, packed=True)
+  used = attention_impls.used_by_kind(model, attention_impls.current_platform(), seq_len,
+                                      packed=True)
   params.update({f"attention.impl.{kind}": impl for kind, impl in used.items()})
   if record:
     params.update(record.params)
