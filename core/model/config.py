@@ -90,6 +90,11 @@ class ModelConfig:
     dtype: compute dtype; param_dtype: storage dtype of the weights.
     remat: rematerialization of each block in the backward pass: 'none',
       'full', or 'save_dots' (keep matmul outputs, recompute the rest).
+    scan_layers: run the layers as a `lax.scan` over the repeating period of
+      attention_pattern (e.g. Gemma 2's (local, global) pair), with the weights
+      of each position in the period stacked over the repeats. XLA then
+      compiles one period instead of num_layers unrolled blocks: the same
+      model and initial weights, a fraction of the compile time and memory.
   """
 
   vocab_size: int
@@ -121,6 +126,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     # gin hands lists for tuples; keep the config hashable and comparable.
@@ -139,6 +145,11 @@ class ModelConfig:
     """The attention kind of every layer, the pattern tiled over num_layers."""
     pattern = self.attention_pattern
     return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def layer_period(self) -> tuple[tuple[str, ...], int]:
+    """(the kinds of one period, repeats): what scan_layers scans, e.g. (('local', 'global'), 21)."""
+    return self.attention_pattern, self.num_layers // len(self.attention_pattern)
 
   @property
   def query_scale(self) -> float:
@@ -197,6 +208,12 @@ class ModelConfig:
         block_k=self.attention_block_k)
     need(why is None, f"attention_impl={self.attention_impl!r} cannot serve this model: {why}; "
          "use attention_impl='auto' or 'blockwise'")
+    need(isinstance(self.scan_layers, bool), f"scan_layers must be True or False, got "
+         f"{self.scan_layers!r}")
+    if self.scan_layers:
+      need(self.num_layers % len(self.attention_pattern) == 0,
+           f"scan_layers scans whole periods of attention_pattern {self.attention_pattern}, but "
+           f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}")
     if self.positions == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -13,7 +13,10 @@ A model directory holds
 for people and for gin-driven tools (`--gin_file OUT/model.gin`). Parameters are
 named by their path in the module tree, joined with '/', e.g.
 'blocks/0/attn/q'; `flat_params`/`model_from_params` convert between a model and
-that flat form, which the Hugging Face importer also produces.
+that flat form, which the Hugging Face importer also produces. The flat form is
+always per layer: a model with `scan_layers` (weights stacked over the repeats
+of the attention pattern) is unstacked on the way out and stacked on the way
+in, so files never depend on how the layers run.
 
 core/ imports no gin, so model.gin is generated as plain text.
 """
@@ -63,15 +66,54 @@ def _path_name(path) -> str:
 
 
 def flat_params(model: nnx.Module) -> dict[str, Any]:
-  """{'blocks/0/attn/q': array, ...} of every nnx.Param of `model`."""
+  """{'blocks/0/attn/q': array, ...} of every nnx.Param of `model`, one entry per layer."""
   state = nnx.state(model, nnx.Param)
-  return {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state)}
+  flat = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state)}
+  config = getattr(model, "config", None)
+  return unstack_layers(flat, config) if config is not None and config.scan_layers else flat
+
+
+def _layer_name(name: str) -> tuple[int, str] | None:
+  parts = name.split("/", 2)
+  if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+    return int(parts[1]), parts[2]
+  return None
+
+
+def unstack_layers(flat: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+  """Scanned names ('blocks/p/...', leading repeats axis) -> per-layer names ('blocks/i/...')."""
+  size, repeats = len(config.layer_period[0]), config.layer_period[1]
+  out = {}
+  for name, value in flat.items():
+    layer = _layer_name(name)
+    if layer is None:
+      out[name] = value
+      continue
+    p, rest = layer
+    for r in range(repeats):
+      out[f"blocks/{r * size + p}/{rest}"] = value[r]
+  return out
+
+
+def stack_layers(flat: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+  """Per-layer names -> scanned names, each position of the period stacked over the repeats."""
+  size, repeats = len(config.layer_period[0]), config.layer_period[1]
+  out, groups = {}, {}
+  for name, value in flat.items():
+    layer = _layer_name(name)
+    if layer is None:
+      out[name] = value
+    else:
+      groups.setdefault((layer[0] % size, layer[1]), {})[layer[0] // size] = value
+  for (p, rest), by_repeat in groups.items():
+    out[f"blocks/{p}/{rest}"] = np.stack([np.asarray(by_repeat[r]) for r in range(repeats)])
+  return out
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Name -> (shape, dtype) of every parameter a model of `config` has; allocates nothing."""
+  """Name -> (shape, dtype) of every parameter (per layer) of `config`; allocates nothing."""
   return {name: (tuple(leaf.shape), np.dtype(leaf.dtype))
-          for name, leaf in flat_params(abstract_model(config)).items()}
+          for name, leaf in flat_params(abstract_model(config.replace(scan_layers=False))).items()}
 
 
 def check_params(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
@@ -103,6 +145,8 @@ def model_from_params(config: ModelConfig, params: Mapping[str, Any],
   (a 7B model would otherwise spend minutes drawing weights it then discards).
   """
   check_params(config, {n: np.shape(a) for n, a in params.items()}, where)
+  if config.scan_layers:
+    params = stack_layers(params, config)
   abstract = abstract_model(config)
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
   dtype = jax.numpy.dtype(config.param_dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -81,7 +83,10 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embedder = Embedder(config, rngs=rngs)
-    self.blocks = nnx.List([Block(config, kind, rngs=rngs) for kind in config.layer_kinds])
+    blocks = [Block(config, kind, rngs=rngs) for kind in config.layer_kinds]
+    # Unrolled: blocks[i] is layer i. Scanned: blocks[p] is position p of the period,
+    # every weight with a leading 'layers' axis over the repeats (layer r * P + p).
+    self.blocks = nnx.List(_stack_periods(config, blocks) if config.scan_layers else blocks)
     self.final_norm = make_norm(config, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -106,12 +111,18 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = self.embedder.encode(tokens, positions)
     x = constrain(x, ("batch", "length", "act_embed"))
-    for block in self.blocks:
-      if c.remat == "none":
-        x = block(x, positions, training_spec(length, segment_ids))
-      else:
-        x = nnx.remat(_call_block, policy=_REMAT_POLICIES[c.remat])(
-            block, x, positions, segment_ids)
+    call = _block_call(c.remat)
+    if c.scan_layers:
+      # One period is traced and compiled once; the carry is the residual stream.
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def period(x, blocks):
+        for block in blocks:
+          x = call(block, x, positions, segment_ids)
+        return x
+      x = period(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = call(block, x, positions, segment_ids)
     return self.final_norm(x)
 
   def head(self, x: jax.Array) -> jax.Array:
@@ -131,7 +142,7 @@ class Transformer(nnx.Module):
     spec = decode_spec(valid, index, length)
     x = self.embedder.encode(tokens, positions)
     keys, values = [], []
-    for block, k, v in zip(self.blocks, cache.k, cache.v):
+    for block, k, v in zip(self.layers(), cache.k, cache.v):
       x, (k, v) = block(x, positions, spec, (k, v))
       keys.append(k)
       values.append(v)
@@ -139,7 +150,54 @@ class Transformer(nnx.Module):
                         index=index + jnp.asarray(length, jnp.int32))
     return self.head(self.final_norm(x)), new_cache
 
+  def layers(self) -> list[Block]:
+    """Layer i's Block for every i, whatever the layout (scanned layers are sliced out)."""
+    if not self.config.scan_layers:
+      return list(self.blocks)
+    period, repeats = self.config.layer_period
+    graphdef, state = nnx.split(self.blocks)
+    out = []
+    for r in range(repeats):
+      sliced = nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state))
+      out.extend(sliced[p] for p in range(len(period)))
+    return out
+
 
 def _call_block(block: Block, x, positions, segment_ids):
   # The spec is rebuilt inside: its offset and length must stay Python ints, not remat inputs.
   return block(x, positions, training_spec(x.shape[1], segment_ids))
+
+
+@functools.cache
+def _block_call(remat: str):
+  """`_call_block`, rematerialized by the config's policy; built once per policy."""
+  if remat == "none":
+    return _call_block
+  return nnx.remat(_call_block, policy=_REMAT_POLICIES[remat])
+
+
+def _stack_periods(config: ModelConfig, blocks: list[Block]) -> list[Block]:
+  """The layers as P blocks whose weights are stacked over the R repeats of the period.
+
+  Built from the unrolled layers, so a scanned model starts from the same weights
+  as the unrolled one with the same seed. The stacked axis is logical axis
+  'layers' (never sharded by the default rules).
+  """
+  period, repeats = config.layer_period
+  size = len(period)
+  stacked = []
+  is_var = lambda x: isinstance(x, nnx.Variable)
+
+  def stack(*variables: nnx.Variable) -> nnx.Variable:
+    out = variables[0].replace(jnp.stack([v.get_value() for v in variables]))
+    axes = variables[0].get_metadata().get("logical_axes")
+    if axes is not None:
+      out.set_metadata(logical_axes=("layers",) + tuple(axes))
+    return out
+
+  stacked = []
+  for p in range(size):
+    splits = [nnx.split(blocks[r * size + p]) for r in range(repeats)]
+    states = [state for _, state in splits]
+    stacked.append(nnx.merge(splits[0][0], jax.tree.map(stack, *states, is_leaf=is_var)))
+  return stacked

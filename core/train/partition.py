@@ -34,6 +34,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "head_dim": None,
     "norm": None,
     "positions": None,
+    "layers": None,  # the stacked axis of scanned layers: every device holds every layer's shard
     "batch": ("data", "fsdp"),
     "length": None,
     "act_embed": None,
