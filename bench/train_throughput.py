@@ -64,14 +64,12 @@ def load_experiment(name: str, gin_params: list[str]):
 def one_device_step(name: str, gin_params: list[str]):
   """(config, batch_size, seq_len, builder, synthetic data) of the experiment's real train step
   on one device: the experiment's model and optimizer recipe, synthetic batches of its shape."""
-  import optax  # pylint: disable=g-import-not-at-top
   from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
-  from core.train.step import StepBuilder  # pylint: disable=g-import-not-at-top
+  from core.train.step import make_builder  # pylint: disable=g-import-not-at-top
   from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
   config, batch_size, seq_len, recipe = load_experiment(name, gin_params)
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
-  builder = StepBuilder(config, optax.identity(), mesh, partition.merged_rules())
-  builder.optimizer = recipe(param_axes=builder.param_axes, total_steps=1000)
+  builder = make_builder(config, recipe, mesh, partition.merged_rules(), num_steps=1000)
   data = SyntheticBatches(vocab_size=config.vocab_size, seq_len=seq_len, batch_size=batch_size)
   return config, batch_size, seq_len, builder, data
 

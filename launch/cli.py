@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("launch.compare_cmd", "compare the runs of a sweep from MLflow"),
     "reproduce": ("launch.reproduce_cmd", "re-run an MLflow run from its recorded config"),
     "params": ("launch.params_cmd", "count a model's parameters without allocating it"),
+    "plan": ("launch.plan_cmd", "compile the train step for a TPU slice or GPU node: memory, "
+                                "FLOPs, time, energy"),
     "carbon": ("launch.carbon_cmd", "project energy and carbon of a training run"),
     "eval": ("launch.eval_cmd", "evaluate a checkpoint"),
     "score": ("launch.score_cmd", "per-token log-probabilities of a text under a checkpoint"),

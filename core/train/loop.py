@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from core.model import attention_impls
@@ -47,7 +46,7 @@ from core.train import checkpoint as ckpt
 from core.train import mesh as meshlib
 from core.train import partition, throughput
 from core.train import tracking as trk
-from core.train.step import StepBuilder, device_batch
+from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +150,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   _sync("workdir")
   mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
   rule_table = partition.merged_rules(rules)
-  builder = (step_builder or StepBuilder)(model, optax.identity(), mesh_obj, rule_table,
-                        grad_accum_steps=grad_accum_steps, z_loss=z_loss,
-                        loss_vocab_chunk=loss_vocab_chunk)
-  builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
+  builder = make_builder(model, optimizer, mesh_obj, rule_table, num_steps=num_steps,
+                         grad_accum_steps=grad_accum_steps, z_loss=z_loss,
+                         loss_vocab_chunk=loss_vocab_chunk, step_builder=step_builder)
 
   train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,
                     shard_count=1)
@@ -211,7 +209,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   shape = (batch_size, seq_len)
   t0 = time.perf_counter()
   inputs = builder.step_inputs()
-  step_fn = builder.build(shape).lower(state, _abstract_batch(builder, shape), inputs).compile()
+  step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
   compile_s = time.perf_counter() - t0
   _say(primary, f"compiled the train step in {compile_s:.1f}s")
   tracker.log_metrics({"compile_s": compile_s}, step=start_step)
@@ -327,13 +325,6 @@ def _sync(name: str) -> None:
 
 def tracker_run_id(tracker) -> str | None:
   return getattr(tracker, "run_id", None)
-
-
-def _abstract_batch(builder: StepBuilder, shape) -> dict:
-  sharding = builder.batch_sharding(shape)
-  dtypes = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
-            "positions": np.int32, "loss_mask": np.float32}
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
 
 
 def _append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:

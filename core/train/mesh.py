@@ -9,11 +9,15 @@ id: ids are not contiguous across processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
+
+logger = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -64,7 +68,16 @@ def make_mesh(config: MeshConfig | None = None,
   # jax.make_mesh orders devices for the physical topology (ICI rings on TPU), for
   # any device list: a subset, or compile-only topology devices, get the groups
   # the real slice would get, so the mesh that is planned is the mesh that runs.
-  return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  except NotImplementedError as e:
+    # A 3-D torus (v4, v5p) maps a mesh axis onto whole physical axes only, e.g. no
+    # 8-way axis on 4x4x4. Splitting a physical axis still runs, with collectives
+    # that span partial rings.
+    logger.warning("mesh %s does not map onto whole physical axes (%s); splitting them",
+                   dict(zip(AXES, shape)), e)
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=auto)
 
 
 def describe(mesh: Mesh) -> str:

@@ -26,6 +26,8 @@ from core.train import partition
 from core.train.loss import chunked_cross_entropy, cross_entropy
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
+                "positions": jnp.int32, "loss_mask": jnp.float32}
 
 
 @jax.tree_util.register_dataclass
@@ -231,6 +233,29 @@ def opt_state_specs(opt_shapes, param_specs, param_shapes) -> Any:
         return flat_specs[key]
     return PartitionSpec()
   return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+def abstract_batch(builder: StepBuilder, shape: tuple[int, int]) -> dict:
+  """The batch as ShapeDtypeStructs with their shardings: what the step is compiled for."""
+  sharding = builder.batch_sharding(shape)
+  return {k: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[k], sharding=sharding) for k in BATCH_KEYS}
+
+
+def make_builder(model: ModelConfig, optimizer: Callable[..., optax.GradientTransformation],
+                 mesh: Mesh, rules: Mapping[str, Any], *, num_steps: int,
+                 grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
+                 step_builder: Callable[..., StepBuilder] | None = None) -> StepBuilder:
+  """The StepBuilder of a run, with the optimizer of its recipe.
+
+  One place for what a run steps with, so that `ablax plan` compiles exactly
+  the step that `train` runs. The recipe needs the parameters' logical axes,
+  which only the builder knows, hence the optimizer is filled in second.
+  """
+  builder = (step_builder or StepBuilder)(model, optax.identity(), mesh, rules,
+                                          grad_accum_steps=grad_accum_steps, z_loss=z_loss,
+                                          loss_vocab_chunk=loss_vocab_chunk)
+  builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
+  return builder
 
 
 def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding]) -> dict:
