@@ -314,3 +314,31 @@ def test_parse_source_shorthands():
   spec = parse_source("tfds:c4/en:3.1.0#content")
   assert (spec.name, spec.feature) == ("c4/en:3.1.0", "content")
   assert parse_source("files:a/*.txt,b.jsonl").paths == ("a/*.txt", "b.jsonl")
+
+
+def test_host_sharded_rows_assemble_the_batch_one_process_reads(make):
+  """Each process builds only the blocks holding its rows; together they are the whole batch."""
+  from core.train.host_input import HostInputError, HostShardedBatches
+
+  def reader(rows, shards):
+    return HostShardedBatches(make, batch_size=8, seed=3, shards=shards, rows=rows)
+
+  for shards in (1, 2, 4):
+    whole = reader((0, 8), shards)
+    halves = [reader((0, 4), shards), reader((4, 8), shards)]
+    if shards >= 2:  # one process's half is whole blocks: it reads only those streams
+      assert len(halves[1].streams) == shards // 2
+    for _ in range(3):
+      full = next(whole)
+      parts = [next(h) for h in halves]
+      for key in full:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+  # One block is one stream over every record: what a single process always read.
+  one, direct = reader((0, 8), 1), make(batch_size=8, seed=3, shard_index=0, shard_count=1)
+  _assert_same(_take(one, 2), _take(direct, 2))
+  # A position saved for another block count is refused, not silently misread.
+  two = reader((0, 8), 2)
+  with pytest.raises(HostInputError, match="data_shards=2"):
+    reader((0, 8), 1).set_state(two.get_state())
+  with pytest.raises(HostInputError, match="not a multiple"):
+    reader((0, 8), 3)

@@ -31,7 +31,10 @@ MESH = ["--gin_param", "core.train.mesh.MeshConfig.data = 2",
         "--gin_param", "core.train.mesh.MeshConfig.tensor = 2",
         "--gin_param", "core.train.loop.train.num_steps = 8",
         "--gin_param", "core.train.loop.train.checkpoint_every = 4",
-        "--gin_param", "core.train.loop.train.export_model = True"]
+        "--gin_param", "core.train.loop.train.export_model = True",
+        # Two blocks of rows, each from its own stream: the 2-process run reads one each
+        # (host-sharded input), the 1-process run both; the batches are the same.
+        "--gin_param", "core.train.loop.train.data_shards = 2"]
 
 
 # The end-of-run evaluation hook, on held-out synthetic batches: with 2 processes the
@@ -79,6 +82,9 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)],
                              rtol=2e-5, atol=2e-5)
   assert (multi / "checkpoints" / "8").is_dir()
+  # The checkpoint holds both blocks' positions, gathered from the two processes.
+  data_state = json.loads((multi / "checkpoints" / "8" / "data" / "metadata").read_text())
+  assert data_state["shards"] == 2 and {"0", "1"} <= data_state.keys()
   evals = _eval_metrics(single)
   assert evals, "the evaluation hook logged nothing"
   assert _eval_metrics(multi).keys() == evals.keys()

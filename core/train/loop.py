@@ -8,12 +8,11 @@ loop: step, check, log, evaluate, checkpoint, until `num_steps`, SIGTERM or a
 non-finite value. At the end: a final checkpoint, the exported model, the run
 marked FINISHED.
 
-Data: every process reads the whole global batch from the same seed and fills
-only its own shards (step.device_batch). A run therefore sees the same batches
-whatever the number of processes and devices, which is what makes a 2-process
-or 8-device run reproduce a 1-device run. The cost, tokenizing the global
-batch on every host, is small next to a training step at the scales this
-platform runs; a host-sharded reader is the change to make beyond that.
+Data: the global batch is `data_shards` blocks of rows, each from its own stream
+of records, and each process reads only the blocks holding its devices' rows
+(core.train.host_input). The batches depend on data_shards, not on the number
+of processes or devices, which is what makes a 2-process or 8-device run
+reproduce a 1-device run with the same data_shards.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
 caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
@@ -44,7 +43,7 @@ from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
 from core.train import checkpoint as ckpt
 from core.train import mesh as meshlib
-from core.train import partition, throughput
+from core.train import host_input, partition, throughput
 from core.train import tracking as trk
 from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
 
@@ -90,7 +89,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
           num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
           mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
           grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
-          log_every: int = 10,
+          data_shards: int | None = None, log_every: int = 10,
           eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, async_checkpoints: bool = True,
           tracking_uri: str | None = None, experiment: str = "ablax",
@@ -122,6 +121,11 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     z_loss: weight of the log(Z)^2 auxiliary loss.
     loss_vocab_chunk: > 0 computes the loss this many vocabulary rows at a
       time, so the (B, T, V) float32 logits never exist (large vocabularies).
+    data_shards: the global batch is this many blocks, each from its own
+      stream of records; a process reads only the blocks holding its rows
+      (core.train.host_input). None = the process count (1 on one host, so
+      the whole batch is one stream). Batches depend on it, not on the number
+      of processes.
     log_every: steps between progress lines / metrics records.
     eval_every: steps between held-out evaluations (0: only at the end when
       eval_batches > 0); eval_batches: validation batches per evaluation.
@@ -154,8 +158,12 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
                          grad_accum_steps=grad_accum_steps, z_loss=z_loss,
                          loss_vocab_chunk=loss_vocab_chunk, step_builder=step_builder)
 
-  train_data = data(batch_size=batch_size, seed=seed, split="train", shard_index=0,
-                    shard_count=1)
+  shards = data_shards or jax.process_count()
+  # The rows of the batch this process's devices hold; the sequence length does not
+  # change which rows those are.
+  rows = host_input.process_rows(builder.batch_sharding((batch_size, 1)), (batch_size, 1))
+  train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=seed,
+                                             shards=shards, rows=rows)
   tokenizer = getattr(train_data, "tokenizer", None)
   if tokenizer is not None:
     # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
@@ -200,7 +208,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   if primary:
     _truncate_metrics(metrics_path, start_step)
     _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                    getattr(train_data, "manifest", None))
+                    getattr(train_data, "manifest", None), train_data.shards)
   energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
                              resume_from=saved_meta.get("energy"), pue=pue,
                              grid_region=grid_region, grid_intensity=grid_intensity,
@@ -261,7 +269,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
     meta = {"time": time.time()}
     if energy is not None:
       meta["energy"] = _energy_reading(energy)  # so a resumed run's figures stay cumulative
-    checkpointer.save(step, state, data_state, meta, wait=wait)
+    checkpointer.save(step, state, host_input.global_state(data_state), meta, wait=wait)
     last_saved = step
 
   step = start_step
@@ -269,7 +277,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   try:
     while step < num_steps:
       batch, data_state = first.next()
-      state, m = step_fn(state, device_batch(batch, builder.batch_sharding), inputs)
+      state, m = step_fn(state, device_batch(batch, builder.batch_sharding, batch_size), inputs)
       step += 1
       pending.append((step, m, batch["inputs"].size))
       resolve(1)
@@ -348,12 +356,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                    manifest) -> None:
+                    manifest, data_shards) -> None:
   if start_step > 0:
     return  # logged by the first session of this run; MLflow refuses changed params
   params = {f"model.{k}": v for k, v in model.to_dict().items()}
   params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
-                 "train.mesh": meshlib.describe(mesh_obj)})
+                 "train.mesh": meshlib.describe(mesh_obj), "train.data_shards": data_shards})
   # What 'auto' resolved to on this platform at this length (the trainer always packs).
   used = attention_impls.used_by_kind(model, attention_impls.current_platform(), seq_len,
                                       packed=True)

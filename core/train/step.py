@@ -23,6 +23,7 @@ from core.model.config import ModelConfig
 from core.model.sharding import activation_sharding
 from core.model.transformer import Transformer
 from core.train import partition
+from core.train.host_input import process_rows
 from core.train.loss import chunked_cross_entropy, cross_entropy
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -258,15 +259,21 @@ def make_builder(model: ModelConfig, optimizer: Callable[..., optax.GradientTran
   return builder
 
 
-def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding]) -> dict:
-  """A global jax.Array per field from the host's copy of the whole global batch.
+def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding],
+                 global_rows: int | None = None) -> dict:
+  """A global jax.Array per field, assembled from what this process holds.
 
-  Every process holds the whole batch (see loop.py) and fills its own shards;
-  make_array_from_callback asks only for the addressable ones.
+  `batch` is this process's rows of a `global_rows`-row batch
+  (core.train.host_input.HostShardedBatches), or, with global_rows None, the
+  whole global batch, of which the process keeps its own rows.
   """
   out = {}
   for key in BATCH_KEYS:
     host = batch[key]
-    sharding = sharding_for(host.shape)
-    out[key] = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+    shape = (global_rows or host.shape[0],) + tuple(host.shape[1:])
+    sharding = sharding_for(shape)
+    if global_rows is None:
+      lo, hi = process_rows(sharding, shape)
+      host = host[lo:hi]
+    out[key] = jax.make_array_from_process_local_data(sharding, host, shape)
   return out
