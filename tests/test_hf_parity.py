@@ -85,6 +85,17 @@ def test_gemma_multi_query_matches_transformers(tmp_path):
   assert diff < TOL, f"gemma: max |log-prob difference| {diff:.3g}"
 
 
+def test_an_imported_checkpoint_runs_with_scanned_layers(tmp_path):
+  # HF tensors are per layer; model_from_params stacks them for scan_layers, and the
+  # scanned model keeps transformers' log-probabilities.
+  hf_model = build_hf("llama", tmp_path / "hf")
+  model, config, _ = hf_import.import_hf(tmp_path / "hf")
+  scanned = io.model_from_params(config.replace(scan_layers=True), io.flat_params(model))
+  ids = sample_ids()
+  diff = np.abs(token_logprobs(scanned, ids) - hf_logprobs(hf_model, ids)).max()
+  assert diff < TOL, f"scanned llama: max |log-prob difference| {diff:.3g}"
+
+
 def test_gemma2_window_softcaps_and_query_scalar_match_transformers(gemma2):
   _, hf_model, model, config = gemma2
   assert config.attention_pattern == ("local", "global")  # HF: even layers slide
