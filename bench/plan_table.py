@@ -64,7 +64,14 @@ def main() -> int:
   parser.add_argument("--only", nargs="*", default=[], help="preset names (default: all)")
   parser.add_argument("--out", default=str(REPO / "bench" / "plan_table.md"))
   args = parser.parse_args()
-  lines = [HEADER, "|" + "|".join("---" for _ in range(HEADER.count("|") - 1)) + "|"]
+  head = [HEADER, "|" + "|".join("---" for _ in range(HEADER.count("|") - 1)) + "|"]
+  # Rows of presets not planned this time stay as they were (--only reruns some).
+  out_path = Path(args.out)
+  rows = {}
+  if out_path.exists():
+    for line in out_path.read_text().splitlines()[2:]:
+      if line.startswith("| "):
+        rows[line.split("|")[1].strip()] = line
   todo = presets(args.only)
   for i, (path, target) in enumerate(todo, 1):
     print(f"[{i}/{len(todo)}] ablax plan --gin_file {path.relative_to(REPO)} --target {target}",
@@ -78,9 +85,10 @@ def main() -> int:
       record = json.loads(out.read_text()) if out.exists() else None
     tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
     print(f"    rc {proc.returncode} in {time.perf_counter() - start:.0f} s", flush=True)
-    lines.append(row(path.stem, target, record, proc.returncode, tail))
-    Path(args.out).write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+    rows[path.stem] = row(path.stem, target, record, proc.returncode, tail)
+    lines = head + [rows[k] for k in sorted(rows)]
+    out_path.write_text("\n".join(lines) + "\n")
+  print(out_path.read_text())
   return 0
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missing file.
 import inspect
 import os
@@ -111,22 +113,53 @@ def write_configs(out_dir: str | os.PathLike) -> dict[str, Path]:
   return paths
 
 
-_BINDING = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*(.+)$")
+# -- the run record's view of the config ---------------------------------------------------
+# Keys and the hash come from gin's own (scope, selector) -> {parameter: value} tables,
+# never from its printed text: under dynamic registration the text names modules by
+# numbered aliases (`core4.llama_adamw`) that renumber when an unrelated import is added.
+
+MODEL_SELECTOR = "core.model.config.ModelConfig"
 
 
-def flatten_config_str(text: str) -> dict[str, str]:
-  """`name.param = value` lines of a gin config string as a flat dict (for MLflow params)."""
-  flat: dict[str, str] = {}
-  key, value_lines = None, []
-  for line in text.splitlines() + [""]:
-    if key is not None and (line.startswith((" ", "\t")) and line.strip()):
-      value_lines.append(line.strip())
-      continue
-    if key is not None:
-      # Gin wraps long values as `name = \` + indented continuation lines.
-      flat[key] = " ".join(v.rstrip("\\").strip() for v in value_lines if v.rstrip("\\").strip())
-      key, value_lines = None, []
-    m = _BINDING.match(line)
-    if m and not line.startswith(("import ", "from ", "include ")):
-      key, value_lines = m.group(1), [m.group(2).strip()]
-  return flat
+def operative_bindings() -> dict[str, Any]:
+  """{'core.train.optimizer.llama_adamw.peak_lr': 0.003, ...}: every value the run used.
+
+  Keys are `[scope/]module.path.Configurable.parameter`; values are those gin
+  passed (bound, or the default the function declares), as plain data: strings
+  without quotes, references as '@selector' ('@selector()' when called), and
+  paths inside the checkout relative to it, so a moved checkout changes nothing.
+  """
+  out: dict[str, Any] = {}
+  for (scope, selector), params in gin.config._OPERATIVE_CONFIG.items():  # noqa: SLF001
+    prefix = f"{scope}/{selector}" if scope else selector
+    for name, value in params.items():
+      out[f"{prefix}.{name}"] = _plain(value)
+  return dict(sorted(out.items()))
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, gin.config.ConfigurableReference):
+    return f"@{value.selector}" + ("()" if value.evaluate else "")
+  if isinstance(value, (os.PathLike, str)):
+    text = os.fspath(value)
+    root = str(REPO_ROOT) + os.sep
+    return text[len(root):] if text.startswith(root) else text
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float)):
+    return value
+  return repr(value)
+
+
+def binding_params(bindings: dict[str, Any]) -> dict[str, str]:
+  """MLflow params of the bindings; ModelConfig's are left out (the trainer logs `model.*`)."""
+  return {key: value if isinstance(value, str) else json.dumps(value)
+          for key, value in bindings.items() if not key.startswith(MODEL_SELECTOR + ".")}
+
+
+def bindings_hash(bindings: dict[str, Any]) -> str:
+  """sha256 of the bindings: equal for equal values, whatever files, order, comments or paths."""
+  text = json.dumps(bindings, sort_keys=True, separators=(",", ":"), default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()

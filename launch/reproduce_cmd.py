@@ -77,15 +77,11 @@ def _download_first(c, run_id: str, candidates, dest: Path) -> Path | None:
 def current_tags() -> dict[str, str]:
   """The code and environment tags a run started now would get.
 
-  Both the trainer's tags (core/train/tracking.py) and the run-record tags
-  (core/tracking/record.py) are produced, so an original made with either
-  naming is checked on the tags it has.
+  The run-record tags (core/tracking/record.py), the only ones a run carries.
   """
   tags: dict[str, str] = {}
   try:
-    from core.train import tracking as train_tracking  # pylint: disable=g-import-not-at-top
     from core.train.loop import REPO_ROOT  # pylint: disable=g-import-not-at-top
-    tags.update(train_tracking.run_tags(REPO_ROOT, {}))
     from core.tracking import record  # pylint: disable=g-import-not-at-top
     tags.update(record.run_tags(record.code_version(REPO_ROOT), record.environment(), None))
   except Exception as e:  # noqa: BLE001  a missing check is reported, not fatal

@@ -179,7 +179,7 @@ def check_shape(sweep: Sweep) -> list[Axis]:
 
 def _axis(sweep_name: str, name: str, spec: Any) -> Axis:
   where = f"sweep {sweep_name}: axis {name!r}"
-  # No dots: the trainer logs dotted params ('model.norm', 'gin.*') next to the axis values.
+  # No dots: the trainer logs dotted params ('model.norm', 'core.train...') next to the axis values.
   if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
     raise SweepError(f"{where}: axis names are short identifiers (letters, digits, _ and -)")
   if not isinstance(spec, Mapping):

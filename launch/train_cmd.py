@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
   def config_hook(run_dir: Path) -> loop.RunConfigRecord:
     paths = gin_config.write_configs(run_dir)
-    operative = gin.operative_config_str()
-    flat = gin_config.flatten_config_str(operative)
+    bindings = gin_config.operative_bindings()
     return loop.RunConfigRecord(files=[paths["config"], paths["operative_config"]],
-                                params={f"gin.{k}": v for k, v in flat.items()},
-                                text=operative, bound_text=gin.config_str(), gin_files=files)
+                                params=gin_config.binding_params(bindings),
+                                text=gin.operative_config_str(), bound_text=gin.config_str(),
+                                gin_files=files, config_hash=gin_config.bindings_hash(bindings))
 
   overrides = {"workdir": workdir, "config_hook": config_hook, "tracking_uri": args.tracking_uri}
   if args.no_tracking:

@@ -65,11 +65,3 @@ def test_cli_reports_bad_gin_without_traceback():
                        cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 2
   assert "embd_dim" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_flatten_config_str():
-  text = ("# Parameters for ModelConfig:\n"
-          "ModelConfig.attention_pattern = \\\n    ('local', 'global')\n"
-          "ModelConfig.embed_dim = 8\nimport core.model.config\n")
-  assert gin_config.flatten_config_str(text) == {
-      "ModelConfig.attention_pattern": "('local', 'global')", "ModelConfig.embed_dim": "8"}

@@ -43,8 +43,49 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   # 'auto' as resolved for 128 tokens on CPU: the einsum reference (attention_impls.choose).
   assert run.data.params["model.attention_impl"] == "auto"
   assert run.data.params["attention.impl.global"] == "einsum"
-  assert any(k.startswith("gin.") for k in run.data.params)
+  # Keys are module paths from gin's bindings; strings lose gin's quotes; ModelConfig's
+  # fields appear once, as model.*.
+  assert run.data.params["core.train.optimizer.llama_adamw.peak_lr"] == "0.003"
+  assert run.data.params["core.train.loop.train.experiment"] == "tiny_llama"
+  assert not any(k.startswith("core.model.config.ModelConfig.") for k in run.data.params)
   assert "train/loss" in run.data.metrics and "eval/loss" in run.data.metrics
   assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
   artifacts = {a.path for a in MlflowClient(_mlflow_store).list_artifacts(run_id)}
   assert "config" in artifacts and "metrics.jsonl" in artifacts
+
+
+def _record(tmp_path, name, *extra):
+  """(params, config hash) of a 1-step `ablax train` run of tiny_llama."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)  # each command starts from a fresh gin, as a process does
+  os.environ["ABLAX_CPU_PEAK_FLOPS"] = "1e11"
+  try:
+    workdir = tmp_path / name
+    rc = cli.main(["train", "--gin_file", "gin/experiments/tiny_llama.gin", *extra,
+                   "--gin_param", "core.train.loop.train.num_steps = 1",
+                   "--gin_param", "core.train.loop.train.eval_batches = 0",
+                   "--gin_param", "core.train.loop.train.export_model = False",
+                   "--workdir", str(workdir)])
+  finally:
+    del os.environ["ABLAX_CPU_PEAK_FLOPS"]
+  assert rc == 0
+  run_id = json.loads((workdir / "run.json").read_text())["mlflow_run_id"]
+  run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+  params = {k: v for k, v in run.data.params.items() if k != "core.train.loop.train.workdir"}
+  return params, run.data.tags["ablax.config_hash"]
+
+
+def test_param_keys_and_config_hash_are_stable(tmp_path, capsys):
+  # A gin file that only imports modules renumbers gin's printed module aliases; the
+  # record must not see it.
+  imports_only = tmp_path / "imports.gin"
+  imports_only.write_text("from __gin__ import dynamic_registration\n"
+                          "import core.eval.suite\nimport core.train.distill\n")
+  base_params, base_hash = _record(tmp_path, "a")
+  more_params, more_hash = _record(tmp_path, "b", "--gin_file", str(imports_only))
+  assert more_params == base_params and more_hash == base_hash
+  # Any changed value changes the hash, a model field included.
+  _, lr_hash = _record(tmp_path, "c", "--gin_param",
+                       "core.train.optimizer.llama_adamw.peak_lr = 0.002")
+  _, width_hash = _record(tmp_path, "d", "--gin_param", "ModelConfig.num_kv_heads = 2")
+  assert len({base_hash, lr_hash, width_hash}) == 3

@@ -192,18 +192,21 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
                      mesh_shape: Mapping[str, int] | None = None,
                      param_counts: Mapping[str, int] | None = None,
                      dataset_manifest: Mapping[str, Any] | str | os.PathLike | None = None,
-                     extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+                     extra_tags: Mapping[str, Any] | None = None,
+                     config_sha: str | None = None) -> dict[str, str]:
   """Logs a run's whole record through `tracker` (a RunTracker or NullTracker); returns the tags.
 
-  Params: `flat_params` (e.g. `launch.gin_config.flatten_config_str(operative)`)
+  Params: `flat_params` (e.g. `launch.gin_config.binding_params(bindings)`)
   and the swept axes under short names. Artifacts: config/config.gin,
   config/operative_config.gin (full text, as params truncate at 6000 chars),
   config/gin_files/*, environment.json, code/version.json (+ code/diff.patch
   when dirty), model/param_counts.json, data/manifest.json. Tags: run_tags().
+  `config_sha` is the config hash (launch.gin_config.bindings_hash of gin's
+  bindings); without it, the hash of the operative config's text.
   """
   code = code_version(repo_dir) if repo_dir is not None else {"commit": None, "dirty": None}
   env = environment(mesh_shape)
-  sha = config_hash(operative_config) if operative_config is not None else None
+  sha = config_sha or (config_hash(operative_config) if operative_config is not None else None)
   tags = run_tags(code, env, sha)
   if swept_axes:
     tags["ablax.swept"] = ",".join(short_axis_names(swept_axes))

@@ -66,12 +66,14 @@ class RunConfigRecord:
     text: the operative config (what was used, defaults included).
     bound_text: the bound config (what the files and bindings said).
     gin_files: the gin files the run was started with.
+    config_hash: the hash of the bindings (launch.gin_config.bindings_hash).
   """
   files: list[Path]
   params: dict[str, str]
   text: str = ""
   bound_text: str | None = None
   gin_files: list[Path] = dataclasses.field(default_factory=list)
+  config_hash: str | None = None
 
 
 @dataclasses.dataclass
@@ -371,7 +373,8 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
   trk.write_record(tracker, repo_dir=REPO_ROOT, mesh_shape=dict(mesh_obj.shape), params=params,
                    counts=param_counts(model), operative_config=record.text if record else None,
                    bound_config=record.bound_text if record else None,
-                   gin_files=record.gin_files if record else [], manifest=manifest)
+                   gin_files=record.gin_files if record else [], manifest=manifest,
+                   config_hash=record.config_hash if record else None)
   tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
 
 

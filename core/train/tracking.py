@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,51 +50,17 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
   return tracker
 
 
-def run_tags(repo_dir: Path, mesh_shape: Mapping[str, int], config_text: str = "") -> dict:
-  """Code version, environment and mesh tags (core.tracking.record's naming when available)."""
-  try:
-    from core.tracking import record  # pylint: disable=g-import-not-at-top
-    return record.run_tags(record.code_version(repo_dir), record.environment(dict(mesh_shape)),
-                           record.config_hash(config_text) if config_text else None)
-  except (ImportError, AttributeError):
-    pass
-  tags = {"jax_version": jax.__version__, "python_version": platform.python_version(),
-          "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-          "process_count": jax.process_count(),
-          "mesh": ",".join(f"{k}={v}" for k, v in mesh_shape.items())}
-  try:
-    git = lambda *a: subprocess.run(("git", "-C", str(repo_dir)) + a, capture_output=True,
-                                    text=True, timeout=10, check=True).stdout.strip()
-    tags["git.commit"] = git("rev-parse", "HEAD")
-    tags["git.dirty"] = bool(git("status", "--porcelain"))
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return {k: str(v) for k, v in tags.items()}
-
-
 def write_record(tracker, *, repo_dir: Path, mesh_shape: Mapping[str, int],
                  params: Mapping[str, Any], counts: Mapping[str, int],
                  operative_config: str | None, bound_config: str | None, gin_files: list,
-                 manifest: Any) -> None:
+                 manifest: Any, config_hash: str | None = None) -> None:
   """The run record of a new run: params, tags, config/code/environment/manifest artifacts."""
-  try:
-    from core.tracking import record  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    record = None
-  if record is not None and hasattr(record, "write_run_record"):
-    record.write_run_record(tracker, repo_dir=repo_dir, operative_config=operative_config,
-                            bound_config=bound_config, gin_files=tuple(gin_files),
-                            flat_params=params, mesh_shape=dict(mesh_shape),
-                            param_counts=dict(counts), dataset_manifest=manifest)
-    return
-  tracker.set_tags(run_tags(repo_dir, mesh_shape, operative_config or ""))
-  tracker.log_params(dict(params))
-  if operative_config is not None:
-    tracker.log_text(operative_config, "config/operative_config.gin")
-  if bound_config is not None:
-    tracker.log_text(bound_config, "config/config.gin")
-  if manifest:
-    tracker.log_dict(manifest, "data/manifest.json")
+  from core.tracking import record  # pylint: disable=g-import-not-at-top
+  record.write_run_record(tracker, repo_dir=repo_dir, operative_config=operative_config,
+                          bound_config=bound_config, gin_files=tuple(gin_files),
+                          flat_params=params, mesh_shape=dict(mesh_shape),
+                          param_counts=dict(counts), dataset_manifest=manifest,
+                          config_sha=config_hash)
 
 
 def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, Any] | None = None,
