@@ -36,13 +36,9 @@ class RunLookupError(LookupError):
 
 
 def default_tracking_uri() -> str:
-  """$MLFLOW_TRACKING_URI, else the project store `./runs/mlflow.db` (sqlite)."""
-  uri = os.environ.get("MLFLOW_TRACKING_URI")
-  if uri:
-    return uri
-  path = Path("runs").resolve() / "mlflow.db"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return f"sqlite:///{path}"
+  """$MLFLOW_TRACKING_URI, else the project store `./runs/mlflow.db` (core.tracking.store)."""
+  from core.tracking.store import default_tracking_uri as default  # pylint: disable=g-import-not-at-top
+  return default()
 
 
 def client(tracking_uri: str | None = None):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from analysis import table as table_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  what = parser.add_mutually_exclusive_group(required=True)
+  what = parser.add_mutually_exclusive_group()
   what.add_argument("--sweep", help="sweep name (its newest parent run) or parent run id")
-  what.add_argument("--experiment", help="compare the finished runs of this MLflow experiment")
+  what.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"),
+                    help="compare the finished runs of this MLflow experiment (default: "
+                         "$MLFLOW_EXPERIMENT_NAME)")
   parser.add_argument("--filter", default="", help="MLflow filter string (with --experiment)")
   parser.add_argument("--group_by", action="append", default=[],
                       help="param whose value defines a variant (repeatable; default: the sweep "
@@ -43,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
   if not 0.0 < args.confidence < 1.0:
     print("ablax compare: --confidence must be in (0, 1)", file=sys.stderr)
     return 2
+  if not (args.sweep or args.experiment):
+    print("ablax compare: give --sweep NAME or --experiment NAME (or set "
+          "MLFLOW_EXPERIMENT_NAME)", file=sys.stderr)
+    return 2
+  if args.sweep:
+    args.experiment = None  # the environment's default yields to an explicit sweep
   tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
   c = runs_lib.client(tracking_uri)
   try:

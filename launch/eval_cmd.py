@@ -10,15 +10,15 @@ TASK is one of
 Metrics are printed (or --json) and, with --run_id or --experiment, logged to
 MLflow: --run_id RUN adds them to an existing run (e.g. the training run; 'train'
 means the run recorded in the checkpoint), --experiment NAME creates an eval
-run. The tracking URI is --tracking_uri, else $MLFLOW_TRACKING_URI, else the
-training workdir's mlflow.db next to the checkpoint.
+run. The tracking URI is --tracking_uri, else the store the training run
+recorded in its workdir's run.json (next to the checkpoint), else the default
+store ($MLFLOW_TRACKING_URI, else runs/mlflow.db).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -108,12 +108,10 @@ def _memorization(args, model, tok) -> dict[str, float]:
 def _tracking_uri(args) -> str:
   if args.tracking_uri:
     return args.tracking_uri
-  if os.environ.get("MLFLOW_TRACKING_URI"):
-    return os.environ["MLFLOW_TRACKING_URI"]
-  db = Path(args.checkpoint).resolve().parent / "mlflow.db"
-  if db.is_file():
-    return f"sqlite:///{db}"
-  raise _Usage("no MLflow store: pass --tracking_uri or set MLFLOW_TRACKING_URI")
+  from core.tracking.store import default_tracking_uri  # pylint: disable=g-import-not-at-top
+  from core.train.tracking import read_run_file  # pylint: disable=g-import-not-at-top
+  recorded = read_run_file(Path(args.checkpoint).resolve().parent).get("tracking_uri")
+  return recorded or default_tracking_uri()
 
 
 def _log(args, meta, metrics: dict[str, float], step: int) -> str:

@@ -147,12 +147,12 @@ def _log(record: dict, args: argparse.Namespace, experiment: str) -> tuple[str, 
   """One MLflow run holding the plan: inputs as params, figures as metrics, the whole as JSON."""
   from analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
   from core.tracking.record import flatten_params  # pylint: disable=g-import-not-at-top
+  from core.tracking.store import ensure_experiment  # pylint: disable=g-import-not-at-top
   from mlflow.entities import Metric, Param, RunTag  # pylint: disable=g-import-not-at-top
   uri = args.tracking_uri or runs_lib.default_tracking_uri()
   client = runs_lib.client(uri)
   name = args.experiment or f"{experiment}-plan"
-  found = client.get_experiment_by_name(name)
-  experiment_id = found.experiment_id if found else client.create_experiment(name)
+  experiment_id = ensure_experiment(client, uri, name)
   plan, run = record["plan"], record["run"]
   run_obj = client.create_run(experiment_id, run_name=f"plan {plan['target']}",
                               tags={"ablax.kind": "plan", "ablax.target": plan["target"],

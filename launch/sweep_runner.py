@@ -144,28 +144,13 @@ def client(tracking_uri: str):
   return MlflowClient(tracking_uri)
 
 
-def artifact_root_for(tracking_uri: str) -> str | None:
-  """Artifacts next to a sqlite store (MLflow would put them under ./mlruns of the cwd)."""
-  if tracking_uri.startswith("sqlite:///"):
-    db = Path(tracking_uri[len("sqlite:///"):])
-    return (db.parent / "mlartifacts").resolve().as_uri()
-  return None
-
-
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-  from mlflow.exceptions import MlflowException
-  c = client(tracking_uri)
-  experiment = c.get_experiment_by_name(name)
-  if experiment is not None:
-    if experiment.lifecycle_stage != "active":
-      raise sweep_lib.SweepError(f"MLflow experiment {name!r} is deleted; restore it or choose "
-                                 f"another (--experiment)")
-    return experiment.experiment_id
-  root = artifact_root_for(tracking_uri)
+  from core.tracking.store import TrackingStoreError  # pylint: disable=g-import-not-at-top
+  from core.tracking.store import ensure_experiment as ensure  # pylint: disable=g-import-not-at-top
   try:
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-  except MlflowException:  # created meanwhile by another process
-    return c.get_experiment_by_name(name).experiment_id
+    return ensure(client(tracking_uri), tracking_uri, name)
+  except TrackingStoreError as e:
+    raise sweep_lib.SweepError(f"{e} (--experiment)") from None
 
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list:

@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run directory; an existing one is resumed "
                            f"(default: {DEFAULT_RUNS_DIR}/<name of the last gin file>)")
   parser.add_argument("--tracking_uri", default=None,
-                      help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                           "sqlite:///<workdir>/mlflow.db)")
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                           "sqlite:///runs/mlflow.db, the store every ablax command uses)")
   parser.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
   parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
   parser.add_argument("--num_processes", type=int, default=None)
@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
                                 gin_files=files, config_hash=gin_config.bindings_hash(bindings))
 
   overrides = {"workdir": workdir, "config_hook": config_hook, "tracking_uri": args.tracking_uri}
+  env_experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+  if env_experiment and _bound(gin, "experiment") in (None, BASE_EXPERIMENT):
+    # MLflow's variable names the experiment of runs whose gin files name none.
+    overrides["experiment"] = env_experiment
   if args.no_tracking:
     overrides["track"] = False
   try:
@@ -104,4 +108,20 @@ def run(args: argparse.Namespace) -> int:
     return 2
   if result.status == "KILLED":
     print(f"ablax train: stopped by SIGTERM at step {result.step}; the same command resumes it")
+  if result.run_id:
+    from analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
+    from core.train import tracking as train_tracking  # pylint: disable=g-import-not-at-top
+    uri = train_tracking.read_run_file(workdir).get("tracking_uri")
+    print(f"MLflow run {result.run_id} in {uri}\nOpen the UI:    {runs_lib.ui_command(uri)}")
   return 0
+
+
+# What gin/train/base.gin names the experiment when a run's files name none.
+BASE_EXPERIMENT = "ablax"
+
+
+def _bound(gin, name: str):
+  try:
+    return gin.query_parameter(f"core.train.loop.train.{name}")
+  except ValueError:
+    return None

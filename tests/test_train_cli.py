@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -89,3 +90,33 @@ def test_param_keys_and_config_hash_are_stable(tmp_path, capsys):
                        "core.train.optimizer.llama_adamw.peak_lr = 0.002")
   _, width_hash = _record(tmp_path, "d", "--gin_param", "ModelConfig.num_kv_heads = 2")
   assert len({base_hash, lr_hash, width_hash}) == 3
+
+
+def test_readme_train_then_compare_finds_the_run_in_the_one_default_store(tmp_path):
+  """No MLFLOW_TRACKING_URI: train and compare meet in ./runs/mlflow.db, nothing in ./mlruns."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+  env.update(ABLAX_CPU_PEAK_FLOPS="1e11", PYTHONPATH=str(Path(cli.__file__).parents[1]))
+  train = subprocess.run(
+      [sys.executable, "-m", "launch.cli", "train", "--gin_file", "gin/experiments/tiny_llama.gin",
+       "--gin_param", "core.train.loop.train.num_steps = 2",
+       "--gin_param", "core.train.loop.train.eval_batches = 1",
+       "--gin_param", "core.train.loop.train.export_model = False"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert train.returncode == 0, train.stderr[-2000:]
+  store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+  run_id = json.loads((tmp_path / "runs" / "tiny_llama" / "run.json").read_text())["mlflow_run_id"]
+  # It says where the run went and how to look at it.
+  assert f"MLflow run {run_id} in {store}" in train.stdout
+  assert f"mlflow ui --backend-store-uri {store}" in train.stdout
+  assert not (tmp_path / "mlruns").exists()
+  client = MlflowClient(store)
+  experiment = client.get_experiment_by_name("tiny_llama")
+  assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+  assert experiment.artifact_location.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+  compare = subprocess.run([sys.executable, "-m", "launch.cli", "compare", "--experiment",
+                            "tiny_llama"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+  assert compare.returncode == 0, compare.stderr[-2000:]
+  assert "tiny_llama" in compare.stdout

@@ -31,8 +31,8 @@ from typing import Any, Mapping
 from core.tracking import spool
 from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
                                   MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VALUE, TrackingStoreError,
-                                  bound_http_retries, clean_key, is_transient, sqlite_init_lock,
-                                  truncate)
+                                  bound_http_retries, clean_key, ensure_experiment, is_transient,
+                                  sqlite_init_lock, truncate)
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +196,7 @@ class RunTracker:
     from mlflow.tracking import MlflowClient
     client = self._client = MlflowClient(self.tracking_uri)
     resumed = bool(self.run_id)
-    experiment = client.get_experiment_by_name(self.experiment)
-    if experiment is None:
-      try:
-        experiment_id = client.create_experiment(self.experiment)
-      except MlflowException as e:
-        if "already exists" not in str(e) and e.error_code != "RESOURCE_ALREADY_EXISTS":
-          raise
-        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
-    else:
-      if experiment.lifecycle_stage != "active":
-        raise TrackingStoreError(f"experiment {self.experiment!r} is deleted; restore it "
-                                 f"or choose another name")
-      experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, self.tracking_uri, self.experiment)
     tags = {clean_key(k): truncate(v, MAX_TAG_VALUE) for k, v in self.tags.items()}
     if self.parent_run_id:
       tags[PARENT_TAG] = self.parent_run_id

@@ -80,3 +80,52 @@ def sqlite_init_lock(tracking_uri: str):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- the one default store -------------------------------------------------------------
+# train, sweep, compare, reproduce, eval and plan all resolve the store here.
+
+DEFAULT_STORE = Path("runs") / "mlflow.db"
+# MLflow 3.x's UI opens an experiment on its GenAI (traces) overview unless it is
+# tagged as model development (the UI's ExperimentKind values).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def default_tracking_uri() -> str:
+  """$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/runs/mlflow.db (its folder created)."""
+  uri = os.environ.get("MLFLOW_TRACKING_URI")
+  if uri:
+    return uri
+  path = DEFAULT_STORE.resolve()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return f"sqlite:///{path}"
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+  """Artifacts next to a sqlite store (MLflow would use ./mlruns of whatever the cwd is)."""
+  if tracking_uri.startswith("sqlite:///"):
+    db = Path(tracking_uri[len("sqlite:///"):])
+    return f"{(db.parent / 'mlartifacts').resolve().as_uri()}/{experiment}"
+  return None  # a server decides where its artifacts go
+
+
+def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
+  """The id of experiment `name`, created (artifacts beside the store, tagged) if missing."""
+  from mlflow.exceptions import MlflowException
+  experiment = client.get_experiment_by_name(name)
+  if experiment is None:
+    try:
+      return client.create_experiment(name, artifact_location=artifact_location(tracking_uri, name),
+                                      tags=dict(EXPERIMENT_TAGS))
+    except MlflowException as e:  # created meanwhile by another process
+      experiment = client.get_experiment_by_name(name)
+      if experiment is None:
+        raise TrackingStoreError(f"cannot create experiment {name!r} in {tracking_uri}: {e}") \
+            from e
+  if experiment.lifecycle_stage != "active":
+    raise TrackingStoreError(f"MLflow experiment {name!r} is deleted; restore it or choose "
+                             "another name")
+  for key, value in EXPERIMENT_TAGS.items():
+    if experiment.tags.get(key) != value:
+      client.set_experiment_tag(experiment.experiment_id, key, value)
+  return experiment.experiment_id

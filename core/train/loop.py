@@ -16,8 +16,9 @@ reproduce a 1-device run with the same data_shards.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
 caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
-logged step and per evaluation), run.json (the MLflow run id), model/ (the
-exported model) and mlflow.db (the default tracking store).
+logged step and per evaluation), run.json (the MLflow run id and store) and
+model/ (the exported model). The MLflow store is the project's one default
+(core.tracking.store), not per workdir.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Only process 0 logs; the others get a tracker that records nothing. A
 restarted run reads `<workdir>/run.json` and continues the same MLflow run.
-The default store is `sqlite:///<workdir>/mlflow.db` unless a URI is given or
-MLFLOW_TRACKING_URI is set. Starting the tracker creates or reopens the run,
+The default store is the project's (core.tracking.store.default_tracking_uri:
+$MLFLOW_TRACKING_URI, else runs/mlflow.db) unless a URI is given. Starting the tracker creates or reopens the run,
 so a store that cannot be written fails before any training step.
 """
 
@@ -18,15 +18,16 @@ from typing import Any, Mapping
 import jax
 
 from core.tracking.run import NullTracker, RunTracker
+from core.tracking.store import default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 
 
-def resolve_tracking_uri(workdir: Path, tracking_uri: str | None) -> str:
-  return (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-          or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}")
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+  """The given URI, else the one default store of every command (core.tracking.store)."""
+  return tracking_uri or default_tracking_uri()
 
 
 def read_run_file(workdir: Path) -> dict:
@@ -39,7 +40,7 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
   """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
   if not enabled or jax.process_index() != 0:
     return NullTracker()
-  uri = resolve_tracking_uri(workdir, tracking_uri)
+  uri = resolve_tracking_uri(tracking_uri)
   record = read_run_file(workdir)
   run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
