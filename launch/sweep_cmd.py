@@ -114,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"[{n_done}/{total}] {p.variant} seed={p.seed}: {status} in {outcome.seconds:.0f} s",
           flush=True)
 
+  cpu_peak = sweep_runner.machine_cpu_peak() if todo else None
+  if cpu_peak:
+    print(f"CPU peak {cpu_peak / 1e9:.0f} GFLOP/s (float32 matmul, measured once; each worker's "
+          "MFU divides by its share of it)", flush=True)
+    sweep_runner.client(tracking_uri).log_metric(parent_id, "sweep/cpu_peak_flops", cpu_peak)
+
   # SIGTERM (a scheduler, `kill`) stops the children the way Ctrl-C does, so they checkpoint.
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                                        settle=lambda p, rc: sweep_runner.settle_child(
                                            tracking_uri, run_ids[p.key], rc),
                                        on_start=lambda p, env, cpus: sweep_runner.record_env(
-                                           tracking_uri, run_ids[p.key], env, cpus))
+                                           tracking_uri, run_ids[p.key], env, cpus),
+                                       cpu_peak=cpu_peak)
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
     print("\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)

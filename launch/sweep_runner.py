@@ -127,6 +127,27 @@ def worker_env(slot: int, workers: int, base_env: dict[str, str] | None = None,
   return env, mine
 
 
+def machine_cpu_peak() -> float | None:
+  """This machine's float32 matmul peak (FLOP/s), measured once for every worker of a sweep.
+
+  Workers measuring their own peak while the others run get different, noisy
+  figures, and their MFUs stop being comparable. None when the sweep trains on
+  GPUs (their peak comes from the device table).
+  """
+  if visible_gpus():
+    return None
+  from core.train import throughput  # pylint: disable=g-import-not-at-top
+  if os.environ.get(throughput.PEAK_ENV):
+    return float(os.environ[throughput.PEAK_ENV])
+  return throughput.measured_cpu_peak()
+
+
+def worker_peak(machine_peak: float, cpus: Sequence[int]) -> float:
+  """A pinned worker's share of the machine peak: its cores over all cores."""
+  total = len(available_cpus())
+  return machine_peak * (len(cpus) / total if cpus and total else 1.0)
+
+
 def pin_command(cmd: Sequence[str], cpus: Sequence[int]) -> list[str]:
   """The command pinned to `cpus` with taskset where available (else unpinned)."""
   taskset = shutil.which("taskset")
@@ -349,8 +370,8 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
                on_done: Callable[[Outcome, int, int], None] | None = None,
                fail_fast: bool = False,
                settle: Callable[[sweep_lib.Point, int], str] | None = None,
-               on_start: Callable[[sweep_lib.Point, dict, list], None] | None = None
-               ) -> list[Outcome]:
+               on_start: Callable[[sweep_lib.Point, dict, list], None] | None = None,
+               cpu_peak: float | None = None) -> list[Outcome]:
   """Runs the commands with `workers` at a time; returns outcomes in point order.
 
   `settle(point, returncode)` gives the point's final status (default:
@@ -360,6 +381,8 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
   With fail_fast, no new point starts after one failed (running ones finish).
   Ctrl-C (or SIGTERM of the sweep) forwards SIGTERM to the running children,
   which save a checkpoint and exit; the next `ablax sweep` resumes them.
+  `cpu_peak` (machine_cpu_peak) is handed to each child as its share, so every
+  point's MFU divides by the same measurement.
   """
   log_dir.mkdir(parents=True, exist_ok=True)
   pending = list(points)
@@ -371,6 +394,9 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
 
   def worker(slot: int) -> None:
     env, cpus = worker_env(slot, workers)
+    if cpu_peak:
+      from core.train.throughput import PEAK_ENV  # pylint: disable=g-import-not-at-top
+      env[PEAK_ENV] = repr(worker_peak(cpu_peak, cpus))
     while not stop.is_set():
       with lock:
         if not pending:

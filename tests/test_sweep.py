@@ -169,6 +169,7 @@ work = Path(a.workdir)
 point = work.name
 with open(os.environ["FAKE_LOG"], "a") as f:
   f.write(json.dumps({"point": point, "env": os.environ.get("XLA_FLAGS", ""),
+                      "peak": os.environ.get("ABLAX_CPU_PEAK_FLOPS"),
                       "params": a.gin_param}) + "\n")
 record = json.loads((work / "run.json").read_text())
 assert record["tracking_uri"] == a.tracking_uri
@@ -202,6 +203,9 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   sweep = sweep_lib.load(str(path))
   mqa1 = next(p for p in sweep_lib.expand(sweep) if p.variant == "attention=mqa" and p.seed == 1)
   monkeypatch.setenv("FAKE_FAIL_POINT", mqa1.key)
+  # The machine's peak (here given, else measured once by the sweep) is shared out.
+  monkeypatch.setenv("ABLAX_CPU_PEAK_FLOPS", "4e11")
+  monkeypatch.setattr(sweep_runner, "available_cpus", lambda: [0, 1])
   uri = f"sqlite:///{tmp_path / 'm.db'}"
   argv = ["sweep", str(path), "--workdir", str(tmp_path / "w"), "--tracking_uri", uri,
           "--workers", "2", "--train_command", f"{sys.executable} {script}"]
@@ -213,11 +217,15 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   assert len(first) == 4
   assert all("intra_op_parallelism_threads=1" in r["env"] for r in first)
   assert all("core.train.loop.train.experiment = 't'" in r["params"] for r in first)
+  # One peak for the machine, each of the 2 pinned workers dividing by its half:
+  # the MFUs of all points are comparable.
+  assert {float(r["peak"]) for r in first} == {2e11}
 
   state = json.loads((tmp_path / "w" / "sweep.json").read_text())
   parent_id = state["parent_run_id"]
   c = sweep_runner.client(uri)
   assert c.get_run(parent_id).info.status == "FAILED"
+  assert c.get_run(parent_id).data.metrics["sweep/cpu_peak_flops"] == 4e11
   done = sweep_runner.finished_points(uri, parent_id)
   assert len(done) == 3 and mqa1.key not in done
   child = c.get_run(done[next(iter(done))])

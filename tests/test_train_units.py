@@ -159,3 +159,15 @@ def test_mixed_precision_and_remat_step_matches_float32_loosely():
     losses[name] = float(metrics["loss"])
     assert bool(metrics["finite"])
   assert losses["bf16_remat"] == pytest.approx(losses["f32"], rel=2e-2)
+
+
+def test_one_device_table_and_no_mfu_for_an_unknown_device():
+  from core.tracking import carbon
+  from core.train import throughput
+  # The table MFU and carbon projections read is one: H100 PCIe is 756 dense bf16 in both.
+  assert throughput.table_peak("NVIDIA H100 PCIe") == carbon.resolve_device("h100-pcie") \
+      .peak_tflops * 1e12 == 756e12
+  assert throughput.table_peak("NVIDIA H100 80GB HBM3", "float32") == 67e12
+  # A device the table does not know gets no peak, never another device's.
+  assert throughput.table_peak("NVIDIA GH200 480GB") is None
+  assert throughput.table_peak("Some Accelerator v9") is None

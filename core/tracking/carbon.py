@@ -42,14 +42,17 @@ class DeviceSpec:
     name: canonical key, e.g. 'a100-sxm'.
     power_w: board/chip power used for estimates (TDP or published maximum);
       None where the vendor publishes no figure (the user must supply one).
-    peak_tflops: dense bf16 peak per device (for projecting hours from FLOPs);
-      None where not published.
+    peak_tflops: dense bf16 peak per device (for projecting hours from FLOPs,
+      and MFU); None where not published.
     source: where the figures come from.
+    fp32_tflops: dense float32 peak (plain FP32, not TF32) for MFU of float32
+      runs; on TPUs, which run float32 matmuls as bf16 passes, half the bf16 peak.
   """
   name: str
   power_w: float | None
   peak_tflops: float | None
   source: str
+  fp32_tflops: float | None = None
 
 
 # Power is the figure the carbon literature uses (TDP / maximum board power),
@@ -57,38 +60,40 @@ class DeviceSpec:
 DEVICES: dict[str, DeviceSpec] = {s.name: s for s in (
     DeviceSpec("a100-sxm", 400.0, 312.0,
                "NVIDIA A100 Tensor Core GPU datasheet (SXM4 40/80GB: max TDP 400 W; "
-               "BF16 dense 312 TFLOPS); LLaMA paper Table 15 uses the same 400 W"),
+               "BF16 dense 312 TFLOPS); LLaMA paper Table 15 uses the same 400 W", fp32_tflops=19.5),
     DeviceSpec("a100-pcie-40gb", 250.0, 312.0,
-               "NVIDIA A100 datasheet (PCIe 40GB: max TDP 250 W)"),
+               "NVIDIA A100 datasheet (PCIe 40GB: max TDP 250 W)", fp32_tflops=19.5),
     DeviceSpec("a100-pcie-80gb", 300.0, 312.0,
-               "NVIDIA A100 datasheet (PCIe 80GB: max TDP 300 W)"),
+               "NVIDIA A100 datasheet (PCIe 80GB: max TDP 300 W)", fp32_tflops=19.5),
     DeviceSpec("h100-sxm", 700.0, 989.0,
                "NVIDIA H100 Tensor Core GPU datasheet (SXM: max TDP up to 700 W; "
-               "BF16 dense 989 TFLOPS, half the sparse 1,979)"),
+               "BF16 dense 989 TFLOPS, half the sparse 1,979)", fp32_tflops=67.0),
     DeviceSpec("h100-pcie", 350.0, 756.0,
-               "NVIDIA H100 datasheet (PCIe: max TDP 300-350 W, upper value; BF16 dense 756)"),
+               "NVIDIA H100 datasheet (PCIe: max TDP 300-350 W, upper value; BF16 dense 756)", fp32_tflops=51.0),
     DeviceSpec("h100-nvl", 400.0, 835.0,
-               "NVIDIA H100 datasheet (NVL: max TDP 350-400 W, upper value; BF16 dense 835)"),
+               "NVIDIA H100 datasheet (NVL: max TDP 350-400 W, upper value; BF16 dense 835)", fp32_tflops=60.0),
     DeviceSpec("h200-sxm", 700.0, 989.0,
                "NVIDIA H200 Tensor Core GPU datasheet (SXM: max TDP up to 700 W; "
-               "BF16 dense 989 TFLOPS)"),
+               "BF16 dense 989 TFLOPS)", fp32_tflops=67.0),
     DeviceSpec("h200-nvl", 600.0, 835.0,
-               "NVIDIA H200 datasheet (NVL: max TDP up to 600 W; BF16 dense 835)"),
+               "NVIDIA H200 datasheet (NVL: max TDP up to 600 W; BF16 dense 835)", fp32_tflops=60.0),
     DeviceSpec("v100-sxm2", 300.0, 125.0,
-               "NVIDIA V100 datasheet (SXM2: 300 W; 125 TFLOPS tensor)"),
+               "NVIDIA V100 datasheet (SXM2: 300 W; 125 TFLOPS tensor)", fp32_tflops=15.7),
     DeviceSpec("tpu-v4", 192.0, 275.0,
                "Jouppi et al. 2023, 'TPU v4: An Optically Reconfigurable Supercomputer', "
                "ISCA, Table 2 (chip max 192 W, mean 170 W) and Google Cloud TPU v4 "
-               "documentation (275 TFLOPS bf16)"),
+               "documentation (275 TFLOPS bf16)", fp32_tflops=137.5),
     DeviceSpec("tpu-v5e", None, 197.0,
                "Google Cloud TPU v5e documentation (197 TFLOPS bf16); Google publishes "
-               "no chip power for v5e, so the user supplies one"),
+               "no chip power for v5e, so the user supplies one", fp32_tflops=98.5),
     DeviceSpec("tpu-v5p", None, 459.0,
                "Google Cloud TPU v5p documentation (459 TFLOPS bf16); Google publishes "
-               "no chip power for v5p, so the user supplies one"),
+               "no chip power for v5p, so the user supplies one", fp32_tflops=229.5),
     DeviceSpec("tpu-v6e", None, 918.0,
                "Google Cloud TPU v6e (Trillium) documentation (918 TFLOPS bf16); no chip "
-               "power published, so the user supplies one"),
+               "power published, so the user supplies one", fp32_tflops=459.0),
+    DeviceSpec("l4", 72.0, 121.0, "NVIDIA L4 datasheet (72 W; BF16 dense 121 TFLOPS, FP32 "
+               "30.3)", fp32_tflops=30.3),
     # A CPU's power depends on the model; core/tracking/energy.py estimates it
     # from the machine (RAPL power limit, else a per-core default).
     DeviceSpec("cpu", None, None, "host CPU: see core.tracking.energy.cpu_power_w"),
@@ -107,6 +112,7 @@ _DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"h200.*nvl", "h200-nvl"),
     (r"h200", "h200-sxm"),
     (r"v100", "v100-sxm2"),
+    (r"\bl4\b", "l4"),
     (r"^(tpu[ _-]?)?v4$", "tpu-v4"),
     (r"^(tpu[ _-]?)?v5[ _-]?(lite|e)$", "tpu-v5e"),
     (r"^(tpu[ _-]?)?v5[ _-]?p?$", "tpu-v5p"),

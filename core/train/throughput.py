@@ -21,29 +21,19 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# Dense peak FLOP/s per device (no sparsity), by jax `device_kind` prefix and compute dtype.
-# bf16: vendor spec sheets; float32 on GPUs: plain FP32 (JAX's default f32 matmul
-# precision on GPU may use TF32, so MFU then reads high).
-PEAK_FLOPS = {
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 2},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 2},
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12 / 2},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 2},
-    "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 2},
-    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 2},
-    "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12},
-    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
-    "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "NVIDIA L4": {"bfloat16": 121e12, "float32": 30.3e12},
-}
-
-
 def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
-  """Per-device peak from the table (longest matching prefix), or None."""
-  for kind in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if device_kind.startswith(kind):
-      return PEAK_FLOPS[kind].get(dtype, PEAK_FLOPS[kind]["bfloat16"])
-  return None
+  """Per-device dense peak FLOP/s from the one device table (core.tracking.carbon), or None.
+
+  None for a device the table does not know, or a dtype it gives no figure for:
+  MFU is then not reported, never divided by another device's peak.
+  """
+  from core.tracking import carbon  # pylint: disable=g-import-not-at-top
+  try:
+    spec = carbon.resolve_device(device_kind)
+  except carbon.CarbonInputError:
+    return None
+  tflops = spec.fp32_tflops if dtype == "float32" else spec.peak_tflops
+  return None if tflops is None else tflops * 1e12
 
 
 # Overrides the measured CPU peak (FLOP/s per process), e.g. with bench/train_throughput.py's figure.
