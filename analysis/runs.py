@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 # Tags a sweep writes (launch/sweep_runner.py) and the analysis reads.

@@ -119,6 +119,9 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
     for row in rows:
       paired = row.seeds == base.seeds and "None" not in row.seeds
       row.delta = stats.delta_ci(row.final, base.final, confidence, paired=paired)
+    tested = [r for r in rows if not r.baseline]
+    for row, p in zip(tested, stats.holm([r.delta.p for r in tested])):
+      row.delta = dataclasses.replace(row.delta, p_holm=p)
   return Table(rows, metric, baseline, confidence, source)
 
 
@@ -144,15 +147,16 @@ def _pm(m: float, s: float, digits: int = 4) -> str:
   return _num(m, digits) if math.isnan(s) else f"{_num(m, digits)} ± {_num(s, digits)}"
 
 
-def _delta(row: Row, digits: int = 4) -> tuple[str, str]:
+def _delta(row: Row, digits: int = 4) -> tuple[str, str, str]:
   if row.baseline:
-    return "baseline", ""
+    return "baseline", "", ""
   if row.delta is None:
-    return "", ""
+    return "", "", ""
   d = row.delta
   sign = "+" if d.value >= 0 else ""
   ci = "n/a" if math.isnan(d.low) else f"[{_num(d.low, digits)}, {_num(d.high, digits)}]"
-  return f"{sign}{_num(d.value, digits)}", ci
+  p = "n/a" if math.isnan(d.p_holm) else f"{d.p_holm:.3g}"
+  return f"{sign}{_num(d.value, digits)}", ci, p
 
 
 # The terminal table shows prefixes (unambiguous in practice) to stay readable; Markdown and
@@ -166,10 +170,10 @@ def _ids(values: Sequence[str], n: int | None) -> list[str]:
 
 
 def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") -> list[str]:
-  delta, ci = _delta(row)
+  delta, ci, p = _delta(row)
   pm = lambda m, s, d=4: _pm(m, s, d).replace("±", plus_minus)  # noqa: E731
   return [row.variant, str(row.n), pm(row.mean, row.std), pm(row.ppl_mean, row.ppl_std, 2),
-          delta, ci, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
+          delta, ci, p, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
           _num(row.carbon_kg, 6), " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
           " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt]))]
 
@@ -177,7 +181,7 @@ def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") ->
 def headers(table: Table) -> list[str]:
   level = f"{round(table.confidence * 100):d}%"
   return ["variant", "seeds", f"final {table.metric}", "perplexity",
-          "Δ vs baseline", f"{level} CI", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
+          "Δ vs baseline", f"{level} CI", "p (Holm)", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
           "run ids", "config hash"]
 
 
@@ -235,13 +239,15 @@ def to_csv(table: Table) -> str:
   level = round(table.confidence * 100)
   w.writerow(["variant", "baseline", "seeds", "n", "metric", "mean", "std", "perplexity_mean",
               "perplexity_std", "delta", f"ci{level}_low", f"ci{level}_high", "ci_method",
+              "p", "p_holm",
               "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes"])
   f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)  # noqa: E731
   for r in table.rows:
     d = r.delta
     w.writerow([r.variant, int(r.baseline), " ".join(r.seeds), r.n, r.metric, f(r.mean), f(r.std),
                 f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
-                f(d.high if d else None), d.method if d else "", f(r.tokens_per_s), f(r.mfu),
+                f(d.high if d else None), d.method if d else "", f(d.p if d else None),
+                f(d.p_holm if d else None), f(r.tokens_per_s), f(r.mfu),
                 f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes)])
   return buf.getvalue()
 
@@ -251,7 +257,8 @@ def _footnote(table: Table) -> str:
   how = {"paired": "paired t over shared seeds", "welch": "Welch t",
          "none": "no interval with one seed"}
   return (f"Mean ± sample std over seeds of the final {table.metric}; Δ = variant - baseline, "
-          f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}. "
+          f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
+          f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
           f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
           f"mean per run. Source: {table.source}.")
 

@@ -17,7 +17,6 @@ import json
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missing file.
 import inspect
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 

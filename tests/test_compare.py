@@ -9,6 +9,7 @@ import io
 import math
 
 import pytest
+from scipy import stats as scipy_stats
 
 from analysis import compare as compare_lib
 from analysis import runs as runs_lib
@@ -62,13 +63,6 @@ def make_sweep(uri, tmp_path, name="attn"):
   return parent_id
 
 
-def test_t_quantiles_match_the_table():
-  for df, q in T975.items():
-    assert stats.t_quantile(0.975, df) == pytest.approx(q, rel=1e-9)
-  assert stats.t_quantile(0.025, 4) == pytest.approx(-T975[4], rel=1e-9)
-  assert stats.t_quantile(0.995, 1) == pytest.approx(63.6567411628716, rel=1e-9)
-
-
 def test_statistics_by_hand(store):
   uri, parent_id = store
   c = runs_lib.client(uri)
@@ -88,14 +82,27 @@ def test_statistics_by_hand(store):
   assert mqa.delta.value == pytest.approx(0.2)
   half = T975[2] * 0.1 / math.sqrt(3)
   assert (mqa.delta.low, mqa.delta.high) == pytest.approx((0.2 - half, 0.2 + half))
+  # t = 0.2 / (0.1 / sqrt 3); with 2 degrees of freedom the two-sided p is 1 - t / sqrt(2 + t^2).
+  t = 0.2 / (0.1 / math.sqrt(3))
+  p_mqa = 1 - t / math.sqrt(2 + t * t)
+  assert mqa.delta.p == pytest.approx(p_mqa, rel=1e-9)
 
   # gqa has seeds 0, 1 only: Welch's interval.
   va, vb = 0.08 / 2, 0.01 / 3  # sample variances over n
   df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
-  half = stats.t_quantile(0.975, df) * math.sqrt(va + vb)
+  half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
   assert gqa.delta.method == "welch"
   assert gqa.delta.value == pytest.approx(2.3 - 2.1)
   assert (gqa.delta.low, gqa.delta.high) == pytest.approx((0.2 - half, 0.2 + half))
+  p_gqa = 2 * scipy_stats.t.sf(0.2 / math.sqrt(va + vb), df)
+  assert gqa.delta.p == pytest.approx(p_gqa, rel=1e-9)
+  # Holm over the two variants: the smaller p times 2, the larger times 1, kept monotone.
+  small, large = sorted([p_mqa, p_gqa])
+  want = {p_mqa: None, p_gqa: None}
+  want[small] = min(1.0, 2 * small)
+  want[large] = max(want[small], large)
+  assert mqa.delta.p_holm == pytest.approx(want[p_mqa]) and \
+      gqa.delta.p_holm == pytest.approx(want[p_gqa])
 
   # Throughput and MFU leave out the first (compiling) step; energy is per run.
   assert mha.tokens_per_s == pytest.approx(1001.0)

@@ -50,6 +50,11 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   assert run.data.params["core.train.loop.train.experiment"] == "tiny_llama"
   assert not any(k.startswith("core.model.config.ModelConfig.") for k in run.data.params)
   assert "train/loss" in run.data.metrics and "eval/loss" in run.data.metrics
+  # Curves against tokens and compute, the schedule, and no ETA in the store.
+  metrics = run.data.metrics
+  assert metrics["train/tokens"] == 4 * 8 * 128
+  assert metrics["train/flops"] == 4 * 8 * 128 * float(run.data.params["flops_per_token"])
+  assert 0 < metrics["train/learning_rate"] <= 3e-3 and "train/eta_s" not in metrics
   assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
   artifacts = {a.path for a in MlflowClient(_mlflow_store).list_artifacts(run_id)}
   assert "config" in artifacts and "metrics.jsonl" in artifacts

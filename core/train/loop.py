@@ -226,6 +226,8 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   tracker.log_metrics({"compile_s": compile_s}, step=start_step)
 
   fpt = flops_per_token(model, seq_len)
+  tokens_per_step = batch_size * seq_len
+  schedule = getattr(builder.optimizer, "schedule", None)
   peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
   meter = throughput.Meter(fpt, peak, num_steps, start_step)
   evaluator = _Evaluator(builder, data, shape, seed, eval_batches) if eval_batches else None
@@ -253,10 +255,16 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
       if s % log_every == 0 or s == num_steps:
         rates = meter.report(s)
         line = {"step": s, "loss": host["loss"], "z_loss": host["z_loss"],
-                "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates}
+                "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates,
+                # Cumulative, so curves can be drawn against tokens or compute, not steps.
+                "tokens": s * tokens_per_step, "flops": s * tokens_per_step * fpt}
+        if schedule is not None:
+          line["learning_rate"] = float(schedule(s - 1))  # what update s applied
         if primary:
           _append_jsonl(metrics_path, line)
-          tracker.log_metrics({f"train/{k}": v for k, v in line.items() if k != "step"}, step=s)
+          # The ETA is for the console; a store holds what happened.
+          tracker.log_metrics({f"train/{k}": v for k, v in line.items()
+                               if k not in ("step", "eta_s")}, step=s)
           if energy is not None:
             tracker.log_metrics({f"energy/{k}": v for k, v in _energy_reading(energy).items()},
                                 step=s)
@@ -364,7 +372,8 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
     return  # logged by the first session of this run; MLflow refuses changed params
   params = {f"model.{k}": v for k, v in model.to_dict().items()}
   params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
-                 "train.mesh": meshlib.describe(mesh_obj), "train.data_shards": data_shards})
+                 "train.mesh": meshlib.describe(mesh_obj), "train.data_shards": data_shards,
+                 "flops_per_token": flops_per_token(model, seq_len)})
   # What 'auto' resolved to on this platform at this length (the trainer always packs).
   used = attention_impls.used_by_kind(model, attention_impls.current_platform(), seq_len,
                                       packed=True)

@@ -51,6 +51,20 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
       decay_steps=max(int(total_steps), warmup_steps + 1), end_value=final_fraction * peak_lr)
 
 
+class _Scheduled(optax.GradientTransformation):
+  """A GradientTransformation that also carries its learning-rate schedule (`.schedule`).
+
+  The trainer logs `train/learning_rate` from it; a recipe without one logs none.
+  """
+
+
+def with_schedule(tx: optax.GradientTransformation,
+                  schedule: optax.Schedule) -> optax.GradientTransformation:
+  out = _Scheduled(tx.init, tx.update)
+  out.schedule = schedule
+  return out
+
+
 def llama_adamw(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float = 3e-4,
                 warmup_steps: int = 2000, final_fraction: float = 0.1, b1: float = 0.9,
                 b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
@@ -66,7 +80,7 @@ def llama_adamw(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: flo
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask(param_axes, decay_embeddings)))
-  return optax.chain(*parts)
+  return with_schedule(optax.chain(*parts), schedule)
 
 
 def adafactor(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float = 1e-2,
@@ -87,7 +101,7 @@ def adafactor(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float
       multiply_by_parameter_scale=multiply_by_parameter_scale,
       weight_decay_rate=weight_decay or None,
       weight_decay_mask=decay_mask(param_axes, decay_embeddings)))
-  return optax.chain(*parts)
+  return with_schedule(optax.chain(*parts), schedule)
 
 
 def sgd(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float = 0.1,
@@ -95,5 +109,5 @@ def sgd(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float = 0.1
         momentum: float | None = None) -> optax.GradientTransformation:
   """Plain SGD on the same schedule: a baseline, and easy to reason about in tests."""
   del param_axes
-  return optax.sgd(warmup_cosine(peak_lr, warmup_steps, total_steps, final_fraction),
-                   momentum=momentum)
+  schedule = warmup_cosine(peak_lr, warmup_steps, total_steps, final_fraction)
+  return with_schedule(optax.sgd(schedule, momentum=momentum), schedule)
