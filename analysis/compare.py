@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from analysis import axes as axes_lib
 from analysis import plots
 from analysis import runs as runs_lib
 from analysis import table as table_lib
@@ -23,7 +24,8 @@ class Comparison:
 
 def compare(c, sweep: str | None = None, experiment: str | None = None,
             filter_string: str = "", group_by: Sequence[str] = (), metric: str | None = None,
-            baseline: str | None = None, confidence: float = 0.95) -> Comparison:
+            baseline: str | None = None, confidence: float = 0.95,
+            at: tuple[str, float] | None = None) -> Comparison:
   """Groups finished runs into variants and computes the table.
 
   Args:
@@ -35,6 +37,7 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
       sweep variant tag, else the run name.
     metric: the ranking metric; default: the sweep's, else eval/loss (or train/loss).
     baseline: the reference variant; default: the sweep's baseline, else the first variant.
+    at: compare at equal ('tokens', N) or ('flops', F) (analysis.axes), not at the end.
   """
   parent, user_baseline = None, baseline
   if sweep:
@@ -74,21 +77,40 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
     baseline = None
   if baseline is None:
     baseline = next(iter(groups))
-  table = table_lib.build(c, groups, metric, baseline, confidence, source)
+  table = table_lib.build(c, groups, metric, baseline, confidence, source, at)
   return Comparison(table, groups, parent)
 
 
 def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
-               log_to_parent: bool = True) -> list[Path]:
-  """Writes loss_curves.png and final_<metric>.png; logs them (and the table) to the parent run."""
+               log_to_parent: bool = True, axis: str = "step") -> list[Path]:
+  """Writes the plots and the table in every format; logs them to the parent run.
+
+  loss_curves.png (against `axis`), loss_vs_tokens.png and loss_vs_flops.png
+  (log x) where the runs record their tokens and FLOPs, forest.png (each Δ with
+  its CI) and final_<metric>.png (zero-based bars).
+  """
   out_dir = Path(out_dir or tempfile.mkdtemp(prefix="ablax-compare-"))
   table = comparison.table
   title = table.source
   paths = []
   curve_keys = list(dict.fromkeys([*CURVE_KEYS, table.metric]))
-  curve = plots.loss_curves(c, comparison.groups, curve_keys, out_dir / "loss_curves.png", title)
+  curve = plots.loss_curves(c, comparison.groups, curve_keys, out_dir / "loss_curves.png", title,
+                            axis=axis)
   if curve:
     paths.append(curve)
+  for extra in ("tokens", "flops"):
+    if extra == axis:
+      continue
+    try:
+      path = plots.loss_curves(c, comparison.groups, curve_keys,
+                               out_dir / f"loss_vs_{extra}.png", title, axis=extra)
+    except axes_lib.AxisError:
+      continue  # runs from before the trainer logged tokens and FLOPs per token
+    if path:
+      paths.append(path)
+  forest = plots.forest(table, out_dir / "forest.png")
+  if forest:
+    paths.append(forest)
   safe = table.metric.replace("/", "_")
   paths.append(plots.final_bars(table, out_dir / f"final_{safe}.png"))
   for fmt, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):

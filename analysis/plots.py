@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from analysis import runs as runs_lib
+from analysis import axes as axes_lib
 from analysis import stats
 from analysis.table import Table
 
@@ -22,45 +22,91 @@ def _pyplot():
   return plt
 
 
-def curves(c, groups: dict[str, list], key: str) -> dict[str, tuple[list[int], list[list[float]]]]:
-  """variant -> (steps, per-seed values): the steps every seed of the variant logged."""
+def curves(c, groups: dict[str, list], key: str,
+           axis: str = "step") -> dict[str, tuple[list[float], list[list[float]]]]:
+  """variant -> (x, per-seed values) at the points every seed of the variant logged.
+
+  On the step, tokens and FLOPs axes the seeds of a variant share their x values;
+  on wall time each run has its own clock, so the first seed's times are used.
+  """
   out = {}
   for variant, group_runs in groups.items():
-    per_run = [{p.step: p.value for p in runs_lib.history(c, r.info.run_id, key)}
-               for r in group_runs]
-    per_run = [h for h in per_run if h]
+    per_run = []
+    for r in group_runs:
+      xs, ys = axes_lib.curve(c, r, key, axis)
+      if xs:
+        per_run.append(dict(zip(xs, ys)) if axis != "time" else list(zip(xs, ys)))
     if not per_run:
       continue
-    steps = sorted(set.intersection(*(set(h) for h in per_run)))
-    out[variant] = (steps, [[h[s] for s in steps] for h in per_run])
+    if axis == "time":
+      n = min(len(h) for h in per_run)
+      out[variant] = ([x for x, _ in per_run[0][:n]], [[y for _, y in h[:n]] for h in per_run])
+      continue
+    xs = sorted(set.intersection(*(set(h) for h in per_run)))
+    out[variant] = (xs, [[h[x] for x in xs] for h in per_run])
   return out
 
 
 def loss_curves(c, groups: dict[str, list], keys: Sequence[str], path: Path,
-                title: str = "") -> Path | None:
-  """One panel per metric key; per variant the mean over seeds and a ±1 std band."""
+                title: str = "", axis: str = "step") -> Path | None:
+  """One panel per metric key; per variant the mean over seeds and a ±1 std band.
+
+  Tokens and FLOPs are drawn on a log x axis, where compute-matched gaps read
+  as horizontal shifts.
+  """
   keys = [k for k in keys if any(k in r.data.metrics for rs in groups.values() for r in rs)]
   if not keys:
     return None
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-  for ax, key in zip(axes[0], keys):
-    for variant, (steps, values) in curves(c, groups, key).items():
-      if not steps:
+  fig, panels = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+  for ax, key in zip(panels[0], keys):
+    for variant, (xs, values) in curves(c, groups, key, axis).items():
+      if not xs:
         continue
       mean = [stats.mean(col) for col in zip(*values)]
-      line, = ax.plot(steps, mean, label=f"{variant} (n={len(values)})")
+      line, = ax.plot(xs, mean, label=f"{variant} (n={len(values)})")
       if len(values) > 1:
         sd = [stats.std(col) for col in zip(*values)]
-        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)],
+        ax.fill_between(xs, [m - s for m, s in zip(mean, sd)],
                         [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.2,
                         linewidth=0)
-    ax.set_xlabel("step")
+    if axis in ("tokens", "flops"):
+      ax.set_xscale("log")
+    ax.set_xlabel(axes_lib.LABELS[axis])
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def forest(table: Table, path: Path) -> Path | None:
+  """Each variant's Δ to the baseline with its CI, against a zero line."""
+  rows = [r for r in table.rows if not r.baseline and r.delta is not None]
+  if not rows:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 1.0 + 0.5 * len(rows)))
+  for i, r in enumerate(rows):
+    d = r.delta
+    if not math.isnan(d.low):
+      ax.plot([d.low, d.high], [i, i], color="tab:blue", linewidth=2)
+    ax.plot([d.value], [i], "o", color="tab:blue")
+    p = "" if math.isnan(d.p_holm) else f"  p={d.p_holm:.3g}"
+    ax.annotate(f"{d.value:+.4f}{p}", (d.value, i), textcoords="offset points", xytext=(0, 6),
+                ha="center", fontsize=7)
+  ax.axvline(0.0, color="gray", linestyle="--", linewidth=1)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([r.variant for r in rows], fontsize=8)
+  ax.set_ylim(-0.7, len(rows) - 0.3)
+  level = round(100 * table.confidence)
+  ax.set_xlabel(f"Δ {table.metric} vs {table.baseline} ({table.match}), {level}% CI")
+  ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
@@ -83,11 +129,15 @@ def final_bars(table: Table, path: Path, title: str = "") -> Path:
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
   ax.set_ylabel(f"final {table.metric}")
-  finite = [m for m in means if not math.isnan(m)]
+  # A zero-based axis: bars whose axis starts near the smallest value exaggerate every
+  # difference. The forest plot (forest.png) shows the differences at their scale.
+  finite = [m + e for m, e in zip(means, errs) if not math.isnan(m)]
   if finite:
-    lo, hi = min(finite), max(m + e for m, e in zip(means, errs) if not math.isnan(m))
-    pad = max(1e-6, 0.1 * (hi - lo) or 0.05 * abs(hi))
-    ax.set_ylim(lo - pad - max(errs), hi + pad)
+    ax.set_ylim(0.0, 1.1 * max(finite))
+  for bar, mean in zip(bars, means):
+    if not math.isnan(mean):
+      ax.annotate(f"{mean:.4f}", (bar.get_x() + bar.get_width() / 2, mean),
+                  textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
   ax.grid(axis="y", alpha=0.3)
   ax.set_title(title or f"final {table.metric} (mean ± std over seeds)")
   fig.tight_layout()

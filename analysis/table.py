@@ -14,6 +14,7 @@ import io
 import math
 from typing import Any, Callable, Sequence
 
+from analysis import axes
 from analysis import runs as runs_lib
 from analysis import stats
 
@@ -56,6 +57,12 @@ class Table:
   baseline: str | None
   confidence: float
   source: str  # what was compared: "sweep NAME (parent RUN_ID)" or an experiment + filter
+  at: tuple[str, float] | None = None  # compute match (analysis.axes): ('tokens', 1e6); None = final
+
+  @property
+  def match(self) -> str:
+    """How runs were matched: 'final' (each run's last value) or e.g. 'tokens=1e+06'."""
+    return "final" if self.at is None else f"{self.at[0]}={self.at[1]:.4g}"
 
   def row(self, variant: str) -> Row:
     return next(r for r in self.rows if r.variant == variant)
@@ -82,8 +89,13 @@ def _nanmean(xs: Sequence[float]) -> float:
 
 
 def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
-          confidence: float = 0.95, source: str = "") -> Table:
-  """Statistics per variant; `baseline` is a variant name (None: no deltas)."""
+          confidence: float = 0.95, source: str = "",
+          at: tuple[str, float] | None = None) -> Table:
+  """Statistics per variant; `baseline` is a variant name (None: no deltas).
+
+  `at` ('tokens', N) or ('flops', F) compares every run at that point of its
+  curve (analysis.axes.value_at) instead of at its last value.
+  """
   if not groups:
     raise runs_lib.RunLookupError(f"no finished runs to compare ({source})")
   rows = []
@@ -96,7 +108,7 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
             f"run {run.info.run_id} ({variant}) has no metric {metric!r}; it has "
             f"{sorted(run.data.metrics)[:20]} (choose one with --metric)")
       keys.add(key)
-      final = run.data.metrics[key]
+      final = run.data.metrics[key] if at is None else axes.value_at(c, run, key, *at)
       finals.append(final)
       ppl_key, ppl = _first(run, PERPLEXITY_KEYS)
       ppls.append(ppl if ppl_key and "loss" in metric else _exp(final))
@@ -122,7 +134,7 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
     tested = [r for r in rows if not r.baseline]
     for row, p in zip(tested, stats.holm([r.delta.p for r in tested])):
       row.delta = dataclasses.replace(row.delta, p_holm=p)
-  return Table(rows, metric, baseline, confidence, source)
+  return Table(rows, metric, baseline, confidence, source, at)
 
 
 def _exp(x: float) -> float:
@@ -180,7 +192,8 @@ def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") ->
 
 def headers(table: Table) -> list[str]:
   level = f"{round(table.confidence * 100):d}%"
-  return ["variant", "seeds", f"final {table.metric}", "perplexity",
+  what = "final" if table.at is None else f"at {table.match}:"
+  return ["variant", "seeds", f"{what} {table.metric}", "perplexity",
           "Δ vs baseline", f"{level} CI", "p (Holm)", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
           "run ids", "config hash"]
 
@@ -256,7 +269,9 @@ def _footnote(table: Table) -> str:
   methods = sorted({r.delta.method for r in table.rows if r.delta and not r.baseline})
   how = {"paired": "paired t over shared seeds", "welch": "Welch t",
          "none": "no interval with one seed"}
-  return (f"Mean ± sample std over seeds of the final {table.metric}; Δ = variant - baseline, "
+  where = ("the final" if table.at is None else
+           f"{table.match} (each run's curve interpolated linearly there, not extrapolated) of the")
+  return (f"Mean ± sample std over seeds of {where} {table.metric}; Δ = variant - baseline, "
           f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
           f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
           f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from analysis import compare as compare_lib
+from analysis import axes as axes_lib
 from analysis import runs as runs_lib
 from analysis import table as table_lib
 
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="final metric to compare (default: the sweep's, else eval/loss)")
   parser.add_argument("--baseline", default=None, help="baseline variant for deltas")
   parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default 0.95)")
+  parser.add_argument("--x", choices=("step", "tokens", "flops", "time"), default="step",
+                      help="x axis of the loss curves (tokens and FLOPs on a log axis)")
+  parser.add_argument("--at", default=None,
+                      help="compare at equal compute instead of at the end: tokens=N or flops=F "
+                           "(or step=S), each run's curve interpolated there")
   parser.add_argument("--format", choices=sorted(table_lib.FORMATS), default="text")
   parser.add_argument("--output", default=None, help="also write the table to this file")
   parser.add_argument("--plots_dir", default=None,
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     comparison = compare_lib.compare(
         c, sweep=args.sweep, experiment=args.experiment, filter_string=args.filter,
         group_by=args.group_by, metric=args.metric, baseline=args.baseline,
-        confidence=args.confidence)
+        confidence=args.confidence, at=axes_lib.parse_at(args.at))
   except (runs_lib.RunLookupError, ValueError) as e:
     print(f"ablax compare: {e}", file=sys.stderr)
     return 2
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
   if args.output:
     Path(args.output).write_text(text)
   if not args.no_plots:
-    paths = compare_lib.save_plots(c, comparison, args.plots_dir, log_to_parent=not args.no_log)
+    paths = compare_lib.save_plots(c, comparison, args.plots_dir, log_to_parent=not args.no_log,
+                                   axis=args.x)
     pngs = [str(p) for p in paths if p.suffix == ".png"]
     logged = (f" and logged to run {comparison.parent.info.run_id}"
               if comparison.parent is not None and not args.no_log else "")

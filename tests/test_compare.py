@@ -172,3 +172,48 @@ def test_unknown_sweep_or_metric_is_a_clear_error(capsys, store):
   assert "not found" in capsys.readouterr().err
   assert cli.main(["compare", "--sweep", "attn", "--metric", "eval/acc", *uri]) == 2
   assert "no metric 'eval/acc'" in capsys.readouterr().err
+
+
+def test_compute_matched_comparison_by_hand(tmp_path, capsys):
+  """Two variants at equal training FLOPs: the costlier one has done fewer steps there."""
+  uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+  runs_lib.client(uri).create_experiment("cm", artifact_location=(tmp_path / "a").as_uri())
+  # 'cheap' costs 100 FLOPs per token, 'dear' 200; 2 rows x 5 tokens per step, eval/loss
+  # logged at steps 0, 10, 20 falling linearly by 0.1 per step from its start.
+  start = {"cheap": {0: 5.0, 1: 5.2}, "dear": {0: 4.0, 1: 4.4}}
+  for variant, fpt in (("cheap", 100.0), ("dear", 200.0)):
+    for seed in (0, 1):
+      t = RunTracker(uri, "cm", run_name=f"{variant}-{seed}", spool_dir=tmp_path / f"s{variant}{seed}",
+                     tags={runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed)})
+      t.start()
+      t.log_params({"train.global_batch": 2, "train.seq_len": 5, "flops_per_token": fpt,
+                    "seed": seed})
+      for step in (0, 10, 20):
+        t.log_metrics({"eval/loss": start[variant][seed] - 0.1 * step}, step)
+      t.end("FINISHED")
+  c = runs_lib.client(uri)
+  # 12,000 FLOPs: cheap at 12000 / (10 tokens x 100) = step 12, dear at step 6.
+  comp = compare_lib.compare(c, experiment="cm",
+                             metric="eval/loss", baseline="cheap", at=("flops", 12000.0))
+  cheap, dear = comp.table.row("cheap"), comp.table.row("dear")
+  assert cheap.final == pytest.approx([5.0 - 1.2, 5.2 - 1.2])
+  assert dear.final == pytest.approx([4.0 - 0.6, 4.4 - 0.6])
+  assert dear.delta.value == pytest.approx((3.4 + 3.8) / 2 - (3.8 + 4.0) / 2)
+  assert comp.table.match == "flops=1.2e+04"
+  # At equal steps the same runs give another answer: the match matters.
+  by_step = compare_lib.compare(c, experiment="cm",
+                                metric="eval/loss", baseline="cheap", at=("step", 12.0))
+  assert by_step.table.row("dear").final == pytest.approx([4.0 - 1.2, 4.4 - 1.2])
+  # Outside a run's curve is an error, never an extrapolation.
+  with pytest.raises(ValueError, match="outside"):
+    compare_lib.compare(c, experiment="cm",
+                        metric="eval/loss", at=("flops", 30000.0))
+  # Through the command: the table says which match it used, and the plots include the
+  # compute axes and the forest plot.
+  rc = cli.main(["compare", "--experiment", "cm", "--tracking_uri", uri, "--metric", "eval/loss", "--baseline", "cheap",
+                 "--at", "tokens=120", "--x", "tokens", "--plots_dir", str(tmp_path / "p")])
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  assert "at tokens=120: eval/loss" in out.out and "p (Holm)" in out.out
+  assert {"loss_curves.png", "loss_vs_flops.png", "forest.png"} <= {
+      p.name for p in (tmp_path / "p").iterdir()}
