@@ -120,4 +120,50 @@ def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
   if log_to_parent and comparison.parent is not None:
     for path in paths:
       c.log_artifact(comparison.parent.info.run_id, str(path), "comparison")
+    log_result(c, comparison)
   return paths
+
+
+def log_result(c, comparison: Comparison) -> None:
+  """The result on the sweep's parent run: per-variant metrics, the table, the sweep's energy.
+
+  Metrics are `compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm}` (the
+  variant with characters MLflow refuses replaced), so the parent alone answers
+  "which variant won, by how much, how sure"; `comparison/table.json` is the
+  table as an MLflow table artifact.
+  """
+  import math  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
+  from core.tracking.store import clean_key  # pylint: disable=g-import-not-at-top
+  table = comparison.table
+  now = int(time.time() * 1000)
+  metrics = []
+  for row in table.rows:
+    values = {"mean": row.mean, "std": row.std}
+    if row.delta is not None and not row.baseline:
+      d = row.delta
+      values.update(delta=d.value, ci_low=d.low, ci_high=d.high, p=d.p, p_holm=d.p_holm)
+    for name, value in values.items():
+      if value is not None and not math.isnan(value):
+        metrics.append(Metric(clean_key(f"compare/{row.variant}/{name}"), float(value), now, 0))
+  energy = [r.energy_kwh * r.n for r in table.rows if not math.isnan(r.energy_kwh)]
+  carbon = [r.carbon_kg * r.n for r in table.rows if not math.isnan(r.carbon_kg)]
+  if energy:
+    metrics.append(Metric("sweep/energy_kwh", float(sum(energy)), now, 0))
+  if carbon:
+    metrics.append(Metric("sweep/co2_kg", float(sum(carbon)), now, 0))
+  run_id = comparison.parent.info.run_id
+  for i in range(0, len(metrics), 1000):
+    c.log_batch(run_id, metrics=metrics[i:i + 1000])
+  records = table_lib.as_records(table)
+  columns = ["variant", "n", "mean", "std", "delta", "ci_low", "ci_high", "p", "p_holm",
+             "tokens_per_s", "mfu", "energy_kwh", "carbon_kg"]
+  data = {k: [] for k in columns}
+  for r in records:
+    d = r["delta"] or {}
+    row = {**r, "delta": d.get("value"), "ci_low": d.get("low"), "ci_high": d.get("high"),
+           "p": d.get("p"), "p_holm": d.get("p_holm")}
+    for k in columns:
+      data[k].append(row.get(k))
+  c.log_table(run_id, data=data, artifact_file="comparison/table.json")

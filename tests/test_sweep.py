@@ -248,7 +248,13 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   assert "attention=mqa" in out and "baseline" in out
   assert f"mlflow ui --backend-store-uri {uri}" in out
   artifacts = {f.path for f in c.list_artifacts(parent_id, "comparison")}
-  assert "comparison/loss_curves.png" in artifacts
+  assert {"comparison/loss_curves.png", "comparison/forest.png",
+          "comparison/table.json"} <= artifacts
+  # The parent holds the result as metrics: each variant's mean, delta, interval and p.
+  parent_metrics = c.get_run(parent_id).data.metrics
+  assert parent_metrics["compare/attention_mqa/delta"] == pytest.approx(
+      parent_metrics["compare/attention_mqa/mean"] - parent_metrics["compare/attention_mha/mean"])
+  assert 0 <= parent_metrics["compare/attention_mqa/p_holm"] <= 1
 
   # Nothing left to do; a changed definition in the same workdir is refused.
   assert cli.main(argv + ["--no_compare"]) == 0
