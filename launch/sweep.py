@@ -43,6 +43,7 @@ from launch import gin_config
 
 SEED_AXIS = "seed"
 DEFAULT_SEED_BINDING = "core.train.loop.train.seed"
+DATA_SEED_BINDING = "core.train.loop.train.data_seed"
 
 
 class SweepError(ValueError):
@@ -64,6 +65,10 @@ class Sweep:
     baseline: axis -> variant name (or value) of the reference point for
       deltas; an axis left out uses its first entry.
     seed_binding: the binding that receives the seed.
+    vary_data_seed: with the trainer's seed binding, a point's seed is its
+      init seed and the data order stays that of the first seed for every
+      point (train.data_seed), so differences over seeds are initialization
+      only; True varies the data order with the seed as well.
     experiment: MLflow experiment; default: the sweep name.
     metric: the metric `ablax compare` ranks by (lower is better).
     source: the sweep file it was loaded from (set by `load`, not bound in gin).
@@ -76,6 +81,7 @@ class Sweep:
   params: Sequence[str] = ()
   baseline: Mapping[str, Any] | None = None
   seed_binding: str = DEFAULT_SEED_BINDING
+  vary_data_seed: bool = False
   experiment: str | None = None
   metric: str = "eval/loss"
   source: str | None = dataclasses.field(default=None, repr=False)
@@ -229,6 +235,9 @@ def expand(sweep: Sweep) -> list[Point]:
       params += more_params
       choices.append((axis.name, axis.labels[i]))
     params.append(f"{sweep.seed_binding} = {seed}")
+    if sweep.seed_binding == DEFAULT_SEED_BINDING:
+      data_seed = seed if sweep.vary_data_seed else list(sweep.seeds)[0]
+      params.append(f"{DATA_SEED_BINDING} = {data_seed}")
     points.append(Point(len(points), tuple(choices), seed, tuple(files), tuple(params)))
   return points
 
@@ -245,7 +254,8 @@ def definition(sweep: Sweep) -> dict[str, Any]:
   return {"name": sweep.name, "base": list(sweep.base), "params": list(sweep.params),
           "axes": json.loads(json.dumps(sweep.axes, default=str)), "seeds": list(sweep.seeds),
           "baseline": dict(sweep.baseline or {}), "seed_binding": sweep.seed_binding,
-          "experiment": sweep.experiment_name, "metric": sweep.metric}
+          "vary_data_seed": sweep.vary_data_seed, "experiment": sweep.experiment_name,
+          "metric": sweep.metric}
 
 
 def definition_hash(sweep: Sweep) -> str:

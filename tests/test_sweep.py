@@ -263,3 +263,17 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   assert cli.main(argv + ["--gin_param", "Sweep.seeds = [0, 1, 2]"]) == 2
   assert "another definition" in capsys.readouterr().err
   assert len(log.read_text().splitlines()) == 5
+
+
+def test_seeds_vary_the_init_and_keep_the_data_order_unless_asked():
+  base = dict(name="s", base=["gin/experiments/tiny_llama.gin"], axes={
+      "attention": {"mha": [], "mqa": ["ModelConfig.num_kv_heads = 1"]}}, seeds=[3, 5])
+  points = sweep_lib.expand(sweep_lib.Sweep(**base))
+  for p in points:
+    assert f"core.train.loop.train.seed = {p.seed}" in p.gin_params
+    assert "core.train.loop.train.data_seed = 3" in p.gin_params  # one data order for all
+  both = sweep_lib.expand(sweep_lib.Sweep(**base, vary_data_seed=True))
+  assert [f"core.train.loop.train.data_seed = {p.seed}" in p.gin_params for p in both] == \
+      [True] * 4
+  assert sweep_lib.definition_hash(sweep_lib.Sweep(**base)) != sweep_lib.definition_hash(
+      sweep_lib.Sweep(**base, vary_data_seed=True))

@@ -58,3 +58,25 @@ def test_carbon_is_recorded_with_the_grid_region_and_pue(tmp_path):
   assert raw > 0 and scaled == pytest.approx(1.1 * raw)
   # europe-north1: 46 g CO2eq/kWh (Google Cloud 2023 region table).
   assert metrics["energy/co2_kg"] == pytest.approx(scaled * 0.046)
+
+
+def test_data_seed_fixes_the_data_order_while_seed_changes_the_init(tmp_path):
+  seen = []
+
+  def data(**kw):
+    seen.append((kw["split"], kw["seed"]))
+    return SyntheticBatches(vocab_size=64, seq_len=16, batch_size=kw["batch_size"],
+                            seed=kw["seed"], split=kw["split"])
+
+  runs = {}
+  for seed in (0, 1):
+    seen.clear()
+    result = loop.train(model=CONFIG, data=data, optimizer=optimizer.llama_adamw, num_steps=2,
+                        batch_size=2, seed=seed, data_seed=7, eval_batches=1,
+                        workdir=tmp_path / f"s{seed}", export_model=False, progress=False,
+                        track=False)
+    runs[seed] = result
+    # Training and validation data both follow data_seed, not the init seed.
+    assert set(seen) == {("train", 7), ("validation", 7)}
+  # Same batches, other weights: the losses differ from the first step on.
+  assert runs[0].losses[1] != runs[1].losses[1]

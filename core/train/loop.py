@@ -90,6 +90,7 @@ class TrainResult:
 
 def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Callable[..., Any],
           num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
+          data_seed: int | None = None,
           mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
           grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
           data_shards: int | None = None, log_every: int = 10,
@@ -117,7 +118,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     num_steps: optimizer updates of the whole run.
     batch_size: global rows per update (over all devices and micro-batches).
     workdir: the run directory; an existing one is resumed.
-    seed: initialization, data order and RNG.
+    seed: initialization and the step RNG.
+    data_seed: the order of the data (train and validation); None = `seed`.
+      Apart, a "paired" comparison over init seeds sees the same batches, and
+      seed-to-seed spread is initialization alone.
     mesh: axis sizes (default: everything on fsdp).
     rules: logical-axis rules overriding partition.DEFAULT_RULES.
     grad_accum_steps: micro-batches per update.
@@ -165,7 +169,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   # The rows of the batch this process's devices hold; the sequence length does not
   # change which rows those are.
   rows = host_input.process_rows(builder.batch_sharding((batch_size, 1)), (batch_size, 1))
-  train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=seed,
+  data_seed = seed if data_seed is None else data_seed
+  train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
                                              shards=shards, rows=rows)
   tokenizer = getattr(train_data, "tokenizer", None)
   if tokenizer is not None:
@@ -191,7 +196,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       tracker.end(status, error=error)
 
 
-def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_every,
+def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_every, eval_every,
          eval_batches, checkpoint_every, export_model, progress, primary, mesh_obj, builder,
          train_data, record, tracker, checkpointer, evals=None, pue=1.0, grid_region=None,
          grid_intensity=None, device_power_w=None, **unused) -> TrainResult:
@@ -230,7 +235,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, log_every, eval_e
   schedule = getattr(builder.optimizer, "schedule", None)
   peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
   meter = throughput.Meter(fpt, peak, num_steps, start_step)
-  evaluator = _Evaluator(builder, data, shape, seed, eval_batches) if eval_batches else None
+  evaluator = _Evaluator(builder, data, shape, data_seed, eval_batches) if eval_batches else None
   terminate = _TermFlag()
   losses: dict[int, float] = {}
   eval_losses: dict[int, float] = {}
