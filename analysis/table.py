@@ -48,6 +48,7 @@ class Row:
   run_ids: list[str]
   config_hashes: list[str]
   baseline: bool = False
+  eval_se: float = float("nan")  # the eval set's standard error of the metric (mean over runs)
 
 
 @dataclasses.dataclass
@@ -66,6 +67,20 @@ class Table:
 
   def row(self, variant: str) -> Row:
     return next(r for r in self.rows if r.variant == variant)
+
+  def unresolved(self) -> list[str]:
+    """Variants whose Δ is within 2 standard errors of the eval set: noise this set can't split."""
+    base = next((r for r in self.rows if r.baseline), None)
+    if base is None or math.isnan(base.eval_se):
+      return []
+    out = []
+    for r in self.rows:
+      if r.baseline or r.delta is None or math.isnan(r.eval_se):
+        continue
+      floor = 2 * math.sqrt(r.eval_se ** 2 + base.eval_se ** 2)
+      if abs(r.delta.value) < floor:
+        out.append(f"{r.variant} (|Δ| {abs(r.delta.value):.4f} < {floor:.4f})")
+    return out
 
 
 def _first(run, keys: Sequence[str]) -> tuple[str | None, float]:
@@ -121,7 +136,8 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
         energy_kwh=_nanmean([_first(r, ENERGY_KEYS)[1] for r in group_runs]),
         carbon_kg=_nanmean([_first(r, CARBON_KEYS)[1] for r in group_runs]),
         run_ids=[r.info.run_id for r in group_runs],
-        config_hashes=sorted({runs_lib.config_hash(r) for r in group_runs})))
+        config_hashes=sorted({runs_lib.config_hash(r) for r in group_runs}),
+        eval_se=_nanmean([r.data.metrics.get(f"{metric}_se", stats.NAN) for r in group_runs])))
   if baseline is not None and baseline not in groups:
     raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
                                   f"{list(groups)}")
@@ -184,8 +200,8 @@ def _ids(values: Sequence[str], n: int | None) -> list[str]:
 def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") -> list[str]:
   delta, ci, p = _delta(row)
   pm = lambda m, s, d=4: _pm(m, s, d).replace("±", plus_minus)  # noqa: E731
-  return [row.variant, str(row.n), pm(row.mean, row.std), pm(row.ppl_mean, row.ppl_std, 2),
-          delta, ci, p, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
+  return [row.variant, str(row.n), pm(row.mean, row.std), _num(row.eval_se, 4),
+          pm(row.ppl_mean, row.ppl_std, 2), delta, ci, p, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
           _num(row.carbon_kg, 6), " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
           " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt]))]
 
@@ -193,7 +209,7 @@ def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") ->
 def headers(table: Table) -> list[str]:
   level = f"{round(table.confidence * 100):d}%"
   what = "final" if table.at is None else f"at {table.match}:"
-  return ["variant", "seeds", f"{what} {table.metric}", "perplexity",
+  return ["variant", "seeds", f"{what} {table.metric}", "eval SE", "perplexity",
           "Δ vs baseline", f"{level} CI", "p (Holm)", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
           "run ids", "config hash"]
 
@@ -250,7 +266,8 @@ def to_csv(table: Table) -> str:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   level = round(table.confidence * 100)
-  w.writerow(["variant", "baseline", "seeds", "n", "metric", "mean", "std", "perplexity_mean",
+  w.writerow(["variant", "baseline", "seeds", "n", "metric", "mean", "std", "eval_se",
+              "perplexity_mean",
               "perplexity_std", "delta", f"ci{level}_low", f"ci{level}_high", "ci_method",
               "p", "p_holm",
               "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes"])
@@ -258,7 +275,7 @@ def to_csv(table: Table) -> str:
   for r in table.rows:
     d = r.delta
     w.writerow([r.variant, int(r.baseline), " ".join(r.seeds), r.n, r.metric, f(r.mean), f(r.std),
-                f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
+                f(r.eval_se), f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
                 f(d.high if d else None), d.method if d else "", f(d.p if d else None),
                 f(d.p_holm if d else None), f(r.tokens_per_s), f(r.mfu),
                 f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes)])
@@ -274,8 +291,13 @@ def _footnote(table: Table) -> str:
   return (f"Mean ± sample std over seeds of {where} {table.metric}; Δ = variant - baseline, "
           f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
           f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
+          f"eval SE: the eval set's own standard error (token-loss std / sqrt(tokens)), the "
+          f"noise floor next to the seed std. "
           f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
-          f"mean per run. Source: {table.source}.")
+          f"mean per run. Source: {table.source}." + (
+              f"\nWARNING: the eval set cannot resolve {', '.join(table.unresolved())}: a "
+              f"larger eval set (train.eval_batches) is needed to tell these apart."
+              if table.unresolved() else ""))
 
 
 FORMATS: dict[str, Callable[[Table], str]] = {

@@ -189,7 +189,8 @@ def test_compute_matched_comparison_by_hand(tmp_path, capsys):
       t.log_params({"train.global_batch": 2, "train.seq_len": 5, "flops_per_token": fpt,
                     "seed": seed})
       for step in (0, 10, 20):
-        t.log_metrics({"eval/loss": start[variant][seed] - 0.1 * step}, step)
+        t.log_metrics({"eval/loss": start[variant][seed] - 0.1 * step,
+                       "eval/loss_se": 0.5}, step)
       t.end("FINISHED")
   c = runs_lib.client(uri)
   # 12,000 FLOPs: cheap at 12000 / (10 tokens x 100) = step 12, dear at step 6.
@@ -200,6 +201,10 @@ def test_compute_matched_comparison_by_hand(tmp_path, capsys):
   assert dear.final == pytest.approx([4.0 - 0.6, 4.4 - 0.6])
   assert dear.delta.value == pytest.approx((3.4 + 3.8) / 2 - (3.8 + 4.0) / 2)
   assert comp.table.match == "flops=1.2e+04"
+  # An eval set with a standard error of 0.5 cannot resolve a delta of 0.3: said, not hidden.
+  assert cheap.eval_se == 0.5
+  assert comp.table.unresolved() == ["dear (|Δ| 0.3000 < 1.4142)"]
+  assert "WARNING: the eval set cannot resolve dear" in table_lib.render(comp.table, "text")
   # At equal steps the same runs give another answer: the match matters.
   by_step = compare_lib.compare(c, experiment="cm",
                                 metric="eval/loss", baseline="cheap", at=("step", 12.0))

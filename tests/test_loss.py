@@ -76,3 +76,19 @@ def test_bad_chunk_is_a_clear_error():
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
   with pytest.raises(ValueError, match="loss_vocab_chunk must be >= 0"):
     StepBuilder(config, optax.sgd(0.1), mesh, partition.merged_rules(), loss_vocab_chunk=-1)
+
+
+def test_loss_moments_give_the_token_losses_sum_and_spread():
+  from core.train.loss import log_z_and_target, loss_moments
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 5))
+  mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  total, squares, n = loss_moments(*log_z_and_target(jnp.asarray(logits), jnp.asarray(targets)),
+                                   jnp.asarray(mask))
+  # Reference: numpy's log-softmax, token by token.
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  token = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose([total, squares, n], [(token * mask).sum(),
+                                                   (token ** 2 * mask).sum(), mask.sum()],
+                             rtol=1e-5)

@@ -191,17 +191,6 @@ class DistillStepBuilder(StepBuilder):
     loss_sum = self.alpha * soft_sum + (1.0 - self.alpha) * hard_sum
     return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
 
-  def build_eval(self, batch_shape):
-    """(params, batch) -> (next-token loss sum, tokens): the same held-out loss as without a teacher."""
-    def evaluate(params, batch):
-      with activation_sharding(self.mesh, self.rules):
-        _, (loss_sum, _, tokens) = StepBuilder._loss(self, params, batch)
-      return loss_sum, tokens
-    param_sh = partition.named(self.mesh, self.param_specs)
-    batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    return jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-
 
 def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
                  objective: str = "cross_entropy", alpha: float = 1.0,

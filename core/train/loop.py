@@ -513,17 +513,24 @@ class _Evaluator:
       return float("nan")
     if self.fn is None:
       self.fn = self.builder.build_eval(self.shape)
-    total = tokens = 0.0
+    total = squares = tokens = 0.0
     for _, batch in zip(range(self.batches), it):
       if batch["inputs"].shape != tuple(self.shape):
         break
-      loss_sum, n = self.fn(params, device_batch(batch, self.builder.batch_sharding))
-      total, tokens = total + float(loss_sum), tokens + float(n)
+      loss_sum, sq_sum, n = self.fn(params, device_batch(batch, self.builder.batch_sharding))
+      total, squares, tokens = total + float(loss_sum), squares + float(sq_sum), tokens + float(n)
     loss = total / max(tokens, 1.0)
+    # The eval set's own noise: the standard error of a mean over `tokens` token losses.
+    # A difference between runs smaller than a few of these is not resolved by this set.
+    var = max(squares / max(tokens, 1.0) - loss * loss, 0.0) * tokens / max(tokens - 1.0, 1.0)
+    se = math.sqrt(var / max(tokens, 1.0))
     if primary:
-      _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_tokens": tokens})
-      tracker.log_metrics({"eval/loss": loss}, step=step)
-      print(f"step {step} | held-out loss {loss:.4f} ({int(tokens)} tokens)", flush=True)
+      _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_loss_se": se,
+                                   "eval_tokens": tokens})
+      tracker.log_metrics({"eval/loss": loss, "eval/loss_se": se, "eval/tokens": tokens},
+                          step=step)
+      print(f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
+            f"{int(tokens)} tokens)", flush=True)
     return loss
 
 

@@ -25,10 +25,14 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of token losses, sum of log(Z)^2, number of tokens), all over loss_mask."""
+  return _sums(*log_z_and_target(logits, targets), loss_mask)
+
+
+def log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log Z, the target's logit) per token, in float32: a token's loss is their difference."""
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return _sums(log_z, target_logit, loss_mask)
+  return log_z, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: jax.Array,
@@ -40,6 +44,14 @@ def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: ja
   hidden: (B, T, D) final hidden states (after the final norm); output_rows:
   (V, D), one row per vocabulary entry, in the compute dtype; chunk: rows per tile.
   """
+  return _sums(*chunked_log_z_and_target(hidden, output_rows, targets, chunk=chunk,
+                                         final_softcap=final_softcap), loss_mask)
+
+
+def chunked_log_z_and_target(hidden: jax.Array, output_rows: jax.Array, targets: jax.Array, *,
+                             chunk: int, final_softcap: float | None = None
+                             ) -> tuple[jax.Array, jax.Array]:
+  """log_z_and_target of the soft-capped logits, one vocabulary tile at a time."""
   if chunk <= 0:
     raise ValueError(f"vocabulary chunk must be positive, got {chunk}")
   vocab, dim = output_rows.shape
@@ -69,7 +81,19 @@ def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: ja
   init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape, jnp.float32))
   (m, s, target_logit), _ = jax.lax.scan(tile, init, (rows, real, starts))
-  return _sums(m + jnp.log(s), target_logit, loss_mask)
+  return m + jnp.log(s), target_logit
+
+
+def loss_moments(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of token losses, sum of their squares, number of tokens) over loss_mask.
+
+  The squares give the spread of token losses, hence the standard error of a
+  held-out loss: std / sqrt(tokens).
+  """
+  mask = loss_mask.astype(jnp.float32)
+  loss = log_z - target_logit
+  return jnp.sum(loss * mask), jnp.sum(jnp.square(loss) * mask), jnp.sum(mask)
 
 
 def _sums(log_z, target_logit, loss_mask):

@@ -24,7 +24,8 @@ from core.model.sharding import activation_sharding
 from core.model.transformer import Transformer
 from core.train import partition
 from core.train.host_input import process_rows
-from core.train.loss import chunked_cross_entropy, cross_entropy
+from core.train.loss import (chunked_cross_entropy, chunked_log_z_and_target, cross_entropy,
+                             log_z_and_target, loss_moments)
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
@@ -191,12 +192,28 @@ class StepBuilder:
     return jax.jit(self._step, in_shardings=(state_sh, batch_sh, self.step_input_shardings()),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
+  def _heldout(self, params, batch):
+    """(loss sum, sum of squared token losses, tokens) of the plain next-token loss.
+
+    What every step builder evaluates, whatever its training loss (distillation
+    trains on a teacher's distribution but is evaluated like any other run).
+    """
+    model = nnx.merge(self.graphdef, params)
+    if self.loss_vocab_chunk:
+      hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+      parts = chunked_log_z_and_target(hidden, model.embedder.output_rows(), batch["targets"],
+                                       chunk=self.loss_vocab_chunk,
+                                       final_softcap=self.config.final_softcap)
+    else:
+      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      parts = log_z_and_target(logits, batch["targets"])
+    return loss_moments(*parts, batch["loss_mask"])
+
   def build_eval(self, batch_shape) -> Callable[[Any, Mapping[str, jax.Array]], Any]:
-    """(params, batch) -> (loss sum, tokens): held-out loss without a gradient."""
+    """(params, batch) -> (loss sum, squared-loss sum, tokens): held-out loss, no gradient."""
     def evaluate(params, batch):
       with activation_sharding(self.mesh, self.rules):
-        _, (loss_sum, _, tokens) = self._loss(params, batch)
-      return loss_sum, tokens
+        return self._heldout(params, batch)
     param_sh = partition.named(self.mesh, self.param_specs)
     batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
     replicated = NamedSharding(self.mesh, PartitionSpec())
