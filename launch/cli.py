@@ -40,8 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _skip_absent_tpu() -> None:
+  """On a machine without TPU or GPU devices, keep JAX on CPU even where libtpu is installed.
+
+  The `tpu` extra (and the test extra, for `ablax plan`) installs libtpu; JAX
+  then probes for a TPU at start-up, which on any other machine only costs
+  time and prints metadata-server errors. TPU VMs expose /dev/accel* or
+  /dev/vfio/*, GPU nodes /dev/nvidia*; there nothing changes, and an explicit
+  JAX_PLATFORMS always wins.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _skip_absent_tpu()
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     parser = build_parser()
     if argv and argv[0] not in ("-h", "--help"):

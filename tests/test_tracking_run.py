@@ -349,3 +349,13 @@ def test_exit_without_end_delivers_and_marks_killed(_mlflow_store, tmp_path):
   client = MlflowClient(_mlflow_store)
   assert client.get_run(run_id).info.status == "KILLED"
   assert _steps(client, run_id, "loss") == list(range(20))
+
+
+def test_system_metrics_are_sampled_for_a_client_created_run(_mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path, system_metrics_s=0.2)
+  run_id = t.start()
+  time.sleep(1.5)
+  assert t.end("FINISHED")
+  metrics = MlflowClient(_mlflow_store).get_run(run_id).data.metrics
+  assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+  assert any(k.startswith("system/system_memory_usage") for k in metrics)

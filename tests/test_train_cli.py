@@ -61,6 +61,8 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   # 4 steps clamp the warmup to 3, so update 4 runs at the peak (float32).
   assert metrics["train/learning_rate"] == pytest.approx(3e-3) and "train/eta_s" not in metrics
   assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
+  # MLflow's own context tags, for the UI's user and source columns.
+  assert run.data.tags.get("mlflow.user") and run.data.tags.get("mlflow.source.type")
   artifacts = {a.path for a in MlflowClient(_mlflow_store).list_artifacts(run_id)}
   assert "config" in artifacts and "metrics.jsonl" in artifacts
 

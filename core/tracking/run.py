@@ -65,7 +65,8 @@ class RunTracker:
                tags: Mapping[str, Any] | None = None, *,
                retry_interval_s: float = 10.0, http_timeout_s: int = 10,
                http_max_retries: int = 0, start_timeout_s: float = 120.0,
-               end_timeout_s: float = 60.0, batch_interval_s: float = 1.0):
+               end_timeout_s: float = 60.0, batch_interval_s: float = 1.0,
+               system_metrics_s: float | None = None):
     """Configures the run; nothing is contacted before `start()`.
 
     Args:
@@ -86,9 +87,16 @@ class RunTracker:
       end_timeout_s: how long `end()` waits for queued records.
       batch_interval_s: the writer sends what accumulated at most this often
         (`flush()` and `end()` send at once).
+      system_metrics_s: sample MLflow's system metrics (CPU, memory, disk,
+        network; GPU with nvidia-ml-py) every this many seconds; None = off.
+        MLflow starts its monitor by itself only for fluent runs, so it is
+        started here; it stops for good at its first store error, so an
+        unreachable store costs those samples, never the run.
     """
     self.tracking_uri = tracking_uri
     self.experiment = experiment
+    self.system_metrics_s = system_metrics_s
+    self._monitor = None
     self.run_name = run_name
     self.run_id = run_id
     self.parent_run_id = parent_run_id
@@ -147,11 +155,23 @@ class RunTracker:
         self._last_attempt = time.monotonic()
     self._thread = threading.Thread(target=self._writer, name="ablax-tracking", daemon=True)
     self._thread.start()
+    if self.system_metrics_s:
+      self._start_monitor()
     # The writer is a daemon thread: without this, records still queued when
     # the interpreter exits (a forgotten end(), sys.exit outside the `with`)
     # would be lost rather than delivered or spooled.
     atexit.register(self._at_exit)
     return self.run_id
+
+  def _start_monitor(self) -> None:
+    try:
+      from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+      self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_s,
+                                           tracking_uri=self.tracking_uri, resume_logging=True)
+      self._monitor.start()
+    except Exception as e:  # noqa: BLE001  system metrics are a convenience
+      logger.warning("MLflow system metrics are off: %s", e)
+      self._monitor = None
 
   def _at_exit(self) -> None:
     if not self._ended:
@@ -213,7 +233,10 @@ class RunTracker:
       for key, value in tags.items():
         client.set_tag(self.run_id, key, value)
     else:
-      run = client.create_run(experiment_id, tags=tags, run_name=self.run_name)
+      from mlflow.tracking.context.registry import resolve_tags  # pylint: disable=g-import-not-at-top
+      # MLflow's own context tags (user, source name and type, git commit), which fill
+      # the UI's user and source columns; ours win where both name a key.
+      run = client.create_run(experiment_id, tags=resolve_tags(tags), run_name=self.run_name)
       self.run_id = run.info.run_id
     # Writing an artifact proves the artifact store is writable too; the file
     # is the run's start log (one per start, so resumes are visible).
@@ -472,6 +495,12 @@ class RunTracker:
     if status not in STATUSES:
       raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     atexit.unregister(self._at_exit)
+    if self._monitor is not None:
+      try:
+        self._monitor.finish()
+      except Exception as e:  # noqa: BLE001
+        logger.info("system metrics monitor: %s", e)
+      self._monitor = None
     if error:
       self.set_tags({ERROR_TAG: error[-MAX_TAG_VALUE:]})
       self.log_text(error, "error.txt")

@@ -23,6 +23,8 @@ from core.tracking.store import default_tracking_uri
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+# MLflow system metrics (system/cpu_utilization_percentage, ...) on process 0, every 10 s.
+SYSTEM_METRICS_S = 10.0
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -44,7 +46,8 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
   record = read_run_file(workdir)
   run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
-                       spool_dir=Path(workdir) / "mlflow_spool", tags=dict(tags or {}))
+                       spool_dir=Path(workdir) / "mlflow_spool", tags=dict(tags or {}),
+                       system_metrics_s=SYSTEM_METRICS_S)
   run_id = tracker.start()
   record.update(mlflow_run_id=run_id, tracking_uri=uri, experiment=experiment)
   _write_json(Path(workdir) / RUN_FILE, record)
