@@ -40,19 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _skip_absent_tpu() -> None:
-  """On a machine without TPU or GPU devices, keep JAX on CPU even where libtpu is installed.
+def _skip_absent_accelerators() -> None:
+  """On a machine without TPU or GPU devices, keep JAX on CPU even where their plugins are.
 
-  The `tpu` extra (and the test extra, for `ablax plan`) installs libtpu; JAX
-  then probes for a TPU at start-up, which on any other machine only costs
-  time and prints metadata-server errors. TPU VMs expose /dev/accel* or
+  The `tpu` and `plan-gpu` extras (and the test extra, for `ablax plan`)
+  install libtpu and the CUDA plugin; JAX then probes for their devices at
+  start-up, which on any other machine only costs time and prints
+  metadata-server errors and a CUDA traceback. TPU VMs expose /dev/accel* or
   /dev/vfio/*, GPU nodes /dev/nvidia*; there nothing changes, and an explicit
   JAX_PLATFORMS always wins.
   """
   import glob  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+  if "JAX_PLATFORMS" in os.environ:
+    return
+  try:
+    plugins = [importlib.util.find_spec(m) for m in ("libtpu", "jax_plugins.xla_cuda12")]
+  except ImportError:
+    plugins = [importlib.util.find_spec("libtpu")]
+  if not any(plugins):
     return
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
     return
@@ -61,7 +68,7 @@ def _skip_absent_tpu() -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  _skip_absent_tpu()
+  _skip_absent_accelerators()
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     parser = build_parser()
     if argv and argv[0] not in ("-h", "--help"):
