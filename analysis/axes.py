@@ -15,6 +15,7 @@ import bisect
 from typing import Sequence
 
 from analysis import runs as runs_lib
+from core.tracking import schema
 
 AXES = ("step", "tokens", "flops", "time")
 LABELS = {"step": "step", "tokens": "tokens", "flops": "training FLOPs (model)",
@@ -41,8 +42,8 @@ def parse_at(text: str | None) -> tuple[str, float] | None:
 def _per_step(run, axis: str) -> float:
   params = run.data.params
   try:
-    tokens = float(params["train.global_batch"]) * float(params["train.seq_len"])
-    return tokens if axis == "tokens" else tokens * float(params["flops_per_token"])
+    tokens = float(params[schema.GLOBAL_BATCH]) * float(params[schema.SEQ_LEN])
+    return tokens if axis == "tokens" else tokens * float(params[schema.FLOPS_PER_TOKEN])
   except KeyError as e:
     raise AxisError(f"run {run.info.run_id} has no param {e.args[0]}: it predates the "
                     f"{axis} axis; compare it by step") from None

@@ -25,7 +25,6 @@ INDEX_TAG = "ablax.sweep.index"
 BASELINE_TAG = "ablax.sweep.baseline"
 METRIC_TAG = "ablax.sweep.metric"
 REPRODUCES_TAG = "ablax.reproduces"
-CONFIG_HASH_TAGS = ("ablax.config_hash", "ablax.config.hash", "config_hash")
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -134,12 +133,9 @@ def seed_of(run) -> str | None:
 
 def config_hash(run) -> str:
   """The hash the trainer recorded; else a hash of the run's params (the flattened config)."""
-  for key in CONFIG_HASH_TAGS:
-    if run.data.tags.get(key):
-      return run.data.tags[key]
-  for key, value in run.data.tags.items():
-    if key.endswith("config_hash") and value:
-      return value
+  from core.tracking import schema  # pylint: disable=g-import-not-at-top
+  if run.data.tags.get(schema.CONFIG_HASH):
+    return run.data.tags[schema.CONFIG_HASH]
   skip = {"seed"}
   text = json.dumps({k: v for k, v in sorted(run.data.params.items()) if k not in skip})
   return "params:" + hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -17,16 +17,16 @@ from typing import Any, Callable, Sequence
 from analysis import axes
 from analysis import runs as runs_lib
 from analysis import stats
+from core.tracking import schema
 
-# Column -> metric keys tried in order (the trainer's names first).
-PERPLEXITY_KEYS = ("eval/perplexity", "eval/ppl")
-TOKENS_PER_S_KEYS = ("perf/tokens_per_s", "train/tokens_per_s", "tokens_per_s",
-                     "perf/tokens_per_sec", "throughput/tokens_per_s")
-MFU_KEYS = ("perf/mfu", "train/mfu", "mfu")
+# Column -> the trainer's metric (core.tracking.schema: one spelling, the one it writes).
+PERPLEXITY_KEYS: tuple[str, ...] = ()  # the trainer logs losses; perplexity is exp(loss) here
+TOKENS_PER_S_KEYS = (schema.TOKENS_PER_S,)
+MFU_KEYS = (schema.MFU,)
 # Energy before PUE scaling (core/tracking/energy.py keeps raw and PUE-scaled apart).
-ENERGY_KEYS = ("energy/energy_kwh", "energy/kwh", "energy_kwh")
-CARBON_KEYS = ("energy/co2_kg", "carbon/co2_kg", "carbon/kg_co2eq", "co2_kg")
-FALLBACK_LOSS_KEYS = ("eval/loss", "train/loss", "loss")
+ENERGY_KEYS = (schema.ENERGY_KWH,)
+CARBON_KEYS = (schema.CO2_KG,)
+FALLBACK_LOSS_KEYS = (schema.EVAL_LOSS, schema.TRAIN_LOSS)
 
 
 @dataclasses.dataclass
@@ -137,7 +137,8 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
         carbon_kg=_nanmean([_first(r, CARBON_KEYS)[1] for r in group_runs]),
         run_ids=[r.info.run_id for r in group_runs],
         config_hashes=sorted({runs_lib.config_hash(r) for r in group_runs}),
-        eval_se=_nanmean([r.data.metrics.get(f"{metric}_se", stats.NAN) for r in group_runs])))
+        eval_se=_nanmean([r.data.metrics.get(schema.EVAL_LOSS_SE, stats.NAN)
+                          if metric == schema.EVAL_LOSS else stats.NAN for r in group_runs])))
   if baseline is not None and baseline not in groups:
     raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
                                   f"{list(groups)}")

@@ -13,7 +13,6 @@ from scipy import stats as scipy_stats
 
 from analysis import compare as compare_lib
 from analysis import runs as runs_lib
-from analysis import stats
 from analysis import table as table_lib
 from core.tracking.run import RunTracker
 from launch import cli
@@ -57,8 +56,8 @@ def make_sweep(uri, tmp_path, name="attn"):
         t.log_params({"attention": variant.split("=")[1], "seed": seed})
         for step in (0, 50, 100):
           t.log_metrics({"train/loss": final + 1.0 - step / 100, "eval/loss": final + (100 - step) / 50,
-                         "perf/tokens_per_s": 999.0 if step == 0 else 1000.0 + seed,
-                         "perf/mfu": 0.01 if step == 0 else 0.02,
+                         "train/tokens_per_s": 999.0 if step == 0 else 1000.0 + seed,
+                         "train/mfu": 0.01 if step == 0 else 0.02,
                          "energy/energy_kwh": step * 1e-4, "energy/co2_kg": step * 4e-5}, step)
   return parent_id
 

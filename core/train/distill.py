@@ -35,13 +35,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from core.model import io
-from core.model.sharding import activation_sharding
 from core.train import partition
 from core.train.loss import cross_entropy
-from core.train.step import BATCH_KEYS, StepBuilder
+from core.train.step import StepBuilder
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
+from core.tracking import schema
 from core.train import checkpoint as ckpt
 from core.train import mesh as meshlib
 from core.train import host_input, partition, throughput
@@ -228,7 +229,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
   step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
   compile_s = time.perf_counter() - t0
   _say(primary, f"compiled the train step in {compile_s:.1f}s")
-  tracker.log_metrics({"compile_s": compile_s}, step=start_step)
+  tracker.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
 
   fpt = flops_per_token(model, seq_len)
   tokens_per_step = batch_size * seq_len
@@ -268,10 +269,11 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
         if primary:
           _append_jsonl(metrics_path, line)
           # The ETA is for the console; a store holds what happened.
-          tracker.log_metrics({f"train/{k}": v for k, v in line.items()
+          tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
                                if k not in ("step", "eta_s")}, step=s)
           if energy is not None:
-            tracker.log_metrics({f"energy/{k}": v for k, v in _energy_reading(energy).items()},
+            tracker.log_metrics({f"{schema.ENERGY}{k}": v
+                                 for k, v in _energy_reading(energy).items()},
                                 step=s)
           if progress:
             print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
@@ -375,14 +377,14 @@ def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_si
                     manifest, data_shards) -> None:
   if start_step > 0:
     return  # logged by the first session of this run; MLflow refuses changed params
-  params = {f"model.{k}": v for k, v in model.to_dict().items()}
-  params.update({"train.seq_len": seq_len, "train.global_batch": batch_size,
-                 "train.mesh": meshlib.describe(mesh_obj), "train.data_shards": data_shards,
-                 "flops_per_token": flops_per_token(model, seq_len)})
+  params = {f"{schema.MODEL}{k}": v for k, v in model.to_dict().items()}
+  params.update({schema.SEQ_LEN: seq_len, schema.GLOBAL_BATCH: batch_size,
+                 schema.MESH: meshlib.describe(mesh_obj), schema.DATA_SHARDS: data_shards,
+                 schema.FLOPS_PER_TOKEN: flops_per_token(model, seq_len)})
   # What 'auto' resolved to on this platform at this length (the trainer always packs).
   used = attention_impls.used_by_kind(model, attention_impls.current_platform(), seq_len,
                                       packed=True)
-  params.update({f"attention.impl.{kind}": impl for kind, impl in used.items()})
+  params.update({f"{schema.ATTENTION_IMPL}{kind}": impl for kind, impl in used.items()})
   if record:
     params.update(record.params)
   trk.write_record(tracker, repo_dir=REPO_ROOT, mesh_shape=dict(mesh_obj.shape), params=params,
@@ -404,7 +406,8 @@ def _energy_reading(energy) -> dict[str, float]:
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
   tracker.set_tags({"mfu_peak_source": peak_source})
   if energy is not None:
-    tracker.log_metrics({f"energy/{k}": v for k, v in _energy_reading(energy).items()}, step=step)
+    tracker.log_metrics({f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()},
+                        step=step)
     try:
       tracker.log_dict(energy.inputs(), "energy/inputs.json")
     except Exception as e:  # noqa: BLE001
@@ -527,8 +530,8 @@ class _Evaluator:
     if primary:
       _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_loss_se": se,
                                    "eval_tokens": tokens})
-      tracker.log_metrics({"eval/loss": loss, "eval/loss_se": se, "eval/tokens": tokens},
-                          step=step)
+      tracker.log_metrics({schema.EVAL_LOSS: loss, schema.EVAL_LOSS_SE: se,
+                           schema.EVAL_TOKENS: tokens}, step=step)
       print(f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
             f"{int(tokens)} tokens)", flush=True)
     return loss
