@@ -1,6 +1,7 @@
 """`ablax plan`: the real train step compiled for TPU slices and GPU nodes on this CPU machine."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -42,7 +43,11 @@ def test_bad_target_names_are_clear_errors(name, match):
 
 
 def test_the_mesh_of_a_topology_is_jax_make_mesh_s():
+  before = dict(os.environ)
   devices = targets.parse_target("v5p-128").devices()
+  # libtpu's start-up variables do not outlive it: left behind, they make JAX in this
+  # process and its children take the machine for a TPU pod.
+  assert dict(os.environ) == before
   ours = meshlib.make_mesh(meshlib.MeshConfig(data=4, fsdp=4, tensor=4), devices)
   theirs = jax.make_mesh((4, 4, 4), meshlib.AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -15,11 +15,13 @@ that XLA compiles for without the hardware:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
 GIB = 1024 ** 3
@@ -129,14 +131,14 @@ class Target:
       _check_installed("libtpu", "tpu")
       # libtpu takes a lock file per process and asks the metadata server for the
       # slice's hosts and type; none of that applies to a compile on this machine.
-      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-      os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-      os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
-      topology = topologies.get_topology_desc(
-          platform="tpu", topology_name=self.topology_name,
-          chip_config_name=self.family.chip_config,
-          chips_per_host_bounds=(2, 2, 1), num_slices=1)
+      # Only while libtpu starts: left in the environment, these variables make JAX
+      # (and every child process) believe it runs on a TPU pod.
+      with _environment(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
+                        TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE=self.accelerator_type):
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=self.topology_name,
+            chip_config_name=self.family.chip_config,
+            chips_per_host_bounds=(2, 2, 1), num_slices=1)
     else:
       _check_installed("jax_plugins.xla_cuda12", "plan-gpu")
       nodes, _, per_node = self.shape
@@ -148,6 +150,18 @@ class Target:
       raise TargetError(f"{self.name}: the compiler's topology has {len(devices)} devices, "
                         f"expected {self.num_devices}")
     return devices
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+  """Sets the variables the user has not set, and removes them again afterwards."""
+  added = {k: v for k, v in values.items() if k not in os.environ}
+  os.environ.update(added)
+  try:
+    yield
+  finally:
+    for key in added:
+      os.environ.pop(key, None)
 
 
 def _check_installed(module: str, extra: str) -> None:
