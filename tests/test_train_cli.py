@@ -63,6 +63,13 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   assert run.data.tags.get("git.commit") and run.data.tags.get("mesh")
   # MLflow's own context tags, for the UI's user and source columns.
   assert run.data.tags.get("mlflow.user") and run.data.tags.get("mlflow.source.type")
+  # The data as MLflow dataset inputs, digests from the manifest's fingerprints.
+  inputs = run.inputs.dataset_inputs
+  assert sorted(d.dataset.name for d in inputs) == ["code", "prose"]
+  assert all(len(d.dataset.digest) == 32 for d in inputs)
+  found = MlflowClient(_mlflow_store).search_runs(
+      [run.info.experiment_id], f"datasets.digest = '{inputs[0].dataset.digest}'")
+  assert [r.info.run_id for r in found] == [run_id]
   # One schema: every key the trainer wrote is one core.tracking.schema declares.
   from core.tracking import schema  # pylint: disable=g-import-not-at-top
   assert [k for k in run.data.metrics if not schema.is_declared_metric(k)] == []

@@ -8,6 +8,7 @@ params or a JSON artifact. None of them fails because something is missing
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import os
 import platform
@@ -184,6 +185,24 @@ def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | 
   return tags
 
 
+def dataset_inputs(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
+  """One MLflow dataset input per source of a data manifest, its digest from the fingerprint.
+
+  The digest is the first 32 hex digits of the sha256 of the source's manifest
+  (its fingerprint, files and split), so two runs that read the same data have
+  the same digest whatever their names for it.
+  """
+  out = []
+  for name, source in sorted((manifest.get("sources") or {}).items()):
+    if not isinstance(source, Mapping):
+      continue
+    text = json.dumps(source.get("fingerprint", source), sort_keys=True, default=str)
+    out.append({"name": str(name), "digest": hashlib.sha256(text.encode()).hexdigest()[:32],
+                "source": str(source.get("spec") or source.get("kind") or name),
+                "context": "train"})
+  return out
+
+
 def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
                      operative_config: str | None = None, bound_config: str | None = None,
                      gin_files: tuple[str | os.PathLike, ...] | list = (),
@@ -231,6 +250,9 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
     tracker.log_dict(dict(param_counts), "model/param_counts.json")
   if isinstance(dataset_manifest, Mapping):
     tracker.log_dict(dict(dataset_manifest), "data/manifest.json")
+    datasets = dataset_inputs(dataset_manifest)
+    if datasets:
+      tracker.log_inputs(datasets)
   elif dataset_manifest is not None:
     tracker.log_artifact(dataset_manifest, "data")
   return tags

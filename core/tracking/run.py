@@ -283,6 +283,14 @@ class RunTracker:
       shutil.copy2(src, staged)
     self._put(("artifact", str(staged), artifact_path))
 
+  def log_inputs(self, datasets: list[dict[str, str]]) -> None:
+    """Logs datasets as the run's inputs: [{'name', 'digest', 'source', 'context'}, ...].
+
+    MLflow shows them in the run's Datasets column; `datasets.digest` filters find
+    every run that read a given data set. Spooled like every other record.
+    """
+    self._put(("inputs", list(datasets)))
+
   def log_text(self, text: str, artifact_file: str) -> None:
     staged = self._stage_dir() / Path(artifact_file).name
     staged.write_text(text, encoding="utf-8")
@@ -373,6 +381,9 @@ class RunTracker:
       if kind == "artifact":
         batch = None
         records.append({"kind": "artifact", "local_path": item[1], "artifact_path": item[2]})
+      elif kind == "inputs":
+        batch = None
+        records.append({"kind": "inputs", "datasets": item[1]})
       elif kind == "metrics":
         _, metrics, step, timestamp = item
         for key, value in metrics.items():
@@ -449,6 +460,16 @@ class RunTracker:
       staged_root = (self.spool_dir / "staged").resolve()
       if staged_root in path.resolve().parents:
         shutil.rmtree(path.parent, ignore_errors=True)
+    elif kind == "inputs":
+      from mlflow.data.code_dataset_source import CodeDatasetSource
+      from mlflow.data.meta_dataset import MetaDataset
+      from mlflow.entities import DatasetInput, InputTag
+      inputs = [DatasetInput(
+          MetaDataset(CodeDatasetSource({"source": d["source"]}), name=d["name"],
+                      digest=d["digest"])._to_mlflow_entity(),
+          tags=[InputTag("mlflow.data.context", d.get("context", "train"))])
+          for d in record["datasets"]]
+      self._client.log_inputs(self.run_id, datasets=inputs)
     elif kind == "terminate":
       self._client.set_terminated(self.run_id, record["status"], record["end_time"])
     else:
@@ -577,6 +598,9 @@ class NullTracker:
     pass
 
   def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    pass
+
+  def log_inputs(self, datasets: list[dict[str, str]]) -> None:
     pass
 
   def log_text(self, text: str, artifact_file: str) -> None:
