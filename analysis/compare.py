@@ -138,14 +138,18 @@ def log_result(c, comparison: Comparison) -> None:
   from core.tracking.store import clean_key  # pylint: disable=g-import-not-at-top
   table = comparison.table
   now = int(time.time() * 1000)
+
+  def stats_of(row) -> dict[str, float | None]:
+    d = row.delta
+    return {"mean": row.mean, "std": row.std, "delta": d and d.value, "ci_low": d and d.low,
+            "ci_high": d and d.high, "p": d and d.p, "p_holm": d and d.p_holm}
+
   metrics = []
   for row in table.rows:
-    values = {"mean": row.mean, "std": row.std}
-    if row.delta is not None and not row.baseline:
-      d = row.delta
-      values.update(delta=d.value, ci_low=d.low, ci_high=d.high, p=d.p, p_holm=d.p_holm)
-    for name, value in values.items():
-      if value is not None and not math.isnan(value):
+    # The baseline's delta to itself says nothing; its mean and std go in.
+    names = ("mean", "std") if row.baseline else tuple(stats_of(row))
+    for name, value in stats_of(row).items():
+      if name in names and value is not None and not math.isnan(value):
         metrics.append(Metric(clean_key(f"compare/{row.variant}/{name}"), float(value), now, 0))
   energy = [r.energy_kwh * r.n for r in table.rows if not math.isnan(r.energy_kwh)]
   carbon = [r.carbon_kg * r.n for r in table.rows if not math.isnan(r.carbon_kg)]
@@ -156,14 +160,8 @@ def log_result(c, comparison: Comparison) -> None:
   run_id = comparison.parent.info.run_id
   for i in range(0, len(metrics), 1000):
     c.log_batch(run_id, metrics=metrics[i:i + 1000])
-  records = table_lib.as_records(table)
-  columns = ["variant", "n", "mean", "std", "delta", "ci_low", "ci_high", "p", "p_holm",
-             "tokens_per_s", "mfu", "energy_kwh", "carbon_kg"]
-  data = {k: [] for k in columns}
-  for r in records:
-    d = r["delta"] or {}
-    row = {**r, "delta": d.get("value"), "ci_low": d.get("low"), "ci_high": d.get("high"),
-           "p": d.get("p"), "p_holm": d.get("p_holm")}
-    for k in columns:
-      data[k].append(row.get(k))
-  c.log_table(run_id, data=data, artifact_file="comparison/table.json")
+  rows = [{"variant": r.variant, "n": r.n, **stats_of(r), "tokens_per_s": r.tokens_per_s,
+           "mfu": r.mfu, "energy_kwh": r.energy_kwh, "carbon_kg": r.carbon_kg}
+          for r in table.rows]
+  c.log_table(run_id, data={k: [row[k] for row in rows] for k in rows[0]},
+              artifact_file="comparison/table.json")

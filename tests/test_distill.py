@@ -17,7 +17,8 @@ from core.model.transformer import Transformer
 from core.train import distill, optimizer, synthetic
 from core.train import mesh as meshlib
 from core.train.mesh import MeshConfig
-from core.train.step import BATCH_KEYS, cross_entropy
+from core.train.loss import cross_entropy
+from core.train.step import BATCH_KEYS
 
 
 def np_soft_ce(student, teacher, mask, temperature, top_k=None):

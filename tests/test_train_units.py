@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from core.model.config import ModelConfig
 from core.train import mesh as meshlib
 from core.train import optimizer, partition
-from core.train.step import StepBuilder, cross_entropy
+from core.train.loss import cross_entropy
+from core.train.step import StepBuilder
 
 TINY = ModelConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=32, max_seq_len=16, activation="swiglu", norm="rmsnorm",

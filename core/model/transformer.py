@@ -185,7 +185,6 @@ def _stack_periods(config: ModelConfig, blocks: list[Block]) -> list[Block]:
   """
   period, repeats = config.layer_period
   size = len(period)
-  stacked = []
   is_var = lambda x: isinstance(x, nnx.Variable)
 
   def stack(*variables: nnx.Variable) -> nnx.Variable:

@@ -22,16 +22,19 @@ def project(plan: StepPlan, target: Target, *, num_steps: int, mfu: float,
   """Tokens/s, wall clock and (where the inputs allow) energy and carbon of the whole run."""
   spec = carbon.resolve_device(target.family.device)
   tokens_per_step = plan.batch * plan.seq
-  step_s = plan.model_flops / (mfu * spec.peak_tflops * 1e12 * target.num_devices)
+  run_flops = plan.model_flops * num_steps
+  # The same arithmetic the carbon projection below uses for its device-hours.
+  _, hours = carbon.device_hours_from_flops(run_flops, mfu, spec.peak_tflops, target.num_devices)
+  step_s = hours * 3600 / num_steps
   out: dict[str, Any] = {
       "mfu": mfu, "peak_tflops_per_device": spec.peak_tflops, "peak_source": spec.source,
       "num_steps": num_steps, "tokens": tokens_per_step * num_steps,
       "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
-      "run_flops": plan.model_flops * num_steps, "hours": step_s * num_steps / 3600,
+      "run_flops": run_flops, "hours": hours,
   }
   try:
     run = carbon.project_run(
-        target.family.device, count=target.num_devices, total_flops=out["run_flops"], mfu=mfu,
+        target.family.device, count=target.num_devices, total_flops=run_flops, mfu=mfu,
         power_w=device_power_w, pue=pue, region=grid_region if grid_intensity is None else None,
         intensity_kg_per_kwh=None if grid_intensity is None else grid_intensity / 1000)
   except carbon.CarbonInputError as e:

@@ -25,7 +25,7 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of token losses, sum of log(Z)^2, number of tokens), all over loss_mask."""
-  return _sums(*log_z_and_target(logits, targets), loss_mask)
+  return loss_sums(*log_z_and_target(logits, targets), loss_mask)
 
 
 def log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -44,7 +44,7 @@ def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: ja
   hidden: (B, T, D) final hidden states (after the final norm); output_rows:
   (V, D), one row per vocabulary entry, in the compute dtype; chunk: rows per tile.
   """
-  return _sums(*chunked_log_z_and_target(hidden, output_rows, targets, chunk=chunk,
+  return loss_sums(*chunked_log_z_and_target(hidden, output_rows, targets, chunk=chunk,
                                          final_softcap=final_softcap), loss_mask)
 
 
@@ -96,7 +96,9 @@ def loss_moments(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
   return jnp.sum(loss * mask), jnp.sum(jnp.square(loss) * mask), jnp.sum(mask)
 
 
-def _sums(log_z, target_logit, loss_mask):
+def loss_sums(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of token losses, sum of log(Z)^2, number of tokens) over loss_mask."""
   mask = loss_mask.astype(jnp.float32)
   return (jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask),
           jnp.sum(mask))

@@ -24,8 +24,8 @@ from core.model.sharding import activation_sharding
 from core.model.transformer import Transformer
 from core.train import partition
 from core.train.host_input import process_rows
-from core.train.loss import (chunked_cross_entropy, chunked_log_z_and_target, cross_entropy,
-                             log_z_and_target, loss_moments)
+from core.train.loss import (chunked_log_z_and_target, log_z_and_target, loss_moments,
+                             loss_sums)
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
@@ -126,17 +126,21 @@ class StepBuilder:
     """NamedShardings of step_inputs(), leaf for leaf."""
     return ()
 
-  def _loss(self, params, batch, inputs=()):
-    del inputs  # the plain next-token loss reads nothing else
+  def _log_z_and_target(self, params, batch):
+    """Per-token (log Z, target logit), from whole logits or vocabulary-tiled."""
     model = nnx.merge(self.graphdef, params)
     if self.loss_vocab_chunk:
       hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-      loss_sum, z_sum, tokens = chunked_cross_entropy(
-          hidden, model.embedder.output_rows(), batch["targets"], batch["loss_mask"],
-          chunk=self.loss_vocab_chunk, final_softcap=self.config.final_softcap)
-    else:
-      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      loss_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+      return chunked_log_z_and_target(hidden, model.embedder.output_rows(), batch["targets"],
+                                      chunk=self.loss_vocab_chunk,
+                                      final_softcap=self.config.final_softcap)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return log_z_and_target(logits, batch["targets"])
+
+  def _loss(self, params, batch, inputs=()):
+    del inputs  # the plain next-token loss reads nothing else
+    loss_sum, z_sum, tokens = loss_sums(*self._log_z_and_target(params, batch),
+                                        batch["loss_mask"])
     return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
 
   def _grads(self, params, batch, inputs):
@@ -198,16 +202,7 @@ class StepBuilder:
     What every step builder evaluates, whatever its training loss (distillation
     trains on a teacher's distribution but is evaluated like any other run).
     """
-    model = nnx.merge(self.graphdef, params)
-    if self.loss_vocab_chunk:
-      hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-      parts = chunked_log_z_and_target(hidden, model.embedder.output_rows(), batch["targets"],
-                                       chunk=self.loss_vocab_chunk,
-                                       final_softcap=self.config.final_softcap)
-    else:
-      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      parts = log_z_and_target(logits, batch["targets"])
-    return loss_moments(*parts, batch["loss_mask"])
+    return loss_moments(*self._log_z_and_target(params, batch), batch["loss_mask"])
 
   def build_eval(self, batch_shape) -> Callable[[Any, Mapping[str, jax.Array]], Any]:
     """(params, batch) -> (loss sum, squared-loss sum, tokens): held-out loss, no gradient."""
