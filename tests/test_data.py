@@ -227,6 +227,40 @@ def test_resume_across_epochs(make):
   _assert_same(_take(resumed, 15), straight[25:])
 
 
+def _long_document_rows(batch, bos_id):
+  """Rows that are wholly a continuation of one document (one segment, not its start)."""
+  return int(np.sum((batch["segment_ids"] == 1).all(axis=1) & (batch["inputs"][:, 0] != bos_id)))
+
+
+def test_interleave_spreads_a_long_document_over_rows(tok, cache, tmp_path):
+  # One long document (a fifth of the tokens) among 150 short ones: read in
+  # order it fills whole batches, so every variant's train loss jumps in lockstep.
+  # Short ones fit in a row, so a row wholly inside one document is the long one's.
+  (tmp_path / "long.txt").write_text(_words(1500))
+  lines = [json.dumps({"text": _words(2 + i % 4)}) for i in range(1200)]
+  (tmp_path / "short.jsonl").write_text("\n".join(lines) + "\n")
+  source = LocalFiles(paths=(str(tmp_path / "long.txt"), str(tmp_path / "short.jsonl")),
+                      validation_percent=0, cache_dir=cache)
+
+  def long_rows(interleave):
+    it = lm_batches(sources={"s": source}, tokenizer=tok, seq_len=32, batch_size=8, seed=1,
+                    interleave=interleave)
+    return [_long_document_rows(b, tok.bos_id) for b in _take(it, 100)]
+
+  assert max(long_rows(1)) == 8  # whole batches of one document
+  mixed = long_rows(8)
+  # One row per batch (two while an epoch boundary has it open twice), all of it read.
+  assert max(mixed) <= 2 and sum(mixed) >= 50
+
+
+def test_interleaved_finite_read_reads_every_token_once(make):
+  def tokens(interleave):
+    bs = list(make(split="validation", num_epochs=1, seq_len=40, interleave=interleave))
+    return np.sort(np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in bs]))
+  np.testing.assert_array_equal(tokens(16), tokens(1))
+  np.testing.assert_array_equal(tokens(3), tokens(1))
+
+
 def test_state_of_another_configuration_is_refused(make):
   state = make(seed=1).get_state()
   with pytest.raises(DataError, match="another configuration"):
@@ -298,6 +332,7 @@ def test_manifest_records_what_was_read(make, tok):
     ({"split": "test"}, "split"),
     ({"shard_index": 2, "shard_count": 2}, "shard_index"),
     ({"num_epochs": 0}, "num_epochs"),
+    ({"interleave": 0}, "interleave"),
     ({"weights": {"web": 1.0}}, "not sources"),
     ({"sources": {}}, "no sources"),
     ({"sources": {"x": "webdata:foo"}}, "unknown kind"),
