@@ -127,8 +127,9 @@ def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
 def log_result(c, comparison: Comparison) -> None:
   """The result on the sweep's parent run: per-variant metrics, the table, the sweep's energy.
 
-  Metrics are `compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm}` (the
-  variant with characters MLflow refuses replaced), so the parent alone answers
+  Metrics are `compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm}`, plus
+  `matched_mean`, `matched_delta` and `matched_p_holm` at the table's FLOPs
+  match (the variant with characters MLflow refuses replaced), so the parent alone answers
   "which variant won, by how much, how sure"; `comparison/table.json` is the
   table as an MLflow table artifact.
   """
@@ -140,14 +141,16 @@ def log_result(c, comparison: Comparison) -> None:
   now = int(time.time() * 1000)
 
   def stats_of(row) -> dict[str, float | None]:
-    d = row.delta
+    d, m = row.delta, row.matched_delta
     return {"mean": row.mean, "std": row.std, "delta": d and d.value, "ci_low": d and d.low,
-            "ci_high": d and d.high, "p": d and d.p, "p_holm": d and d.p_holm}
+            "ci_high": d and d.high, "p": d and d.p, "p_holm": d and d.p_holm,
+            "matched_mean": row.matched_mean, "matched_delta": m and m.value,
+            "matched_p_holm": m and m.p_holm}
 
   metrics = []
   for row in table.rows:
     # The baseline's delta to itself says nothing; its mean and std go in.
-    names = ("mean", "std") if row.baseline else tuple(stats_of(row))
+    names = ("mean", "std", "matched_mean") if row.baseline else tuple(stats_of(row))
     for name, value in stats_of(row).items():
       if name in names and value is not None and not math.isnan(value):
         metrics.append(Metric(clean_key(f"compare/{row.variant}/{name}"), float(value), now, 0))

@@ -49,6 +49,11 @@ class Row:
   config_hashes: list[str]
   baseline: bool = False
   eval_se: float = float("nan")  # the eval set's standard error of the metric (mean over runs)
+  # The metric at the table's compute match (Table.matched): per run, mean, std, Δ to baseline.
+  matched: list[float] = dataclasses.field(default_factory=list)
+  matched_mean: float = float("nan")
+  matched_std: float = float("nan")
+  matched_delta: stats.Delta | None = None
 
 
 @dataclasses.dataclass
@@ -59,6 +64,9 @@ class Table:
   confidence: float
   source: str  # what was compared: "sweep NAME (parent RUN_ID)" or an experiment + filter
   at: tuple[str, float] | None = None  # compute match (analysis.axes): ('tokens', 1e6); None = final
+  # With final values (at None), also every run at the largest FLOPs budget all of them reached:
+  # equal steps favour the variant that spends more FLOPs per step.
+  matched: tuple[str, float] | None = None
 
   @property
   def match(self) -> str:
@@ -142,16 +150,40 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
   if baseline is not None and baseline not in groups:
     raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
                                   f"{list(groups)}")
+  matched = _flops_match(c, groups, metric) if at is None else None
+  if matched is not None:
+    for row, group_runs in zip(rows, groups.values()):
+      row.matched = [axes.value_at(c, r, metric, *matched) for r in group_runs]
+      row.matched_mean, row.matched_std = stats.mean(row.matched), stats.std(row.matched)
   if baseline is not None:
     base = next(r for r in rows if r.variant == baseline)
     base.baseline = True
     for row in rows:
       paired = row.seeds == base.seeds and "None" not in row.seeds
       row.delta = stats.delta_ci(row.final, base.final, confidence, paired=paired)
+      if matched is not None:
+        row.matched_delta = stats.delta_ci(row.matched, base.matched, confidence, paired=paired)
     tested = [r for r in rows if not r.baseline]
     for row, p in zip(tested, stats.holm([r.delta.p for r in tested])):
       row.delta = dataclasses.replace(row.delta, p_holm=p)
-  return Table(rows, metric, baseline, confidence, source, at)
+    if matched is not None:
+      for row, p in zip(tested, stats.holm([r.matched_delta.p for r in tested])):
+        row.matched_delta = dataclasses.replace(row.matched_delta, p_holm=p)
+  return Table(rows, metric, baseline, confidence, source, at, matched)
+
+
+def _flops_match(c, groups: dict[str, list], metric: str) -> tuple[str, float] | None:
+  """('flops', F): the largest training FLOPs at which every run's curve has the metric.
+
+  None when runs lack the FLOPs params (older records) or their curves do not
+  overlap; the table then shows final values only.
+  """
+  all_runs = [r for group in groups.values() for r in group]
+  try:
+    lo, hi = axes.common_range(c, all_runs, metric, "flops")
+  except (axes.AxisError, ValueError):
+    return None
+  return ("flops", hi) if lo <= hi else None
 
 
 def _exp(x: float) -> float:
@@ -201,18 +233,27 @@ def _ids(values: Sequence[str], n: int | None) -> list[str]:
 def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") -> list[str]:
   delta, ci, p = _delta(row)
   pm = lambda m, s, d=4: _pm(m, s, d).replace("±", plus_minus)  # noqa: E731
+  matched = []
+  if table.matched is not None:
+    m_delta, _, m_p = _delta(dataclasses.replace(row, delta=row.matched_delta))
+    matched = [pm(row.matched_mean, row.matched_std), m_delta if row.baseline else
+               f"{m_delta} (p {m_p})"]
   return [row.variant, str(row.n), pm(row.mean, row.std), _num(row.eval_se, 4),
-          pm(row.ppl_mean, row.ppl_std, 2), delta, ci, p, _num(row.tokens_per_s, 1), _num(row.mfu, 4), _num(row.energy_kwh, 6),
-          _num(row.carbon_kg, 6), " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
+          pm(row.ppl_mean, row.ppl_std, 2), delta, ci, p, *matched, _num(row.tokens_per_s, 1),
+          _num(row.mfu, 4), _num(row.energy_kwh, 6), _num(row.carbon_kg, 6),
+          " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
           " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt]))]
 
 
 def headers(table: Table) -> list[str]:
   level = f"{round(table.confidence * 100):d}%"
   what = "final" if table.at is None else f"at {table.match}:"
+  matched = []
+  if table.matched is not None:
+    matched = [f"at flops={table.matched[1]:.3g}", "Δ at flops"]
   return ["variant", "seeds", f"{what} {table.metric}", "eval SE", "perplexity",
-          "Δ vs baseline", f"{level} CI", "p (Holm)", "tokens/s", "MFU", "energy kWh", "carbon kg CO2e",
-          "run ids", "config hash"]
+          "Δ vs baseline", f"{level} CI", "p (Holm)", *matched, "tokens/s", "MFU", "energy kWh",
+          "carbon kg CO2e", "run ids", "config hash"]
 
 
 def to_text(table: Table) -> str:
@@ -271,7 +312,8 @@ def to_csv(table: Table) -> str:
               "perplexity_mean",
               "perplexity_std", "delta", f"ci{level}_low", f"ci{level}_high", "ci_method",
               "p", "p_holm",
-              "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes"])
+              "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes",
+              "matched_flops", "matched_mean", "matched_std", "matched_delta", "matched_p_holm"])
   f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)  # noqa: E731
   for r in table.rows:
     d = r.delta
@@ -279,7 +321,10 @@ def to_csv(table: Table) -> str:
                 f(r.eval_se), f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
                 f(d.high if d else None), d.method if d else "", f(d.p if d else None),
                 f(d.p_holm if d else None), f(r.tokens_per_s), f(r.mfu),
-                f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes)])
+                f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes),
+                f(table.matched[1] if table.matched else None), f(r.matched_mean),
+                f(r.matched_std), f(r.matched_delta.value if r.matched_delta else None),
+                f(r.matched_delta.p_holm if r.matched_delta else None)])
   return buf.getvalue()
 
 
@@ -289,11 +334,16 @@ def _footnote(table: Table) -> str:
          "none": "no interval with one seed"}
   where = ("the final" if table.at is None else
            f"{table.match} (each run's curve interpolated linearly there, not extrapolated) of the")
+  matched = ("" if table.matched is None else
+             f"'at flops': every run at {table.matched[1]:.4g} training FLOPs, the largest budget "
+             f"all of them reached (their curves interpolated linearly there), so a variant "
+             f"that spends fewer FLOPs per step is compared at equal compute; its Δ has the same "
+             f"test and Holm adjustment. ")
   return (f"Mean ± sample std over seeds of {where} {table.metric}; Δ = variant - baseline, "
           f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
           f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
           f"eval SE: the eval set's own standard error (token-loss std / sqrt(tokens)), the "
-          f"noise floor next to the seed std. "
+          f"noise floor next to the seed std. {matched}"
           f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
           f"mean per run. Source: {table.source}." + (
               f"\nWARNING: the eval set cannot resolve {', '.join(table.unresolved())}: a "

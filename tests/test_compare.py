@@ -208,6 +208,17 @@ def test_compute_matched_comparison_by_hand(tmp_path, capsys):
   by_step = compare_lib.compare(c, experiment="cm",
                                 metric="eval/loss", baseline="cheap", at=("step", 12.0))
   assert by_step.table.row("dear").final == pytest.approx([4.0 - 1.2, 4.4 - 1.2])
+  # The default (final) table also matches compute: at 20,000 FLOPs, the largest budget both
+  # reached, cheap is at its last step (20) and dear at step 10.
+  final = compare_lib.compare(c, experiment="cm", metric="eval/loss", baseline="cheap")
+  assert final.table.matched == ("flops", 20000.0)
+  assert final.table.row("dear").final == pytest.approx([4.0 - 2.0, 4.4 - 2.0])
+  assert final.table.row("dear").matched == pytest.approx([4.0 - 1.0, 4.4 - 1.0])
+  assert final.table.row("cheap").matched == pytest.approx([5.0 - 2.0, 5.2 - 2.0])
+  assert final.table.row("dear").matched_delta.value == pytest.approx(3.2 - 3.1)
+  text = table_lib.render(final.table, "text")
+  assert "at flops=2e+04" in text and "Δ at flops" in text
+  assert "matched_delta" in table_lib.render(final.table, "csv")
   # Outside a run's curve is an error, never an extrapolation.
   with pytest.raises(ValueError, match="outside"):
     compare_lib.compare(c, experiment="cm",

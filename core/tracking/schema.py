@@ -36,7 +36,7 @@ SYSTEM = "system/"
 SWEEP_CPU_PEAK = "sweep/cpu_peak_flops"
 SWEEP_ENERGY_KWH = "sweep/energy_kwh"
 SWEEP_CO2_KG = "sweep/co2_kg"
-COMPARE = "compare/"               # compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm}
+COMPARE = "compare/"  # compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm,matched_*}
 
 # -- params ----------------------------------------------------------------------------
 MODEL = "model."                   # every ModelConfig field, once
