@@ -14,6 +14,7 @@ import pytest
 from launch import cli
 from launch import sweep as sweep_lib
 from launch import sweep_runner
+from launch.gin_config import REPO_ROOT
 
 # A base that parses without the trainer: a tiny model plus a function with a
 # `seed` argument to receive the seed binding.
@@ -277,3 +278,13 @@ def test_seeds_vary_the_init_and_keep_the_data_order_unless_asked():
       [True] * 4
   assert sweep_lib.definition_hash(sweep_lib.Sweep(**base)) != sweep_lib.definition_hash(
       sweep_lib.Sweep(**base, vary_data_seed=True))
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "ablations").glob("*.gin")),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_loads_expands_and_validates(path):
+  """Each sweep a user can start: its points parse, finalize and build (what --dry-run checks)."""
+  sweep = sweep_lib.load(str(path), [])
+  points = sweep_lib.expand(sweep)
+  assert len(points) >= 2 and sweep.baseline
+  sweep_lib.validate(sweep, points)
