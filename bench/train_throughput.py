@@ -54,7 +54,7 @@ def load_experiment(name: str, gin_params: list[str]):
   gin.clear_config()
   gin_config.parse([f"gin/experiments/{name}.gin"], gin_params, finalize=False)
   config = gin_config.build(ModelConfig)
-  batch_size = gin.query_parameter("core.train.loop.train.batch_size")
+  batch_size = gin_config.resolve_macro(gin.query_parameter("core.train.loop.train.batch_size"))
   seq_len = gin.query_parameter("core.data.pipeline.lm_batches.seq_len")
   recipe = gin.query_parameter("core.train.loop.train.optimizer")
   fn = gin.get_configurable(getattr(optimizer, recipe.selector.split(".")[-1]))

@@ -21,6 +21,7 @@ import re
 import sys
 
 from core.tracking import carbon
+from launch import gin_config
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -48,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="total device-hours (e.g. GPU-hours as papers report them)")
   time_group.add_argument("--tokens", type=parse_count,
                           help="training tokens (with --gin_file and --mfu), e.g. 1.4T")
-  parser.add_argument("--gin_file", action="append", default=[], help="model gin file (repeatable)")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  gin_config.add_arguments(parser, files_help="model gin file (with --tokens and --mfu)")
   parser.add_argument("--seq_len", type=int, default=None,
                       help="training sequence length for attention FLOPs (default: the "
                            "config's max_seq_len)")
@@ -73,9 +73,8 @@ def _model_flops(args: argparse.Namespace) -> dict:
 
   from core.model.config import ModelConfig
   from core.model.flops import flops_per_token, param_counts
-  from launch import gin_config
   gin.clear_config()
-  gin_config.parse(args.gin_file, args.gin_param)
+  gin_config.parse_args(args)
   config = gin_config.build(ModelConfig, args.gin_file)
   seq_len = args.seq_len or config.max_seq_len
   per_token = flops_per_token(config, seq_len)

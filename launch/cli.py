@@ -3,7 +3,8 @@
 Each subcommand lives in its own module `launch/<name>_cmd.py` exposing
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
 their subcommand runs, so `ablax --help` stays fast and a broken optional
-dependency of one command never breaks the others.
+dependency of one command never breaks the others. t5x's `--gin.NAME=VALUE`
+shorthand is rewritten here, once, for every command.
 """
 
 from __future__ import annotations
@@ -32,12 +33,102 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = """\
+ablax: reproduce and extend the architecture ablations of the Gemma and LLaMA papers.
+Models are gin-configured Flax NNX components; every run is recorded in MLflow."""
+
+EPILOG = """\
+common commands:
+  ablax sweep ablations/quickstart.gin                 MHA vs GQA vs MQA, 2 seeds, ~5 min on CPU
+  ablax train --gin_file gin/experiments/tiny_llama.gin --gin.NUM_STEPS=50
+  ablax compare --sweep quickstart --at flops=1e13     the table, at equal training FLOPs
+  ablax params --all                                   the presets' parameter counts
+  ablax plan --gin_file gin/plan/gemma2_9b_v5e-256.gin --target v5e-256
+  ablax reproduce RUN_ID                               re-run a recorded run, compare curves
+
+gin flags (t5x's): --gin_file F (repeatable), --gin_bindings 'A.b = 1' (alias --gin_param),
+--gin.NAME=VALUE (shorthand for a binding, e.g. --gin.NUM_STEPS=50), --gin_search_paths DIRS.
+Runs are recorded in $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db (artifacts in
+runs/mlartifacts); `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` opens it.
+`ablax COMMAND --help` describes each command."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps descriptions' own line breaks and adds each argument's default to its help,
+  unless the help already states it or there is none to state (None, False, [])."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    default = action.default
+    if ("default" in text or default in (None, False, [], argparse.SUPPRESS)
+        or action.option_strings == [] and action.nargs in ("?", "*") and not default
+        or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))):  # noqa: SLF001
+      return text
+    return f"{text} (default: %(default)s)"
+
+
+def version() -> str:
+  """'ablax 0.1.0 (git abc1234, jax 0.10.2)': the package, the checkout's commit and JAX."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  parts = []
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=5, check=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    parts.append(f"git {commit}")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  for dist in ("jax", "flax"):
+    try:
+      parts.append(f"{dist} {importlib.metadata.version(dist)}")
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  try:
+    own = importlib.metadata.version("ablax")
+  except importlib.metadata.PackageNotFoundError:
+    own = "(not installed)"
+  return f"ablax {own} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="ablax", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="ablax", description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="store_true", help="print the version and exit")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (_, help_text) in COMMANDS.items():
     sub.add_parser(name, help=help_text, add_help=False)
   return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+  """The parser of one subcommand, with its arguments (what `ablax NAME --help` shows)."""
+  module_name, help_text = COMMANDS[name]
+  module = importlib.import_module(module_name)
+  parser = argparse.ArgumentParser(prog=f"ablax {name}", description=_description(module, help_text),
+                                   formatter_class=HelpFormatter)
+  module.add_arguments(parser)
+  _describe_actions(parser)
+  return parser
+
+
+def _describe_actions(parser: argparse.ArgumentParser) -> None:
+  """Gives every sub-subcommand (`ablax tokenizer train`) its one-line help as its description
+  and this module's help format, so `ablax tokenizer train --help` says what it does."""
+  for action in parser._actions:  # noqa: SLF001
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      helps = {a.dest: a.help for a in action._choices_actions}  # noqa: SLF001
+      for name, sub in action.choices.items():
+        sub.description = sub.description or helps.get(name)
+        sub.formatter_class = HelpFormatter
+        _describe_actions(sub)
+
+
+def _description(module, help_text: str) -> str:
+  """The command's one-line help, then its module docstring's usage lines, if any."""
+  doc = (module.__doc__ or "").strip()
+  return f"{help_text}\n\n{doc}" if doc else help_text
 
 
 def _skip_absent_accelerators() -> None:
@@ -69,6 +160,9 @@ def _skip_absent_accelerators() -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _skip_absent_accelerators()
+  if argv[:1] == ["--version"]:
+    print(version())
+    return 0
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     parser = build_parser()
     if argv and argv[0] not in ("-h", "--help"):
@@ -76,18 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
-  module_name, help_text = COMMANDS[name]
+  module_name, _ = COMMANDS[name]
   try:
-    module = importlib.import_module(module_name)
+    parser = command_parser(name)
   except ModuleNotFoundError as e:
     if e.name == module_name:
       print(f"ablax {name}: not available in this version", file=sys.stderr)
       return 2
     raise
-  parser = argparse.ArgumentParser(prog=f"ablax {name}", description=help_text)
-  module.add_arguments(parser)
+  from launch import gin_config  # pylint: disable=g-import-not-at-top
+  try:
+    rest = gin_config.rewrite_shorthand(rest)
+  except gin_config.GinConfigError as e:
+    print(f"ablax {name}: {e}", file=sys.stderr)
+    return 2
   args = parser.parse_args(rest)
-  return int(module.run(args) or 0)
+  return int(importlib.import_module(module_name).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--at", default=None,
                       help="compare at equal compute instead of at the end: tokens=N or flops=F "
                            "(or step=S), each run's curve interpolated there")
-  parser.add_argument("--format", choices=sorted(table_lib.FORMATS), default="text")
+  parser.add_argument("--format", choices=sorted(table_lib.FORMATS), default="text",
+                      help="table format: text (terminal), markdown, latex (paper) or csv")
   parser.add_argument("--output", default=None, help="also write the table to this file")
   parser.add_argument("--plots_dir", default=None,
                       help="where to save the PNG plots (default: a temporary directory)")

@@ -22,12 +22,12 @@ from launch import gin_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
   inspect = sub.add_parser("inspect", help="documents, tokens, domain shares and decoded rows")
-  inspect.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  inspect.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
-  inspect.add_argument("--split", choices=("train", "validation"), default="train")
-  inspect.add_argument("--batch_size", type=int, default=8)
+  gin_config.add_arguments(inspect, files_help="data gin file (default gin/data/embedded.gin)")
+  inspect.add_argument("--split", choices=("train", "validation"), default="train",
+                       help="which split to read")
+  inspect.add_argument("--batch_size", type=int, default=8, help="rows per batch")
   inspect.add_argument("--batches", type=int, default=4, help="batches to read")
-  inspect.add_argument("--seed", type=int, default=0)
+  inspect.add_argument("--seed", type=int, default=0, help="the data order's seed")
   inspect.add_argument("--step", type=int, default=0,
                        help="start at this step (to see a later stage of a staged mixture); the "
                        "batches before it are read and skipped")
@@ -41,6 +41,7 @@ def inspect_pipeline(args: argparse.Namespace) -> dict:
   from core.data import pipeline  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   files = args.gin_file or ["gin/data/embedded.gin"]
+  gin_config.add_search_paths(args.gin_search_paths)
   gin_config.parse(files, args.gin_param)
   batches = gin_config.build(pipeline.lm_batches, files, batch_size=args.batch_size,
                              seed=args.seed, split=args.split)

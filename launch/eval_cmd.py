@@ -41,16 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   data.add_argument("--split", help="heldout: validation (default); memorization: train")
   data.add_argument("--seq_len", type=int, default=None,
                     help="heldout row length (default: min(max_seq_len, 1024))")
-  data.add_argument("--batch_size", type=int, default=8)
+  data.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
   data.add_argument("--num_batches", type=int, default=16, help="heldout batches per source")
   data.add_argument("--num_documents", type=int, default=100,
                     help="memorization: documents per source")
-  data.add_argument("--prefix_len", type=int, default=50)
-  data.add_argument("--suffix_len", type=int, default=50)
+  data.add_argument("--prefix_len", type=int, default=50,
+                    help="memorization: prompt tokens taken from each document (Gemma: 50)")
+  data.add_argument("--suffix_len", type=int, default=50,
+                    help="memorization: tokens that must follow exactly (Gemma: 50)")
   mc = parser.add_argument_group("multiple choice")
-  mc.add_argument("--num_shots", type=int, default=0)
+  mc.add_argument("--num_shots", type=int, default=0, help="solved examples before each question")
   mc.add_argument("--seed", type=int, default=0, help="which shots each example gets")
-  mc.add_argument("--max_examples", type=int, default=None)
+  mc.add_argument("--max_examples", type=int, default=None,
+                  help="score only the first N examples of each task (default: all)")
   mc.add_argument("--shots_file", help="JSONL tasks: draw shots from this file")
   mc.add_argument("--normalization", choices=("char", "unconditional", "token", "none"),
                   help="primary score (default: the task's; LLaMA's choice for TFDS tasks)")
@@ -58,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   track = parser.add_argument_group("MLflow")
   track.add_argument("--run_id", help="log into this run ('train': the checkpoint's training run)")
   track.add_argument("--experiment", help="create an eval run in this experiment")
-  track.add_argument("--tracking_uri")
+  track.add_argument("--tracking_uri",
+                     help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
   track.add_argument("--step", type=int, default=None,
                      help="step of the logged metrics (default: the checkpoint's training step)")
   parser.add_argument("--json", action="store_true", help="print JSON")

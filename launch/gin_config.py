@@ -4,8 +4,14 @@
 register components with dynamic registration (`from __gin__ import
 dynamic_registration`, `import core.model.config`) and bind names such as
 `ModelConfig.embed_dim`. Relative gin paths resolve against the working
-directory first, then the ablax checkout, so `gin/models/gemma_7b.gin` works from
-anywhere.
+directory first, then `--gin_search_paths`, then the ablax checkout, so
+`gin/models/gemma_7b.gin` works from anywhere.
+
+The flags are t5x's: `--gin_file` (repeatable), `--gin_bindings` (alias
+`--gin_param`, repeatable), `--gin_search_paths`, and the shorthand
+`--gin.NAME=VALUE`, rewritten to the binding `NAME = VALUE` before parsing
+(`rewrite_shorthand`), so `--gin.NUM_STEPS=50` sets the macro of
+gin/train/base.gin.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import json
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missing file.
 import inspect
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,10 +30,65 @@ from typing import Any, Sequence
 import gin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Extra folders for gin files and includes; in the environment so that the
+# processes a command starts (sweep points, workers) search the same folders.
+SEARCH_PATHS_ENV = "ABLAX_GIN_SEARCH_PATHS"
 
 
 class GinConfigError(ValueError):
   """A gin file or binding that cannot be used; the message names the cause."""
+
+
+# -- command-line flags ------------------------------------------------------------------
+
+
+def add_arguments(parser, required: bool = False, files_help: str = "gin file") -> None:
+  """The gin flags every command that reads gin files takes (t5x's names)."""
+  parser.add_argument("--gin_file", action="append", default=[], required=required,
+                      help=f"{files_help} (repeatable; later files win)")
+  parser.add_argument("--gin_bindings", "--gin_param", dest="gin_param", action="append",
+                      default=[], metavar="BINDING",
+                      help="a gin binding such as 'core.train.loop.train.num_steps = 50' "
+                           "(repeatable, applied after the files; --gin.NAME=VALUE is shorthand)")
+  parser.add_argument("--gin_search_paths", action="append", default=[], metavar="DIRS",
+                      help="folders (comma-separated, repeatable) searched for gin files and "
+                           "includes after the working directory and before the ablax checkout")
+
+
+def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
+  """t5x's `--gin.NAME=VALUE` -> `--gin_bindings 'NAME = VALUE'`; other arguments unchanged."""
+  out: list[str] = []
+  for arg in argv:
+    if arg.startswith("--gin.") and not arg.startswith("--gin.-"):
+      name, eq, value = arg[len("--gin."):].partition("=")
+      if not eq or not name:
+        raise GinConfigError(f"{arg}: the shorthand is --gin.NAME=VALUE, e.g. --gin.NUM_STEPS=50")
+      out += ["--gin_bindings", f"{name} = {value}"]
+    else:
+      out.append(arg)
+  return out
+
+
+def add_search_paths(paths: Sequence[str]) -> None:
+  """Adds --gin_search_paths values (each may hold several, comma-separated)."""
+  folders = [p for entry in paths for p in entry.split(",") if p]
+  for folder in folders:
+    if not Path(folder).is_dir():
+      raise GinConfigError(f"--gin_search_paths: {folder} is not a folder")
+  known = search_paths()
+  new = [str(Path(f).resolve()) for f in folders if str(Path(f).resolve()) not in known]
+  if new:
+    os.environ[SEARCH_PATHS_ENV] = os.pathsep.join([*known, *new])
+
+
+def search_paths() -> list[str]:
+  return [p for p in os.environ.get(SEARCH_PATHS_ENV, "").split(os.pathsep) if p]
+
+
+def parse_args(args, finalize: bool = True) -> list[Path]:
+  """parse() with a command's gin flags (add_arguments)."""
+  add_search_paths(getattr(args, "gin_search_paths", []) or [])
+  return parse(args.gin_file, args.gin_param, finalize=finalize)
 
 
 def all_gin_files(root: Path = REPO_ROOT) -> list[Path]:
@@ -34,22 +96,39 @@ def all_gin_files(root: Path = REPO_ROOT) -> list[Path]:
 
 
 def resolve_gin_file(path: str | os.PathLike) -> Path:
-  """The gin file at `path` (as given, or relative to the checkout), or a clear error."""
-  candidates = [Path(path), REPO_ROOT / path]
+  """The gin file at `path` (as given, in a search path or in the checkout), or a clear error."""
+  folders = [*search_paths(), str(REPO_ROOT)]
+  candidates = [Path(path), *(Path(f) / path for f in folders)]
   for candidate in candidates:
     if candidate.is_file():
       return candidate.resolve()
   known = [str(p.relative_to(REPO_ROOT)) for p in all_gin_files()]
   close = difflib.get_close_matches(str(path), known, n=3, cutoff=0.5)
   hint = f"; did you mean {', '.join(close)}?" if close else ""
-  raise GinConfigError(f"gin file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT}){hint}")
+  raise GinConfigError(f"gin file not found: {path} (looked in {Path.cwd()}, "
+                       f"{', '.join(folders)}){hint}")
+
+
+class _QuietIncludeProbe(logging.Filter):
+  """Drops gin's 'Path not found' lines: it logs one for every search folder an include is
+  not in (as a Python package path) before finding it in the next, so a run started outside
+  the checkout printed an ERROR per include although nothing was wrong."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.endswith("resource_reader.py")
+                and str(record.msg).startswith("Path not found"))
 
 
 def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str] = (),
           finalize: bool = True) -> list[Path]:
   """Parses files (later ones win) then bindings; returns the resolved file paths."""
   resolved = [resolve_gin_file(f) for f in gin_files]
-  gin.add_config_file_search_path(str(REPO_ROOT))
+  for folder in (*search_paths(), str(REPO_ROOT)):
+    if folder not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001  (gin appends duplicates)
+      gin.add_config_file_search_path(folder)
+  quiet = _QuietIncludeProbe()
+  root = logging.getLogger()
+  root.addFilter(quiet)
   try:
     for f in resolved:
       gin.parse_config_file(str(f))
@@ -61,6 +140,8 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
     if "Unable to open file" in message:
       message = message.replace("Unable to open file", "gin include not found")
     raise GinConfigError(message) from None
+  finally:
+    root.removeFilter(quiet)
   if finalize:
     gin.finalize()
   return resolved
@@ -130,14 +211,30 @@ def operative_bindings() -> dict[str, Any]:
   """
   out: dict[str, Any] = {}
   for (scope, selector), params in gin.config._OPERATIVE_CONFIG.items():  # noqa: SLF001
+    if selector == _MACRO:
+      continue  # its value is logged where it is used (_plain)
     prefix = f"{scope}/{selector}" if scope else selector
     for name, value in params.items():
       out[f"{prefix}.{name}"] = _plain(value)
   return dict(sorted(out.items()))
 
 
+_MACRO = "gin.macro"
+
+
+def resolve_macro(value: Any) -> Any:
+  """A bound value with macros replaced by theirs (gin.get_bindings keeps `%NUM_STEPS`)."""
+  while isinstance(value, gin.config.ConfigurableReference) and value.selector == _MACRO:
+    value = gin.query_parameter("%" + value.scoped_selector[:-len("/" + _MACRO)])
+  return value
+
+
 def _plain(value: Any) -> Any:
   if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == _MACRO:
+      # A macro stands for its value: `train.num_steps` keeps its key whether a file binds it
+      # directly or through %NUM_STEPS, and the hash follows the value, not the spelling.
+      return _plain(resolve_macro(value))
     return f"@{value.selector}" + ("()" if value.evaluate else "")
   if isinstance(value, (os.PathLike, str)):
     text = os.fspath(value)

@@ -14,8 +14,7 @@ PRESETS = ("gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  gin_config.add_arguments(parser, files_help="model gin file")
   parser.add_argument("--all", action="store_true", help="every preset in gin/models/")
   parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -34,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     print("ablax params: give --gin_file or --all", file=sys.stderr)
     return 2
   try:
+    gin_config.add_search_paths(args.gin_search_paths)
     if args.all:
       results = {p: count([f"gin/models/{p}.gin"], args.gin_param) for p in PRESETS}
     else:

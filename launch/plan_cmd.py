@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch import gin_config
+
 TRAIN = "core.train.loop.train"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--gin_file", action="append", default=[], required=True,
-                      help="gin file of the run (repeatable; later files win)")
-  parser.add_argument("--gin_param", action="append", default=[],
-                      help="gin binding, e.g. 'ModelConfig.remat = \"full\"' (repeatable)")
+  gin_config.add_arguments(parser, required=True, files_help="gin file of the run")
   parser.add_argument("--target", required=True,
                       help="v5e-N, v6e-N (chips), v4-N, v5p-N (TensorCores), a100xN, h100xN, "
                            "h200xN (GPUs; 8 per node)")
@@ -86,12 +85,11 @@ def run(args: argparse.Namespace) -> int:
   from core.tracking.carbon import CarbonInputError  # pylint: disable=g-import-not-at-top
   from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
   from core.train.step import make_builder  # pylint: disable=g-import-not-at-top
-  from launch import gin_config  # pylint: disable=g-import-not-at-top
 
   try:
     target = targets.parse_target(args.target)
-    files = gin_config.parse(args.gin_file, args.gin_param, finalize=False)
-    bound = gin.get_bindings(TRAIN)
+    files = gin_config.parse_args(args, finalize=False)
+    bound = {k: gin_config.resolve_macro(v) for k, v in gin.get_bindings(TRAIN).items()}
     missing = [k for k in ("model", "optimizer") if k not in bound]
     if missing:
       raise gin_config.GinConfigError(

@@ -21,11 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--prompt", action="append", required=True,
                       help="text to continue (repeat for a batch)")
   parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the checkpoint's)")
-  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  parser.add_argument("--top_k", type=int, default=None)
-  parser.add_argument("--top_p", type=float, default=None)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--top_k", type=int, default=None,
+                      help="sample among the k most likely tokens (default: all)")
+  parser.add_argument("--top_p", type=float, default=None,
+                      help="nucleus sampling: the smallest set of tokens with this probability "
+                           "(default: all)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG")
   parser.add_argument("--no_bos", action="store_true", help="do not prepend BOS to the prompts")
   parser.add_argument("--ignore_eos", action="store_true",
                       help="always generate max_new_tokens tokens")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from analysis import runs as runs_lib
+from launch import gin_config
 from launch import slurm
 from launch import sweep as sweep_lib
 from launch import sweep_runner
@@ -29,8 +30,12 @@ from launch import sweep_runner
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("sweep_file", help="sweep gin file, e.g. ablations/attention.gin")
-  parser.add_argument("--gin_param", action="append", default=[],
+  parser.add_argument("--gin_bindings", "--gin_param", dest="gin_param", action="append",
+                      default=[], metavar="BINDING",
                       help="override a sweep field, e.g. 'Sweep.seeds = [0]' (repeatable)")
+  parser.add_argument("--gin_search_paths", action="append", default=[], metavar="DIRS",
+                      help="folders (comma-separated) searched for gin files and includes, by "
+                           "the sweep and every point it runs")
   parser.add_argument("--workdir", default=None,
                       help="where the children's workdirs and logs go (default: runs/<sweep name>)")
   parser.add_argument("--tracking_uri", default=None,
@@ -73,11 +78,12 @@ def print_points(sweep: sweep_lib.Sweep, points: list[sweep_lib.Point]) -> None:
 def run(args: argparse.Namespace) -> int:
   started = time.monotonic()
   try:
+    gin_config.add_search_paths(args.gin_search_paths)
     sweep = sweep_lib.load(args.sweep_file, args.gin_param)
     points = sweep_lib.expand(sweep)
     print_points(sweep, points)
     sweep_lib.validate(sweep, points)
-  except sweep_lib.SweepError as e:
+  except (sweep_lib.SweepError, gin_config.GinConfigError) as e:
     print(f"ablax sweep: {e}", file=sys.stderr)
     return 2
   print(f"all {len(points)} points parse, finalize and build")

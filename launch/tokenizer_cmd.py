@@ -22,13 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   train.add_argument("--embedded", action="store_true",
                      help="train on the embedded corpus (train split, code and prose)")
   train.add_argument("--text_field", default="text", help="JSONL field with the text")
-  train.add_argument("--vocab_size", type=int, required=True)
-  train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+  train.add_argument("--vocab_size", type=int, required=True,
+                     help="pieces in the model, specials included")
+  train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe",
+                     help="SentencePiece algorithm (LLaMA and Gemma use bpe)")
   train.add_argument("--max_sentences", type=int, default=300_000,
                      help="lines sampled for training (0 = all)")
-  train.add_argument("--seed", type=int, default=0)
-  train.add_argument("--no_split_digits", action="store_true")
-  train.add_argument("--no_byte_fallback", action="store_true")
+  train.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
+  train.add_argument("--no_split_digits", action="store_true",
+                     help="keep runs of digits together (the papers split them)")
+  train.add_argument("--no_byte_fallback", action="store_true",
+                     help="map unknown characters to <unk> instead of UTF-8 bytes")
   train.add_argument("--out", required=True, help="model file to write")
 
   subset = sub.add_parser("subset", help="a vocabulary subset of a model, with its id map")
@@ -44,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="model file (default: the default tokenizer)")
   show.add_argument("--text", default=None,
                     help="tokenize this text (\\n and \\t mean newline and tab)")
-  show.add_argument("--json", action="store_true")
+  show.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _train(args: argparse.Namespace) -> int:

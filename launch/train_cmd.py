@@ -17,14 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+from launch import gin_config
+
 DEFAULT_RUNS_DIR = "runs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--gin_file", action="append", default=[], required=True,
-                      help="gin file (repeatable; later files win)")
-  parser.add_argument("--gin_param", action="append", default=[],
-                      help="gin binding, e.g. 'core.train.loop.train.num_steps = 50' (repeatable)")
+  gin_config.add_arguments(parser, required=True, files_help="gin file of the run")
   parser.add_argument("--workdir", default=None,
                       help="run directory; an existing one is resumed "
                            f"(default: {DEFAULT_RUNS_DIR}/<name of the last gin file>)")
@@ -33,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "sqlite:///runs/mlflow.db, the store every ablax command uses)")
   parser.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
   parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--num_processes", type=int, default=None,
+                      help="processes in the run, one per host (default: detected, else 1)")
+  parser.add_argument("--process_id", type=int, default=None,
+                      help="this process's index in [0, num_processes) (default: detected)")
 
 
 def _jax_detects_cluster() -> bool:
@@ -69,10 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
   import gin  # pylint: disable=g-import-not-at-top
   from core.train import loop  # pylint: disable=g-import-not-at-top
-  from launch import gin_config  # pylint: disable=g-import-not-at-top
 
   try:
-    files = gin_config.parse(args.gin_file, args.gin_param)
+    files = gin_config.parse_args(args)
   except gin_config.GinConfigError as e:
     print(f"ablax train: {e}", file=sys.stderr)
     return 2
