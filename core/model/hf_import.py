@@ -5,14 +5,8 @@ Reads a directory written by transformers' `save_pretrained` (config.json and
 tensors onto our parameter names. Anything our model cannot represent exactly
 (RoPE scaling, biases, partial rotary dimensions, ...) is refused rather than
 approximated: an imported model must compute what the original computes, which
-tests/test_hf_parity.py checks token by token against transformers.
-
-Layout differences, HF -> ablax:
-  q/k/v_proj.weight (N*H, D) -> (D, N, H)     o_proj.weight (D, N*H) -> (N, H, D)
-  gate/up_proj.weight (F, D) -> (D, F)        down_proj.weight (D, F) -> (F, D)
-  lm_head.weight (V, D) -> unembed (D, V)     norms: Gemma stores the s of
-  x * (1 + s) and LLaMA the s of x * s, the two forms ModelConfig offers.
-RoPE needs no permutation: both use the half-split layout.
+tests/test_hf_parity.py checks token by token against transformers. The names,
+layouts and conventions are core/model/hf_layout.py's, shared with the exporter.
 """
 
 from __future__ import annotations
@@ -25,16 +19,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.model.config import ConfigError, ModelConfig
+from core.model.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAMILIES,
+                                  INDEX_FILE, LAYER_TYPES, TANH_GELU, TIED_BY_DEFAULT,
+                                  natural_key, tensor_specs)
 
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-
-# model_type -> the CausalLM class whose weights we read.
-FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "llama": "LlamaForCausalLM"}
-# transformers activation names that compute what our registry computes.
-_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")
-_LAYER_KINDS = {"full_attention": "global", "sliding_attention": "local"}
+_LAYER_KINDS = {hf: ours for ours, hf in LAYER_TYPES.items()}
 
 
 class HFImportError(ValueError):
@@ -97,19 +86,19 @@ def _activation(family: str, hf: Mapping[str, Any]) -> str:
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
       raise HFImportError(f"hidden_act {act!r}: LLaMA import supports SwiGLU (silu) only")
-    return "swiglu"
+    return CONVENTIONS[family]["activation"]
   if family == "gemma":
     # GemmaConfig reads hidden_act and maps the legacy 'gelu' of the released
     # checkpoints to the tanh approximation, which the models were trained with.
     act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    ok = _TANH_GELU + ("gelu",)
+    ok = TANH_GELU + ("gelu",)
   else:
     act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    ok = _TANH_GELU
+    ok = TANH_GELU
   if act not in ok:
     raise HFImportError(f"activation {act!r}: Gemma import supports GeGLU with the tanh "
                         f"GELU ({', '.join(ok)}) only")
-  return "geglu"
+  return CONVENTIONS[family]["activation"]
 
 
 def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...]:
@@ -163,21 +152,14 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
       head_dim=int(head_dim),
       mlp_dim=int(need("intermediate_size")),
       max_seq_len=int(hf.get("max_position_embeddings") or 8192),
-      activation=_activation(family, hf),
-      norm="rmsnorm",
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      positions="rope",
       rope_base=_rope_base(hf),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", TIED_BY_DEFAULT[family])),
       dtype=dtype,
       param_dtype=param_dtype,
+      **CONVENTIONS_ALL,
+      **dict(CONVENTIONS[family], activation=_activation(family, hf)),
   )
-  if family == "llama":
-    fields.update(norm_placement="pre", rms_scale_plus_one=False, scale_embeddings=False,
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-  else:
-    fields.update(norm_placement="pre_post" if family == "gemma2" else "pre",
-                  rms_scale_plus_one=True, scale_embeddings=True,
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
   if family == "gemma2":
     pattern = _attention_pattern(hf, num_layers)
     window = hf.get("sliding_window")
@@ -286,39 +268,8 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
   any weight is read.
   """
   c = config
-  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
-                      c.vocab_size)
-  # HF name -> (our name, HF shape, conversion)
-  plan: dict[str, tuple[str, tuple[int, ...], Any]] = {}
-
-  def add(hf_name, ours, shape, convert=lambda x: x):
-    plan[hf_name] = (ours, shape, convert)
-
-  def heads(count):
-    return lambda x: x.T.reshape(d, count, h)
-
-  add("model.embed_tokens.weight", "embedder/embedding", (v, d))
-  add("model.norm.weight", "final_norm/scale", (d,))
-  if not c.tie_embeddings:
-    add("lm_head.weight", "embedder/unembed", (v, d), lambda x: x.T)
-  for i in range(c.num_layers):
-    hf_p, ours = f"model.layers.{i}.", f"blocks/{i}/"
-    add(hf_p + "self_attn.q_proj.weight", ours + "attn/q", (n * h, d), heads(n))
-    add(hf_p + "self_attn.k_proj.weight", ours + "attn/k", (k * h, d), heads(k))
-    add(hf_p + "self_attn.v_proj.weight", ours + "attn/v", (k * h, d), heads(k))
-    add(hf_p + "self_attn.o_proj.weight", ours + "attn/o", (d, n * h),
-        lambda x: x.T.reshape(n, h, d))
-    add(hf_p + "mlp.gate_proj.weight", ours + "mlp/gate", (f, d), lambda x: x.T)
-    add(hf_p + "mlp.up_proj.weight", ours + "mlp/up", (f, d), lambda x: x.T)
-    add(hf_p + "mlp.down_proj.weight", ours + "mlp/down", (d, f), lambda x: x.T)
-    add(hf_p + "input_layernorm.weight", ours + "attn_norm/scale", (d,))
-    if family == "gemma2":
-      add(hf_p + "post_attention_layernorm.weight", ours + "attn_out_norm/scale", (d,))
-      add(hf_p + "pre_feedforward_layernorm.weight", ours + "mlp_norm/scale", (d,))
-      add(hf_p + "post_feedforward_layernorm.weight", ours + "mlp_out_norm/scale", (d,))
-    else:
-      # In pre-norm models HF's post_attention_layernorm is the norm before the MLP.
-      add(hf_p + "post_attention_layernorm.weight", ours + "mlp_norm/scale", (d,))
+  n, h = c.num_heads, c.head_dim
+  plan = {spec.hf_name: spec for spec in tensor_specs(family, c)}
 
   ignored, unexpected = [], []
   for name in tensors:
@@ -332,17 +283,18 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
                             "model.embed_tokens.weight")
     else:
       unexpected.append(name)
-  missing = sorted(set(plan) - set(tensors), key=_natural)
+  missing = sorted(set(plan) - set(tensors), key=natural_key)
   shapes = {name: _shape(tensors, name) for name in plan if name in tensors}
-  wrong = sorted((f"{name}: shape {shape}, config.json implies {plan[name][1]}"
-                  for name, shape in shapes.items() if shape != plan[name][1]), key=_natural)
+  wrong = sorted((f"{name}: shape {shape}, config.json implies {plan[name].hf_shape}"
+                  for name, shape in shapes.items() if shape != plan[name].hf_shape),
+                 key=natural_key)
   if missing or unexpected or wrong:
     lines = [f"the checkpoint's tensors do not match its config.json ({FAMILIES[family]})"]
     if missing:
       lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
     if unexpected:
       lines.append(f"  unexpected ({len(unexpected)}): "
-                   f"{', '.join(sorted(unexpected, key=_natural))}")
+                   f"{', '.join(sorted(unexpected, key=natural_key))}")
     if wrong:
       lines.append(f"  wrong shape ({len(wrong)}):")
       lines.extend(f"    {w}" for w in wrong)
@@ -353,16 +305,11 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
     raise HFImportError("\n".join(lines))
 
   out = {}
-  for hf_name, (ours, _, convert) in plan.items():
+  for hf_name, spec in plan.items():
     # Cast first: a bf16 checkpoint imported as float32 is exact, and the
     # layout change then runs in the target dtype, one tensor at a time.
-    out[ours] = np.ascontiguousarray(convert(np.asarray(tensors[hf_name], dtype)))
+    out[spec.name] = spec.to_ablax(np.asarray(tensors[hf_name], dtype))
   return out
-
-
-def _natural(name: str) -> list[Any]:
-  """Sort key that puts layers.2 before layers.10."""
-  return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
 # -- the whole conversion --------------------------------------------------------------
