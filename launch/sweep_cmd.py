@@ -26,6 +26,7 @@ from launch import gin_config
 from launch import slurm
 from launch import sweep as sweep_lib
 from launch import sweep_runner
+from launch import sweep_view
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,8 +114,15 @@ def run(args: argparse.Namespace) -> int:
                                                 tracking_uri=tracking_uri, prefix=prefix)
               for p in todo}
 
+  view = sweep_view.SweepView(len(todo))
+
+  def on_start(p: sweep_lib.Point, env: dict, cpus: list) -> None:
+    sweep_runner.record_env(tracking_uri, run_ids[p.key], env, cpus)
+    view.started(p.key, f"{p.variant} seed={p.seed}", workdir / "logs" / f"{p.key}.log")
+
   def on_done(outcome: sweep_runner.Outcome, n_done: int, total: int) -> None:
     p = outcome.point
+    view.finished(p.key)
     status = "done" if outcome.status == "FINISHED" else (
         f"{outcome.status} (exit {outcome.returncode}, log {outcome.log})")
     print(f"[{n_done}/{total}] {p.variant} seed={p.seed}: {status} in {outcome.seconds:.0f} s",
@@ -134,14 +142,13 @@ def run(args: argparse.Namespace) -> int:
                                        fail_fast=args.fail_fast,
                                        settle=lambda p, rc: sweep_runner.settle_child(
                                            tracking_uri, run_ids[p.key], rc),
-                                       on_start=lambda p, env, cpus: sweep_runner.record_env(
-                                           tracking_uri, run_ids[p.key], env, cpus),
-                                       cpu_peak=cpu_peak)
+                                       on_start=on_start, cpu_peak=cpu_peak)
   except KeyboardInterrupt:
     sweep_runner.close_parent(tracking_uri, parent_id, "KILLED")
     print("\nablax sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return 130
   finally:
+    view.stop()
     signal.signal(signal.SIGTERM, previous)
   failed = [o for o in outcomes if o.status != "FINISHED"]
   sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")

@@ -67,10 +67,13 @@ def _train(args: argparse.Namespace) -> int:
     paths = builders.expand_paths(args.input)
     docs = builders.read_local_documents(paths, text_field=args.text_field, validation_percent=0)
     texts = [d["text"] for split in docs.values() for d in split]
-  tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                        split_digits=not args.no_split_digits,
-                        byte_fallback=not args.no_byte_fallback,
-                        max_sentences=args.max_sentences, seed=args.seed)
+  from core import progress  # pylint: disable=g-import-not-at-top
+  with progress.status(f"training a {args.vocab_size}-piece {args.model_type} model on "
+                       f"{len(texts)} documents"):
+    tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size,
+                          model_type=args.model_type, split_digits=not args.no_split_digits,
+                          byte_fallback=not args.no_byte_fallback,
+                          max_sentences=args.max_sentences, seed=args.seed)
   print(f"wrote {tok.path} ({tok.vocab_size} ids, sha256 {tok.sha256[:12]})")
   return 0
 

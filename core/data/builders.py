@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from core import progress
 from core.data import embedded
 from core.data.errors import DataError
 
@@ -71,8 +73,28 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(docs) for split, docs in self._documents.items() if docs}
 
   def _generate_examples(self, docs):
-    for i, doc in enumerate(docs):
+    config = self.builder_config.name if self.builder_config else ""
+    for i, doc in enumerate(progress.track(docs, f"building {self.name}/{config}")):
       yield i, {"text": doc["text"], "path": doc["path"]}
+
+  # TFDS announces every build as a download of "Unknown size"; nothing is downloaded here.
+  def _log_download_bytes(self) -> None:
+    print(f"building the local dataset {self.name} in {self.data_dir} (once; later runs reuse "
+          "it)", file=sys.stderr, flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+class _QuietVariantFolder(logging.Filter):
+  """Drops TFDS's warning that the folder being built has no dataset_info.json yet: the
+  build is what writes it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in str(record.getMessage())
+
+
+logging.getLogger("absl").addFilter(_QuietVariantFolder())
 
 
 class EmbeddedCorpus(_TextBuilder):

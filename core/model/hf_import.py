@@ -304,8 +304,9 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
                    f"{q[0]} rows for {n} heads, i.e. head_dim {q[0] // n}")
     raise HFImportError("\n".join(lines))
 
+  from core import progress  # pylint: disable=g-import-not-at-top
   out = {}
-  for hf_name, spec in plan.items():
+  for hf_name, spec in progress.track(plan.items(), "converting tensors", total=len(plan)):
     # Cast first: a bf16 checkpoint imported as float32 is exact, and the
     # layout change then runs in the target dtype, one tensor at a time.
     out[spec.name] = spec.to_ablax(np.asarray(tensors[hf_name], dtype))

@@ -11,7 +11,9 @@ lines (DEFAULT_MAX_SENTENCES) to stay well under a minute on two cores.
 from __future__ import annotations
 
 import os
+import sys
 
+from core import progress
 from core.tokenizer.spm import Tokenizer
 from core.tokenizer.train import train_tokenizer
 
@@ -52,5 +54,8 @@ def default_tokenizer(cache_dir: str | os.PathLike | None = None,
     for domain in ("code", "prose"):
       source = sources.Embedded(domain=domain, cache_dir=cache).open("train")
       texts.extend(source[i] for i in range(len(source)))
-    return train_tokenizer(texts, path, vocab_size=vocab_size, model_type=model_type,
-                           max_sentences=DEFAULT_MAX_SENTENCES, seed=0)
+    print(f"training the default tokenizer ({vocab_size} {model_type} pieces, once; later runs "
+          f"reuse {path})", file=sys.stderr, flush=True)
+    with progress.status(f"training a {vocab_size}-piece {model_type} tokenizer"):
+      return train_tokenizer(texts, path, vocab_size=vocab_size, model_type=model_type,
+                             max_sentences=DEFAULT_MAX_SENTENCES, seed=0)
