@@ -13,18 +13,20 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
-# Tags a sweep writes (launch/sweep_runner.py) and the analysis reads.
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_TAG = "ablax.sweep.name"
-ROLE_TAG = "ablax.sweep.role"
-HASH_TAG = "ablax.sweep.hash"
-POINT_TAG = "ablax.sweep.point"
-VARIANT_TAG = "ablax.sweep.variant"
-SEED_TAG = "ablax.sweep.seed"
-INDEX_TAG = "ablax.sweep.index"
-BASELINE_TAG = "ablax.sweep.baseline"
-METRIC_TAG = "ablax.sweep.metric"
-REPRODUCES_TAG = "ablax.reproduces"
+from core.tracking import schema
+
+# Tags a sweep writes (launch/sweep_runner.py) and the analysis reads: core.tracking.schema's.
+PARENT_TAG = schema.PARENT
+SWEEP_TAG = schema.SWEEP_NAME
+ROLE_TAG = schema.SWEEP_ROLE
+HASH_TAG = schema.SWEEP_HASH
+POINT_TAG = schema.SWEEP_POINT
+VARIANT_TAG = schema.SWEEP_VARIANT
+SEED_TAG = schema.SWEEP_SEED
+INDEX_TAG = schema.SWEEP_INDEX
+BASELINE_TAG = schema.SWEEP_BASELINE
+METRIC_TAG = schema.SWEEP_METRIC
+REPRODUCES_TAG = schema.REPRODUCES
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.tracking import schema
 from launch import gin_config
 
 TRAIN = "core.train.loop.train"
@@ -153,8 +154,8 @@ def _log(record: dict, args: argparse.Namespace, experiment: str) -> tuple[str, 
   experiment_id = ensure_experiment(client, uri, name)
   plan, run = record["plan"], record["run"]
   run_obj = client.create_run(experiment_id, run_name=f"plan {plan['target']}",
-                              tags={"ablax.kind": "plan", "ablax.target": plan["target"],
-                                    "ablax.fits": str(plan["fits"])})
+                              tags={schema.KIND: "plan", schema.PLAN_TARGET: plan["target"],
+                                    schema.PLAN_FITS: str(plan["fits"])})
   run_id = run_obj.info.run_id
   params = {"target": plan["target"], "batch": plan["batch"], "seq": plan["seq"],
             "mfu_assumed": run["mfu"], "gin_files": ",".join(record["gin_files"]),
@@ -171,7 +172,7 @@ def _log(record: dict, args: argparse.Namespace, experiment: str) -> tuple[str, 
   client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
                    metrics=[Metric(f"plan/{k}", float(v), now, 0) for k, v in numbers.items()
                             if v is not None],
-                   tags=[RunTag("mlflow.note.content", "ablax plan: " + " ".join(sys.argv[1:]))])
+                   tags=[RunTag(schema.NOTE, "ablax plan: " + " ".join(sys.argv[1:]))])
   with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "plan.json"
     path.write_text(json.dumps(record, indent=2, default=str))

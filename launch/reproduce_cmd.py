@@ -23,6 +23,7 @@ from pathlib import Path
 
 from analysis import reproduce as repro
 from analysis import runs as runs_lib
+from core.tracking import schema
 from launch import sweep_runner
 
 
@@ -147,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
   for line in data_diffs[:20]:
     print(f"WARNING: data manifest differs: {line}", file=sys.stderr)
   _print_report(report)
-  c.set_tag(new_id, "ablax.reproduce.result", "identical" if report.identical else
+  c.set_tag(new_id, schema.REPRODUCE_RESULT, "identical" if report.identical else
             ("match" if report.matches else "different"))
-  c.set_tag(new_id, "ablax.reproduce.max_rel_diff", f"{report.max_rel_diff:.6g}")
+  c.set_tag(new_id, schema.REPRODUCE_MAX_REL_DIFF, f"{report.max_rel_diff:.6g}")
   c.log_text(new_id, json.dumps({
       "original": args.run_id, "rerun": new_id, "summary": report.summary(),
       "metrics": [vars(m) for m in report.metrics], "tag_differences": diffs,
@@ -177,7 +178,7 @@ def _create_run(c, original, workdir: Path, tracking_uri: str) -> str:
   experiment = c.get_experiment(original.info.experiment_id)
   name = f"{original.info.run_name or original.info.run_id[:8]}-reproduce"
   tags = {runs_lib.REPRODUCES_TAG: original.info.run_id,
-          "mlflow.note.content": f"Re-run of run {original.info.run_id} from its recorded "
+          schema.NOTE: f"Re-run of run {original.info.run_id} from its recorded "
                                  f"operative config (`ablax reproduce`)."}
   run = c.create_run(original.info.experiment_id, tags=tags, run_name=name)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-JOB_IDS_TAG = "ablax.slurm.job_ids"
-ARRAY_TAG = "ablax.slurm.array"
-SCRIPT_TAG = "ablax.slurm.script"
+from core.tracking import schema
+
+JOB_IDS_TAG = schema.SLURM_JOB_IDS
+ARRAY_TAG = schema.SLURM_ARRAY
+SCRIPT_TAG = schema.SLURM_SCRIPT
 STATE_FILE = "slurm.json"
 
 # SLURM states after which a task will not run again by itself.

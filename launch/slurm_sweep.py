@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core.tracking import schema
+
 from launch.slurm import (ARRAY_TAG, DONE_STATES, JOB_IDS_TAG, STATE_FILE, SlurmError,
                           SlurmResources, TaskState, format_indices, job_states, load_resources,
                           render_array_script, resources_from_args, submit)
@@ -123,7 +125,7 @@ def record_submission(tracking_uri: str, parent_run_id: str, submission: Submiss
   arrays.append(f"{submission.job_id}:{format_indices(submission.indices)}")
   client.set_tag(parent_run_id, JOB_IDS_TAG, ",".join(ids)[:8000])
   client.set_tag(parent_run_id, ARRAY_TAG, " ".join(arrays)[-8000:])
-  client.set_tag(parent_run_id, "ablax.launcher", "slurm")
+  client.set_tag(parent_run_id, schema.LAUNCHER, "slurm")
   client.log_artifact(parent_run_id, submission.script, f"slurm/{submission.job_id}")
 
 

@@ -74,6 +74,7 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   from core.tracking import schema  # pylint: disable=g-import-not-at-top
   assert [k for k in run.data.metrics if not schema.is_declared_metric(k)] == []
   assert [k for k in run.data.params if not schema.is_declared_param(k)] == []
+  assert [k for k in run.data.tags if not schema.is_declared_tag(k)] == []
   assert run.data.tags[schema.CONFIG_HASH]
   artifacts = {a.path for a in MlflowClient(_mlflow_store).list_artifacts(run_id)}
   assert "config" in artifacts and "metrics.jsonl" in artifacts

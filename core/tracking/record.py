@@ -18,6 +18,8 @@ import subprocess
 import sys
 from typing import Any, Mapping
 
+from core.tracking import schema
+
 # Packages whose versions decide what a run computed.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "gin-config", "mlflow", "orbax-checkpoint",
             "grain", "tensorflow-datasets", "sentencepiece", "numpy")
@@ -167,21 +169,21 @@ def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | 
     except importlib.metadata.PackageNotFoundError:
       ablax_version = "unknown"
   tags = {
-      "git.commit": str(code.get("commit")),
-      "git.dirty": str(code.get("dirty")).lower(),
-      "ablax.version": ablax_version,
-      "ablax.config_hash": str(config_sha),
-      "device.kind": str(env.get("device_kind")),
-      "device.count": str(env.get("device_count")),
-      "process.count": str(env.get("process_count")),
-      "python": str(env.get("python")),
+      schema.GIT_COMMIT: str(code.get("commit")),
+      schema.GIT_DIRTY: str(code.get("dirty")).lower(),
+      schema.VERSION: ablax_version,
+      schema.CONFIG_HASH: str(config_sha),
+      schema.DEVICE_KIND: str(env.get("device_kind")),
+      schema.DEVICE_COUNT: str(env.get("device_count")),
+      schema.PROCESS_COUNT: str(env.get("process_count")),
+      schema.PYTHON: str(env.get("python")),
   }
   if code.get("commit"):
-    tags["mlflow.source.git.commit"] = code["commit"]  # shown by the MLflow UI
+    tags[schema.MLFLOW_GIT_COMMIT] = code["commit"]  # shown by the MLflow UI
   if env.get("mesh"):
-    tags["mesh"] = ",".join(f"{k}={v}" for k, v in env["mesh"].items())
+    tags[schema.MESH_TAG] = ",".join(f"{k}={v}" for k, v in env["mesh"].items())
   for name, version in (env.get("packages") or {}).items():
-    tags[f"pkg.{name}"] = str(version)
+    tags[f"{schema.PACKAGE}{name}"] = str(version)
   return tags
 
 
@@ -228,7 +230,7 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
   sha = config_sha or (config_hash(operative_config) if operative_config is not None else None)
   tags = run_tags(code, env, sha)
   if swept_axes:
-    tags["ablax.swept"] = ",".join(short_axis_names(swept_axes))
+    tags[schema.SWEPT] = ",".join(short_axis_names(swept_axes))
   tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
   tracker.set_tags(tags)
   params = dict(flat_params or {})
@@ -237,22 +239,22 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
   if params:
     tracker.log_params(params)
   if bound_config is not None:
-    tracker.log_text(bound_config, "config/config.gin")
+    tracker.log_text(bound_config, schema.CONFIG_ARTIFACT)
   if operative_config is not None:
-    tracker.log_text(operative_config, "config/operative_config.gin")
+    tracker.log_text(operative_config, schema.OPERATIVE_CONFIG_ARTIFACT)
   for path in gin_files:
-    tracker.log_artifact(path, "config/gin_files")
-  tracker.log_dict(env, "environment.json")
-  tracker.log_dict({k: v for k, v in code.items() if k != "diff"}, "code/version.json")
+    tracker.log_artifact(path, schema.GIN_FILES_ARTIFACTS)
+  tracker.log_dict(env, schema.ENVIRONMENT_ARTIFACT)
+  tracker.log_dict({k: v for k, v in code.items() if k != "diff"}, schema.CODE_VERSION_ARTIFACT)
   if code.get("diff"):
-    tracker.log_text(code["diff"], "code/diff.patch")
+    tracker.log_text(code["diff"], schema.CODE_DIFF_ARTIFACT)
   if param_counts is not None:
-    tracker.log_dict(dict(param_counts), "model/param_counts.json")
+    tracker.log_dict(dict(param_counts), schema.PARAM_COUNTS_ARTIFACT)
   if isinstance(dataset_manifest, Mapping):
-    tracker.log_dict(dict(dataset_manifest), "data/manifest.json")
+    tracker.log_dict(dict(dataset_manifest), schema.DATA_MANIFEST_ARTIFACT)
     datasets = dataset_inputs(dataset_manifest)
     if datasets:
       tracker.log_inputs(datasets)
   elif dataset_manifest is not None:
-    tracker.log_artifact(dataset_manifest, "data")
+    tracker.log_artifact(dataset_manifest, schema.DATA_MANIFEST_ARTIFACT.split("/")[0])
   return tags

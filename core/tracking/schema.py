@@ -49,8 +49,81 @@ ATTENTION_IMPL = "attention.impl."  # attention.impl.<layer kind>
 # gin bindings are logged under their module path, e.g. core.train.optimizer.llama_adamw.peak_lr.
 GIN_PREFIXES = ("core.", "launch.", "analysis.")
 
+# On a sweep's parent run.
+SWEEP_NAME_PARAM = "sweep.name"
+SWEEP_POINTS_PARAM = "sweep.points"
+SWEEP_SEEDS_PARAM = "sweep.seeds"
+SWEEP_BASE_PARAM = "sweep.base"
+
 # -- tags ------------------------------------------------------------------------------
+# Every run (core/tracking/record.py run_tags).
 CONFIG_HASH = "ablax.config_hash"
+VERSION = "ablax.version"
+GIT_COMMIT = "git.commit"
+GIT_DIRTY = "git.dirty"
+DEVICE_KIND = "device.kind"
+DEVICE_COUNT = "device.count"
+PROCESS_COUNT = "process.count"
+PYTHON = "python"
+MESH_TAG = "mesh"
+PACKAGE = "pkg."                   # pkg.<distribution> = version
+SWEPT = "ablax.swept"              # the axes a run's params vary, by short name
+MFU_PEAK_SOURCE = "mfu_peak_source"
+KIND = "ablax.kind"                # what made a run that is not training: 'eval', 'plan'
+CHECKPOINT = "ablax.checkpoint"    # an eval run's model directory
+PLAN_TARGET = "ablax.target"
+PLAN_FITS = "ablax.fits"
+ERROR = "ablax.error"              # why a run failed, in one line
+# MLflow's own, which its UI shows.
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_PREFIX = "mlflow."
+# Sweeps (launch/sweep_runner.py writes, analysis/runs.py reads).
+SWEEP_NAME = "ablax.sweep.name"
+SWEEP_ROLE = "ablax.sweep.role"        # 'parent' or 'child'
+SWEEP_HASH = "ablax.sweep.hash"
+SWEEP_POINT = "ablax.sweep.point"
+SWEEP_VARIANT = "ablax.sweep.variant"
+SWEEP_SEED = "ablax.sweep.seed"
+SWEEP_INDEX = "ablax.sweep.index"
+SWEEP_BASELINE = "ablax.sweep.baseline"
+SWEEP_METRIC = "ablax.sweep.metric"
+SWEEP_FILE = "ablax.sweep.file"
+LAUNCHER = "ablax.launcher"
+ENV = "ablax.env."                     # ablax.env.<VAR>: a child's thread and device settings
+CPUS = "ablax.cpus"                    # cores a pinned worker had
+SLURM_JOB_IDS = "ablax.slurm.job_ids"
+SLURM_ARRAY = "ablax.slurm.array"
+SLURM_SCRIPT = "ablax.slurm.script"
+# Reproduction (launch/reproduce_cmd.py).
+REPRODUCES = "ablax.reproduces"
+REPRODUCE_RESULT = "ablax.reproduce.result"
+REPRODUCE_MAX_REL_DIFF = "ablax.reproduce.max_rel_diff"
+_TAGS = (CONFIG_HASH, VERSION, ERROR, GIT_COMMIT, GIT_DIRTY, DEVICE_KIND, DEVICE_COUNT, PROCESS_COUNT,
+         PYTHON, MESH_TAG, SWEPT, MFU_PEAK_SOURCE, KIND, CHECKPOINT, PLAN_TARGET, PLAN_FITS,
+         SWEEP_NAME, SWEEP_ROLE, SWEEP_HASH, SWEEP_POINT, SWEEP_VARIANT, SWEEP_SEED, SWEEP_INDEX,
+         SWEEP_BASELINE, SWEEP_METRIC, SWEEP_FILE, LAUNCHER, CPUS, SLURM_JOB_IDS, SLURM_ARRAY,
+         SLURM_SCRIPT, REPRODUCES, REPRODUCE_RESULT, REPRODUCE_MAX_REL_DIFF)
+
+# -- artifacts -------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config/config.gin"
+OPERATIVE_CONFIG_ARTIFACT = "config/operative_config.gin"
+GIN_FILES_ARTIFACTS = "config/gin_files"
+ENVIRONMENT_ARTIFACT = "environment.json"
+CODE_VERSION_ARTIFACT = "code/version.json"
+CODE_DIFF_ARTIFACT = "code/diff.patch"
+PARAM_COUNTS_ARTIFACT = "model/param_counts.json"
+DATA_MANIFEST_ARTIFACT = "data/manifest.json"
+SWEEP_ARTIFACT = "sweep/sweep.json"
+PLAN_ARTIFACT = "plan.json"
+COMPARISON_TABLE_ARTIFACT = "comparison/table.json"
+
+# -- the workdir's run.json: the MLflow run a workdir continues -------------------------
+RUN_FILE = "run.json"
+RUN_ID_KEY = "mlflow_run_id"
+TRACKING_URI_KEY = "tracking_uri"
+EXPERIMENT_KEY = "experiment"
 
 
 def is_declared_metric(key: str) -> bool:
@@ -60,5 +133,11 @@ def is_declared_metric(key: str) -> bool:
 
 
 def is_declared_param(key: str) -> bool:
-  return (key in (SEQ_LEN, GLOBAL_BATCH, MESH, DATA_SHARDS, FLOPS_PER_TOKEN)
+  return (key in (SEQ_LEN, GLOBAL_BATCH, MESH, DATA_SHARDS, FLOPS_PER_TOKEN, SWEEP_NAME_PARAM,
+                  SWEEP_POINTS_PARAM, SWEEP_SEEDS_PARAM, SWEEP_BASE_PARAM)
           or key.startswith((MODEL, ATTENTION_IMPL, *GIN_PREFIXES)))
+
+
+def is_declared_tag(key: str) -> bool:
+  """Whether `key` is a tag this schema names (MLflow's own `mlflow.*` included)."""
+  return key in _TAGS or key.startswith((PACKAGE, ENV, MLFLOW_PREFIX))
