@@ -5,6 +5,11 @@ are grouped as (K kv heads) x (G = N / K query heads each). What each query
 may see (causal, sliding window, packed segments) is one MaskSpec per forward
 pass; only the einsum reference and explicit-mask backends turn it into a dense
 (T, S) mask.
+
+Einsum letters, the same in every file of core/model:
+  B batch    T query length    S key length     D model (embed) dim
+  N query heads    K kv heads    G query heads per kv head (N / K)    H head dim
+  F mlp dim    V vocab
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from flax import nnx
 
 from core.model import attention_impls
 from core.model.blockwise import blockwise_attention
+from core.model.config import ModelConfig
 from core.model.masking import MaskSpec, dense_mask
 from core.model.ops import softcap
 from core.model.positions import apply_rope
@@ -67,7 +73,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
 class Attention(nnx.Module):
   """Self-attention with N query heads and K key/value heads."""
 
-  def __init__(self, config, kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     c = config
     dtype = jnp.dtype(c.param_dtype)
     dense = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -91,12 +97,14 @@ class Attention(nnx.Module):
     self.compute_dtype = jnp.dtype(c.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,
-               cache: tuple[jax.Array, jax.Array] | None = None):
-    """Attention of x (B, T, D); returns (B, T, D).
+               cache: tuple[jax.Array, jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Attention of x (B, T, D): (output (B, T, D), kv).
 
-    With `cache` = (k, v) buffers (B, S, K, H) (see core/model/cache.py), the
-    new keys and values are written at slots spec.q_offset.., the queries attend
-    over the whole buffer, and the result is (output, (k, v)) with the updated buffers.
+    kv is None without a cache. With `cache` = (k, v) buffers (B, S, K, H)
+    (see core/model/cache.py), the new keys and values are written at slots
+    spec.q_offset.., the queries attend over the whole buffer, and kv is the
+    updated (k, v) buffers.
     """
     cd = self.compute_dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(cd))
@@ -120,4 +128,4 @@ class Attention(nnx.Module):
                  window=self.window, block_q=block_q, block_k=block_k)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))
-    return out if cache is None else (out, (k, v))
+    return out, (None if cache is None else (k, v))

@@ -34,37 +34,35 @@ class Block(nnx.Module):
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     self.placement = config.norm_placement
+    pre_post = self.placement == "pre_post"
     self.attn_norm = make_norm(config, rngs=rngs)
     self.attn = Attention(config, kind, rngs=rngs)
-    if self.placement == "pre_post":
-      self.attn_out_norm = make_norm(config, rngs=rngs)
+    # The output norms exist only for 'pre_post'; None otherwise, so no parameter is made.
+    self.attn_out_norm = make_norm(config, rngs=rngs) if pre_post else None
     self.mlp_norm = make_norm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
-    if self.placement == "pre_post":
-      self.mlp_out_norm = make_norm(config, rngs=rngs)
+    self.mlp_out_norm = make_norm(config, rngs=rngs) if pre_post else None
 
-  def _sublayer(self, x, f, norm, out_norm):
+  def _sublayer(self, x, y, norm, out_norm):
+    """Adds the sublayer output y = f(input) to the residual stream x, by the placement."""
     if self.placement == "pre":
-      return x + f(norm(x))
+      return x + y
     if self.placement == "post":
-      return norm(x + f(x))
-    return x + out_norm(f(norm(x)))
+      return norm(x + y)
+    return x + out_norm(y)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec, cache=None):
-    """(B, T, D) -> (B, T, D); with a (k, v) `cache`, returns (x, updated cache)."""
-    new_cache = []
+  def _input(self, x, norm):
+    return x if self.placement == "post" else norm(x)
 
-    def attn(h):
-      if cache is None:
-        return self.attn(h, positions, spec)
-      out, kv = self.attn(h, positions, spec, cache)
-      new_cache.append(kv)
-      return out
-
-    x = self._sublayer(x, attn, self.attn_norm, getattr(self, "attn_out_norm", None))
-    x = self._sublayer(x, self.mlp, self.mlp_norm, getattr(self, "mlp_out_norm", None))
-    x = constrain(x, ("batch", "length", "act_embed"))
-    return x if cache is None else (x, new_cache[0])
+  def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,
+               cache: tuple[jax.Array, jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(B, T, D) -> ((B, T, D), kv): kv is the updated (k, v) cache, None without one."""
+    y, kv = self.attn(self._input(x, self.attn_norm), positions, spec, cache)
+    x = self._sublayer(x, y, self.attn_norm, self.attn_out_norm)
+    y = self.mlp(self._input(x, self.mlp_norm))
+    x = self._sublayer(x, y, self.mlp_norm, self.mlp_out_norm)
+    return constrain(x, ("batch", "length", "act_embed")), kv
 
 
 class Transformer(nnx.Module):
@@ -91,9 +89,10 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
-    if cache is not None:
-      return self._decode(tokens, positions, segment_ids, cache)
-    return self.head(self.hidden(tokens, positions, segment_ids))
+    """Logits (B, T, V); with a `cache`, (logits, updated cache)."""
+    x, new_cache = self.forward(tokens, positions, segment_ids, cache)
+    logits = self.head(x)
+    return logits if cache is None else (logits, new_cache)
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
              segment_ids: jax.Array | None = None) -> jax.Array:
@@ -102,53 +101,62 @@ class Transformer(nnx.Module):
     A vocabulary-tiled loss (core.train.loss.chunked_cross_entropy) starts here,
     with embedder.output_rows(), so the whole (B, T, V) logits never exist.
     """
+    return self.forward(tokens, positions, segment_ids)[0]
+
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None, cache: KVCache | None = None
+              ) -> tuple[jax.Array, KVCache | None]:
+    """The one forward path: (final hidden states (B, T, D), updated cache or None).
+
+    Training and scoring (no cache) build the mask from segment ids and run
+    the blocks rematerialized by config.remat, scanned over the attention
+    pattern's period when config.scan_layers. Decoding (a cache) writes the T
+    tokens at slots cache.index.. and sees what the cache's slots hold; it runs
+    layer by layer, without remat.
+    """
     c = self.config
     batch, length = tokens.shape
     if c.positions == "learned" and length > c.max_seq_len:
       raise ValueError(f"sequence length {length} exceeds max_seq_len {c.max_seq_len} "
                        "of the learned position table")
+    start = 0 if cache is None else cache.index
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = self.embedder.encode(tokens, positions)
     x = constrain(x, ("batch", "length", "act_embed"))
-    call = _block_call(c.remat)
-    if c.scan_layers:
-      # One period is traced and compiled once; the carry is the residual stream.
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-      def period(x, blocks):
-        for block in blocks:
-          x = call(block, x, positions, segment_ids)
-        return x
-      x = period(x, self.blocks)
-    else:
-      for block in self.blocks:
-        x = call(block, x, positions, segment_ids)
-    return self.final_norm(x)
-
-  def head(self, x: jax.Array) -> jax.Array:
-    """Final hidden states (B, T, D) -> float32 logits (B, T, V), soft-capped."""
-    logits = self.embedder.decode(x)
-    logits = softcap(logits, self.config.final_softcap)
-    return constrain(logits, ("batch", "length", "act_vocab"))
-
-  def _decode(self, tokens, positions, segment_ids, cache: KVCache):
-    # Inference only: no remat, and visibility comes from the cache's slots.
-    batch, length = tokens.shape
-    index = cache.index
-    if positions is None:
-      positions = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    real = (jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0)
-    valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, index))
-    spec = decode_spec(valid, index, length)
-    x = self.embedder.encode(tokens, positions)
+    if cache is None:
+      return self.final_norm(self._train_blocks(x, positions, segment_ids)), None
+    real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
+    valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+    spec = decode_spec(valid, cache.index, length)
     keys, values = [], []
     for block, k, v in zip(self.layers(), cache.k, cache.v):
       x, (k, v) = block(x, positions, spec, (k, v))
       keys.append(k)
       values.append(v)
     new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid,
-                        index=index + jnp.asarray(length, jnp.int32))
-    return self.head(self.final_norm(x)), new_cache
+                        index=cache.index + jnp.asarray(length, jnp.int32))
+    return self.final_norm(x), new_cache
+
+  def _train_blocks(self, x, positions, segment_ids):
+    call = _block_call(self.config.remat)
+    if self.config.scan_layers:
+      # One period is traced and compiled once; the carry is the residual stream.
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def period(x, blocks):
+        for block in blocks:
+          x = call(block, x, positions, segment_ids)
+        return x
+      return period(x, self.blocks)
+    for block in self.blocks:
+      x = call(block, x, positions, segment_ids)
+    return x
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final hidden states (B, T, D) -> float32 logits (B, T, V), soft-capped."""
+    logits = self.embedder.decode(x)
+    logits = softcap(logits, self.config.final_softcap)
+    return constrain(logits, ("batch", "length", "act_vocab"))
 
   def layers(self) -> list[Block]:
     """Layer i's Block for every i, whatever the layout (scanned layers are sliced out)."""
@@ -165,7 +173,7 @@ class Transformer(nnx.Module):
 
 def _call_block(block: Block, x, positions, segment_ids):
   # The spec is rebuilt inside: its offset and length must stay Python ints, not remat inputs.
-  return block(x, positions, training_spec(x.shape[1], segment_ids))
+  return block(x, positions, training_spec(x.shape[1], segment_ids))[0]
 
 
 @functools.cache
