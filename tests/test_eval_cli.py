@@ -209,3 +209,37 @@ def test_eval_suite_from_gin_as_in_the_readme(checkpoint, tmp_path, monkeypatch)
   model, _, _ = io.load_model(checkpoint["dir"])
   metrics = suite(model, step=1)
   assert "heldout/prose/bits_per_byte" in metrics and "mc/task/1shot/acc" in metrics
+
+
+def test_training_logs_the_suites_accuracies_under_the_same_names(checkpoint, tmp_path,
+                                                                  _mlflow_store):
+  import functools
+
+  import jax
+
+  from core.tracking import schema
+  from core.train import optimizer, synthetic
+  from core.train.loop import train
+  from core.train.mesh import MeshConfig
+  tok = checkpoint["tokenizer"]
+  config = ModelConfig(vocab_size=tok.vocab_size, embed_dim=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64,
+                       activation="geglu", norm="rmsnorm", norm_placement="pre",
+                       positions="rope", tie_embeddings=True, scale_embeddings=True)
+  suite = EvalSuite(tokenizer=tok, tasks=[checkpoint["task"]], metrics=["acc", "acc_norm"])
+  result = train(model=config, optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-3,
+                                                           warmup_steps=1),
+                 data=functools.partial(synthetic.synthetic_batches, vocab_size=tok.vocab_size,
+                                        seq_len=32),
+                 num_steps=2, batch_size=2, workdir=tmp_path / "run", mesh=MeshConfig(1, 1, 1),
+                 devices=jax.devices()[:1], log_every=1, eval_batches=0, checkpoint_every=0,
+                 export_model=False, progress=False, evals=suite)
+  run = mlflow.tracking.MlflowClient(_mlflow_store).get_run(result.run_id)
+  logged = {k for k in run.data.metrics if k.startswith("mc/")}
+  assert logged == {f"mc/task/0shot/{m}" for m in ("acc", "acc_stderr", "acc_norm",
+                                                   "acc_norm_stderr", "acc_primary",
+                                                   "acc_primary_stderr", "num_examples")}
+  assert all(schema.is_declared_metric(k) for k in logged)
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["mc/task/0shot/acc_norm"] for l in lines if "mc/task/0shot/acc_norm" in l] == \
+      [run.data.metrics["mc/task/0shot/acc_norm"]]
