@@ -7,6 +7,12 @@ TASK is one of
                  arc_challenge, bool_q, openbookqa, hellaswag, winogrande);
   FILE.jsonl     a multiple-choice task in the JSONL schema of core/eval/README.md.
 
+Multiple-choice accuracies carry lm-eval's names and definitions (acc, acc_norm,
+acc_mutual_info) and the LLaMA paper's variants (acc_char, acc_unconditional,
+acc_token), each with its _stderr; core/eval/mc_metrics.py defines them.
+--details FILE writes every choice's log-likelihood as JSONL, to compare with
+another harness request by request.
+
 Metrics are printed (or --json) and, with --run_id or --experiment, logged to
 MLflow: --run_id RUN adds them to an existing run (e.g. the training run; 'train'
 means the run recorded in the checkpoint), --experiment NAME creates an eval
@@ -22,6 +28,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from core.eval.mc_metrics import DEFAULT_METRICS, METRICS
 
 SPECIAL = ("heldout", "memorization")
 DEFAULT_SOURCES = ("code=embedded:code", "prose=embedded:prose")
@@ -55,8 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   mc.add_argument("--max_examples", type=int, default=None,
                   help="score only the first N examples of each task (default: all)")
   mc.add_argument("--shots_file", help="JSONL tasks: draw shots from this file")
-  mc.add_argument("--normalization", choices=("char", "unconditional", "token", "none"),
-                  help="primary score (default: the task's; LLaMA's choice for TFDS tasks)")
+  mc.add_argument("--primary", choices=sorted(METRICS),
+                  help="the accuracy repeated as acc_primary (default: the task's; LLaMA's "
+                  "choice for TFDS tasks, acc_norm for JSONL)")
+  mc.add_argument("--metric", action="append", choices=sorted(METRICS), dest="metrics",
+                  help="report this accuracy too (repeatable; default: "
+                  f"{', '.join(DEFAULT_METRICS)}; acc_mutual_info and acc_unconditional "
+                  "cost a second pass)")
+  mc.add_argument("--details", metavar="FILE",
+                  help="write per-choice log-likelihoods as JSONL (task, example, choice, "
+                  "context, continuation, loglikelihood, is_greedy, num_tokens, ...)")
   mc.add_argument("--tfds_data_dir", help="where the TFDS tasks are prepared")
   track = parser.add_argument_group("MLflow")
   track.add_argument("--run_id", help="log into this run ('train': the checkpoint's training run)")
@@ -151,11 +167,15 @@ def _log(args, meta, metrics: dict[str, float], step: int) -> str:
 def run(args: argparse.Namespace) -> int:
   from core.data.errors import DataError
   from core.eval import checkpoint, suite
+  from core.eval.mc_metrics import write_details
   from core.eval.multiple_choice import TaskError, evaluate as mc_evaluate
   from core.model.io import ModelIOError
   from core.tokenizer import TokenizerError
   metrics: dict[str, float] = {}
+  details: list[dict] = []
   try:
+    if args.details and not Path(args.details).resolve().parent.is_dir():
+      raise _Usage(f"--details {args.details}: its folder does not exist")
     model, config, tok, meta = checkpoint.load_checkpoint(args.checkpoint, args.tokenizer)
     for task in args.tasks:
       if task == "heldout":
@@ -164,9 +184,15 @@ def run(args: argparse.Namespace) -> int:
         metrics.update(_memorization(args, model, tok))
       else:
         loaded = suite.load_task(task, args.tfds_data_dir, args.max_examples, args.shots_file,
-                                 args.normalization)
-        metrics.update(mc_evaluate(model, tok, loaded, num_shots=args.num_shots, seed=args.seed,
-                                   max_examples=args.max_examples))
+                                 args.primary)
+        scored = mc_evaluate(model, tok, loaded, num_shots=args.num_shots, seed=args.seed,
+                             max_examples=args.max_examples,
+                             metrics=list(dict.fromkeys([*DEFAULT_METRICS, *(args.metrics or ())])),
+                             return_details=bool(args.details))
+        details.extend(scored.pop("details", ()))
+        metrics.update(scored)
+    if args.details:
+      write_details(args.details, details)
     step = args.step if args.step is not None else int((meta.get("metadata") or {}).get("step", 0))
     run_id = _log(args, meta, metrics, step) if (args.run_id or args.experiment) else None
   except (_Usage, checkpoint.CheckpointError, ModelIOError, TokenizerError, TaskError,

@@ -10,7 +10,7 @@ from flax import nnx
 
 from core.data.packing import pack_documents
 from core.eval import heldout, memorization, multiple_choice as mc
-from core.eval import mc_tasks
+from core.eval import mc_metrics, mc_tasks
 from core.eval.sampling import generate
 from core.eval.score import token_logprobs
 from core.model.config import ModelConfig
@@ -112,35 +112,120 @@ def test_completion_logprobs_equal_unpadded_scoring(tok, model):
               ([tok.bos_id] + tok.encode("x"), tok.encode(" a much longer completion here")),
               ([tok.bos_id] + tok.encode("The sun rises in the east and sets in the"),
                tok.encode(" west."))]
-  got = mc.completion_logprobs(model, requests, batch_size=2)
-  for (ctx, comp), value in zip(requests, got):
+  got, greedy = mc.completion_logprobs(model, requests, batch_size=2)
+  for (ctx, comp), value, g in zip(requests, got, greedy):
     want = reference_logprobs(model, ctx + comp)[len(ctx) - 1:].sum()
     assert value == pytest.approx(float(want), abs=1e-4)
+    # is_greedy: each completion token is the argmax of the logits before it.
+    logits = np.asarray(model(np.asarray([ctx + comp[:-1]], np.int32)))[0, len(ctx) - 1:]
+    assert g == bool(np.all(np.argmax(logits, axis=-1) == np.asarray(comp)))
+  # The model's own greedy continuation is greedy.
+  ctx = requests[0][0]
+  top = int(np.argmax(np.asarray(model(np.asarray([ctx], np.int32)))[0, -1]))
+  assert mc.completion_logprobs(model, [(ctx, [top])])[1].tolist() == [True]
 
 
-def test_normalizations_pick_as_the_llama_paper_says(tok, model, monkeypatch):
-  # Known scores: choice ' aa' (3 chars) has log P -3, ' bbbbbbbbb' (10 chars) -5.
-  # Raw sum picks 'aa'; per character picks 'bbbbbbbbb'.
-  raw = {" aa": -3.0, " bbbbbbbbb": -5.0}
-  given_answer = {" aa": -1.0, " bbbbbbbbb": -4.5}
+# Hand-checked task. Given log-likelihoods of each continuation (conditional, after BOS
+# alone, after BOS "Answer:"), each metric's score per choice:
+#
+#                     ll  len(choice) len(cont)  bos   ans | norm   char    m.i.  uncond
+#  ex 0 'Q0?', label 1
+#    ' ab'   'ab'   -2.0      2          3      -1.0  -1.5 | -1.0   -0.667  -1.0  -0.5
+#    ' abcd' 'abcd' -3.8      4          5      -1.0  -3.0 | -0.95  -0.76   -2.8  -0.8
+#    picks: acc 0, acc_norm 1, acc_char 0 (lm-eval's and LLaMA's per-character scores
+#    disagree), acc_mutual_info 0, acc_unconditional 0
+#  ex 1 'Q1?', label 0
+#    ' x'    'x'    -1.0      1          2      -3.0  -0.5 | -1.0   -0.5     2.0  -0.5
+#    ' yyy'  'yyy'  -2.5      3          4      -0.5  -2.5 | -0.833 -0.625  -2.0   0.0
+#    picks: 0, 1 (disagree again), 0, 0, 1
+#  ex 2 'Q2: ' + 'no' / 'yes', label 1: the trailing space moves, so the requests are
+#    ('Q2:', ' no') and ('Q2:', ' yes')
+#    ' no'   'no'   -1.2      2          3      -2.0  -1.0 | -0.6   -0.4     0.8  -0.2
+#    ' yes'  'yes'  -1.5      3          4      -0.5  -2.0 | -0.5   -0.375  -1.0   0.5
+#    picks: 0, 1, 1, 0, 1
+# Accuracies (labels 1, 0, 1): acc 1/3, acc_norm 2/3, acc_char 2/3, acc_mutual_info 1/3,
+# acc_unconditional 1/3.
+HAND = {  # continuation -> (ll, ll after BOS, ll after "Answer:")
+    (0, " ab"): (-2.0, -1.0, -1.5), (0, " abcd"): (-3.8, -1.0, -3.0),
+    (1, " x"): (-1.0, -3.0, -0.5), (1, " yyy"): (-2.5, -0.5, -2.5),
+    (2, " no"): (-1.2, -2.0, -1.0), (2, " yes"): (-1.5, -0.5, -2.0)}
+HAND_ACC = {"acc": 1 / 3, "acc_norm": 2 / 3, "acc_char": 2 / 3, "acc_mutual_info": 1 / 3,
+            "acc_unconditional": 1 / 3}
 
+
+def hand_task():
+  return mc.Task("hand", (mc.Example.shared("Q0?", [" ab", " abcd"], label=1),
+                          mc.Example.shared("Q1?", [" x", " yyy"], label=0),
+                          mc.Example.shared("Q2: ", ["no", "yes"], label=1, choices=["no", "yes"])))
+
+
+def fake_scorer(tok, seen):
+  """A completion_logprobs that answers from HAND, recognising each request by its text."""
   def fake(model, requests, batch_size=16, max_len=None):
     out = []
     for ctx, comp in requests:
-      text = tok.decode(comp)
-      is_anchor = tok.decode(ctx) == mc.UNCONDITIONAL_PROMPT
-      out.append((given_answer if is_anchor else raw)[text])
-    return np.asarray(out)
+      seen.append((ctx, comp))
+      ctx_text, comp_text = tok.decode(ctx), tok.decode(comp)
+      if ctx_text in ("", mc.UNCONDITIONAL_PROMPT):
+        # Anchored: which example is known from the completion alone.
+        (ex, _), values = next((k, v) for k, v in HAND.items()
+                               if k[1] == comp_text or k[1] == " " + comp_text)
+        out.append(values[1] if ctx_text == "" else values[2])
+      else:
+        ex = int(ctx_text[1])
+        out.append(HAND[ex, comp_text][0])
+    return np.asarray(out), np.zeros(len(out), bool)
+  return fake
 
-  monkeypatch.setattr(mc, "completion_logprobs", fake)
-  task = mc.Task("toy", (mc.Example.shared("Q?", [" aa", " bbbbbbbbb"], label=1),))
-  out = mc.evaluate(model, tok, task, normalizations=mc.NORMALIZATIONS)
-  assert out["mc/toy/0shot/acc_none"] == 0.0
-  assert out["mc/toy/0shot/acc_char"] == 1.0 == out["mc/toy/0shot/acc"]
-  # log P(c|ctx) - log P(c|'Answer:'): aa -2, bbbbbbbbb -0.5.
-  assert out["mc/toy/0shot/acc_unconditional"] == 1.0
-  uncond = mc.Task("toy", task.examples, normalization="unconditional")
-  assert mc.evaluate(model, tok, uncond, normalizations=["none"])["mc/toy/0shot/acc"] == 1.0
+
+def test_lm_eval_and_llama_metrics_on_a_hand_checked_task(tok, model, monkeypatch):
+  seen = []
+  monkeypatch.setattr(mc, "completion_logprobs", fake_scorer(tok, seen))
+  out = mc.evaluate(model, tok, hand_task(), metrics=list(mc_metrics.METRICS),
+                    return_details=True)
+  for metric, want in HAND_ACC.items():
+    assert out[f"mc/hand/0shot/{metric}"] == pytest.approx(want), metric
+  # acc_token depends on how the tokenizer splits the continuations: from the records.
+  picks = mc_metrics.picks(out["details"], "acc_token")
+  assert out["mc/hand/0shot/acc_token"] == np.mean(np.asarray(picks) == [1, 0, 1])
+  assert out["mc/hand/0shot/acc_primary"] == out["mc/hand/0shot/acc_norm"]  # Task's default
+  assert out["mc/hand/0shot/num_examples"] == 3
+  # The trailing space of 'Q2: ' was moved: context 'Q2:', continuation ' no'.
+  rec = [r for r in out["details"] if r["example"] == 2]
+  assert [(r["context"], r["continuation"]) for r in rec] == [("Q2:", " no"), ("Q2:", " yes")]
+  assert tok.encode("Q2:") == seen[4][0][1:]
+  # The anchors: BOS alone (lm-eval's acc_mutual_info) and BOS "Answer:" (LLaMA's).
+  anchors = {tok.decode(ctx) for ctx, _ in seen[6:]}
+  assert anchors == {"", "Answer:"} and [tok.bos_id] in [c for c, _ in seen[6:]]
+
+
+def test_stderr_is_lm_evals_mean_stderr():
+  from scipy import stats
+  outcomes = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+  assert mc_metrics.mean_stderr(outcomes) == pytest.approx(stats.sem(outcomes, ddof=1))
+  n, p = len(outcomes), np.mean(outcomes)
+  assert mc_metrics.mean_stderr(outcomes) == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+  assert math.isnan(mc_metrics.mean_stderr([1.0]))
+
+
+def test_reported_stderr_matches_scipy(tok, model, monkeypatch):
+  from scipy import stats
+  monkeypatch.setattr(mc, "completion_logprobs", fake_scorer(tok, []))
+  out = mc.evaluate(model, tok, hand_task(), metrics=["acc", "acc_norm"])
+  # acc: right on example 1 only; acc_norm: on examples 0 and 2.
+  assert out["mc/hand/0shot/acc_stderr"] == pytest.approx(stats.sem([0, 1, 0]))
+  assert out["mc/hand/0shot/acc_norm_stderr"] == pytest.approx(stats.sem([1, 0, 1]))
+  assert out["mc/hand/0shot/acc_primary_stderr"] == out["mc/hand/0shot/acc_norm_stderr"]
+
+
+def test_encode_pair_is_lm_evals(tok):
+  bos = [tok.bos_id]
+  ctx, cont, ctx_ids, cont_ids = mc.encode_pair(tok, "Paris is the capital of \n ", "France", bos)
+  assert (ctx, cont) == ("Paris is the capital of", " \n France")
+  assert ctx_ids == bos + tok.encode(ctx)
+  assert ctx_ids + cont_ids == bos + tok.encode("Paris is the capital of \n France")
+  # Without trailing whitespace nothing moves.
+  assert mc.encode_pair(tok, "A", " b", [])[:2] == ("A", " b")
 
 
 def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
@@ -154,20 +239,29 @@ def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   examples = mc.read_jsonl(path)
   assert examples[0].completions == (" France", " Germany", " Italy")
+  assert examples[0].choices == ("France", "Germany", "Italy")
   assert examples[2].contexts[1] == "The dog jumps over the"
+  assert examples[2].choices == examples[2].contexts  # lm-eval's partial-scoring choices
   task = mc.Task("toy", tuple(examples))
   out = mc.evaluate(model, tok, task, num_shots=2, seed=3, return_details=True)
   assert out["mc/toy/2shot/num_examples"] == 4
-  # The picks are the argmax of the per-character scores, computed here directly.
-  for i, (ex, detail) in enumerate(zip(examples, out["details"])):
-    prefix = mc.fewshot_prefix(task, i, 2, 3)
-    scores = []
-    for ctx, comp in zip(ex.contexts, ex.completions):
-      ctx_ids = [tok.bos_id] + tok.encode(prefix + ctx)
-      lp = reference_logprobs(model, ctx_ids + tok.encode(comp), 128)[len(ctx_ids) - 1:].sum()
-      scores.append(lp / len(comp))
-    assert detail["char"] == int(np.argmax(scores))
-  assert out["mc/toy/2shot/acc"] == np.mean([d["char"] == d["label"] for d in out["details"]])
+  # The log-likelihoods are the model's, computed here directly, one sequence at a time.
+  records = out["details"]
+  for r in records:
+    ex = examples[r["example"]]
+    prefix = mc.fewshot_prefix(task, r["example"], 2, 3)
+    assert r["context"] == prefix + ex.contexts[r["choice"]]
+    assert r["continuation"] == ex.completions[r["choice"]]
+    ctx_ids = [tok.bos_id] + tok.encode(r["context"])
+    comp = tok.encode(r["continuation"])
+    lp = reference_logprobs(model, ctx_ids + comp, 128)[len(ctx_ids) - 1:].sum()
+    assert r["loglikelihood"] == pytest.approx(float(lp), abs=1e-4)
+    assert r["num_tokens"] == len(comp)
+  # The reported accuracies are the argmax picks of the records' scores.
+  for metric in mc_metrics.DEFAULT_METRICS:
+    picks = mc_metrics.picks(records, metric)
+    assert out[f"mc/toy/2shot/{metric}"] == np.mean([p == ex.label
+                                                     for p, ex in zip(picks, examples)])
 
 
 def test_fewshot_prefix_is_seeded_and_never_includes_the_example():
@@ -207,6 +301,7 @@ def test_tfds_records_become_llama_style_examples():
   ex = mc_tasks.arc({"question": b"Q", "answerKey": 2,
                      "choices": {"text": np.array([b"a", b"b", b"c"]), "label": np.array([0, 1, 2])}})
   assert ex.label == 2 and ex.completions == (" a", " b", " c")
+  assert ex.choices == ("a", "b", "c")  # what acc_norm divides by, as lm-eval's doc_to_choice
   ex = mc_tasks.bool_q({"question": b"is it", "passage": b"P.", "answer": True, "title": b""})
   assert ex.contexts[0] == "P.\nQuestion: is it?\nAnswer:" and ex.label == 1
   ex = mc_tasks.hellaswag({"context": "A man", "activity_label": "Cooking", "label": 1,
@@ -219,8 +314,12 @@ def test_tfds_records_become_llama_style_examples():
                             "option1": b"Ann", "option2": b"Beth", "label": 0})
   assert ex.contexts == ("Ann lent Beth money because Ann", "Ann lent Beth money because Beth")
   assert ex.completions == (" was rich.", " was rich.")
-  assert mc_tasks.TFDS_TASKS["bool_q"].normalization == "unconditional"
-  assert mc_tasks.TFDS_TASKS["openbookqa"].normalization == "unconditional"
+  assert ex.choices == ex.contexts
+  assert mc_tasks.TFDS_TASKS["bool_q"].primary == "acc_unconditional"
+  assert mc_tasks.TFDS_TASKS["openbookqa"].primary == "acc_unconditional"
+  assert mc_tasks.TFDS_TASKS["piqa"].primary == "acc_char"
+  with pytest.raises(mc.TaskError, match="unknown multiple-choice metric 'acc_x'"):
+    mc.Task("t", (ex,), primary="acc_x")
 
 
 def test_tfds_task_not_prepared_is_a_clear_error_not_a_download(tmp_path):

@@ -65,10 +65,14 @@ def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(checkpoint, cap
   assert result["step"] == 7
   for key in ("heldout/prose/bits_per_byte", "heldout/code/loss", "heldout/domain/text/loss",
               "memorization/prose/exact_rate", "memorization/code/approximate_rate",
-              "mc/task/1shot/acc", "mc/task/1shot/acc_char"):
+              "mc/task/1shot/acc", "mc/task/1shot/acc_norm", "mc/task/1shot/acc_char",
+              "mc/task/1shot/acc_token", "mc/task/1shot/acc_primary",
+              "mc/task/1shot/acc_stderr", "mc/task/1shot/acc_norm_stderr"):
     assert key in metrics, key
+  assert metrics["mc/task/1shot/acc_primary"] == metrics["mc/task/1shot/acc_norm"]
   run = mlflow.tracking.MlflowClient().get_run(result["run_id"])
-  assert run.data.metrics["mc/task/1shot/acc"] == pytest.approx(metrics["mc/task/1shot/acc"])
+  for key in ("mc/task/1shot/acc", "mc/task/1shot/acc_norm_stderr"):
+    assert run.data.metrics[key] == pytest.approx(metrics[key])
   assert run.data.tags["ablax.kind"] == "eval"
 
 
@@ -78,13 +82,58 @@ def test_eval_logs_into_an_existing_run_without_ending_it(checkpoint, capsys):
   run = client.create_run(exp)
   code, out, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
                             "--run_id", run.info.run_id, "--step", "42",
-                            "--normalization", "unconditional"], capsys)
+                            "--primary", "acc_unconditional"], capsys)
   assert code == 0, err
   assert "mc/task/0shot/acc_unconditional" in out
   after = client.get_run(run.info.run_id)
   assert after.info.status == "RUNNING"
-  history = client.get_metric_history(run.info.run_id, "mc/task/0shot/acc")
+  assert after.data.metrics["mc/task/0shot/acc_primary"] == \
+      after.data.metrics["mc/task/0shot/acc_unconditional"]
+  history = client.get_metric_history(run.info.run_id, "mc/task/0shot/acc_primary")
   assert [m.step for m in history] == [42]
+
+
+DETAIL_FIELDS = {"task", "num_shots", "example", "choice", "label", "context", "continuation",
+                 "choice_text", "loglikelihood", "is_greedy", "num_tokens", "num_chars",
+                 "loglikelihood_bos", "loglikelihood_answer_prompt"}
+
+
+def test_eval_details_reproduce_the_reported_accuracies(checkpoint, capsys, tmp_path):
+  from core.eval import mc_metrics
+  details = tmp_path / "details.jsonl"
+  code, out, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+                            "--metric", "acc_mutual_info", "--metric", "acc_unconditional",
+                            "--details", str(details), "--json"], capsys)
+  assert code == 0, err
+  metrics = json.loads(out)["metrics"]
+  rows = mc_metrics.read_details(details)
+  assert len(rows) == 2 + 2 + 3  # one row per choice of the task file's three questions
+  for row in rows:
+    assert set(row) == DETAIL_FIELDS
+    assert isinstance(row["loglikelihood"], float) and isinstance(row["is_greedy"], bool)
+    assert row["num_chars"] == len(row["continuation"]) and row["num_tokens"] >= 1
+  assert [(r["example"], r["choice"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1),
+                                                         (2, 0), (2, 1), (2, 2)]
+  assert rows[2]["context"] == "The sun rises in the" and rows[3]["continuation"] == " west"
+  assert rows[3]["choice_text"] == "west" and rows[4]["label"] == 0
+  # From the file alone, by each metric's definition, the reported numbers come back.
+  labels = [0, 0, 0]
+  for metric in mc_metrics.METRICS:
+    score = {"acc": lambda r: r["loglikelihood"],
+             "acc_norm": lambda r: r["loglikelihood"] / len(r["choice_text"]),
+             "acc_char": lambda r: r["loglikelihood"] / len(r["continuation"]),
+             "acc_token": lambda r: r["loglikelihood"] / r["num_tokens"],
+             "acc_mutual_info": lambda r: r["loglikelihood"] - r["loglikelihood_bos"],
+             "acc_unconditional": lambda r: r["loglikelihood"] - r["loglikelihood_answer_prompt"],
+             }[metric]
+    right = []
+    for i, label in enumerate(labels):
+      choices = [r for r in rows if r["example"] == i]
+      right.append(max(range(len(choices)), key=lambda j: (score(choices[j]), -j)) == label)
+    assert metrics[f"mc/task/0shot/{metric}"] == pytest.approx(sum(right) / 3), metric
+  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+                          "--details", str(tmp_path / "no" / "such.jsonl")], capsys)
+  assert code == 2 and "folder does not exist" in err
 
 
 def test_eval_errors_are_clear(checkpoint, capsys, tmp_path):
@@ -160,3 +209,37 @@ def test_eval_suite_from_gin_as_in_the_readme(checkpoint, tmp_path, monkeypatch)
   model, _, _ = io.load_model(checkpoint["dir"])
   metrics = suite(model, step=1)
   assert "heldout/prose/bits_per_byte" in metrics and "mc/task/1shot/acc" in metrics
+
+
+def test_training_logs_the_suites_accuracies_under_the_same_names(checkpoint, tmp_path,
+                                                                  _mlflow_store):
+  import functools
+
+  import jax
+
+  from core.tracking import schema
+  from core.train import optimizer, synthetic
+  from core.train.loop import train
+  from core.train.mesh import MeshConfig
+  tok = checkpoint["tokenizer"]
+  config = ModelConfig(vocab_size=tok.vocab_size, embed_dim=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64,
+                       activation="geglu", norm="rmsnorm", norm_placement="pre",
+                       positions="rope", tie_embeddings=True, scale_embeddings=True)
+  suite = EvalSuite(tokenizer=tok, tasks=[checkpoint["task"]], metrics=["acc", "acc_norm"])
+  result = train(model=config, optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-3,
+                                                           warmup_steps=1),
+                 data=functools.partial(synthetic.synthetic_batches, vocab_size=tok.vocab_size,
+                                        seq_len=32),
+                 num_steps=2, batch_size=2, workdir=tmp_path / "run", mesh=MeshConfig(1, 1, 1),
+                 devices=jax.devices()[:1], log_every=1, eval_batches=0, checkpoint_every=0,
+                 export_model=False, progress=False, evals=suite)
+  run = mlflow.tracking.MlflowClient(_mlflow_store).get_run(result.run_id)
+  logged = {k for k in run.data.metrics if k.startswith("mc/")}
+  assert logged == {f"mc/task/0shot/{m}" for m in ("acc", "acc_stderr", "acc_norm",
+                                                   "acc_norm_stderr", "acc_primary",
+                                                   "acc_primary_stderr", "num_examples")}
+  assert all(schema.is_declared_metric(k) for k in logged)
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["mc/task/0shot/acc_norm"] for l in lines if "mc/task/0shot/acc_norm" in l] == \
+      [run.data.metrics["mc/task/0shot/acc_norm"]]

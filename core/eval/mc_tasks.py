@@ -2,10 +2,10 @@
 
 Each entry turns one TFDS record into an Example with the prompt format of
 the LLaMA / GPT-3 evaluations, and names the split scored, the split shots come
-from and the primary normalization (LLaMA: per-character, except OpenBookQA and
-BoolQ, normalized by P(completion | "Answer:")). Winogrande uses partial
-scoring: each option is substituted for the blank and the rest of the sentence
-is scored.
+from and the primary accuracy, the one the LLaMA paper reports ('acc_char',
+except OpenBookQA and BoolQ: 'acc_unconditional'; core/eval/mc_metrics.py).
+Every accuracy is reported either way. Winogrande uses partial scoring: each
+option is substituted for the blank and the rest of the sentence is scored.
 
 Reading goes through `builder.as_data_source` (array_record, no TensorFlow).
 Nothing downloads: a dataset that is not prepared is an error saying how to
@@ -72,7 +72,9 @@ def winogrande(r: Mapping[str, Any]) -> Example:
   cut = sentence.index("_")
   before, after = sentence[:cut], sentence[cut + 1:]
   options = [_text(r["option1"]), _text(r["option2"])]
-  return Example(tuple(before + o for o in options), (after, after), int(r["label"]))
+  contexts = tuple(before + o for o in options)
+  # lm-eval's partial contexts are its choices (what acc_norm measures).
+  return Example(contexts, (after, after), int(r["label"]), contexts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,7 @@ class TfdsTask:
   convert: Callable[[Mapping[str, Any]], Example]
   split: str
   shots_split: str | None
-  normalization: str = "char"
+  primary: str = "acc_char"
   # Import that registers the builder (catalogue text datasets are lazy).
   module: str | None = None
 
@@ -91,8 +93,8 @@ TFDS_TASKS: dict[str, TfdsTask] = {
     "piqa": TfdsTask("piqa", piqa, "validation", "train"),
     "arc_easy": TfdsTask("ai2_arc/ARC-Easy", arc, "test", "train"),
     "arc_challenge": TfdsTask("ai2_arc/ARC-Challenge", arc, "test", "train"),
-    "bool_q": TfdsTask("bool_q", bool_q, "validation", "train", "unconditional"),
-    "openbookqa": TfdsTask("openbookqa", openbookqa, "test", "train", "unconditional"),
+    "bool_q": TfdsTask("bool_q", bool_q, "validation", "train", "acc_unconditional"),
+    "openbookqa": TfdsTask("openbookqa", openbookqa, "test", "train", "acc_unconditional"),
     "hellaswag": TfdsTask("hellaswag", hellaswag, "validation", "train",
                           module="tensorflow_datasets.text"),
     "winogrande": TfdsTask("winogrande", winogrande, "validation", "train_xl",
@@ -157,4 +159,4 @@ def load_tfds_task(name: str, data_dir: str | os.PathLike | None = None,
 
   examples = read(split or spec.split, max_examples)
   shots = read(spec.shots_split, max_shots) if spec.shots_split else ()
-  return Task(name=key, examples=examples, shots=shots, normalization=spec.normalization)
+  return Task(name=key, examples=examples, shots=shots, primary=spec.primary)

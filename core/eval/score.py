@@ -41,6 +41,15 @@ def token_logprobs(model: nnx.Module, ids: Sequence[int] | np.ndarray) -> np.nda
 
   A 2-D (B, n) array of equal-length rows gives (B, n - 1).
   """
+  return token_scores(model, ids)[0]
+
+
+def token_scores(model: nnx.Module, ids: Sequence[int] | np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(token_logprobs, is_greedy): is_greedy[i] says ids[i+1] is the argmax after ids[:i+1].
+
+  is_greedy is what lm-eval reports per continuation (all of its tokens greedy).
+  """
   tokens = np.asarray(ids, dtype=np.int32)
   squeeze = tokens.ndim == 1
   if squeeze:
@@ -56,8 +65,8 @@ def token_logprobs(model: nnx.Module, ids: Sequence[int] | np.ndarray) -> np.nda
       raise ScoreError(f"{tokens.shape[1]} ids need {tokens.shape[1] - 1} positions but the "
                        f"learned position table has max_seq_len {config.max_seq_len}")
   graphdef, state = nnx.split(model)
-  out = np.asarray(_logprobs(graphdef, state, jnp.asarray(tokens)))
-  return out[0] if squeeze else out
+  logp, greedy = (np.asarray(x) for x in _logprobs(graphdef, state, jnp.asarray(tokens)))
+  return (logp[0], greedy[0]) if squeeze else (logp, greedy)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -65,4 +74,6 @@ def _logprobs(graphdef, state, tokens):
   # Only the gathered (B, n-1) values leave the device, never (B, n, V) logits.
   logits = nnx.merge(graphdef, state)(tokens[:, :-1])
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  targets = tokens[:, 1:]
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], greedy

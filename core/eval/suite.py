@@ -33,6 +33,8 @@ class EvalSuite:
     tasks: multiple-choice tasks: JSONL paths or TFDS task names
       (core/eval/mc_tasks.py), or Task objects.
     num_shots: k of the k-shot prompts (one value, or one per task).
+    metrics: multiple-choice accuracies to report besides each task's primary
+      (keys of core.eval.mc_metrics.METRICS; None: mc_metrics.DEFAULT_METRICS).
     max_examples: examples scored per task (None: all).
     tfds_data_dir: where the TFDS tasks are prepared.
     memorization_documents: a zero-argument factory of training documents (token
@@ -47,6 +49,7 @@ class EvalSuite:
   domains: Mapping[str, str] | None = None
   tasks: Sequence[Any] = ()
   num_shots: int | Sequence[int] = 0
+  metrics: Sequence[str] | None = None
   max_examples: int | None = 200
   tfds_data_dir: str | None = None
   memorization_documents: Callable[[], Iterable[Sequence[int]]] | None = None
@@ -82,7 +85,8 @@ class EvalSuite:
     for i, task in enumerate(self.tasks_loaded()):
       k = shots if isinstance(shots, int) else shots[i]
       metrics.update(multiple_choice.evaluate(model, self.tokenizer, task, num_shots=k,
-                                              seed=self.seed, max_examples=self.max_examples))
+                                              seed=self.seed, max_examples=self.max_examples,
+                                              metrics=self.metrics))
     if self.memorization_documents is not None:
       if self._documents is None:
         self._documents = [list(d) for _, d in zip(range(self.memorization_max_documents * 4),
@@ -93,9 +97,12 @@ class EvalSuite:
 
 
 def load_task(task: Any, tfds_data_dir: str | None = None, max_examples: int | None = None,
-              shots_file: str | None = None, normalization: str | None = None
+              shots_file: str | None = None, primary: str | None = None
               ) -> multiple_choice.Task:
-  """A Task from a Task, a JSONL path ('*.jsonl') or a TFDS task name."""
+  """A Task from a Task, a JSONL path ('*.jsonl') or a TFDS task name.
+
+  `primary` overrides the task's primary accuracy (JSONL tasks: 'acc_norm').
+  """
   from pathlib import Path  # pylint: disable=g-import-not-at-top
   if isinstance(task, multiple_choice.Task):
     return task
@@ -103,10 +110,9 @@ def load_task(task: Any, tfds_data_dir: str | None = None, max_examples: int | N
   if name.endswith((".jsonl", ".json")) or Path(name).is_file():
     examples = tuple(multiple_choice.read_jsonl(name))
     shots = tuple(multiple_choice.read_jsonl(shots_file)) if shots_file else ()
-    return multiple_choice.Task(Path(name).stem, examples, shots,
-                                normalization=normalization or "char")
+    return multiple_choice.Task(Path(name).stem, examples, shots, primary=primary or "acc_norm")
   from core.eval import mc_tasks  # pylint: disable=g-import-not-at-top
   loaded = mc_tasks.load_tfds_task(name, tfds_data_dir, max_examples=max_examples)
-  if normalization:
-    loaded = dataclasses.replace(loaded, normalization=normalization)
+  if primary:
+    loaded = dataclasses.replace(loaded, primary=primary)
   return loaded

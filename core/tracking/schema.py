@@ -24,6 +24,9 @@ EVAL_LOSS = "eval/loss"
 EVAL_LOSS_SE = "eval/loss_se"      # the eval set's standard error of EVAL_LOSS
 EVAL_TOKENS = "eval/tokens"
 EVAL_METRICS = (EVAL_LOSS, EVAL_LOSS_SE, EVAL_TOKENS)
+# core.eval.suite.EvalSuite's families, logged by the trainer's eval hook and `ablax eval`:
+# mc/<task>/<k>shot/<metric> (names in core/eval/mc_metrics.py) and memorization/.
+EVAL_SUITE_PREFIXES = ("heldout/", "mc/", "memorization/")
 # Energy and carbon (core/tracking/energy.py writes f"energy/{name}").
 ENERGY = "energy/"
 ENERGY_KWH = "energy/energy_kwh"          # device energy, before PUE
@@ -129,7 +132,7 @@ EXPERIMENT_KEY = "experiment"
 def is_declared_metric(key: str) -> bool:
   """Whether `key` is a metric this schema names (by name or by its family's prefix)."""
   return (key in TRAIN_METRICS or key in EVAL_METRICS or key == COMPILE_S
-          or key.startswith((ENERGY, SYSTEM, "heldout/", "sweep/", COMPARE)))
+          or key.startswith((ENERGY, SYSTEM, *EVAL_SUITE_PREFIXES, "sweep/", COMPARE)))
 
 
 def is_declared_param(key: str) -> bool:
