@@ -5,6 +5,7 @@
   ablax sweep ablations/attention.gin --workers 2 --gin_param 'Sweep.seeds = [0, 1, 2]'
   ablax sweep ablations/attention.gin --launcher slurm  # a job array (launch/slurm_sweep.py)
   ablax sweep ablations/attention.gin --status         # each point's MLflow (and SLURM) state
+  ablax sweep ablations/ladder_activation.gin --dry-run  # a size ladder: params, tokens, FLOPs, CPU time
 
 A re-run with the same sweep definition and workdir skips the points whose
 MLflow run finished and resumes the others from their checkpoints. At the end
@@ -77,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     points = sweep_lib.expand(sweep)
     print_points(sweep, points)
     sweep_lib.validate(sweep, points)
+    if sweep.ladder is not None:
+      from launch import ladder  # pylint: disable=g-import-not-at-top
+      ladder.print_ladder(sweep, points, args.workers or default_workers(len(points)),
+                          len(sweep_runner.available_cpus()))
   except sweep_lib.SweepError as e:
     print(f"ablax sweep: {e}", file=sys.stderr)
     return 2
