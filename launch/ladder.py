@@ -28,10 +28,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from analysis.ladder import SIZE_AXIS as AXIS  # the grid axis a ladder adds (a child param)
+from analysis.ladder import strip_size
 from launch import gin_config
 from launch import sweep as sweep_lib
 
-AXIS = "size"  # the grid axis a ladder adds; the child runs log it as a param
 STEPS_BINDING = "core.train.loop.train.num_steps"
 BATCH_BINDING = "core.train.loop.train.batch_size"
 OPTIMIZER_BINDING = "core.train.loop.train.optimizer"
@@ -124,12 +125,16 @@ def _configure(files: Sequence[str], params: Sequence[str], where: str):
   """
   import gin  # pylint: disable=g-import-not-at-top
   from core.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
   gin.clear_config()
+  logging.getLogger().addFilter(sweep_lib.QUIET)
   try:
     gin_config.parse(files, params)
     model = gin_config.build(ModelConfig, files)
   except (gin_config.GinConfigError, ValueError, TypeError) as e:
     raise sweep_lib.SweepError(f"{where}: {e}") from None
+  finally:
+    logging.getLogger().removeFilter(sweep_lib.QUIET)
   optimizer = _query(OPTIMIZER_BINDING, where)
   selector = getattr(getattr(optimizer, "configurable", None), "selector", None)
   if selector is None:
@@ -287,6 +292,8 @@ def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
   base_parts = [p for p in baseline.split(",") if not p.startswith(f"{AXIS}=")]
   first_seed = list(sweep.seeds)[0]
   configs: dict[tuple[str, str], str] = {}
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger().addFilter(sweep_lib.QUIET)
   try:
     for p in points:
       if p.seed != first_seed:
@@ -295,6 +302,7 @@ def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
       gin_config.parse(p.gin_files, p.gin_params, finalize=False)
       configs[(strip_size(p.variant), size_of(p))] = gin.config_str()
   finally:
+    logging.getLogger().removeFilter(sweep_lib.QUIET)
     gin.clear_config()
   base_key = ",".join(base_parts)
   for (variant, size), text in configs.items():
@@ -304,7 +312,3 @@ def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
           f"{size!r}: the size's bindings override it (bindings apply after .gin files); give the "
           f"variant as bindings, or leave that setting out of the size")
 
-
-def strip_size(variant: str) -> str:
-  """A ladder point's variant without its size: what the scaling fit groups by."""
-  return ",".join(p for p in variant.split(",") if not p.startswith(f"{AXIS}="))

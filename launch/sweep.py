@@ -300,7 +300,7 @@ class _DropGinSearchMisses(logging.Filter):
     return not str(record.msg).startswith("Path not found")
 
 
-_QUIET = _DropGinSearchMisses()
+QUIET = _DropGinSearchMisses()
 
 
 def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
@@ -308,7 +308,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   import gin
   from core.model.config import ModelConfig
   gin.clear_config()
-  logging.getLogger().addFilter(_QUIET)
+  logging.getLogger().addFilter(QUIET)
   try:
     gin_config.parse(files, params)
     try:
@@ -320,7 +320,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   except gin_config.GinConfigError as e:
     raise SweepError(f"{where}: {e}") from None
   finally:
-    logging.getLogger().removeFilter(_QUIET)
+    logging.getLogger().removeFilter(QUIET)
     gin.clear_config()
 
 

@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
   failed = [o for o in outcomes if o.status != "FINISHED"]
   sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
 
-  if not args.no_compare:
+  if not args.no_compare and sweep.ladder is not None:
+    _print_scaling(tracking_uri, parent_id, workdir / "scaling")
+  elif not args.no_compare:
     _print_comparison(tracking_uri, parent_id, workdir / "comparison")
   minutes = (time.monotonic() - started) / 60
   print(f"\nsweep {sweep.name}: {len(points) - len(failed)}/{len(points)} points finished "
@@ -155,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     for o in failed:
       print(f"  {o.point.variant} seed={o.point.seed}: {o.log}")
   print(f"Compare again:  ablax compare --sweep {sweep.name}"
+        + (" --scaling" if sweep.ladder is not None else "")
         + ("" if args.tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
            else f" --tracking_uri {tracking_uri}"))
   print(f"Open the UI:    {runs_lib.ui_command(tracking_uri)}")
@@ -183,3 +186,18 @@ def _print_comparison(tracking_uri: str, parent_id: str, plots_dir: Path) -> Non
   except Exception as e:  # noqa: BLE001  plots are a courtesy; the table is printed
     print(f"plots not written: {type(e).__name__}: {e}", file=sys.stderr)
 
+
+
+def _print_scaling(tracking_uri: str, parent_id: str, out_dir: Path) -> None:
+  from analysis import ladder  # pylint: disable=g-import-not-at-top
+  from analysis import scaling  # pylint: disable=g-import-not-at-top
+  c = runs_lib.client(tracking_uri)
+  try:
+    result = ladder.collect(c, parent_id)
+  except (runs_lib.RunLookupError, scaling.ScalingError) as e:
+    print(f"no scaling fit: {e}", file=sys.stderr)
+    return
+  print()
+  print(ladder.render(result, "text"))
+  paths = ladder.save(c, result, out_dir)
+  print(f"plot (also logged to the parent run): {paths[0]}")

@@ -37,6 +37,7 @@ SWEEP_CPU_PEAK = "sweep/cpu_peak_flops"
 SWEEP_ENERGY_KWH = "sweep/energy_kwh"
 SWEEP_CO2_KG = "sweep/co2_kg"
 COMPARE = "compare/"  # compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm,matched_*}
+SCALING = "scaling/"  # scaling/<variant>/{E,A,alpha}[_low,_high], delta_at*, multiplier*
 
 # -- params ----------------------------------------------------------------------------
 MODEL = "model."                   # every ModelConfig field, once
@@ -56,7 +57,7 @@ CONFIG_HASH = "ablax.config_hash"
 def is_declared_metric(key: str) -> bool:
   """Whether `key` is a metric this schema names (by name or by its family's prefix)."""
   return (key in TRAIN_METRICS or key in EVAL_METRICS or key == COMPILE_S
-          or key.startswith((ENERGY, SYSTEM, "heldout/", "sweep/", COMPARE)))
+          or key.startswith((ENERGY, SYSTEM, "heldout/", "sweep/", COMPARE, SCALING)))
 
 
 def is_declared_param(key: str) -> bool:
