@@ -43,8 +43,9 @@ KEYS = ("sizes", "tokens_per_param", "tokens", "warmup_fraction")
 
 # CPU time model of one point on one core: a fixed start (interpreter, jax import, data,
 # compiling the train and eval steps) plus model FLOPs (training and evaluation) at a
-# sustained rate. Measured on this project's tiny LLaMA ladders, one pinned core per
-# worker (launch/README.md, "Size ladders", gives the runs behind the numbers).
+# sustained rate: the quickstart sweep (6 tiny_llama runs of 240 steps of 8 x 128 tokens, two
+# 384-batch evals each, 4.4e12 FLOPs a run) takes ~300 s on 2 idle cores with one pinned core
+# per worker, i.e. ~100 s a run = 15 s start (measured: interpreter, jax, compile) + ~52 GFLOP/s.
 CPU_START_S = 15.0
 CPU_FLOPS_PER_CORE_S = 5.0e10
 
