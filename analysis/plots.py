@@ -145,3 +145,42 @@ def final_bars(table: Table, path: Path, title: str = "") -> Path:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def scaling_fits(result, path: Path) -> Path:
+  """Final loss vs training FLOPs (log-log): every run, each variant's fit and its bootstrap band.
+
+  `result` is an analysis.ladder.ScalingResult; the curves run from below the smallest
+  measured compute to past the target compute, so the extrapolation is visible as such.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  top = max(p.flops for v in result.variants for p in v.runs)
+  for v in result.variants:
+    xs = [b[0] for b in v.band]
+    line, = ax.plot(xs, [v.fit.predict(x) for x in xs],
+                    label=f"{v.variant}{' (baseline)' if v.baseline else ''}: "
+                          f"E={v.fit.E:.3f}, α={v.fit.alpha:.3f}")
+    band = [(x, lo, hi) for x, lo, hi in v.band if not math.isnan(lo)]
+    if band:
+      ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                      color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.scatter([p.flops for p in v.runs], [p.loss for p in v.runs], s=14,
+               color=line.get_color(), zorder=3)
+  ax.axvline(top, color="gray", linestyle=":", linewidth=1)
+  ax.axvline(result.at_flops, color="gray", linestyle="--", linewidth=1)
+  ax.annotate(f"target {result.at_flops:.3g}", (result.at_flops, ax.get_ylim()[1]),
+              fontsize=7, ha="right", va="top", rotation=90)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("training FLOPs (model)")
+  ax.set_ylabel(f"final {result.metric}")
+  ax.set_title(f"L(C) = E + A·C^-α, {round(100 * result.confidence)}% bootstrap bands "
+               f"(dotted: largest measured compute)", fontsize=9)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -3,6 +3,7 @@
   ablax compare --sweep attention                      # by sweep name (newest) or parent run id
   ablax compare --sweep attention --format latex
   ablax compare --experiment tiny --filter "params.seed = '0'" --group_by ModelConfig.num_kv_heads
+  ablax compare --sweep ladder_activation --scaling --at_flops 1e21   # a ladder: scaling fits
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--at", default=None,
                       help="compare at equal compute instead of at the end: tokens=N or flops=F "
                            "(or step=S), each run's curve interpolated there")
+  parser.add_argument("--scaling", action="store_true",
+                      help="a ladder sweep: fit L(C) = E + A C^-alpha per variant, with bootstrap "
+                           "CIs, Δ per size, sign stability, Δ and compute multiplier at --at_flops")
+  parser.add_argument("--at_flops", type=float, default=None,
+                      help="with --scaling: the target training compute (default 1e21)")
+  parser.add_argument("--n_boot", type=int, default=1000,
+                      help="with --scaling: bootstrap replicates (default 1000)")
   parser.add_argument("--format", choices=sorted(table_lib.FORMATS), default="text",
                       help="table format: text (terminal), markdown, latex (paper) or csv")
   parser.add_argument("--output", default=None, help="also write the table to this file")
@@ -61,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     args.experiment = None  # the environment's default yields to an explicit sweep
   tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
   c = runs_lib.client(tracking_uri)
+  if args.scaling:
+    return run_scaling(args, c, tracking_uri)
+  if args.at_flops is not None:
+    print("ablax compare: --at_flops goes with --scaling (for the table use --at flops=F)",
+          file=sys.stderr)
+    return 2
   try:
     comparison = compare_lib.compare(
         c, sweep=args.sweep, experiment=args.experiment, filter_string=args.filter,
@@ -80,5 +94,35 @@ def run(args: argparse.Namespace) -> int:
     logged = (f" and logged to run {comparison.parent.info.run_id}"
               if comparison.parent is not None and not args.no_log else "")
     print(f"plots: {', '.join(pngs)}{logged}", file=sys.stderr)
+  print(f"MLflow UI: {runs_lib.ui_command(tracking_uri)}", file=sys.stderr)
+  return 0
+
+
+def run_scaling(args: argparse.Namespace, c, tracking_uri: str) -> int:
+  from analysis import ladder  # pylint: disable=g-import-not-at-top
+  from analysis import scaling  # pylint: disable=g-import-not-at-top
+  at_flops = ladder.DEFAULT_AT_FLOPS if args.at_flops is None else args.at_flops
+  if not args.sweep:
+    print("ablax compare: --scaling fits a ladder sweep; give --sweep NAME", file=sys.stderr)
+    return 2
+  if not at_flops > 0 or args.n_boot < 10:
+    print("ablax compare: --at_flops must be positive and --n_boot at least 10", file=sys.stderr)
+    return 2
+  try:
+    result = ladder.collect(c, args.sweep, metric=args.metric, baseline=args.baseline,
+                            at_flops=at_flops, confidence=args.confidence, n_boot=args.n_boot)
+  except (runs_lib.RunLookupError, scaling.ScalingError) as e:
+    print(f"ablax compare: {e}", file=sys.stderr)
+    return 2
+  text = ladder.render(result, args.format)
+  print(text)
+  if args.output:
+    Path(args.output).write_text(text)
+  if not args.no_plots:
+    paths = ladder.save(c, result, args.plots_dir, log_to_parent=not args.no_log)
+    logged = (f" and logged to run {result.parent.info.run_id}" if not args.no_log else "")
+    print(f"plot: {paths[0]}{logged}", file=sys.stderr)
+  elif not args.no_log:
+    ladder.log_result(c, result)
   print(f"MLflow UI: {runs_lib.ui_command(tracking_uri)}", file=sys.stderr)
   return 0

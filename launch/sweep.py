@@ -26,6 +26,10 @@ the product of the axes, in the order written, times the seeds. Every point
 is checked (gin parse + finalize, and the ModelConfig built) in this process
 before anything trains, so a misspelt binding fails in a second, naming the
 axis and the value, instead of after the first child has trained.
+
+`ladder` adds model sizes with a token budget as one more axis, `size`
+(launch/ladder.py): every variant x size x seed is a point, and the points'
+steps and warmup follow from the budget.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Sweep:
       only; True varies the data order with the seed as well.
     experiment: MLflow experiment; default: the sweep name.
     metric: the metric `ablax compare` ranks by (lower is better).
+    ladder: model sizes and a token budget (launch/ladder.py); None = no ladder.
     source: the sweep file it was loaded from (set by `load`, not bound in gin).
   """
 
@@ -84,6 +89,7 @@ class Sweep:
   vary_data_seed: bool = False
   experiment: str | None = None
   metric: str = "eval/loss"
+  ladder: Mapping[str, Any] | None = None
   source: str | None = dataclasses.field(default=None, repr=False)
 
   @property
@@ -170,7 +176,7 @@ def check_shape(sweep: Sweep) -> list[Axis]:
   for seed in sweep.seeds:
     if not isinstance(seed, int) or isinstance(seed, bool):
       raise SweepError(f"sweep {sweep.name}: seeds must be ints, got {seed!r}")
-  axes = [_axis(sweep.name, name, spec) for name, spec in sweep.axes.items()]
+  axes = [parse_axis(sweep.name, name, spec) for name, spec in sweep.axes.items()]
   if SEED_AXIS in sweep.axes:
     raise SweepError(f"sweep {sweep.name}: '{SEED_AXIS}' is reserved; list seeds in `seeds`")
   for name, label in (sweep.baseline or {}).items():
@@ -180,10 +186,13 @@ def check_shape(sweep: Sweep) -> list[Axis]:
                        f"{[a.name for a in axes]}")
     if str(label) not in axis.labels:
       raise SweepError(f"sweep {sweep.name}: baseline {name}={label!r} is not one of {list(axis.labels)}")
+  if sweep.ladder is not None:
+    from launch import ladder  # pylint: disable=g-import-not-at-top
+    axes.append(ladder.check_shape(sweep))
   return axes
 
 
-def _axis(sweep_name: str, name: str, spec: Any) -> Axis:
+def parse_axis(sweep_name: str, name: str, spec: Any) -> Axis:
   where = f"sweep {sweep_name}: axis {name!r}"
   # No dots: the trainer logs dotted params ('model.norm', 'core.train...') next to the axis values.
   if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
@@ -216,24 +225,39 @@ def _axis(sweep_name: str, name: str, spec: Any) -> Axis:
   return Axis(name, binding, labels, entries)
 
 
-def _split(entries: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_entries(entries: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(overlay .gin files, bindings) of an axis entry list."""
   files = [e for e in entries if e.strip().endswith(".gin") and "=" not in e]
   return files, [e for e in entries if e not in files]
 
 
 def expand(sweep: Sweep) -> list[Point]:
-  """The grid (product of the axes, first axis slowest) times the seeds (fastest)."""
+  """The grid (product of the axes, first axis slowest) times the seeds (fastest).
+
+  With a ladder, its size axis comes last; a size's entries go before the
+  variants' (which modify the model the size describes) and its steps and
+  warmup after them.
+  """
   axes = check_shape(sweep)
+  sizes = {}
+  if sweep.ladder is not None:
+    from launch import ladder  # pylint: disable=g-import-not-at-top
+    sizes = {s.label: s for s in ladder.sizes(sweep, axes[:-1])}
   points = []
   combos = itertools.product(*[range(len(a.labels)) for a in axes])
   for combo, seed in itertools.product(list(combos), list(sweep.seeds)):
     files, params = list(sweep.base), list(sweep.params)
-    choices = []
-    for axis, i in zip(axes, combo):
-      more_files, more_params = _split(axis.entries[i])
+    choices = [(axis.name, axis.labels[i]) for axis, i in zip(axes, combo)]
+    size = sizes.get(choices[-1][1]) if sizes else None
+    if size is not None:
+      size_files, size_params = split_entries(size.entries)
+      files, params = files + size_files, params + size_params
+    for axis, i in zip(axes[:-1] if sizes else axes, combo):
+      more_files, more_params = split_entries(axis.entries[i])
       files += more_files
       params += more_params
-      choices.append((axis.name, axis.labels[i]))
+    if size is not None:
+      params += size.bindings
     params.append(f"{sweep.seed_binding} = {seed}")
     if sweep.seed_binding == DEFAULT_SEED_BINDING:
       data_seed = seed if sweep.vary_data_seed else list(sweep.seeds)[0]
@@ -255,7 +279,10 @@ def definition(sweep: Sweep) -> dict[str, Any]:
           "axes": json.loads(json.dumps(sweep.axes, default=str)), "seeds": list(sweep.seeds),
           "baseline": dict(sweep.baseline or {}), "seed_binding": sweep.seed_binding,
           "vary_data_seed": sweep.vary_data_seed, "experiment": sweep.experiment_name,
-          "metric": sweep.metric}
+          "metric": sweep.metric,
+          # Only when set, so the hash of a sweep without a ladder is what it was before ladders.
+          **({"ladder": json.loads(json.dumps(sweep.ladder, default=str))}
+             if sweep.ladder is not None else {})}
 
 
 def definition_hash(sweep: Sweep) -> str:
@@ -273,7 +300,7 @@ class _DropGinSearchMisses(logging.Filter):
     return not str(record.msg).startswith("Path not found")
 
 
-_QUIET = _DropGinSearchMisses()
+QUIET = _DropGinSearchMisses()
 
 
 def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
@@ -281,7 +308,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   import gin
   from core.model.config import ModelConfig
   gin.clear_config()
-  logging.getLogger().addFilter(_QUIET)
+  logging.getLogger().addFilter(QUIET)
   try:
     gin_config.parse(files, params)
     try:
@@ -293,7 +320,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   except gin_config.GinConfigError as e:
     raise SweepError(f"{where}: {e}") from None
   finally:
-    logging.getLogger().removeFilter(_QUIET)
+    logging.getLogger().removeFilter(QUIET)
     gin.clear_config()
 
 
@@ -314,12 +341,15 @@ def validate(sweep: Sweep, points: Sequence[Point] | None = None) -> None:
          f"argument)")
   for axis in axes:
     for label, entries in zip(axis.labels, axis.entries):
-      files, params = _split(entries)
+      files, params = split_entries(entries)
       _check(base_files + files, base_params + params,
              f"sweep {sweep.name}: axis {axis.name!r} value {label!r}")
   for point in points:
     _check(point.gin_files, point.gin_params, f"sweep {sweep.name}: point {point.variant} "
            f"seed {point.seed}")
+  if sweep.ladder is not None:
+    from launch import ladder  # pylint: disable=g-import-not-at-top
+    ladder.check_distinct(sweep, points)
 
 
 def resolve_files(point: Point) -> list[str]:

@@ -5,6 +5,7 @@
   ablax sweep ablations/attention.gin --workers 2 --gin_param 'Sweep.seeds = [0, 1, 2]'
   ablax sweep ablations/attention.gin --launcher slurm  # a job array (launch/slurm_sweep.py)
   ablax sweep ablations/attention.gin --status         # each point's MLflow (and SLURM) state
+  ablax sweep ablations/ladder_activation.gin --dry-run  # a size ladder: params, tokens, FLOPs, CPU time
 
 A re-run with the same sweep definition and workdir skips the points whose
 MLflow run finished and resumes the others from their checkpoints. At the end
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     points = sweep_lib.expand(sweep)
     print_points(sweep, points)
     sweep_lib.validate(sweep, points)
+    if sweep.ladder is not None:
+      from launch import ladder  # pylint: disable=g-import-not-at-top
+      ladder.print_ladder(sweep, points, args.workers or default_workers(len(points)),
+                          len(sweep_runner.available_cpus()))
   except (sweep_lib.SweepError, gin_config.GinConfigError) as e:
     print(f"ablax sweep: {e}", file=sys.stderr)
     return 2
@@ -153,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
   failed = [o for o in outcomes if o.status != "FINISHED"]
   sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
 
-  if not args.no_compare:
+  if not args.no_compare and sweep.ladder is not None:
+    _print_scaling(tracking_uri, parent_id, workdir / "scaling")
+  elif not args.no_compare:
     _print_comparison(tracking_uri, parent_id, workdir / "comparison")
   minutes = (time.monotonic() - started) / 60
   print(f"\nsweep {sweep.name}: {len(points) - len(failed)}/{len(points)} points finished "
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     for o in failed:
       print(f"  {o.point.variant} seed={o.point.seed}: {o.log}")
   print(f"Compare again:  ablax compare --sweep {sweep.name}"
+        + (" --scaling" if sweep.ladder is not None else "")
         + ("" if args.tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
            else f" --tracking_uri {tracking_uri}"))
   print(f"Open the UI:    {runs_lib.ui_command(tracking_uri)}")
@@ -191,3 +199,18 @@ def _print_comparison(tracking_uri: str, parent_id: str, plots_dir: Path) -> Non
   except Exception as e:  # noqa: BLE001  plots are a courtesy; the table is printed
     print(f"plots not written: {type(e).__name__}: {e}", file=sys.stderr)
 
+
+
+def _print_scaling(tracking_uri: str, parent_id: str, out_dir: Path) -> None:
+  from analysis import ladder  # pylint: disable=g-import-not-at-top
+  from analysis import scaling  # pylint: disable=g-import-not-at-top
+  c = runs_lib.client(tracking_uri)
+  try:
+    result = ladder.collect(c, parent_id)
+  except (runs_lib.RunLookupError, scaling.ScalingError) as e:
+    print(f"no scaling fit: {e}", file=sys.stderr)
+    return
+  print()
+  print(ladder.render(result, "text"))
+  paths = ladder.save(c, result, out_dir)
+  print(f"plot (also logged to the parent run): {paths[0]}")

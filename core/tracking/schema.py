@@ -40,6 +40,7 @@ SWEEP_CPU_PEAK = "sweep/cpu_peak_flops"
 SWEEP_ENERGY_KWH = "sweep/energy_kwh"
 SWEEP_CO2_KG = "sweep/co2_kg"
 COMPARE = "compare/"  # compare/<variant>/{mean,std,delta,ci_low,ci_high,p,p_holm,matched_*}
+SCALING = "scaling/"  # scaling/<variant>/{E,A,alpha}[_low,_high], delta_at*, multiplier*
 
 # -- params ----------------------------------------------------------------------------
 MODEL = "model."                   # every ModelConfig field, once
@@ -132,7 +133,7 @@ EXPERIMENT_KEY = "experiment"
 def is_declared_metric(key: str) -> bool:
   """Whether `key` is a metric this schema names (by name or by its family's prefix)."""
   return (key in TRAIN_METRICS or key in EVAL_METRICS or key == COMPILE_S
-          or key.startswith((ENERGY, SYSTEM, *EVAL_SUITE_PREFIXES, "sweep/", COMPARE)))
+          or key.startswith((ENERGY, SYSTEM, *EVAL_SUITE_PREFIXES, "sweep/", COMPARE, SCALING)))
 
 
 def is_declared_param(key: str) -> bool:
