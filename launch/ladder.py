@@ -114,7 +114,7 @@ def check_shape(sweep: sweep_lib.Sweep) -> sweep_lib.Axis | None:
 def _query(name: str, where: str):
   import gin  # pylint: disable=g-import-not-at-top
   try:
-    return gin.query_parameter(name)
+    return gin_config.resolve_macro(gin.query_parameter(name))
   except ValueError:
     raise sweep_lib.SweepError(f"{where}: the configuration does not bind {name}") from None
 
