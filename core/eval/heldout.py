@@ -16,6 +16,7 @@ loss_mask > 0 count.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from core import progress
 
 _META = "\u2581"
 
@@ -108,9 +111,8 @@ def evaluate(model: nnx.Module, batches: Mapping[str, Iterable[Mapping[str, Any]
   per_source: dict[str, _Totals] = {}
   for name, source in batches.items():
     totals = per_source[name] = _Totals()
-    for i, batch in enumerate(source):
-      if max_batches is not None and i >= max_batches:
-        break
+    read = source if max_batches is None else itertools.islice(source, max_batches)
+    for batch in progress.track(read, f"held-out loss: {name}", total=max_batches):
       arrays = [jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids",
                                                 "positions")]
       mask = np.asarray(batch["loss_mask"], np.float32)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from flax import nnx
 
+from core import progress
 from core.eval import mc_metrics
 from core.eval.score import token_scores
 
@@ -249,17 +250,17 @@ def completion_logprobs(model: nnx.Module, requests: Sequence[tuple[list[int], l
     if max_len is not None:
       width = min(width, max_len)
     by_width.setdefault(width, []).append(i)
-  for width, idx in sorted(by_width.items()):
-    for b in range(0, len(idx), batch_size):
-      chunk = idx[b:b + batch_size]
-      rows = np.zeros((batch_size, width), np.int32)
-      for r, i in enumerate(chunk):
-        rows[r, :len(seqs[i])] = seqs[i]
-      logp, top = token_scores(model, rows)  # (batch, width - 1): value j predicts id j + 1
-      for r, i in enumerate(chunk):
-        span = slice(starts[i] - 1, len(seqs[i]) - 1)
-        out[i] = float(np.sum(logp[r, span], dtype=np.float64))
-        greedy[i] = bool(np.all(top[r, span]))
+  chunks = [(width, idx[b:b + batch_size]) for width, idx in sorted(by_width.items())
+            for b in range(0, len(idx), batch_size)]
+  for width, chunk in progress.track(chunks, f"scoring {len(seqs)} choices"):
+    rows = np.zeros((batch_size, width), np.int32)
+    for r, i in enumerate(chunk):
+      rows[r, :len(seqs[i])] = seqs[i]
+    logp, top = token_scores(model, rows)  # (batch, width - 1): value j predicts id j + 1
+    for r, i in enumerate(chunk):
+      span = slice(starts[i] - 1, len(seqs[i]) - 1)
+      out[i] = float(np.sum(logp[r, span], dtype=np.float64))
+      greedy[i] = bool(np.all(top[r, span]))
   return out, greedy
 
 
