@@ -13,6 +13,8 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
+from core.errors import UserError
+
 # Tags a sweep writes (launch/sweep_runner.py) and the analysis reads.
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "ablax.sweep.name"
@@ -29,7 +31,7 @@ REPRODUCES_TAG = "ablax.reproduces"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class RunLookupError(LookupError):
+class RunLookupError(UserError, LookupError):
   """A run, sweep or experiment that is not in the store; the message says what was looked for."""
 
 

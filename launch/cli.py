@@ -3,14 +3,20 @@
 Each subcommand lives in its own module `launch/<name>_cmd.py` exposing
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
 their subcommand runs, so `ablax --help` stays fast and a broken optional
-dependency of one command never breaks the others.
+dependency of one command never breaks the others. Bad input, whatever command
+raises it (core.errors.UserError), is printed here as `ablax <command>: <cause>`
+with exit status 2; ABLAX_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Set to 1 to see the traceback of a bad-input error (core.errors.UserError).
+DEBUG_ENV = "ABLAX_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -87,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog=f"ablax {name}", description=help_text)
   module.add_arguments(parser)
   args = parser.parse_args(rest)
-  return int(module.run(args) or 0)
+  from core.errors import UserError, one_line  # pylint: disable=g-import-not-at-top
+  try:
+    return int(module.run(args) or 0)
+  except UserError as e:
+    # Bad input, from any command: one line naming the cause. ABLAX_DEBUG=1 keeps the
+    # traceback, for when the message is not enough.
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+      raise
+    print(f"ablax {name}: {one_line(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import os
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ENV_MODE = "ABLAX_DISTRIBUTED"
@@ -52,7 +54,7 @@ _PORT_BASE, _PORT_SPAN = 65536 - 4096, 4096
 _MODES = ("", "auto", "off")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
   """The flags and environment do not describe a usable multi-process run."""
 
 

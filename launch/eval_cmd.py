@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import UserError
+
 SPECIAL = ("heldout", "memorization")
 DEFAULT_SOURCES = ("code=embedded:code", "prose=embedded:prose")
 
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-class _Usage(ValueError):
+class _Usage(UserError, ValueError):
   pass
 
 

@@ -17,15 +17,18 @@ import json
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missing file.
 import inspect
 import os
+import tokenize
 from pathlib import Path
 from typing import Any, Sequence
 
 import gin
 
+from core.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError, ValueError):
   """A gin file or binding that cannot be used; the message names the cause."""
 
 
@@ -50,19 +53,28 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
   """Parses files (later ones win) then bindings; returns the resolved file paths."""
   resolved = [resolve_gin_file(f) for f in gin_files]
   gin.add_config_file_search_path(str(REPO_ROOT))
+  where = "the gin files"
   try:
     for f in resolved:
+      where = str(f)
       gin.parse_config_file(str(f))
     if gin_params:
+      where = "the --gin_param bindings"
       gin.parse_config(list(gin_params))
+    if finalize:
+      # Finalizing is where a `%gin.REQUIRED` that nothing overrode is reported.
+      where = "the gin files and bindings"
+      gin.finalize()
+  except tokenize.TokenError as e:
+    # Python's tokenizer ran to the end of the text inside a bracket or a string.
+    what = e.args[0] if e.args else str(e)
+    raise GinConfigError(f"{what} in {where}: a bracket or a string is left open") from None
   except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError,
           AttributeError) as e:
     message = str(e)
     if "Unable to open file" in message:
       message = message.replace("Unable to open file", "gin include not found")
     raise GinConfigError(message) from None
-  if finalize:
-    gin.finalize()
   return resolved
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from analysis import reproduce as repro
 from analysis import runs as runs_lib
+from core.errors import UserError
 from launch import sweep_runner
 
 
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--train_command", default=None, help=argparse.SUPPRESS)
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
   """The run cannot be reproduced (missing run or config); raised before training."""
 
 

@@ -33,13 +33,14 @@ from typing import Any, Sequence
 import numpy as np
 from flax import nnx
 
+from core.errors import UserError
 from core.eval.score import token_logprobs
 
 NORMALIZATIONS = ("char", "unconditional", "token", "none")
 UNCONDITIONAL_PROMPT = "Answer:"
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
   """A task that cannot be read or scored; the message says what is wrong."""
 
 

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from core.errors import UserError
 from core.model.cache import init_cache
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
   """Generation arguments that cannot work with the given model."""
 
 

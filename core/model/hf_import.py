@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.errors import UserError
 from core.model.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -37,7 +38,7 @@ _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")
 _LAYER_KINDS = {"full_attention": "global", "sliding_attention": "local"}
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError, ValueError):
   """A Hugging Face checkpoint that ablax cannot represent or read; names the cause."""
 
 

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
+
 # MLflow limits (mlflow/utils/validation.py, MLflow 3.x).
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
@@ -18,7 +20,7 @@ _TRUNCATED = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 
-class TrackingStoreError(RuntimeError):
+class TrackingStoreError(UserError, RuntimeError):
   """The tracking store cannot be reached or written; raised before training starts."""
 
 

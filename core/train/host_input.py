@@ -26,8 +26,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from core.errors import UserError
 
-class HostInputError(ValueError):
+
+class HostInputError(UserError, ValueError):
   """A batch size, shard count and mesh that do not divide into per-process rows."""
 
 
