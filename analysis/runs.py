@@ -49,8 +49,9 @@ def client(tracking_uri: str | None = None):
 
 
 def ui_command(tracking_uri: str) -> str:
-  """The shell command that opens the MLflow UI on this store."""
-  return f"mlflow ui --backend-store-uri {tracking_uri}"
+  """The shell command that opens the MLflow UI on this store (credentials left out)."""
+  from core.tracking.store import public_uri  # pylint: disable=g-import-not-at-top
+  return f"mlflow ui --backend-store-uri {public_uri(tracking_uri)}"
 
 
 def _all_experiment_ids(c) -> list[str]:

@@ -72,6 +72,19 @@ def _skip_absent_accelerators() -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _move_store_credentials(args: argparse.Namespace) -> None:
+  """Credentials in a tracking URI move to the environment before any command sees the URI.
+
+  So no run.json, sweep.json, child command line or printed line holds them
+  (core.tracking.store.adopt_credentials); MLflow reads them from there.
+  """
+  from core.tracking.store import adopt_credentials  # pylint: disable=g-import-not-at-top
+  if isinstance(getattr(args, "tracking_uri", None), str):
+    args.tracking_uri = adopt_credentials(args.tracking_uri)
+  if os.environ.get("MLFLOW_TRACKING_URI"):
+    os.environ["MLFLOW_TRACKING_URI"] = adopt_credentials(os.environ["MLFLOW_TRACKING_URI"])
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _skip_absent_accelerators()
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog=f"ablax {name}", description=help_text)
   module.add_arguments(parser)
   args = parser.parse_args(rest)
+  _move_store_credentials(args)
   from core.errors import UserError, one_line  # pylint: disable=g-import-not-at-top
   try:
     return int(module.run(args) or 0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from analysis import reproduce as repro
 from analysis import runs as runs_lib
 from core.errors import UserError
+from core.tracking.store import public_uri
 from launch import sweep_runner
 
 
@@ -183,7 +184,7 @@ def _create_run(c, original, workdir: Path, tracking_uri: str) -> str:
   run = c.create_run(original.info.experiment_id, tags=tags, run_name=name)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / sweep_runner.TRAINER_RUN_FILE).write_text(json.dumps({
-      "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+      "mlflow_run_id": run.info.run_id, "tracking_uri": public_uri(tracking_uri),
       "experiment": experiment.name}, indent=2) + "\n")
   return run.info.run_id
 

@@ -65,6 +65,8 @@ class Checkpointer:
     older step, can save that step number again.
     """
     steps = self.steps()
+    if steps:
+      _quiet_closed_loop_callbacks()
     errors = []
     for step in reversed(steps):
       try:
@@ -73,7 +75,6 @@ class Checkpointer:
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         _check_complete(restored["state"], abstract_state)
       except Exception as e:  # noqa: BLE001  any failure to read means "not usable"
-        _quiet_closed_loop_callbacks()
         errors.append((step, short_reason(e)))
         self._discard(step)
         continue

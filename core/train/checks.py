@@ -58,14 +58,16 @@ def check_workdir(workdir: str | os.PathLike) -> None:
                          "writable filesystem") from None
 
 
-def check_seq_len(model, seq_len: int) -> None:
+def check_seq_len(model, seq_len: int | None) -> None:
   """The data's rows fit the model's context (ModelConfig.max_seq_len), whatever its positions.
 
   Learned positions have no row past max_seq_len; RoPE would run, but a model
   trained past the length it records is not the model its config describes
   (sampling and planning read max_seq_len). Raising max_seq_len is the explicit choice.
+  Checked with the length the data declares, before the state is built, and
+  again with the first batch's. None: not known yet.
   """
-  if seq_len > model.max_seq_len:
+  if seq_len is not None and seq_len > model.max_seq_len:
     raise RunConfigError(
         f"the data's rows are {seq_len} tokens, longer than ModelConfig.max_seq_len "
         f"{model.max_seq_len} (positions={model.positions!r}); shorten the data's seq_len or "

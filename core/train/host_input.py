@@ -72,6 +72,7 @@ class HostShardedBatches:
     # What the loop reads from a data iterator besides batches.
     self.tokenizer = getattr(head, "tokenizer", None)
     self.manifest = getattr(head, "manifest", None)
+    self.seq_len = getattr(head, "seq_len", None)  # None: known from the first batch
 
   def __iter__(self):
     return self

@@ -177,6 +177,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   data_seed = seed if data_seed is None else data_seed
   train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
                                              shards=shards, rows=rows)
+  checks.check_seq_len(model, train_data.seq_len)
   tokenizer = getattr(train_data, "tokenizer", None)
   if tokenizer is not None:
     # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
