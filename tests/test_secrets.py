@@ -164,3 +164,44 @@ def test_coordinator_listens_on_loopback_only(tmp_path):
   finally:
     proc.kill()
     proc.wait(30)
+
+
+# -- deploy/mlflow_postgres ------------------------------------------------------------------
+
+
+def test_create_database_gives_psql_no_password_in_argv(tmp_path):
+  """psql's command line, as `ps` would show it, holds no password; its script reads the env."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake = bin_dir / "psql"
+  fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n'
+                  f'cat > {tmp_path}/script\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", MLFLOW_DB_PASSWORD=PASSWORD)
+  out = subprocess.run(["bash", str(REPO / "deploy" / "mlflow_postgres" / "create_database.sh"),
+                        "-h", "db.internal"], env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  argv = (tmp_path / "argv").read_text()
+  assert "db.internal" in argv and PASSWORD not in argv
+  assert "\\set password `printenv MLFLOW_DB_PASSWORD`" in (tmp_path / "script").read_text()
+
+
+def test_start_server_gives_mlflow_no_store_uri_in_argv(tmp_path):
+  """`mlflow server` gets the store URI (with its password) from MLFLOW_BACKEND_STORE_URI."""
+  fake = tmp_path / "mlflow"
+  fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n'
+                  f'printf "%s" "$MLFLOW_BACKEND_STORE_URI" > {tmp_path}/env_uri\n')
+  fake.chmod(0o755)
+  # The script checks the PostgreSQL driver with the python beside MLFLOW_BIN: say it is there.
+  (tmp_path / "python").write_text("#!/bin/sh\nexit 0\n")
+  (tmp_path / "python").chmod(0o755)
+  store = f"postgresql://mlflow:{PASSWORD}@127.0.0.1:5432/mlflow"
+  env = dict(os.environ, MLFLOW_BIN=str(fake), MLFLOW_BACKEND_STORE_URI=store,
+             MLFLOW_FOREGROUND="1", MLFLOW_SERVER_DIR=str(tmp_path / "server"))
+  out = subprocess.run(["bash", str(REPO / "deploy" / "mlflow_postgres" / "start_server.sh")],
+                       env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  argv = (tmp_path / "argv").read_text().split("\n")
+  assert argv[0] == "server" and "--host" in argv
+  assert PASSWORD not in "\n".join(argv) and "--backend-store-uri" not in argv
+  assert (tmp_path / "env_uri").read_text() == store
