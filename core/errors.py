@@ -20,7 +20,14 @@ class UserError(Exception):
 
 
 def one_line(error: BaseException) -> str:
-  """The message of `error` on one line: gin's call notes dropped, its location lines joined."""
+  """The message of `error` on one line: gin's call notes dropped, its location in brackets.
+
+  'No configurable matching X.\n  In file "a.gin", line 3\n    X.y = 1' becomes
+  'No configurable matching X. (In file "a.gin", line 3: X.y = 1)'.
+  """
   lines = [line.strip() for line in str(error).splitlines()
            if line.strip() and not _GIN_CALL.match(line) and line.strip() != "^"]
-  return "; ".join(lines) or type(error).__name__
+  if not lines:
+    return type(error).__name__
+  head, rest = lines[0], lines[1:]
+  return f"{head} ({': '.join(rest)})" if rest else head

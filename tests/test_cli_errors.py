@@ -120,7 +120,7 @@ def test_debug_env_keeps_the_traceback(tmp_path, capsys, monkeypatch):
 def test_one_line_drops_gin_call_notes_and_joins_locations():
   error = ValueError("No configurable matching 'X'.\n  In file \"a.gin\", line 3\n    X.y = 1\n"
                      "    ^\n  In call to configurable 'train' (<function train at 0x7f>)")
-  assert one_line(error) == "No configurable matching 'X'.; In file \"a.gin\", line 3; X.y = 1"
+  assert one_line(error) == "No configurable matching 'X'. (In file \"a.gin\", line 3: X.y = 1)"
 
 
 def test_unreadable_checkpoints_are_one_line_and_the_run_failed(tmp_path, capsys, _mlflow_store):
