@@ -13,6 +13,7 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
+from core.errors import UserError
 from core.tracking import schema
 
 # Tags a sweep writes (launch/sweep_runner.py) and the analysis reads: core.tracking.schema's.
@@ -31,7 +32,7 @@ REPRODUCES_TAG = schema.REPRODUCES
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class RunLookupError(LookupError):
+class RunLookupError(UserError, LookupError):
   """A run, sweep or experiment that is not in the store; the message says what was looked for."""
 
 
@@ -49,8 +50,9 @@ def client(tracking_uri: str | None = None):
 
 
 def ui_command(tracking_uri: str) -> str:
-  """The shell command that opens the MLflow UI on this store."""
-  return f"mlflow ui --backend-store-uri {tracking_uri}"
+  """The shell command that opens the MLflow UI on this store (credentials left out)."""
+  from core.tracking.store import public_uri  # pylint: disable=g-import-not-at-top
+  return f"mlflow ui --backend-store-uri {public_uri(tracking_uri)}"
 
 
 def _all_experiment_ids(c) -> list[str]:

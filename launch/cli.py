@@ -4,14 +4,21 @@ Each subcommand lives in its own module `launch/<name>_cmd.py` exposing
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
 their subcommand runs, so `ablax --help` stays fast and a broken optional
 dependency of one command never breaks the others. t5x's `--gin.NAME=VALUE`
-shorthand is rewritten here, once, for every command.
+shorthand is rewritten here, once, for every command. Bad input, whatever
+command raises it (core.errors.UserError), is printed here as
+`ablax <command>: <cause>` with exit status 2; ABLAX_DEBUG=1 shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Set to 1 to see the traceback of a bad-input error (core.errors.UserError).
+DEBUG_ENV = "ABLAX_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -158,6 +165,19 @@ def _skip_absent_accelerators() -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _move_store_credentials(args: argparse.Namespace) -> None:
+  """Credentials in a tracking URI move to the environment before any command sees the URI.
+
+  So no run.json, sweep.json, child command line or printed line holds them
+  (core.tracking.store.adopt_credentials); MLflow reads them from there.
+  """
+  from core.tracking.store import adopt_credentials  # pylint: disable=g-import-not-at-top
+  if isinstance(getattr(args, "tracking_uri", None), str):
+    args.tracking_uri = adopt_credentials(args.tracking_uri)
+  if os.environ.get("MLFLOW_TRACKING_URI"):
+    os.environ["MLFLOW_TRACKING_URI"] = adopt_credentials(os.environ["MLFLOW_TRACKING_URI"])
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _skip_absent_accelerators()
@@ -179,14 +199,19 @@ def main(argv: list[str] | None = None) -> int:
       print(f"ablax {name}: not available in this version", file=sys.stderr)
       return 2
     raise
+  from core.errors import UserError, one_line  # pylint: disable=g-import-not-at-top
   from launch import gin_config  # pylint: disable=g-import-not-at-top
   try:
-    rest = gin_config.rewrite_shorthand(rest)
-  except gin_config.GinConfigError as e:
-    print(f"ablax {name}: {e}", file=sys.stderr)
+    args = parser.parse_args(gin_config.rewrite_shorthand(rest))
+    _move_store_credentials(args)
+    return int(importlib.import_module(module_name).run(args) or 0)
+  except UserError as e:
+    # Bad input, from any command: one line naming the cause. ABLAX_DEBUG=1 keeps the
+    # traceback, for when the message is not enough.
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+      raise
+    print(f"ablax {name}: {one_line(e)}", file=sys.stderr)
     return 2
-  args = parser.parse_args(rest)
-  return int(importlib.import_module(module_name).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
@@ -86,13 +85,8 @@ def _decode_row(tokenizer, batch, r: int, chars: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-  from core.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from core.tokenizer import TokenizerError  # pylint: disable=g-import-not-at-top
-  try:
-    summary = inspect_pipeline(args)
-  except (gin_config.GinConfigError, DataError, TokenizerError) as e:
-    print(f"ablax data inspect: {e}", file=sys.stderr)
-    return 2
+  # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
+  summary = inspect_pipeline(args)
   if args.json:
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     return 0

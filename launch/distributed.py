@@ -27,6 +27,11 @@ which hides all but one GPU when a node runs one task over all its GPUs, and is
 wrong when SLURM already bound GPUs per task (`--gpus-per-task` sets
 CUDA_VISIBLE_DEVICES). Once we have all three values we switch JAX's detection
 off; `ABLAX_LOCAL_DEVICE_IDS` restricts devices explicitly when wanted.
+
+Process 0's coordinator service listens on the coordinator address only (JAX
+would listen on every interface, `[::]:port`): on loopback when the address is
+a loopback one, which a SLURM step on a single node uses. `JAX_COORDINATOR_BIND_ADDRESS`
+still overrides it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import logging
 import os
 import re
 from typing import Any, Callable, Iterator, Mapping
+
+from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +56,12 @@ ENV_LOCAL_DEVICE_IDS = "ABLAX_LOCAL_DEVICE_IDS"
 
 # Same range JAX uses for SLURM: the top 4096 ports, clear of most services.
 _PORT_BASE, _PORT_SPAN = 65536 - 4096, 4096
+# JAX's own variable for the coordinator's listening address; it wins over ours.
+BIND_ENV = "JAX_COORDINATOR_BIND_ADDRESS"
 _MODES = ("", "auto", "off")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
   """The flags and environment do not describe a usable multi-process run."""
 
 
@@ -92,7 +101,22 @@ class DistributedConfig:
     # Everything is decided: keep JAX's own cluster detection from overriding
     # the visible devices (see the module docstring).
     kwargs["cluster_detection_method"] = "deactivate"
+    kwargs["coordinator_bind_address"] = (os.environ.get(BIND_ENV)
+                                          or bind_address(self.coordinator_address))
     return kwargs
+
+
+def bind_address(coordinator_address: str) -> str:
+  """Where process 0's coordinator service listens: the coordinator's own host and port.
+
+  The other processes reach it at that address, so nothing else needs to be open;
+  'localhost' becomes 127.0.0.1, as gRPC would otherwise listen on one of ::1 and
+  127.0.0.1 while a client may try the other.
+  """
+  host, port = coordinator_address.rsplit(":", 1)
+  if host.lower() == "localhost":
+    host = "127.0.0.1"
+  return f"{host}:{port}"
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -265,7 +289,9 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, Any] | None:
   if not hosts:
     raise DistributedConfigError(f"empty SLURM host list {nodelist!r}")
   port = _int_env(env, ENV_PORT) or _int_env(env, "JAX_COORDINATOR_PORT") or slurm_port(env)
-  return {"coordinator_address": f"{hosts[0]}:{port}", "num_processes": count,
+  # Every task of a one-node step is on this machine: the coordinator needs no network.
+  host = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+  return {"coordinator_address": f"{host}:{port}", "num_processes": count,
           "process_id": int(env["SLURM_PROCID"])}
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import UserError
 from core.eval.mc_metrics import DEFAULT_METRICS, METRICS
 
 SPECIAL = ("heldout", "memorization")
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-class _Usage(ValueError):
+class _Usage(UserError, ValueError):
   pass
 
 

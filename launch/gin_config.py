@@ -24,10 +24,13 @@ import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to report a missi
 import inspect
 import logging
 import os
+import tokenize
 from pathlib import Path
 from typing import Any, Sequence
 
 import gin
+
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Extra folders for gin files and includes; in the environment so that the
@@ -35,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PATHS_ENV = "ABLAX_GIN_SEARCH_PATHS"
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError, ValueError):
   """A gin file or binding that cannot be used; the message names the cause."""
 
 
@@ -129,11 +132,22 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
   quiet = _QuietIncludeProbe()
   root = logging.getLogger()
   root.addFilter(quiet)
+  where = "the gin files"
   try:
     for f in resolved:
+      where = str(f)
       gin.parse_config_file(str(f))
     if gin_params:
+      where = "the --gin_param bindings"
       gin.parse_config(list(gin_params))
+    if finalize:
+      # Finalizing is where a `%gin.REQUIRED` that nothing overrode is reported.
+      where = "the gin files and bindings"
+      gin.finalize()
+  except tokenize.TokenError as e:
+    # Python's tokenizer ran to the end of the text inside a bracket or a string.
+    what = e.args[0] if e.args else str(e)
+    raise GinConfigError(f"{what} in {where}: a bracket or a string is left open") from None
   except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError,
           AttributeError) as e:
     message = str(e)
@@ -142,8 +156,6 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
     raise GinConfigError(message) from None
   finally:
     root.removeFilter(quiet)
-  if finalize:
-    gin.finalize()
   return resolved
 
 

@@ -9,7 +9,6 @@ the checkpoint has one. What ablax cannot represent exactly is refused.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from core.model.config import DTYPES
 
@@ -28,13 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from core.model import hf_import, io
-  try:
-    _, config, info = hf_import.import_hf(args.hf_dir, args.out, dtype=args.dtype,
-                                          param_dtype=args.param_dtype,
-                                          overwrite=args.overwrite)
-  except (hf_import.HFImportError, io.ModelIOError) as e:
-    print(f"ablax import-hf: {e}", file=sys.stderr)
-    return 2
+  # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
+  _, config, info = hf_import.import_hf(args.hf_dir, args.out, dtype=args.dtype,
+                                        param_dtype=args.param_dtype, overwrite=args.overwrite)
   counts = io.read_manifest(args.out)["param_counts"]
   print(f"imported {info['hf_architecture']} from {info['hf_dir']}")
   print(f"  layers {config.num_layers}, embed_dim {config.embed_dim}, heads {config.num_heads}/"

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from analysis import reproduce as repro
 from analysis import runs as runs_lib
+from core.errors import UserError
 from core.tracking import schema
+from core.tracking.store import public_uri
 from launch import sweep_runner
 
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--train_command", default=None, help=argparse.SUPPRESS)
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
   """The run cannot be reproduced (missing run or config); raised before training."""
 
 
@@ -183,7 +185,7 @@ def _create_run(c, original, workdir: Path, tracking_uri: str) -> str:
   run = c.create_run(original.info.experiment_id, tags=tags, run_name=name)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / sweep_runner.TRAINER_RUN_FILE).write_text(json.dumps({
-      "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+      "mlflow_run_id": run.info.run_id, "tracking_uri": public_uri(tracking_uri),
       "experiment": experiment.name}, indent=2) + "\n")
   return run.info.run_id
 

@@ -41,22 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from core.eval import checkpoint, sampling
-  from core.model.io import ModelIOError
-  from core.tokenizer import TokenizerError
-  try:
-    model, _, tok, _ = checkpoint.load_checkpoint(args.checkpoint, args.tokenizer, where="sample")
-    prompts = [tok.encode(p) if args.no_bos or tok.bos_id < 0 else [tok.bos_id] + tok.encode(p)
-               for p in args.prompt]
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  eos_id=None if args.ignore_eos else tok.eos_id, pad_id=max(tok.pad_id, 0),
-                  use_cache=not args.no_cache, vocab_limit=tok.vocab_size)
-    if args.timing:
-      sampling.generate(model, prompts, **kwargs)
-    gen = sampling.generate(model, prompts, **kwargs)
-  except (checkpoint.CheckpointError, ModelIOError, TokenizerError, sampling.SamplingError) as e:
-    print(f"ablax sample: {e}", file=sys.stderr)
-    return 2
+  # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
+  model, _, tok, _ = checkpoint.load_checkpoint(args.checkpoint, args.tokenizer, where="sample")
+  prompts = [tok.encode(p) if args.no_bos or tok.bos_id < 0 else [tok.bos_id] + tok.encode(p)
+             for p in args.prompt]
+  beyond = sampling.past_context(model.config, prompts, args.max_new_tokens)
+  if beyond:
+    print(f"ablax sample: warning: {beyond}", file=sys.stderr)
+  kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                eos_id=None if args.ignore_eos else tok.eos_id, pad_id=max(tok.pad_id, 0),
+                use_cache=not args.no_cache, vocab_limit=tok.vocab_size)
+  if args.timing:
+    sampling.generate(model, prompts, **kwargs)
+  gen = sampling.generate(model, prompts, **kwargs)
   texts = [tok.decode(t) for t in gen.tokens]
   speed = gen.num_tokens / gen.seconds if gen.seconds > 0 else float("nan")
   if args.json:

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from core.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", required=True, help="ablax model directory")
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-class _Usage(ValueError):
+class _Usage(UserError, ValueError):
   pass
 
 

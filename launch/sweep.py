@@ -43,6 +43,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core.errors import UserError
 from launch import gin_config
 
 SEED_AXIS = "seed"
@@ -50,7 +51,7 @@ DEFAULT_SEED_BINDING = "core.train.loop.train.seed"
 DATA_SEED_BINDING = "core.train.loop.train.data_seed"
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A sweep that cannot run; the message names the axis, value or file at fault."""
 
 

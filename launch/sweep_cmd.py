@@ -79,19 +79,16 @@ def print_points(sweep: sweep_lib.Sweep, points: list[sweep_lib.Point]) -> None:
 
 def run(args: argparse.Namespace) -> int:
   started = time.monotonic()
-  try:
-    gin_config.add_search_paths(args.gin_search_paths)
-    sweep = sweep_lib.load(args.sweep_file, args.gin_param)
-    points = sweep_lib.expand(sweep)
-    print_points(sweep, points)
-    sweep_lib.validate(sweep, points)
-    if sweep.ladder is not None:
-      from launch import ladder  # pylint: disable=g-import-not-at-top
-      ladder.print_ladder(sweep, points, args.workers or default_workers(len(points)),
-                          len(sweep_runner.available_cpus()))
-  except (sweep_lib.SweepError, gin_config.GinConfigError) as e:
-    print(f"ablax sweep: {e}", file=sys.stderr)
-    return 2
+  # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
+  gin_config.add_search_paths(args.gin_search_paths)
+  sweep = sweep_lib.load(args.sweep_file, args.gin_param)
+  points = sweep_lib.expand(sweep)
+  print_points(sweep, points)
+  sweep_lib.validate(sweep, points)
+  if sweep.ladder is not None:
+    from launch import ladder  # pylint: disable=g-import-not-at-top
+    ladder.print_ladder(sweep, points, args.workers or default_workers(len(points)),
+                        len(sweep_runner.available_cpus()))
   print(f"all {len(points)} points parse, finalize and build")
   if args.launcher == "slurm" or args.status:
     from launch import slurm_sweep  # pylint: disable=g-import-not-at-top
@@ -101,11 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
   tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
   workdir = Path(args.workdir or Path("runs") / sweep.name).resolve()
-  try:
-    parent_id = sweep_runner.open_parent(sweep, points, tracking_uri, workdir)
-  except sweep_lib.SweepError as e:
-    print(f"ablax sweep: {e}", file=sys.stderr)
-    return 2
+  parent_id = sweep_runner.open_parent(sweep, points, tracking_uri, workdir)
   done = sweep_runner.finished_points(tracking_uri, parent_id)
   todo = [p for p in points if p.key not in done]
   workers = args.workers or default_workers(len(todo))

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
                            SEED_TAG, SWEEP_TAG, VARIANT_TAG)
+from core.tracking.store import public_uri
 from launch import sweep as sweep_lib
 
 STATE_FILE = "sweep.json"
@@ -215,7 +216,7 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
       raise sweep_lib.SweepError(
           f"{workdir} holds another definition of sweep {state.get('name')!r} (the file or its "
           f"overrides changed); use another --workdir, or delete {workdir} to start over")
-    if state.get("tracking_uri") != tracking_uri:
+    if public_uri(state.get("tracking_uri")) != public_uri(tracking_uri):
       raise sweep_lib.SweepError(
           f"{workdir} was run against {state.get('tracking_uri')}, not {tracking_uri}; pass "
           f"--tracking_uri {state.get('tracking_uri')} to resume it")
@@ -249,7 +250,8 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
     c.log_artifact(run_id, sweep.source, "sweep")
   workdir.mkdir(parents=True, exist_ok=True)
   state_path.write_text(json.dumps({"name": sweep.name, "hash": digest,
-                                    "tracking_uri": tracking_uri, "parent_run_id": run_id,
+                                    "tracking_uri": public_uri(tracking_uri),
+                                    "parent_run_id": run_id,
                                     "experiment": sweep.experiment_name}, indent=2))
   return run_id
 
@@ -306,7 +308,8 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   run_file = child_workdir(workdir, point) / TRAINER_RUN_FILE
   if run_file.is_file():
     record = json.loads(run_file.read_text())
-    if record.get("tracking_uri") == tracking_uri and record.get("mlflow_run_id"):
+    if (public_uri(record.get("tracking_uri")) == public_uri(tracking_uri)
+        and record.get("mlflow_run_id")):
       try:
         c.get_run(record["mlflow_run_id"])
         return record["mlflow_run_id"]
@@ -320,7 +323,8 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   run_id = run.info.run_id
   c.log_batch(run_id, params=[Param(k, v) for k, v in point.params.items()], synchronous=True)
   run_file.parent.mkdir(parents=True, exist_ok=True)
-  run_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+  run_file.write_text(json.dumps({"mlflow_run_id": run_id,
+                                  "tracking_uri": public_uri(tracking_uri),
                                   "experiment": sweep.experiment_name}, indent=2) + "\n")
   return run_id
 

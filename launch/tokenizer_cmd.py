@@ -117,11 +117,6 @@ def _model_type(tok) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from core.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from core.tokenizer import TokenizerError  # pylint: disable=g-import-not-at-top
+  # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
   action = {"train": _train, "subset": _subset, "show": _show}[args.action]
-  try:
-    return action(args)
-  except (TokenizerError, DataError) as e:
-    print(f"ablax tokenizer {args.action}: {e}", file=sys.stderr)
-    return 2
+  return action(args)

@@ -47,35 +47,20 @@ def _jax_detects_cluster() -> bool:
     return False
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-  from core.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from core.model.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from core.model.io import ModelIOError  # pylint: disable=g-import-not-at-top
-  from core.tokenizer import TokenizerError  # pylint: disable=g-import-not-at-top
-  from core.tracking.carbon import CarbonInputError  # pylint: disable=g-import-not-at-top
-  from core.tracking.store import TrackingStoreError  # pylint: disable=g-import-not-at-top
-  return (ConfigError, DataError, TokenizerError, CarbonInputError, TrackingStoreError,
-          ModelIOError)
-
-
 def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
   from launch import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    distributed.initialize_from(args, detected=_jax_detects_cluster)
-  except distributed.DistributedConfigError as e:
-    print(f"ablax train: {e}", file=sys.stderr)
-    return 2
+  # Bad input (flags, gin, config, data, tokenizer, workdir, checkpoints, carbon
+  # inputs, tracking store) raises a core.errors.UserError, which launch/cli.py
+  # prints as one line naming the cause.
+  distributed.initialize_from(args, detected=_jax_detects_cluster)
 
   import gin  # pylint: disable=g-import-not-at-top
+  from core.errors import one_line  # pylint: disable=g-import-not-at-top
   from core.train import loop  # pylint: disable=g-import-not-at-top
 
-  try:
-    files = gin_config.parse_args(args)
-  except gin_config.GinConfigError as e:
-    print(f"ablax train: {e}", file=sys.stderr)
-    return 2
+  files = gin_config.parse_args(args)
   workdir = Path(args.workdir or Path(DEFAULT_RUNS_DIR) / Path(args.gin_file[-1]).stem)
 
   def config_hook(run_dir: Path) -> loop.RunConfigRecord:
@@ -95,17 +80,9 @@ def run(args: argparse.Namespace) -> int:
     overrides["track"] = False
   try:
     result = gin_config.build(loop.train, files, **overrides)
-  except gin_config.GinConfigError as e:
-    print(f"ablax train: {e}", file=sys.stderr)
-    return 2
   except loop.NonFiniteError as e:
-    print(f"ablax train: stopped: {e}", file=sys.stderr)
+    print(f"ablax train: stopped: {one_line(e)}", file=sys.stderr)
     return 1
-  except _input_errors() as e:
-    # Bad input (config, data, tokenizer, carbon inputs, tracking store): the
-    # message says what to change; a traceback would only hide it.
-    print(f"ablax train: {type(e).__name__}: {e}", file=sys.stderr)
-    return 2
   if result.status == "KILLED":
     print(f"ablax train: stopped by SIGTERM at step {result.step}; the same command resumes it")
   if result.run_id:

@@ -20,6 +20,7 @@ import sys
 import textwrap
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -311,6 +312,17 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_server_binds_to_localhost_only(pg_server):
   assert _listening_addresses(pg_server.port) == {"0100007F"}  # 127.0.0.1, no IPv6
+
+
+def test_database_password_is_in_no_server_command_line(pg_server, postgres_uri):
+  import psutil  # pylint: disable=g-import-not-at-top
+  password = urllib.parse.urlsplit(postgres_uri).password
+  assert password
+  server = psutil.Process(int((pg_server.root / "server" / "server.pid").read_text()))
+  processes = [server, *server.children(recursive=True)]  # mlflow server and its workers
+  assert len(processes) > 1
+  for process in processes:
+    assert password not in "\0".join(process.cmdline()), process.cmdline()
 
 
 STEPS = 200

@@ -19,7 +19,7 @@ from core.data.errors import DataError
 from core.data.pipeline import lm_batches
 from core.data.sources import Embedded, LocalFiles, Tfds, TextSource
 from core.tokenizer import train_tokenizer
-from launch import data_cmd, gin_config
+from launch import cli, data_cmd, gin_config
 
 # A few small library files: the builder is tested on these, the whole library in a slow test.
 STDLIB_FILES = ("colorsys.py", "keyword.py", "bisect.py", "this.py", "json/__init__.py",
@@ -334,8 +334,9 @@ def test_data_inspect_cli(tmp_path, cache, tok, monkeypatch, capsys):
   summary = json.loads(capsys.readouterr().out)
   assert summary["documents"] == {"files": 6} and summary["tokens"] == 2 * 8 * 32
   assert summary["token_share"] == {"files": 1.0} and "document" in summary["rows"][0]["text"]
-  args.gin_param = ["core.data.sources.LocalFiles.paths = ('/nonexistent/*.txt',)"]
-  assert data_cmd.run(args) == 2
+  # Bad input is reported by the entry point: one line, exit 2.
+  assert cli.main(["data", "inspect", "--gin_file", "gin/data/local_files.gin", "--gin_param",
+                   "core.data.sources.LocalFiles.paths = ('/nonexistent/*.txt',)"]) == 2
   assert "no files match" in capsys.readouterr().err
 
 

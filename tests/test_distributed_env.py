@@ -57,7 +57,23 @@ def test_flags():
   assert cfg.source == "flags" and not cfg.is_primary
   assert cfg.initialize_kwargs() == {
       "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
-      "cluster_detection_method": "deactivate"}
+      "cluster_detection_method": "deactivate", "coordinator_bind_address": "10.0.0.1:1234"}
+
+
+def test_coordinator_binds_to_its_address_and_jax_variable_wins(monkeypatch):
+  monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+  cfg = resolve_distributed(_args(coordinator_address="localhost:1234", num_processes=2,
+                                  process_id=0), {})
+  assert cfg.initialize_kwargs()["coordinator_bind_address"] == "127.0.0.1:1234"
+  monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "[::]:1234")
+  assert cfg.initialize_kwargs()["coordinator_bind_address"] == "[::]:1234"
+
+
+def test_one_node_slurm_step_coordinates_over_loopback():
+  env = {**SLURM_STEP, "SLURM_STEP_NODELIST": "gpu07", "SLURM_JOB_NODELIST": "gpu07"}
+  cfg = resolve_distributed(_args(), env)
+  assert cfg.coordinator_address == f"127.0.0.1:{slurm_port(env)}"
+  assert cfg.initialize_kwargs()["coordinator_bind_address"] == cfg.coordinator_address
 
 
 def test_tuple_unpacking():

@@ -162,6 +162,19 @@ def test_sample(checkpoint, capsys):
   assert code == 2 and "temperature" in err
 
 
+def test_sample_warns_past_max_seq_len(checkpoint, capsys):
+  # RoPE runs past max_seq_len (128): one warning line naming the lengths, then the samples.
+  base = ["sample", "--checkpoint", checkpoint["dir"], "--prompt", "Paris is", "--ignore_eos",
+          "--json", "--max_new_tokens"]
+  code, out, err = run_cli(base + ["130"], capsys)
+  assert code == 0, err
+  warnings = [l for l in err.splitlines() if "warning" in l]
+  assert len(warnings) == 1 and "runs past max_seq_len 128" in warnings[0], err
+  assert len(json.loads(out)["samples"][0]["ids"]) == 130
+  code, _, err = run_cli(base + ["6"], capsys)
+  assert code == 0 and "warning" not in err
+
+
 def test_eval_suite_is_a_plain_callable_for_the_training_loop(checkpoint, tmp_path):
   model, _, _ = io.load_model(checkpoint["dir"])
   tok = checkpoint["tokenizer"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ from core.tokenizer import (Tokenizer, TokenizerError, VocabMismatchError, check
                             train_tokenizer)
 from core.tokenizer import subset as subset_lib
 from core.tokenizer import train as train_lib
-from launch import tokenizer_cmd
+from launch import cli
 
 # A small corpus with code, prose, digits, tabs and a few non-Latin scripts.
 CORPUS = [
@@ -201,9 +200,7 @@ def test_tokenizer_records_path_and_hash(models):
 
 
 def _run(argv):
-  parser = argparse.ArgumentParser()
-  tokenizer_cmd.add_arguments(parser)
-  return tokenizer_cmd.run(parser.parse_args(argv))
+  return cli.main(["tokenizer", *argv])  # bad input is reported by the entry point
 
 
 def test_cli_train_subset_show(tmp_path, capsys):

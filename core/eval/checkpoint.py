@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from core.errors import UserError
 from core.model import io
 from core.tokenizer import Tokenizer, check_vocab_matches, load_tokenizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A model directory or tokenizer that cannot be used for evaluation."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from core import progress
+from core.errors import UserError
 from core.eval import mc_metrics
 from core.eval.score import token_scores
 
@@ -39,7 +40,7 @@ from core.eval.score import token_scores
 UNCONDITIONAL_PROMPT = "Answer:"
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
   """A task that cannot be read or scored; the message says what is wrong."""
 
 

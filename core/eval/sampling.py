@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from core.errors import UserError
 from core.model.cache import init_cache
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
   """Generation arguments that cannot work with the given model."""
 
 
@@ -115,6 +116,20 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     segments[r, width - n:] = 1
     positions[r, width - n:] = np.arange(n)
   return tokens, segments, positions
+
+
+def past_context(config, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> str | None:
+  """What to warn of when the longest prompt plus max_new_tokens passes max_seq_len, else None.
+
+  Learned positions cannot go past it (`generate` refuses); RoPE and no
+  positions can, into lengths the model never trained on.
+  """
+  longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+  if longest <= config.max_seq_len or config.positions == "learned":
+    return None
+  return (f"prompt + max_new_tokens = {longest} tokens runs past max_seq_len "
+          f"{config.max_seq_len}, the context the model was trained for "
+          f"(positions={config.positions!r}); text past it may degrade")
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int],

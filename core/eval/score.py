@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from core.errors import UserError
 
-class ScoreError(ValueError):
+
+class ScoreError(UserError, ValueError):
   """Token ids that cannot be scored by the given model."""
 
 

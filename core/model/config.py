@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
+from core.errors import UserError
 from core.model import attention_impls
 from core.model.attention_impls import IMPLS as ATTENTION_IMPLS
 
@@ -33,7 +34,7 @@ ACTIVATIONS = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A model configuration that cannot describe a valid model."""
 
 
@@ -195,6 +196,11 @@ class ModelConfig:
     if "local" in self.layer_kinds:
       need(isinstance(self.window, int) and self.window > 0,
            f"local attention layers need a positive window, got {self.window!r}")
+    if isinstance(self.window, int):
+      # A window of the whole context or more is global attention under another name.
+      need(self.window <= self.max_seq_len,
+           f"window {self.window} is longer than max_seq_len {self.max_seq_len}: local layers "
+           "would attend to the whole context; lower the window or raise max_seq_len")
     for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
       value = getattr(self, name)
       need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")

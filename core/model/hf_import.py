@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.errors import UserError
 from core.model.config import ConfigError, ModelConfig
 from core.model.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAMILIES,
                                   INDEX_FILE, LAYER_TYPES, TANH_GELU, TIED_BY_DEFAULT,
@@ -26,7 +27,7 @@ from core.model.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAM
 _LAYER_KINDS = {hf: ours for ours, hf in LAYER_TYPES.items()}
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError, ValueError):
   """A Hugging Face checkpoint that ablax cannot represent or read; names the cause."""
 
 

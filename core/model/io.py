@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from core.errors import UserError
 from core.model.config import ConfigError, ModelConfig
 from core.model.flops import abstract_model, param_counts
 from core.model.transformer import Transformer
@@ -49,7 +50,7 @@ GIN_FILE = "model.gin"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-class ModelIOError(ValueError):
+class ModelIOError(UserError, ValueError):
   """A model directory or parameter tree that cannot be read or written as asked."""
 
 

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from core.errors import UserError
+
 GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
 GIB = 1024 ** 3
 
@@ -31,7 +33,7 @@ GIB = 1024 ** 3
 GPU_USABLE_FRACTION = 0.75
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
   """A target name that does not describe hardware ablax can plan for, or a missing extra."""
 
 

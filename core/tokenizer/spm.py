@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from core.errors import UserError
+
 # Gemma's layout of the special ids: pad 0, eos 1, bos 2, unk 3.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN = "<start_of_turn>"
@@ -25,7 +27,7 @@ END_OF_TURN = "<end_of_turn>"
 _META = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
   """A tokenizer that cannot be built, loaded or used; the message says what to do."""
 
 

@@ -29,6 +29,8 @@ import math
 import re
 from typing import Any
 
+from core.errors import UserError
+
 # --------------------------------------------------------------------------
 # Device table
 # --------------------------------------------------------------------------
@@ -121,7 +123,7 @@ _DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
-class CarbonInputError(ValueError):
+class CarbonInputError(UserError, ValueError):
   """An unknown device or region, or a value out of range; the message says which."""
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
+
+from core.errors import UserError
 
 # MLflow limits (mlflow/utils/validation.py, MLflow 3.x).
 MAX_PARAM_VALUE = 6000
@@ -18,7 +21,7 @@ _TRUNCATED = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 
-class TrackingStoreError(RuntimeError):
+class TrackingStoreError(UserError, RuntimeError):
   """The tracking store cannot be reached or written; raised before training starts."""
 
 
@@ -89,6 +92,48 @@ DEFAULT_STORE = Path("runs") / "mlflow.db"
 # MLflow 3.x's UI opens an experiment on its GenAI (traces) overview unless it is
 # tagged as model development (the UI's ExperimentKind values).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def public_uri(tracking_uri: str | None) -> str | None:
+  """The URI as files, command lines and logs may show it: no credentials.
+
+  http(s) loses its whole userinfo (MLflow reads the credentials from
+  MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); a database URI keeps its
+  user and loses its password (libpq reads it from PGPASSWORD or a pgpass file).
+  """
+  if not tracking_uri or "@" not in tracking_uri:
+    return tracking_uri
+  parts = urllib.parse.urlsplit(tracking_uri)
+  if not parts.netloc or "@" not in parts.netloc:
+    return tracking_uri
+  userinfo, host = parts.netloc.rsplit("@", 1)
+  user = userinfo.split(":", 1)[0]
+  keep = "" if parts.scheme in ("http", "https") or not user else user + "@"
+  return urllib.parse.urlunsplit(parts._replace(netloc=keep + host))
+
+
+def adopt_credentials(tracking_uri: str) -> str:
+  """`public_uri(tracking_uri)`, its credentials moved into this process's environment.
+
+  What the URI carried then reaches MLflow (and the processes this one starts)
+  through the variables MLflow and libpq read, never through a file or argv.
+  """
+  public = public_uri(tracking_uri)
+  if public == tracking_uri:
+    return tracking_uri
+  parts = urllib.parse.urlsplit(tracking_uri)
+  user = urllib.parse.unquote(parts.username or "")
+  password = urllib.parse.unquote(parts.password or "")
+  if parts.scheme in ("http", "https"):
+    if user:
+      os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password:
+      os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+  elif parts.scheme.startswith("postgresql") and password:
+    os.environ["PGPASSWORD"] = password
+  else:
+    return tracking_uri  # no variable would carry it: the store needs the URI as given
+  return public
 
 
 def default_tracking_uri() -> str:

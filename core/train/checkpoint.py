@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
+from core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """No checkpoint could be restored although some exist."""
 
 
@@ -61,6 +65,8 @@ class Checkpointer:
     older step, can save that step number again.
     """
     steps = self.steps()
+    if steps:
+      _quiet_closed_loop_callbacks()
     errors = []
     for step in reversed(steps):
       try:
@@ -69,15 +75,18 @@ class Checkpointer:
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         _check_complete(restored["state"], abstract_state)
       except Exception as e:  # noqa: BLE001  any failure to read means "not usable"
-        logger.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous "
-                       "one", step, self.directory, type(e).__name__, str(e)[:300])
-        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        errors.append((step, short_reason(e)))
         self._discard(step)
         continue
+      for bad, reason in errors:  # when none is readable, the CheckpointError alone says it
+        logger.warning("checkpoint step %d in %s is unreadable (%s); went on from step %d", bad,
+                       self.directory, reason, step)
       return step, restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
     if steps:
-      raise CheckpointError(f"none of the checkpoints in {self.directory} could be read: "
-                            + "; ".join(errors))
+      reasons = "; ".join(f"step {bad}: {reason}" for bad, reason in errors)
+      raise CheckpointError(f"none of the checkpoints in {self.directory} could be read "
+                            f"({reasons}); each was removed: the same command now starts from "
+                            "step 0")
     return None
 
   def _discard(self, step: int) -> None:
@@ -101,3 +110,52 @@ def _check_complete(state: Any, abstract: Any) -> None:
   for g, w in zip(got, want):
     if tuple(g.shape) != tuple(w.shape):
       raise CheckpointError(f"array of shape {g.shape} restored, {w.shape} expected")
+
+
+# -- what a failed restore says ---------------------------------------------------------
+
+_SPEC = re.compile(r"\s*\[(tensorstore_spec|source locations)[^=]*=.*$", re.S)
+_STATUS = re.compile(r"^([A-Z_]+): ")
+
+
+def short_reason(error: BaseException) -> str:
+  """One short line for a failed read: TensorStore's nested message cut to its code and cause.
+
+  TensorStore says `OUT_OF_RANGE: Error opening "zarr" driver: Error reading ...:
+  Requested byte range [0, 3084) is not valid for value of size 100
+  [tensorstore_spec='{...}']`, a page per array; the code and the innermost
+  clause name the fault.
+  """
+  text = _SPEC.sub("", " ".join(str(error).split()))
+  status = _STATUS.match(text)
+  if status:
+    text = f"{status.group(1)}: {text.rsplit(': ', 1)[-1]}"
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"{type(error).__name__}: {text}"
+
+
+_quieted = False
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' reports TensorStore leaves after a failed restore.
+
+  Orbax gives up on the first unreadable array and closes its event loop; the
+  reads still in flight then finish into the closed loop, and Python prints each
+  as an unraisable RuntimeError with its traceback: dozens for one bad step.
+  Those reads belong to a checkpoint already judged unreadable, so nothing is
+  lost. Every other unraisable error still reaches the previous hook.
+  """
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook

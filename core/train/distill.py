@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import UserError
 from core.model import io
 from core.train import partition
 from core.train.loss import cross_entropy
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("cross_entropy", "kl")
 
 
-class DistillationError(ValueError):
+class DistillationError(UserError, ValueError):
   """A teacher and student that cannot be distilled together, or bad options."""
 
 

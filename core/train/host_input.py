@@ -26,8 +26,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from core.errors import UserError
 
-class HostInputError(ValueError):
+
+class HostInputError(UserError, ValueError):
   """A batch size, shard count and mesh that do not divide into per-process rows."""
 
 
@@ -70,6 +72,7 @@ class HostShardedBatches:
     # What the loop reads from a data iterator besides batches.
     self.tokenizer = getattr(head, "tokenizer", None)
     self.manifest = getattr(head, "manifest", None)
+    self.seq_len = getattr(head, "seq_len", None)  # None: known from the first batch
 
   def __iter__(self):
     return self

@@ -44,6 +44,7 @@ from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
 from core.tracking import schema
 from core.train import checkpoint as ckpt
+from core.train import checks
 from core.train import mesh as meshlib
 from core.train import host_input, partition, throughput
 from core.train import tracking as trk
@@ -155,6 +156,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       device table has none (TPU v5e/v5p). Checked before anything is built.
   """
   trk.check_carbon_inputs(pue, grid_region, grid_intensity, device_power_w)
+  checks.check_run(workdir=workdir, num_steps=num_steps, batch_size=batch_size,
+                   grad_accum_steps=grad_accum_steps, log_every=log_every,
+                   checkpoint_every=checkpoint_every, eval_every=eval_every)
   workdir = Path(workdir).resolve()
   primary = jax.process_index() == 0
   if primary:
@@ -173,6 +177,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   data_seed = seed if data_seed is None else data_seed
   train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
                                              shards=shards, rows=rows)
+  checks.check_seq_len(model, train_data.seq_len)
   tokenizer = getattr(train_data, "tokenizer", None)
   if tokenizer is not None:
     # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
@@ -213,6 +218,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
     _say(primary, f"resuming {workdir} from step {start_step}")
   first = _Prefetch(train_data)
   seq_len = first.peek()["inputs"].shape[1]
+  checks.check_seq_len(model, seq_len)
   metrics_path = workdir / "metrics.jsonl"
   if primary:
     _truncate_metrics(metrics_path, start_step)

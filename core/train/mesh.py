@@ -17,12 +17,14 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """Mesh sizes that do not fit the devices."""
 
 

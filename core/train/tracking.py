@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 
 from core.tracking.run import NullTracker, RunTracker
-from core.tracking.store import default_tracking_uri
+from core.tracking.store import adopt_credentials, default_tracking_uri, public_uri
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,11 @@ SYSTEM_METRICS_S = 10.0
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
-  """The given URI, else the one default store of every command (core.tracking.store)."""
-  return tracking_uri or default_tracking_uri()
+  """The given URI, else the one default store of every command (core.tracking.store).
+
+  Credentials in it move to the environment (core.tracking.store.adopt_credentials).
+  """
+  return adopt_credentials(tracking_uri or default_tracking_uri())
 
 
 def read_run_file(workdir: Path) -> dict:
@@ -44,12 +47,13 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
     return NullTracker()
   uri = resolve_tracking_uri(tracking_uri)
   record = read_run_file(workdir)
-  run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+  same_store = public_uri(record.get("tracking_uri")) == public_uri(uri)
+  run_id = record.get("mlflow_run_id") if same_store else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
                        spool_dir=Path(workdir) / "mlflow_spool", tags=dict(tags or {}),
                        system_metrics_s=SYSTEM_METRICS_S)
   run_id = tracker.start()
-  record.update(mlflow_run_id=run_id, tracking_uri=uri, experiment=experiment)
+  record.update(mlflow_run_id=run_id, tracking_uri=public_uri(uri), experiment=experiment)
   _write_json(Path(workdir) / RUN_FILE, record)
   return tracker
 

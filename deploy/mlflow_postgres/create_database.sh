@@ -15,8 +15,12 @@ USER_NAME=${MLFLOW_DB_USER:-mlflow}
 : "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD}"
 
 # psql variables (:'name') quote the values, so no password reaches SQL unescaped.
-psql -v ON_ERROR_STOP=1 -q -d postgres "$@" \
-  -v db="$DB" -v user="$USER_NAME" -v password="$MLFLOW_DB_PASSWORD" <<'SQL'
+# The password reaches psql through its environment: `\set` runs `printenv`, whose
+# command line names the variable, not its value (`-v password=...` would put it in
+# psql's argv for `ps` to show).
+export MLFLOW_DB_PASSWORD
+psql -v ON_ERROR_STOP=1 -q -d postgres "$@" -v db="$DB" -v user="$USER_NAME" <<'SQL'
+\set password `printenv MLFLOW_DB_PASSWORD`
 SELECT format('CREATE ROLE %I LOGIN', :'user')
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'user') \gexec
 ALTER ROLE :"user" WITH LOGIN PASSWORD :'password';

@@ -44,8 +44,10 @@ python_bin=$(dirname "$MLFLOW")/python
   exit 2
 }
 
-args=(server --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --host "$HOST" --port "$PORT"
-      --workers "$WORKERS")
+# The store URI holds the database password: `mlflow server` reads it from
+# MLFLOW_BACKEND_STORE_URI (exported), never from its argv, which `ps` shows to everyone.
+export MLFLOW_BACKEND_STORE_URI
+args=(server --host "$HOST" --port "$PORT" --workers "$WORKERS")
 case "$MODE" in
   proxy) args+=(--serve-artifacts --artifacts-destination "$ARTIFACTS") ;;
   direct) args+=(--no-serve-artifacts --default-artifact-root "$ARTIFACTS") ;;
@@ -60,6 +62,8 @@ case "$AUTH" in
       # default is a sqlite file in the working directory); keep it with the server.
       mkdir -p "$SERVER_DIR"
       export MLFLOW_AUTH_CONFIG_PATH="$SERVER_DIR/basic_auth.ini"
+      # Its database_uri may hold a password: readable by this user only.
+      (umask 077; : > "$MLFLOW_AUTH_CONFIG_PATH")
       cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
 [mlflow]
 default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
