@@ -140,6 +140,7 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
     if gin_params:
       where = "the --gin_param bindings"
       gin.parse_config(list(gin_params))
+    _check_macros()  # before finalizing, whose hooks would report it as a page of config
     if finalize:
       # Finalizing is where a `%gin.REQUIRED` that nothing overrode is reported.
       where = "the gin files and bindings"
@@ -157,6 +158,29 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
   finally:
     root.removeFilter(quiet)
   return resolved
+
+
+def _check_macros() -> None:
+  """A binding to a macro nothing sets (`num_steps = %NUM_STEPS`) is an error now, naming it.
+
+  Gin would only say so when the configurable is called, in a message that
+  prints the whole config; a direct binding of the parameter overrides the
+  macro reference, and then the macro is not needed.
+  """
+  for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
+    if selector == _MACRO:
+      continue
+    for name, value in params.items():
+      if (isinstance(value, gin.config.ConfigurableReference) and value.selector == _MACRO
+          and "value" not in gin.config._CONFIG.get((_macro_name(value), _MACRO), {})):  # noqa: SLF001
+        macro = _macro_name(value)
+        where = f"{scope}/{selector}" if scope else selector
+        raise GinConfigError(f"{where}.{name} = %{macro}, and nothing sets {macro}: bind it, "
+                             f"e.g. --gin.{macro}=... or --gin_bindings '{macro} = ...'")
+
+
+def _macro_name(reference) -> str:
+  return reference.scoped_selector[:-len("/" + _MACRO)]
 
 
 def build(cls_or_fn: Any, gin_files_hint: Sequence[str | os.PathLike] = (), **overrides: Any) -> Any:
@@ -237,7 +261,7 @@ _MACRO = "gin.macro"
 def resolve_macro(value: Any) -> Any:
   """A bound value with macros replaced by theirs (gin.get_bindings keeps `%NUM_STEPS`)."""
   while isinstance(value, gin.config.ConfigurableReference) and value.selector == _MACRO:
-    value = gin.query_parameter("%" + value.scoped_selector[:-len("/" + _MACRO)])
+    value = gin.query_parameter("%" + _macro_name(value))
   return value
 
 

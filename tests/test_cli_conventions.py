@@ -141,3 +141,21 @@ def test_search_paths_find_files_and_includes_outside_the_checkout(tmp_path):
   assert missing.returncode == 2 and "gin file not found: shallow.gin" in missing.stderr
   bad = run("--gin_search_paths", str(tmp_path / "nope"), "--gin_file", "shallow.gin")
   assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
+def test_an_unset_macro_is_named_and_a_direct_binding_needs_none(tmp_path, capsys):
+  run = tmp_path / "run.gin"
+  run.write_text("include 'gin/models/tiny_llama.gin'\ninclude 'gin/data/embedded.gin'\n"
+                 "include 'gin/train/base.gin'\ninclude 'gin/train/llama_adamw.gin'\n")
+  rc = cli.main(["train", "--gin_file", str(run), "--workdir", str(tmp_path / "w"),
+                 "--no_tracking", "--gin.BATCH_SIZE=2"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "nothing sets NUM_STEPS" in err and "--gin.NUM_STEPS=" in err
+  assert len(err.strip().splitlines()) == 1
+  # Binding the parameter itself overrides the macro reference: nothing else is needed.
+  gin.clear_config()
+  try:
+    gin_config.parse([str(run)], ["core.train.loop.train.num_steps = 3",
+                                  "core.train.loop.train.batch_size = 2"])
+  finally:
+    gin.clear_config()
