@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from launch import parent_watch
+
 DEFAULT_RUNS_DIR = "runs"
 
 
@@ -60,6 +62,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+  parent_watch.start()  # a sweep's child stops when its sweep is gone
   from launch import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize_from(args, detected=_jax_detects_cluster)
@@ -98,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
   except gin_config.GinConfigError as e:
     print(f"ablax train: {e}", file=sys.stderr)
     return 2
-  except loop.NonFiniteError as e:
+  except loop.WorkdirBusyError as e:
+    print(f"ablax train: {e}", file=sys.stderr)
+    return 1
+  except (loop.NonFiniteError, loop.CheckpointWriteError) as e:
     print(f"ablax train: stopped: {e}", file=sys.stderr)
     return 1
   except _input_errors() as e:
