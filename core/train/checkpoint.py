@@ -15,6 +15,9 @@ directory orbax cannot create leaves its writer threads waiting out a
 300-second barrier at exit. So each save first proves the directory writable
 the way orbax starts a save (a new directory in it), and the error of an
 earlier background save (surfacing at the next save or wait) is raised the same way.
+Saves start from a daemon thread, so orbax's threads are daemons too: those
+of a failed save never hold the process at exit (every other path waits for
+the saves to finish before returning).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,6 +54,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.failed: CheckpointWriteError | None = None
+    self._step: int | None = None  # of the newest save started
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -62,14 +67,15 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(dict(data_state or {})),
         meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    self._step = int(step)
     with self._writing(step):
-      self.manager.save(int(step), args=args, force=True)
+      _in_daemon_thread(lambda: self.manager.save(int(step), args=args, force=True))
     if wait:
       self.wait()
 
   def wait(self) -> None:
     """Waits for the background save; raises CheckpointWriteError if it failed."""
-    with self._writing(None):
+    with self._writing(self._step):
       self.manager.wait_until_finished()
 
   def check(self) -> None:
@@ -147,6 +153,26 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def _in_daemon_thread(fn) -> None:
+  """Runs `fn` in a daemon thread and waits for it; its error is raised here.
+
+  Threads take their daemon flag from the thread that starts them.
+  """
+  error: list[BaseException] = []
+
+  def run() -> None:
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001  re-raised in the caller
+      error.append(e)
+
+  thread = threading.Thread(target=run, name="ablax-checkpoint-save", daemon=True)
+  thread.start()
+  thread.join()
+  if error:
+    raise error[0]
 
 
 def _os_error(error: BaseException) -> str:
