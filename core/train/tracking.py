@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
-
 from core.tracking.run import NullTracker, RunTracker
 from core.tracking.store import default_tracking_uri
 
@@ -45,6 +43,7 @@ def read_run_file(workdir: Path) -> dict:
 def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
                   run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
   """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
+  import jax  # pylint: disable=g-import-not-at-top  (not at import: `ablax tracking` needs no JAX)
   if not enabled or jax.process_index() != 0:
     return NullTracker()
   uri = resolve_tracking_uri(tracking_uri)
