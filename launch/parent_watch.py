@@ -47,7 +47,10 @@ def start(env: dict | None = None, interval_s: float = INTERVAL_S) -> threading.
   def watch() -> None:
     while parent_alive(pid, original_ppid):
       time.sleep(interval_s)
-    print(f"the sweep (pid {pid}) that started this run is gone; stopping", flush=True)
+    try:
+      print(f"the sweep (pid {pid}) that started this run is gone; stopping", flush=True)
+    except OSError:
+      pass  # its output was a pipe to the parent
     os.kill(os.getpid(), signal.SIGTERM)
 
   thread = threading.Thread(target=watch, name="ablax-parent-watch", daemon=True)
