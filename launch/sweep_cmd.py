@@ -7,7 +7,8 @@
   ablax sweep ablations/attention.gin --status         # each point's MLflow (and SLURM) state
 
 A re-run with the same sweep definition and workdir skips the points whose
-MLflow run finished and resumes the others from their checkpoints. At the end
+MLflow run finished, leaves alone those another process is training (their
+workdir lock is held), and resumes the others from their checkpoints. At the end
 the comparison table is printed and logged, with the command that opens the
 MLflow UI on the store.
 """

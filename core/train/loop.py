@@ -16,8 +16,9 @@ reproduce a 1-device run with the same data_shards.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
 caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
-logged step and per evaluation), run.json (the MLflow run id and store) and
-model/ (the exported model). The MLflow store is the project's one default
+logged step and per evaluation), run.json (the MLflow run id and store, and the
+step the run finished at), model/ (the exported model), mlflow_spool/ (records
+waiting for the store) and train.lock (held by the one trainer of the workdir). The MLflow store is the project's one default
 (core.tracking.store), not per workdir.
 """
 
