@@ -165,7 +165,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
   # Before anything is written or opened: a second trainer must leave the first's run alone.
-  lock = _lock_workdir(workdir, primary)
+  lock = workdir_lock.lock_for_run(workdir, primary)
   try:
     finished = _finished_before(workdir, num_steps)
     if finished is not None:
@@ -377,25 +377,6 @@ def _say(primary: bool, message: str) -> None:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-def _lock_workdir(workdir: Path, primary: bool) -> workdir_lock.WorkdirLock:
-  """Process 0 takes the workdir's lock for the run; every process learns if it could not."""
-  lock = workdir_lock.WorkdirLock(workdir)
-  error = None
-  if primary:
-    try:
-      lock.acquire()
-    except workdir_lock.WorkdirBusyError as e:
-      error = e
-  if jax.process_count() > 1:
-    busy = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
-    if busy and error is None:
-      error = workdir_lock.WorkdirBusyError(
-          f"{workdir} is being trained by another run (process 0 names it)")
-  if error is not None:
-    raise error
-  return lock
 
 
 def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:

@@ -82,6 +82,27 @@ class WorkdirLock:
     self.release()
 
 
+def lock_for_run(workdir: str | os.PathLike, primary: bool) -> WorkdirLock:
+  """Process 0 takes the workdir's lock for the run; every process raises if it could not."""
+  lock = WorkdirLock(workdir)
+  error = None
+  if primary:
+    try:
+      lock.acquire()
+    except WorkdirBusyError as e:
+      error = e
+  import jax  # pylint: disable=g-import-not-at-top  (`ablax tracking sync` needs no JAX)
+  if jax.process_count() > 1:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    busy = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if busy and error is None:
+      error = WorkdirBusyError(f"{workdir} is being trained by another run (process 0 names it)")
+  if error is not None:
+    raise error
+  return lock
+
+
 def holder(workdir: str | os.PathLike) -> dict | None:
   """{'pid', 'host', ...} of the trainer holding the workdir's lock; None when nobody does.
 
