@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("launch.data_cmd", "inspect a data pipeline"),
     "import-hf": ("launch.import_hf_cmd", "convert a Hugging Face checkpoint to ablax"),
     "export-hf": ("launch.export_hf_cmd", "write an ablax model as a Hugging Face checkpoint"),
+    "tracking": ("launch.tracking_cmd", "deliver records a run kept in its workdir while the store was down"),
     "launch": ("launch.tpu_vm_cmd", "start a run on other machines (tpu-vm: every worker of a TPU pod slice)"),
 }
 

@@ -8,7 +8,8 @@
   ablax sweep ablations/ladder_activation.gin --dry-run  # a size ladder: params, tokens, FLOPs, CPU time
 
 A re-run with the same sweep definition and workdir skips the points whose
-MLflow run finished and resumes the others from their checkpoints. At the end
+MLflow run finished, leaves alone those another process is training (their
+workdir lock is held), and resumes the others from their checkpoints. At the end
 the comparison table is printed and logged, with the command that opens the
 MLflow UI on the store.
 """
@@ -100,11 +101,17 @@ def run(args: argparse.Namespace) -> int:
   workdir = Path(args.workdir or Path("runs") / sweep.name).resolve()
   parent_id = sweep_runner.open_parent(sweep, points, tracking_uri, workdir)
   done = sweep_runner.finished_points(tracking_uri, parent_id)
-  todo = [p for p in points if p.key not in done]
+  # A point another process is training is neither finished nor resumable here.
+  running = sweep_runner.running_points([p for p in points if p.key not in done], workdir)
+  todo = [p for p in points if p.key not in done and p.key not in running]
   workers = args.workers or default_workers(len(todo))
   print(f"parent run {parent_id} in {tracking_uri} (experiment {sweep.experiment_name}); "
-        f"{len(points) - len(todo)} finished before, {len(todo)} to run with {workers} "
-        f"worker(s); logs in {workdir / 'logs'}")
+        f"{len(done)} finished before, "
+        + (f"{len(running)} running elsewhere, " if running else "")
+        + f"{len(todo)} to run with {workers} worker(s); logs in {workdir / 'logs'}")
+  for key, info in running.items():
+    print(f"  {key}: being trained by pid {info.get('pid')} on {info.get('host')}; not started "
+          "again", flush=True)
   prefix = args.train_command.split() if args.train_command else sweep_runner.TRAIN_COMMAND
   run_ids = {p.key: sweep_runner.prepare_child(sweep, p, workdir=workdir, tracking_uri=tracking_uri,
                                                parent_run_id=parent_id) for p in todo}
@@ -149,15 +156,19 @@ def run(args: argparse.Namespace) -> int:
     view.stop()
     signal.signal(signal.SIGTERM, previous)
   failed = [o for o in outcomes if o.status != "FINISHED"]
-  sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
+  sweep_runner.close_parent(tracking_uri, parent_id, "FAILED" if failed else (
+      "KILLED" if running else "FINISHED"))  # KILLED: a rerun after those end completes it
 
   if not args.no_compare and sweep.ladder is not None:
     _print_scaling(tracking_uri, parent_id, workdir / "scaling")
   elif not args.no_compare:
     _print_comparison(tracking_uri, parent_id, workdir / "comparison")
   minutes = (time.monotonic() - started) / 60
-  print(f"\nsweep {sweep.name}: {len(points) - len(failed)}/{len(points)} points finished "
-        f"({minutes:.1f} min). Parent run {parent_id}.")
+  print(f"\nsweep {sweep.name}: {len(points) - len(failed) - len(running)}/{len(points)} points "
+        f"finished ({minutes:.1f} min). Parent run {parent_id}.")
+  if running:
+    print(f"{len(running)} point(s) were being trained by other processes; run the same command "
+          "again once they end")
   if failed:
     print("failed points (their logs say why; re-run the same command to retry them):")
     for o in failed:
@@ -167,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         + ("" if args.tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
            else f" --tracking_uri {tracking_uri}"))
   print(f"Open the UI:    {runs_lib.ui_command(tracking_uri)}")
-  return 1 if failed else 0
+  return 1 if failed or running else 0
 
 
 def _raise_interrupt(signum, frame):

@@ -13,7 +13,10 @@ key>`, the axis values as params) and writes the run id into the child's
 point tag is how a re-run of the sweep finds which points are done: a point
 whose run is FINISHED is skipped; any other point runs again in its own
 workdir, where the trainer resumes from its last checkpoint and continues the
-same MLflow run.
+same MLflow run. A point whose workdir a trainer still holds (core.train.workdir_lock)
+is running, whatever its MLflow status says, and is not started a second time.
+Each child watches the sweep (launch/parent_watch.py) and stops, checkpointing,
+when the sweep is gone, so a sweep killed outright leaves no orphans training.
 
 Workers on one machine share it: with N workers on C cores each child gets
 C // N cores (pinned, so they do not trample each other's caches) and XLA's
@@ -39,6 +42,8 @@ from typing import Callable, Sequence
 from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
                            SEED_TAG, SWEEP_TAG, VARIANT_TAG)
 from core.tracking.store import public_uri
+from core.train import workdir_lock
+from launch import parent_watch
 from launch import sweep as sweep_lib
 
 STATE_FILE = "sweep.json"
@@ -198,6 +203,16 @@ def finished_points(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
     if key and run.info.status == "FINISHED" and key not in done:
       done[key] = run.info.run_id
   return done
+
+
+def running_points(points: Sequence[sweep_lib.Point], workdir: Path) -> dict[str, dict]:
+  """Point key -> {'pid', 'host'} of each point whose workdir a trainer holds now."""
+  running = {}
+  for point in points:
+    info = workdir_lock.holder(child_workdir(workdir, point))
+    if info is not None:
+      running[point.key] = info
+  return running
 
 
 # ------------------------------------------------------------ parent run
@@ -398,6 +413,7 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
 
   def worker(slot: int) -> None:
     env, cpus = worker_env(slot, workers)
+    env[parent_watch.ENV] = str(os.getpid())  # the child stops when this process is gone
     if cpu_peak:
       from core.train.throughput import PEAK_ENV  # pylint: disable=g-import-not-at-top
       env[PEAK_ENV] = repr(worker_peak(cpu_peak, cpus))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from launch import gin_config
+from launch import parent_watch
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -50,6 +51,7 @@ def _jax_detects_cluster() -> bool:
 def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+  parent_watch.start()  # a sweep's child stops when its sweep is gone
   from launch import distributed  # pylint: disable=g-import-not-at-top
   # Bad input (flags, gin, config, data, tokenizer, workdir, checkpoints, carbon
   # inputs, tracking store) raises a core.errors.UserError, which launch/cli.py
@@ -80,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
     overrides["track"] = False
   try:
     result = gin_config.build(loop.train, files, **overrides)
-  except loop.NonFiniteError as e:
+  except loop.WorkdirBusyError as e:
+    print(f"ablax train: {one_line(e)}", file=sys.stderr)
+    return 1
+  except (loop.NonFiniteError, loop.CheckpointWriteError) as e:
     print(f"ablax train: stopped: {one_line(e)}", file=sys.stderr)
     return 1
   if result.status == "KILLED":

@@ -13,6 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from analysis import runs as runs_lib
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,3 +108,135 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path):
   assert f"from step {cut_step}" in point_log
   steps = [m.step for m in c.get_metric_history(resumed.info.run_id, "train/loss")]
   assert sorted(set(steps)) == list(range(10, 121, 10))
+
+
+# -- a sweep killed outright, and points another process is training --------------------------
+
+CHILD = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[2])
+from launch import parent_watch
+def stopped(signum, frame):
+  open(sys.argv[1], "w").write("SIGTERM")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+parent_watch.start(interval_s=0.1)
+print("watching", flush=True)
+time.sleep(120)
+"""
+
+PARENT = """
+import os, subprocess, sys, time
+env = dict(os.environ, ABLAX_PARENT_PID=str(os.getpid()))
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], env=env,
+                         start_new_session=True, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "watching"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_child_in_its_own_session_stops_when_its_parent_is_killed(tmp_path):
+  marker = tmp_path / "stopped"
+  parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker), str(REPO)],
+                            stdout=subprocess.PIPE, text=True)
+  child_pid = int(parent.stdout.readline())
+  assert not marker.exists()
+  parent.send_signal(signal.SIGKILL)
+  parent.wait(30)
+  deadline = time.monotonic() + 20
+  while not marker.exists():
+    assert time.monotonic() < deadline, "the child outlived its parent"
+    time.sleep(0.05)
+  assert marker.read_text() == "SIGTERM"  # the trainer's own stop: checkpoint, exit
+  while time.monotonic() < deadline:
+    try:
+      os.kill(child_pid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.05)
+  raise AssertionError("the child did not exit")
+
+
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); "
+             "from core.train import workdir_lock; "
+             "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+             "time.sleep(600)")
+
+
+def test_a_rerun_leaves_a_point_whose_workdir_is_held_alone(tmp_path):
+  from launch import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "held.gin"
+  path.write_text(textwrap.dedent(SWEEP).replace("'interrupted'", "'held'"))
+  points = sweep_lib.expand(sweep_lib.load(str(path), []))
+  workdir = tmp_path / "w"
+  point_dirs = [workdir / p.key for p in points]
+  for d in point_dirs:
+    d.mkdir(parents=True)
+  holders = [subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(d), str(REPO)],
+                              stdout=subprocess.PIPE, text=True) for d in point_dirs]
+  uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+  try:
+    for h in holders:
+      assert h.stdout.readline().strip() == "held"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "sweep", str(path), "--workdir", str(workdir),
+         "--tracking_uri", uri, "--workers", "1", "--no_compare"], cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+  finally:
+    for h in holders:
+      h.send_signal(signal.SIGKILL)
+      h.wait(30)
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+  assert f"0 finished before, {len(points)} running elsewhere, 0 to run" in result.stdout
+  for h, p in zip(holders, points):
+    assert f"{p.key}: being trained by pid {h.pid} on " in result.stdout
+  assert not (workdir / "logs").exists() or not any((workdir / "logs").iterdir())  # none started
+  c = runs_lib.client(uri)
+  parent = runs_lib.find_sweep(c, "held")
+  assert parent.info.status == "KILLED"  # not finished: the same command completes it later
+
+
+@pytest.mark.slow  # ~2 min: two points train, the sweep is killed, the rerun finishes them
+def test_a_sweep_killed_outright_leaves_no_orphans_and_its_rerun_resumes_them(tmp_path):
+  from core.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "interrupted.gin"
+  path.write_text(textwrap.dedent(SWEEP))
+  uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+  workdir = tmp_path / "w"
+  command = [sys.executable, "-m", "launch.cli", "sweep", str(path), "--workdir", str(workdir),
+             "--tracking_uri", uri, "--workers", "2", "--no_compare"]
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "ABLAX_CPU_PEAK_FLOPS": "1e11"}
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+
+  def both_checkpointed() -> bool:
+    dirs = list(workdir.glob("*/checkpoints"))
+    return len(dirs) == 2 and all(any(p.name.isdigit() for p in d.iterdir()) for d in dirs)
+
+  try:
+    _wait_for(both_checkpointed, proc, "a checkpoint in both points")
+    trainers = [workdir_lock.holder(d.parent) for d in workdir.glob("*/checkpoints")]
+    assert all(t and t["pid"] for t in trainers), trainers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  deadline = time.monotonic() + 120
+  while any(workdir_lock.holder(d.parent) for d in workdir.glob("*/checkpoints")):
+    assert time.monotonic() < deadline, "trainers outlived the sweep"
+    time.sleep(0.2)
+  for log in (workdir / "logs").glob("*.log"):
+    assert "that started this run is gone; stopping" in log.read_text()
+
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert "0 finished before, 2 to run" in again.stdout
+  c = runs_lib.client(uri)
+  parent = runs_lib.find_sweep(c, "interrupted")
+  children = runs_lib.sweep_children(c, parent, finished_only=False)
+  assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+  for r in children:
+    steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(10, 121, 10)), steps  # each step once

@@ -549,7 +549,7 @@ class RunTracker:
       return True
     except Exception as e:  # noqa: BLE001
       logger.error("tracking store unreachable at the end of run %s (%s); %d records kept in %s; "
-                   "replay them with core.tracking.run.replay_spool", self.run_id, e,
+                   "deliver them with `ablax tracking sync <workdir>` (replay_spool)", self.run_id, e,
                    self.pending_spool, spool.spool_path(self.spool_dir, self.run_id))
       return False
 

@@ -16,8 +16,9 @@ reproduce a 1-device run with the same data_shards.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
 caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
-logged step and per evaluation), run.json (the MLflow run id and store) and
-model/ (the exported model). The MLflow store is the project's one default
+logged step and per evaluation), run.json (the MLflow run id and store, and the
+step the run finished at), model/ (the exported model), mlflow_spool/ (records
+waiting for the store) and train.lock (held by the one trainer of the workdir). The MLflow store is the project's one default
 (core.tracking.store), not per workdir.
 """
 
@@ -42,17 +43,21 @@ from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
-from core.tracking import schema
+from core.tracking import delivered, schema
 from core.train import checkpoint as ckpt
 from core.train import checks
 from core.train import mesh as meshlib
-from core.train import host_input, partition, throughput
+from core.train import host_input, partition, throughput, workdir_lock
 from core.train import tracking as trk
 from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+WorkdirBusyError = workdir_lock.WorkdirBusyError  # another trainer holds the workdir
+CheckpointWriteError = ckpt.CheckpointWriteError  # a save failed: the run stops at once
 
 
 class NonFiniteError(FloatingPointError):
@@ -163,6 +168,21 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   primary = jax.process_index() == 0
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
+  # Before anything is written or opened: a second trainer must leave the first's run alone.
+  lock = workdir_lock.lock_for_run(workdir, primary)
+  try:
+    finished = _finished_before(workdir, num_steps)
+    if finished is not None:
+      return finished
+    return _train_locked(**locals())
+  finally:
+    lock.release()
+
+
+def _train_locked(*, model, data, optimizer, num_steps, batch_size, workdir, seed, data_seed,
+                  mesh, rules, grad_accum_steps, z_loss, loss_vocab_chunk, data_shards,
+                  keep_checkpoints, async_checkpoints, tracking_uri, experiment, run_name, track,
+                  config_hook, devices, step_builder, primary, **kwargs) -> TrainResult:
   _sync("workdir")
   mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
   rule_table = partition.merged_rules(rules)
@@ -189,7 +209,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
                                    async_save=async_checkpoints)
   status, error = "FAILED", None
   try:
-    result = _run(**locals())
+    result = _run(**locals(), **kwargs)
     status = result.status
     return result
   except BaseException as e:
@@ -200,6 +220,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       checkpointer.close()
     finally:
       tracker.end(status, error=error)
+      note = trk.undelivered_note(workdir, tracker)
+      if note:
+        _say(primary, note)
 
 
 def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_every, eval_every,
@@ -216,6 +239,11 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
     start_step, state, data_state, saved_meta = restored
     train_data.set_state(data_state)
     _say(primary, f"resuming {workdir} from step {start_step}")
+    if primary and tracker_run_id(tracker):
+      # Steps past the checkpoint may have reached the store before the interruption.
+      tracker = delivered.DedupTracker(tracker, delivered.delivered_metrics(
+          tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
+          say=lambda m: _say(primary, m))
   first = _Prefetch(train_data)
   seq_len = first.peek()["inputs"].shape[1]
   checks.check_seq_len(model, seq_len)
@@ -277,7 +305,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
           # The ETA is for the console; a store holds what happened.
           tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
                                if k not in ("step", "eta_s")}, step=s)
-          if energy is not None:
+          if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
             tracker.log_metrics({f"{schema.ENERGY}{k}": v
                                  for k, v in _energy_reading(energy).items()},
                                 step=s)
@@ -313,6 +341,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
         _run_evals(evals, builder, state.params, step, tracker, metrics_path, primary)
       if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
         save(step, data_state)
+      checkpointer.check()  # a background save that failed stops the run now
       if terminate.agreed():
         if last_saved != step:
           save(step, data_state)
@@ -337,6 +366,7 @@ def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_ev
             _tokenizer_path(getattr(train_data, "manifest", None)))
   if primary:
     _finish_record(tracker, workdir, record, peak_source, energy, step)
+    trk.mark_finished(workdir, step)
   return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
                      compile_s)
 
@@ -353,6 +383,23 @@ def _say(primary: bool, message: str) -> None:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
+  """The result of a run that already finished `num_steps` here, else None (train)."""
+  step = trk.read_run_file(workdir).get(trk.FINISHED_STEP) if jax.process_index() == 0 else None
+  ckpt_dir = workdir / "checkpoints"
+  saved = ckpt_dir.is_dir() and step is not None and (ckpt_dir / str(step)).is_dir()
+  step = step if saved and step >= num_steps else -1
+  if jax.process_count() > 1:
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+  if step < 0:
+    return None
+  run_id = trk.read_run_file(workdir).get("mlflow_run_id")
+  _say(jax.process_index() == 0,
+       f"{workdir} finished at step {step} before; nothing to do (to train further, raise "
+       f"num_steps; to start over, use another workdir)")
+  return TrainResult(workdir, step, {}, {}, run_id, "FINISHED", 0.0)
 
 
 def tracker_run_id(tracker) -> str | None:
@@ -411,7 +458,7 @@ def _energy_reading(energy) -> dict[str, float]:
 
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
   tracker.set_tags({"mfu_peak_source": peak_source})
-  if energy is not None:
+  if energy is not None:  # the loop leaves the last step's reading to this, the final one
     tracker.log_metrics({f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()},
                         step=step)
     try:

@@ -15,14 +15,17 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
-
 from core.tracking.run import NullTracker, RunTracker
 from core.tracking.store import adopt_credentials, default_tracking_uri, public_uri
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+# Records the store could not take yet wait here (core.tracking.spool), for the next start
+# or `ablax tracking sync <workdir>`.
+SPOOL_DIR = "mlflow_spool"
+# In run.json: the step a run finished at (written last), so running it again does nothing.
+FINISHED_STEP = "finished_step"
 # MLflow system metrics (system/cpu_utilization_percentage, ...) on process 0, every 10 s.
 SYSTEM_METRICS_S = 10.0
 
@@ -43,6 +46,7 @@ def read_run_file(workdir: Path) -> dict:
 def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
                   run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
   """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
+  import jax  # pylint: disable=g-import-not-at-top  (not at import: `ablax tracking` needs no JAX)
   if not enabled or jax.process_index() != 0:
     return NullTracker()
   uri = resolve_tracking_uri(tracking_uri)
@@ -50,12 +54,31 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
   same_store = public_uri(record.get("tracking_uri")) == public_uri(uri)
   run_id = record.get("mlflow_run_id") if same_store else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
-                       spool_dir=Path(workdir) / "mlflow_spool", tags=dict(tags or {}),
+                       spool_dir=Path(workdir) / SPOOL_DIR, tags=dict(tags or {}),
                        system_metrics_s=SYSTEM_METRICS_S)
   run_id = tracker.start()
   record.update(mlflow_run_id=run_id, tracking_uri=public_uri(uri), experiment=experiment)
   _write_json(Path(workdir) / RUN_FILE, record)
   return tracker
+
+
+def mark_finished(workdir: Path, step: int) -> None:
+  """Records in run.json that the run finished at `step` (also for runs that are not tracked)."""
+  record = read_run_file(workdir)
+  record[FINISHED_STEP] = int(step)
+  _write_json(Path(workdir) / RUN_FILE, record)
+
+
+def undelivered_note(workdir: Path, tracker) -> str | None:
+  """What to run when records of the run are still in its spool at the end, else None."""
+  waiting = getattr(tracker, "pending_spool", 0)
+  if not waiting:
+    return None
+  uri = getattr(tracker, "tracking_uri", None)
+  flag = "" if uri == default_tracking_uri() else f" --tracking_uri {uri}"
+  return (f"{waiting} records of MLflow run {tracker.run_id} did not reach {uri}; they are kept "
+          f"in {Path(workdir) / SPOOL_DIR}. Deliver them once the store answers:\n"
+          f"  ablax tracking sync {workdir}{flag}")
 
 
 def write_record(tracker, *, repo_dir: Path, mesh_shape: Mapping[str, int],
