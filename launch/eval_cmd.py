@@ -31,6 +31,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.eval.mc_metrics import DEFAULT_METRICS, METRICS
+from core.tracking import schema
 
 SPECIAL = ("heldout", "memorization")
 DEFAULT_SOURCES = ("code=embedded:code", "prose=embedded:prose")
@@ -131,7 +132,7 @@ def _tracking_uri(args) -> str:
     return args.tracking_uri
   from core.tracking.store import default_tracking_uri  # pylint: disable=g-import-not-at-top
   from core.train.tracking import read_run_file  # pylint: disable=g-import-not-at-top
-  recorded = read_run_file(Path(args.checkpoint).resolve().parent).get("tracking_uri")
+  recorded = read_run_file(Path(args.checkpoint).resolve().parent).get(schema.TRACKING_URI_KEY)
   return recorded or default_tracking_uri()
 
 
@@ -157,7 +158,7 @@ def _log(args, meta, metrics: dict[str, float], step: int) -> str:
       client.log_batch(run_id, metrics=items[i:i + 500])
     return run_id
   tracker = RunTracker(uri, args.experiment, run_name=f"eval {Path(args.checkpoint).name}",
-                       tags={"ablax.kind": "eval", "ablax.checkpoint": str(args.checkpoint)})
+                       tags={schema.KIND: "eval", schema.CHECKPOINT: str(args.checkpoint)})
   with tracker:
     tracker.log_params({"checkpoint": str(Path(args.checkpoint).resolve()),
                         "tasks": " ".join(args.tasks), "num_shots": args.num_shots})

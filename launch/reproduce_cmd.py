@@ -25,7 +25,7 @@ from analysis import reproduce as repro
 from analysis import runs as runs_lib
 from core.errors import UserError
 from core.tracking import schema
-from core.tracking.store import public_uri
+from core.train import tracking as train_tracking
 from launch import sweep_runner
 
 
@@ -183,10 +183,7 @@ def _create_run(c, original, workdir: Path, tracking_uri: str) -> str:
           schema.NOTE: f"Re-run of run {original.info.run_id} from its recorded "
                                  f"operative config (`ablax reproduce`)."}
   run = c.create_run(original.info.experiment_id, tags=tags, run_name=name)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / sweep_runner.TRAINER_RUN_FILE).write_text(json.dumps({
-      "mlflow_run_id": run.info.run_id, "tracking_uri": public_uri(tracking_uri),
-      "experiment": experiment.name}, indent=2) + "\n")
+  train_tracking.write_run_file(workdir, run.info.run_id, tracking_uri, experiment.name)
   return run.info.run_id
 
 

@@ -41,19 +41,21 @@ from typing import Callable, Sequence
 
 from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
                            SEED_TAG, SWEEP_TAG, VARIANT_TAG)
+from core.tracking import schema
 from core.tracking.store import public_uri
+from core.train import tracking as train_tracking
 from core.train import workdir_lock
 from launch import parent_watch
 from launch import sweep as sweep_lib
 
-STATE_FILE = "sweep.json"
-TRAINER_RUN_FILE = "run.json"  # core/train/tracking.py RUN_FILE: the run a workdir continues
+STATE_FILE = schema.SWEEP_STATE_FILE
+TRAINER_RUN_FILE = schema.RUN_FILE  # the run a workdir continues (core.train.tracking)
 EXPERIMENT_BINDING = "core.train.loop.train.experiment"
-ENV_TAG_PREFIX = "ablax.env."
+ENV_TAG_PREFIX = schema.ENV
 # What a worker's environment sets that can change numerics or placement.
 ENV_VARS = ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
             "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-CPU_COUNT_TAG = "ablax.cpus"  # cores a pinned worker had
+CPU_COUNT_TAG = schema.CPUS  # cores a pinned worker had
 
 TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
 
@@ -244,30 +246,32 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
             f"starting a new one", file=sys.stderr)
   experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
   tags = {SWEEP_TAG: sweep.name, ROLE_TAG: "parent", HASH_TAG: digest,
-          "ablax.sweep.file": sweep_lib.relative_to_repo(sweep.source or ""),
+          schema.SWEEP_FILE: sweep_lib.relative_to_repo(sweep.source or ""),
           BASELINE_TAG: sweep_lib.baseline_variant(sweep),
           METRIC_TAG: sweep.metric,
-          "mlflow.note.content": _note(sweep, points)}
+          schema.NOTE: _note(sweep, points)}
   tags.update(_record_tags())
   run = c.create_run(experiment_id, tags=tags, run_name=sweep.name)
   run_id = run.info.run_id
   from mlflow.entities import Param
   axes = sweep_lib.check_shape(sweep)
-  params = [Param("sweep.name", sweep.name), Param("sweep.points", str(len(points))),
-            Param("sweep.seeds", json.dumps(list(sweep.seeds))),
-            Param("sweep.base", json.dumps(list(sweep.base))[:6000])]
-  params += [Param(f"axis.{a.name}", json.dumps(list(a.labels))[:6000]) for a in axes]
+  params = [Param(schema.SWEEP_NAME_PARAM, sweep.name),
+            Param(schema.SWEEP_POINTS_PARAM, str(len(points))),
+            Param(schema.SWEEP_SEEDS_PARAM, json.dumps(list(sweep.seeds))),
+            Param(schema.SWEEP_BASE_PARAM, json.dumps(list(sweep.base))[:6000])]
+  params += [Param(f"{schema.AXIS_PARAM}{a.name}", json.dumps(list(a.labels))[:6000])
+             for a in axes]
   c.log_batch(run_id, params=params, synchronous=True)
   c.log_text(run_id, json.dumps({**sweep_lib.definition(sweep),
                                  "points": [_point_record(p) for p in points]}, indent=2),
-             "sweep/sweep.json")
+             schema.SWEEP_ARTIFACT)
   if sweep.source and Path(sweep.source).is_file():
     c.log_artifact(run_id, sweep.source, "sweep")
   workdir.mkdir(parents=True, exist_ok=True)
   state_path.write_text(json.dumps({"name": sweep.name, "hash": digest,
-                                    "tracking_uri": public_uri(tracking_uri),
-                                    "parent_run_id": run_id,
-                                    "experiment": sweep.experiment_name}, indent=2))
+                                    schema.TRACKING_URI_KEY: public_uri(tracking_uri),
+                                    schema.PARENT_RUN_ID_KEY: run_id,
+                                    schema.EXPERIMENT_KEY: sweep.experiment_name}, indent=2))
   return run_id
 
 
@@ -285,9 +289,10 @@ def _record_tags() -> dict[str, str]:
     code = record.code_version(sweep_lib.gin_config.REPO_ROOT)
   except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
     return {}
-  tags = {"git.commit": str(code.get("commit")), "git.dirty": str(code.get("dirty")).lower()}
+  tags = {schema.GIT_COMMIT: str(code.get("commit")),
+          schema.GIT_DIRTY: str(code.get("dirty")).lower()}
   if code.get("commit"):
-    tags["mlflow.source.git.commit"] = code["commit"]
+    tags[schema.MLFLOW_GIT_COMMIT] = code["commit"]
   return tags
 
 
@@ -323,11 +328,11 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   run_file = child_workdir(workdir, point) / TRAINER_RUN_FILE
   if run_file.is_file():
     record = json.loads(run_file.read_text())
-    if (public_uri(record.get("tracking_uri")) == public_uri(tracking_uri)
-        and record.get("mlflow_run_id")):
+    if (public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(tracking_uri)
+        and record.get(schema.RUN_ID_KEY)):
       try:
-        c.get_run(record["mlflow_run_id"])
-        return record["mlflow_run_id"]
+        c.get_run(record[schema.RUN_ID_KEY])
+        return record[schema.RUN_ID_KEY]
       except MlflowException:
         pass  # the store lost it: start the point's record afresh
   experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
@@ -337,10 +342,7 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   run = c.create_run(experiment_id, tags=tags, run_name=f"{sweep.name}/{point.key}")
   run_id = run.info.run_id
   c.log_batch(run_id, params=[Param(k, v) for k, v in point.params.items()], synchronous=True)
-  run_file.parent.mkdir(parents=True, exist_ok=True)
-  run_file.write_text(json.dumps({"mlflow_run_id": run_id,
-                                  "tracking_uri": public_uri(tracking_uri),
-                                  "experiment": sweep.experiment_name}, indent=2) + "\n")
+  train_tracking.write_run_file(run_file.parent, run_id, tracking_uri, sweep.experiment_name)
   return run_id
 
 

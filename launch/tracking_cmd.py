@@ -59,11 +59,11 @@ def sync(workdir: Path, tracking_uri: str | None = None) -> int:
 
 
 def _sync_one(run_dir: Path, tracking_uri: str | None) -> int:
-  from core.tracking import spool  # pylint: disable=g-import-not-at-top
+  from core.tracking import schema, spool  # pylint: disable=g-import-not-at-top
   from core.train import tracking, workdir_lock  # pylint: disable=g-import-not-at-top
   record = tracking.read_run_file(run_dir)
-  run_id = record.get("mlflow_run_id")
-  uri = tracking_uri or record.get("tracking_uri")
+  run_id = record.get(schema.RUN_ID_KEY)
+  uri = tracking_uri or record.get(schema.TRACKING_URI_KEY)
   if not run_id or not uri:
     print(f"{run_dir}: run.json names no MLflow run; nothing to deliver")
     return 0

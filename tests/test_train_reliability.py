@@ -3,7 +3,6 @@ past the checkpoint already in MLflow, a finished run started again, a checkpoin
 cannot be written."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

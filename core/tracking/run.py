@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from core.tracking import spool
+from core.tracking import schema, spool
 from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
                                   MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VALUE, TrackingStoreError,
                                   bound_http_retries, clean_key, ensure_experiment, is_transient,
@@ -37,8 +37,8 @@ from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
 logger = logging.getLogger(__name__)
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
-ERROR_TAG = "ablax.error"
+PARENT_TAG = schema.PARENT  # what the MLflow UI nests child runs by
+ERROR_TAG = schema.ERROR
 
 
 

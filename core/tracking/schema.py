@@ -58,6 +58,7 @@ SWEEP_NAME_PARAM = "sweep.name"
 SWEEP_POINTS_PARAM = "sweep.points"
 SWEEP_SEEDS_PARAM = "sweep.seeds"
 SWEEP_BASE_PARAM = "sweep.base"
+AXIS_PARAM = "axis."               # axis.<name>: the axis's variant labels
 
 # -- tags ------------------------------------------------------------------------------
 # Every run (core/tracking/record.py run_tags).
@@ -126,8 +127,12 @@ COMPARISON_TABLE_ARTIFACT = "comparison/table.json"
 # -- the workdir's run.json: the MLflow run a workdir continues -------------------------
 RUN_FILE = "run.json"
 RUN_ID_KEY = "mlflow_run_id"
-TRACKING_URI_KEY = "tracking_uri"
+TRACKING_URI_KEY = "tracking_uri"     # without credentials (core.tracking.store.public_uri)
 EXPERIMENT_KEY = "experiment"
+FINISHED_STEP_KEY = "finished_step"   # written last: running a finished run again does nothing
+# A sweep's sweep.json: its definition's hash and parent run, next to its points' workdirs.
+SWEEP_STATE_FILE = "sweep.json"
+PARENT_RUN_ID_KEY = "parent_run_id"
 
 
 def is_declared_metric(key: str) -> bool:
@@ -139,7 +144,7 @@ def is_declared_metric(key: str) -> bool:
 def is_declared_param(key: str) -> bool:
   return (key in (SEQ_LEN, GLOBAL_BATCH, MESH, DATA_SHARDS, FLOPS_PER_TOKEN, SWEEP_NAME_PARAM,
                   SWEEP_POINTS_PARAM, SWEEP_SEEDS_PARAM, SWEEP_BASE_PARAM)
-          or key.startswith((MODEL, ATTENTION_IMPL, *GIN_PREFIXES)))
+          or key.startswith((MODEL, ATTENTION_IMPL, AXIS_PARAM, *GIN_PREFIXES)))
 
 
 def is_declared_tag(key: str) -> bool:

@@ -395,7 +395,7 @@ def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
     step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
   if step < 0:
     return None
-  run_id = trk.read_run_file(workdir).get("mlflow_run_id")
+  run_id = trk.read_run_file(workdir).get(schema.RUN_ID_KEY)
   _say(jax.process_index() == 0,
        f"{workdir} finished at step {step} before; nothing to do (to train further, raise "
        f"num_steps; to start over, use another workdir)")
@@ -457,7 +457,7 @@ def _energy_reading(energy) -> dict[str, float]:
 
 
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
-  tracker.set_tags({"mfu_peak_source": peak_source})
+  tracker.set_tags({schema.MFU_PEAK_SOURCE: peak_source})
   if energy is not None:  # the loop leaves the last step's reading to this, the final one
     tracker.log_metrics({f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()},
                         step=step)

@@ -15,17 +15,18 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from core.tracking import schema
 from core.tracking.run import NullTracker, RunTracker
 from core.tracking.store import adopt_credentials, default_tracking_uri, public_uri
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
+RUN_FILE = schema.RUN_FILE
 # Records the store could not take yet wait here (core.tracking.spool), for the next start
 # or `ablax tracking sync <workdir>`.
 SPOOL_DIR = "mlflow_spool"
 # In run.json: the step a run finished at (written last), so running it again does nothing.
-FINISHED_STEP = "finished_step"
+FINISHED_STEP = schema.FINISHED_STEP_KEY
 # MLflow system metrics (system/cpu_utilization_percentage, ...) on process 0, every 10 s.
 SYSTEM_METRICS_S = 10.0
 
@@ -43,6 +44,16 @@ def read_run_file(workdir: Path) -> dict:
   return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def write_run_file(workdir: Path, run_id: str, tracking_uri: str, experiment: str) -> None:
+  """Points `workdir` at an MLflow run: the trainer there continues it (the sweep, reproduce
+  and the trainer itself write it; the URI never holds credentials)."""
+  record = read_run_file(workdir)
+  record.update({schema.RUN_ID_KEY: run_id, schema.TRACKING_URI_KEY: public_uri(tracking_uri),
+                 schema.EXPERIMENT_KEY: experiment})
+  Path(workdir).mkdir(parents=True, exist_ok=True)
+  _write_json(Path(workdir) / RUN_FILE, record)
+
+
 def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
                   run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
   """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
@@ -51,14 +62,13 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
     return NullTracker()
   uri = resolve_tracking_uri(tracking_uri)
   record = read_run_file(workdir)
-  same_store = public_uri(record.get("tracking_uri")) == public_uri(uri)
-  run_id = record.get("mlflow_run_id") if same_store else None
+  same_store = public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(uri)
+  run_id = record.get(schema.RUN_ID_KEY) if same_store else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
                        spool_dir=Path(workdir) / SPOOL_DIR, tags=dict(tags or {}),
                        system_metrics_s=SYSTEM_METRICS_S)
   run_id = tracker.start()
-  record.update(mlflow_run_id=run_id, tracking_uri=public_uri(uri), experiment=experiment)
-  _write_json(Path(workdir) / RUN_FILE, record)
+  write_run_file(workdir, run_id, uri, experiment)
   return tracker
 
 
