@@ -140,8 +140,8 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
     if gin_params:
       where = "the --gin_param bindings"
       gin.parse_config(list(gin_params))
-    _check_macros()  # before finalizing, whose hooks would report it as a page of config
     if finalize:
+      _check_macros()  # before finalizing, whose hooks would report it as a page of config
       # Finalizing is where a `%gin.REQUIRED` that nothing overrode is reported.
       where = "the gin files and bindings"
       gin.finalize()
@@ -261,7 +261,10 @@ _MACRO = "gin.macro"
 def resolve_macro(value: Any) -> Any:
   """A bound value with macros replaced by theirs (gin.get_bindings keeps `%NUM_STEPS`)."""
   while isinstance(value, gin.config.ConfigurableReference) and value.selector == _MACRO:
-    value = gin.query_parameter("%" + _macro_name(value))
+    try:
+      value = gin.query_parameter("%" + _macro_name(value))
+    except ValueError:
+      raise GinConfigError(f"nothing sets the macro {_macro_name(value)}") from None
   return value
 
 

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -90,7 +91,17 @@ def run(args: argparse.Namespace) -> int:
   try:
     target = targets.parse_target(args.target)
     files = gin_config.parse_args(args, finalize=False)
-    bound = {k: gin_config.resolve_macro(v) for k, v in gin.get_bindings(TRAIN).items()}
+    # The flags stand in for the run's own values (and for its macros, when nothing sets them).
+    for flag, name in ((args.batch, "batch_size"), (args.num_steps, "num_steps")):
+      if flag:
+        gin.bind_parameter(f"{TRAIN}.{name}", flag)
+    try:
+      bound = {k: gin_config.resolve_macro(v) for k, v in gin.get_bindings(TRAIN).items()}
+    except TypeError as e:  # gin evaluates macros here: one that nothing sets
+      macro = re.search(r"in scope '([^']+)'", str(e))
+      raise gin_config.GinConfigError(
+          f"nothing sets {macro.group(1) if macro else 'a macro of the run'}: bind it "
+          "(e.g. --gin.NUM_STEPS=N) or give --batch / --num_steps") from None
     missing = [k for k in ("model", "optimizer") if k not in bound]
     if missing:
       raise gin_config.GinConfigError(

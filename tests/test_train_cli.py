@@ -67,6 +67,7 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
   inputs = run.inputs.dataset_inputs
   assert sorted(d.dataset.name for d in inputs) == ["code", "prose"]
   assert all(len(d.dataset.digest) == 32 for d in inputs)
+  assert len({d.dataset.digest for d in inputs}) == 2  # code and prose are different data
   found = MlflowClient(_mlflow_store).search_runs(
       [run.info.experiment_id], f"datasets.digest = '{inputs[0].dataset.digest}'")
   assert [r.info.run_id for r in found] == [run_id]

@@ -27,7 +27,8 @@ def test_experiment_builds(name):
   config, mesh, recipe, _ = _build([f"gin/experiments/{name}.gin"])
   assert config.vocab_size == 4096 and recipe == "llama_adamw"
   assert mesh.shape(8) == (1, 8, 1)
-  assert gin.query_parameter("core.train.loop.train.num_steps") > 0
+  steps = gin_config.resolve_macro(gin.query_parameter("core.train.loop.train.num_steps"))
+  assert steps > 0
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

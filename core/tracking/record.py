@@ -190,15 +190,19 @@ def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | 
 def dataset_inputs(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
   """One MLflow dataset input per source of a data manifest, its digest from the fingerprint.
 
-  The digest is the first 32 hex digits of the sha256 of the source's manifest
-  (its fingerprint, files and split), so two runs that read the same data have
-  the same digest whatever their names for it.
+  The digest is the first 32 hex digits of the sha256 of what identifies the
+  source: its content fingerprint with its kind and domain (the embedded
+  corpus's two domains share one fingerprint, the files they come from), so two
+  runs that read the same data have the same digest whatever their names for it,
+  and different data never share one.
   """
   out = []
   for name, source in sorted((manifest.get("sources") or {}).items()):
     if not isinstance(source, Mapping):
       continue
-    text = json.dumps(source.get("fingerprint", source), sort_keys=True, default=str)
+    identity = ({k: source.get(k) for k in ("fingerprint", "kind", "domain", "spec", "feature")}
+                if "fingerprint" in source else source)
+    text = json.dumps(identity, sort_keys=True, default=str)
     out.append({"name": str(name), "digest": hashlib.sha256(text.encode()).hexdigest()[:32],
                 "source": str(source.get("spec") or source.get("kind") or name),
                 "context": "train"})
