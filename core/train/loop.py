@@ -1,5 +1,11 @@
 """The training loop: `train(...)`, the one configurable entry point of a run.
 
+`train` reads top to bottom, in banner sections, like the run it performs:
+inputs, the workdir, mesh/step/data, record/tracker/checkpoints, state, compile,
+the loop, the end. What must be undone however it ends (the workdir lock, the
+checkpointer, the MLflow run's final status) is registered on one ExitStack
+where it is acquired.
+
 What a run does, in order: build the mesh, the model's train state (fresh or
 from the newest readable checkpoint) and the data iterator (at the saved
 position); write the run directory and open the MLflow run (so a bad store
@@ -24,6 +30,7 @@ waiting for the store) and train.lock (held by the one trainer of the workdir). 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -160,6 +167,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       table or an intensity in g CO2eq/kWh, and the power per device where the
       device table has none (TPU v5e/v5p). Checked before anything is built.
   """
+  # == Inputs ================================================================================
+  # Everything a user can get wrong is checked before anything is built or written.
   trk.check_carbon_inputs(pue, grid_region, grid_intensity, device_power_w)
   checks.check_run(workdir=workdir, num_steps=num_steps, batch_size=batch_size,
                    grad_accum_steps=grad_accum_steps, log_every=log_every,
@@ -168,207 +177,212 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   primary = jax.process_index() == 0
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
-  # Before anything is written or opened: a second trainer must leave the first's run alone.
-  lock = workdir_lock.lock_for_run(workdir, primary)
-  try:
+
+  with contextlib.ExitStack() as closing:
+    # == The workdir ===========================================================================
+    # Claimed before anything in it is written or opened: a second trainer must leave the
+    # first one's run alone. A finished run is not run again.
+    closing.callback(workdir_lock.lock_for_run(workdir, primary).release)
     finished = _finished_before(workdir, num_steps)
     if finished is not None:
       return finished
-    return _train_locked(**locals())
-  finally:
-    lock.release()
+    _sync("workdir")
 
+    # == Mesh, step and data ===================================================================
+    mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
+    builder = make_builder(model, optimizer, mesh_obj, partition.merged_rules(rules),
+                           num_steps=num_steps, grad_accum_steps=grad_accum_steps, z_loss=z_loss,
+                           loss_vocab_chunk=loss_vocab_chunk, step_builder=step_builder)
+    # The rows of the batch this process's devices hold; the sequence length does not
+    # change which rows those are.
+    rows = host_input.process_rows(builder.batch_sharding((batch_size, 1)), (batch_size, 1))
+    data_seed = seed if data_seed is None else data_seed
+    train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
+                                               shards=data_shards or jax.process_count(),
+                                               rows=rows)
+    checks.check_seq_len(model, train_data.seq_len)
+    tokenizer = getattr(train_data, "tokenizer", None)
+    if tokenizer is not None:
+      # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
+      check_vocab_matches(tokenizer.vocab_size, model.vocab_size, where="train: data tokenizer")
 
-def _train_locked(*, model, data, optimizer, num_steps, batch_size, workdir, seed, data_seed,
-                  mesh, rules, grad_accum_steps, z_loss, loss_vocab_chunk, data_shards,
-                  keep_checkpoints, async_checkpoints, tracking_uri, experiment, run_name, track,
-                  config_hook, devices, step_builder, primary, **kwargs) -> TrainResult:
-  _sync("workdir")
-  mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
-  rule_table = partition.merged_rules(rules)
-  builder = make_builder(model, optimizer, mesh_obj, rule_table, num_steps=num_steps,
-                         grad_accum_steps=grad_accum_steps, z_loss=z_loss,
-                         loss_vocab_chunk=loss_vocab_chunk, step_builder=step_builder)
+    # == Record, tracker, checkpoints ==========================================================
+    # The MLflow run opens here, so a store that cannot be written fails before any step.
+    # From here on the run ends FINISHED, KILLED or FAILED (with the error) in MLflow.
+    record = config_hook(workdir) if (config_hook and primary) else None
+    tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
+                                run_name=run_name, enabled=track)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=keep_checkpoints,
+                                     async_save=async_checkpoints)
+    ending = {"status": "FAILED"}
 
-  shards = data_shards or jax.process_count()
-  # The rows of the batch this process's devices hold; the sequence length does not
-  # change which rows those are.
-  rows = host_input.process_rows(builder.batch_sharding((batch_size, 1)), (batch_size, 1))
-  data_seed = seed if data_seed is None else data_seed
-  train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
-                                             shards=shards, rows=rows)
-  checks.check_seq_len(model, train_data.seq_len)
-  tokenizer = getattr(train_data, "tokenizer", None)
-  if tokenizer is not None:
-    # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
-    check_vocab_matches(tokenizer.vocab_size, model.vocab_size, where="train: data tokenizer")
-  record = config_hook(workdir) if (config_hook and primary) else None
-  tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
-                              run_name=run_name, enabled=track)
-  checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=keep_checkpoints,
-                                   async_save=async_checkpoints)
-  status, error = "FAILED", None
-  try:
-    result = _run(**locals(), **kwargs)
-    status = result.status
-    return result
-  except BaseException as e:
-    error = f"{type(e).__name__}: {e}"
-    raise
-  finally:
+    def end_run(exc_type, exc, tb) -> bool:
+      del tb
+      try:
+        checkpointer.close()
+      finally:
+        error = None if exc is None else f"{exc_type.__name__}: {exc}"
+        tracker.end(ending["status"] if exc is None else "FAILED", error=error)
+        note = trk.undelivered_note(workdir, tracker)
+        if note:
+          _say(primary, note)
+      return False
+    closing.push(end_run)
+
+    # == State: fresh or resumed ===============================================================
+    abstract = builder.abstract_state()
+    restored = checkpointer.restore_latest(abstract)
+    saved_meta: dict = {}
+    log = tracker  # what the loop logs through (it skips re-run steps on a resume)
+    if restored is None:
+      start_step, state = 0, builder.init(seed)
+      _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
+    else:
+      start_step, state, data_state, saved_meta = restored
+      train_data.set_state(data_state)
+      _say(primary, f"resuming {workdir} from step {start_step}")
+      if primary and tracker_run_id(tracker):
+        # Steps past the checkpoint may have reached the store before the interruption.
+        log = delivered.DedupTracker(tracker, delivered.delivered_metrics(
+            tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
+            say=lambda m: _say(primary, m))
+    first = _Prefetch(train_data)
+    seq_len = first.peek()["inputs"].shape[1]
+    checks.check_seq_len(model, seq_len)
+    metrics_path = workdir / "metrics.jsonl"
+    if primary:
+      _truncate_metrics(metrics_path, start_step)
+      _log_run_record(log, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
+                      getattr(train_data, "manifest", None), train_data.shards)
+    energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
+                               resume_from=saved_meta.get("energy"), pue=pue,
+                               grid_region=grid_region, grid_intensity=grid_intensity,
+                               device_power_w=device_power_w) if primary else None)
+
+    # == Compile ===============================================================================
+    # Timed apart from the steps, so tokens/s and MFU are of training alone.
+    shape = (batch_size, seq_len)
+    t0 = time.perf_counter()
+    inputs = builder.step_inputs()
+    step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
+    compile_s = time.perf_counter() - t0
+    _say(primary, f"compiled the train step in {compile_s:.1f}s")
+    log.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
+
+    # == What each logged step reports =========================================================
+    fpt = flops_per_token(model, seq_len)
+    tokens_per_step = batch_size * seq_len
+    schedule = getattr(builder.optimizer, "schedule", None)
+    peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
+    meter = throughput.Meter(fpt, peak, num_steps, start_step)
+    evaluator = _Evaluator(builder, data, shape, data_seed, eval_batches) if eval_batches else None
+    terminate = _TermFlag()
+    losses: dict[int, float] = {}
+    eval_losses: dict[int, float] = {}
+    pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens in its batch)
+    last_saved = start_step
+
+    def resolve(keep_last: int) -> None:
+      """Reads back the metrics of all but the newest `keep_last` dispatched steps.
+
+      Reading a step's metrics waits for it; keeping one in flight lets the host
+      prepare the next batch while the devices run.
+      """
+      while len(pending) > keep_last:
+        s, m, n_tokens = pending.pop(0)
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        meter.add_tokens(n_tokens)
+        if not host["finite"]:
+          checkpointer.wait()
+          good = checkpointer.steps()
+          raise NonFiniteError(
+              f"non-finite {'loss' if not math.isfinite(host['loss']) else 'gradient'} at step "
+              f"{s} (loss={host['loss']}, grad_norm={host['grad_norm']}); the update was not "
+              f"applied; last good checkpoint: "
+              f"{('step ' + str(good[-1])) if good else 'none'} in {checkpointer.directory}")
+        losses[s] = host["loss"]
+        if s % log_every == 0 or s == num_steps:
+          rates = meter.report(s)
+          line = {"step": s, "loss": host["loss"], "z_loss": host["z_loss"],
+                  "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates,
+                  # Cumulative, so curves can be drawn against tokens or compute, not steps.
+                  "tokens": s * tokens_per_step, "flops": s * tokens_per_step * fpt}
+          if schedule is not None:
+            line["learning_rate"] = float(schedule(s - 1))  # what update s applied
+          if primary:
+            _append_jsonl(metrics_path, line)
+            # The ETA is for the console; a store holds what happened.
+            log.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
+                             if k not in ("step", "eta_s")}, step=s)
+            if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
+              log.log_metrics({f"{schema.ENERGY}{k}": v
+                               for k, v in _energy_reading(energy).items()}, step=s)
+            if progress:
+              print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
+                    f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
+                    f"MFU {100 * rates['mfu']:.1f}% | "
+                    f"ETA {throughput.format_duration(rates['eta_s'])}", flush=True)
+
+    def save(step: int, data_state: dict, wait: bool = False) -> None:
+      nonlocal last_saved
+      resolve(0)  # never save parameters that a later check would reject
+      meta = {"time": time.time()}
+      if energy is not None:
+        meta["energy"] = _energy_reading(energy)  # so a resumed run's figures stay cumulative
+      checkpointer.save(step, state, host_input.global_state(data_state), meta, wait=wait)
+      last_saved = step
+
+    # == Train =================================================================================
+    step = start_step
+    data_state = None
     try:
-      checkpointer.close()
-    finally:
-      tracker.end(status, error=error)
-      note = trk.undelivered_note(workdir, tracker)
-      if note:
-        _say(primary, note)
-
-
-def _run(*, model, data, num_steps, batch_size, workdir, seed, data_seed, log_every, eval_every,
-         eval_batches, checkpoint_every, export_model, progress, primary, mesh_obj, builder,
-         train_data, record, tracker, checkpointer, evals=None, pue=1.0, grid_region=None,
-         grid_intensity=None, device_power_w=None, **unused) -> TrainResult:
-  abstract = builder.abstract_state()
-  restored = checkpointer.restore_latest(abstract)
-  saved_meta: dict = {}
-  if restored is None:
-    start_step, state = 0, builder.init(seed)
-    _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
-  else:
-    start_step, state, data_state, saved_meta = restored
-    train_data.set_state(data_state)
-    _say(primary, f"resuming {workdir} from step {start_step}")
-    if primary and tracker_run_id(tracker):
-      # Steps past the checkpoint may have reached the store before the interruption.
-      tracker = delivered.DedupTracker(tracker, delivered.delivered_metrics(
-          tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
-          say=lambda m: _say(primary, m))
-  first = _Prefetch(train_data)
-  seq_len = first.peek()["inputs"].shape[1]
-  checks.check_seq_len(model, seq_len)
-  metrics_path = workdir / "metrics.jsonl"
-  if primary:
-    _truncate_metrics(metrics_path, start_step)
-    _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                    getattr(train_data, "manifest", None), train_data.shards)
-  energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
-                             resume_from=saved_meta.get("energy"), pue=pue,
-                             grid_region=grid_region, grid_intensity=grid_intensity,
-                             device_power_w=device_power_w) if primary else None)
-
-  shape = (batch_size, seq_len)
-  t0 = time.perf_counter()
-  inputs = builder.step_inputs()
-  step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
-  compile_s = time.perf_counter() - t0
-  _say(primary, f"compiled the train step in {compile_s:.1f}s")
-  tracker.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
-
-  fpt = flops_per_token(model, seq_len)
-  tokens_per_step = batch_size * seq_len
-  schedule = getattr(builder.optimizer, "schedule", None)
-  peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
-  meter = throughput.Meter(fpt, peak, num_steps, start_step)
-  evaluator = _Evaluator(builder, data, shape, data_seed, eval_batches) if eval_batches else None
-  terminate = _TermFlag()
-  losses: dict[int, float] = {}
-  eval_losses: dict[int, float] = {}
-  pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens in its batch)
-  last_saved = start_step
-
-  def resolve(keep_last: int) -> None:
-    """Reads back the metrics of all but the newest `keep_last` dispatched steps."""
-    while len(pending) > keep_last:
-      s, m, n_tokens = pending.pop(0)
-      host = {k: float(v) for k, v in jax.device_get(m).items()}
-      meter.add_tokens(n_tokens)
-      if not host["finite"]:
-        checkpointer.wait()
-        good = checkpointer.steps()
-        raise NonFiniteError(
-            f"non-finite {'loss' if not math.isfinite(host['loss']) else 'gradient'} at step "
-            f"{s} (loss={host['loss']}, grad_norm={host['grad_norm']}); the update was not "
-            f"applied; last good checkpoint: "
-            f"{('step ' + str(good[-1])) if good else 'none'} in {checkpointer.directory}")
-      losses[s] = host["loss"]
-      if s % log_every == 0 or s == num_steps:
-        rates = meter.report(s)
-        line = {"step": s, "loss": host["loss"], "z_loss": host["z_loss"],
-                "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates,
-                # Cumulative, so curves can be drawn against tokens or compute, not steps.
-                "tokens": s * tokens_per_step, "flops": s * tokens_per_step * fpt}
-        if schedule is not None:
-          line["learning_rate"] = float(schedule(s - 1))  # what update s applied
-        if primary:
-          _append_jsonl(metrics_path, line)
-          # The ETA is for the console; a store holds what happened.
-          tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
-                               if k not in ("step", "eta_s")}, step=s)
-          if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
-            tracker.log_metrics({f"{schema.ENERGY}{k}": v
-                                 for k, v in _energy_reading(energy).items()},
-                                step=s)
-          if progress:
-            print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
-                  f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
-                  f"MFU {100 * rates['mfu']:.1f}% | ETA {throughput.format_duration(rates['eta_s'])}",
-                  flush=True)
-
-  def save(step: int, data_state: dict, wait: bool = False) -> None:
-    nonlocal last_saved
-    resolve(0)  # never save parameters that a later check would reject
-    meta = {"time": time.time()}
-    if energy is not None:
-      meta["energy"] = _energy_reading(energy)  # so a resumed run's figures stay cumulative
-    checkpointer.save(step, state, host_input.global_state(data_state), meta, wait=wait)
-    last_saved = step
-
-  step = start_step
-  data_state = None
-  try:
-    while step < num_steps:
-      batch, data_state = first.next()
-      state, m = step_fn(state, device_batch(batch, builder.batch_sharding, batch_size), inputs)
-      step += 1
-      pending.append((step, m, batch["inputs"].size))
-      resolve(1)
-      if evaluator and eval_every and step % eval_every == 0 and step < num_steps:
-        resolve(0)
-        eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
-      if evals and eval_every and step % eval_every == 0 and step < num_steps:
-        resolve(0)
-        _run_evals(evals, builder, state.params, step, tracker, metrics_path, primary)
-      if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
-        save(step, data_state)
-      checkpointer.check()  # a background save that failed stops the run now
-      if terminate.agreed():
-        if last_saved != step:
+      while step < num_steps:
+        batch, data_state = first.next()
+        state, m = step_fn(state, device_batch(batch, builder.batch_sharding, batch_size), inputs)
+        step += 1
+        pending.append((step, m, batch["inputs"].size))
+        resolve(1)
+        if (evaluator or evals) and eval_every and step % eval_every == 0 and step < num_steps:
+          resolve(0)
+          if evaluator:
+            eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
+          if evals:
+            _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+        if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
           save(step, data_state)
-        checkpointer.wait()
-        _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
-        tracker.flush()
-        return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
-                           "KILLED", compile_s)
-    resolve(0)
-    if step > last_saved or not checkpointer.steps():
-      save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
-    if evaluator:
-      eval_losses[step] = evaluator.run(state.params, step, tracker, metrics_path, primary)
-    if evals:
-      _run_evals(evals, builder, state.params, step, tracker, metrics_path, primary)
-  finally:
-    terminate.restore()
-    first.close()
-  checkpointer.wait()
-  if export_model:
-    _export(workdir, builder, state, model, tracker, primary,
-            _tokenizer_path(getattr(train_data, "manifest", None)))
-  if primary:
-    _finish_record(tracker, workdir, record, peak_source, energy, step)
-    trk.mark_finished(workdir, step)
-  return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
-                     compile_s)
+        checkpointer.check()  # a background save that failed stops the run now
+        if terminate.agreed():
+          if last_saved != step:
+            save(step, data_state)
+          checkpointer.wait()
+          _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
+          log.flush()
+          ending["status"] = "KILLED"
+          return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
+                             "KILLED", compile_s)
+      # == The end: last checkpoint, evaluations ===============================================
+      resolve(0)
+      if step > last_saved or not checkpointer.steps():
+        save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
+      if evaluator:
+        eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
+      if evals:
+        _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+    finally:
+      terminate.restore()
+      first.close()
+
+    # == Export and finish =====================================================================
+    checkpointer.wait()
+    if export_model:
+      _export(workdir, builder, state, model, log, primary,
+              _tokenizer_path(getattr(train_data, "manifest", None)))
+    if primary:
+      _finish_record(log, workdir, record, peak_source, energy, step)
+      trk.mark_finished(workdir, step)
+    ending["status"] = "FINISHED"
+    return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
+                       compile_s)
 
 
 # -- helpers ------------------------------------------------------------------------------
