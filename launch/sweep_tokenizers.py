@@ -14,11 +14,18 @@ from pathlib import Path
 
 
 def default_subset(size: int):
-  """The default tokenizer's `size`-piece subset, as a core.tokenizer.Tokenizer."""
+  """The default tokenizer's `size`-piece subset, as a core.tokenizer.Tokenizer.
+
+  At the default tokenizer's own size, the default tokenizer itself: a sweep's
+  full-vocabulary point then trains on exactly the data its base experiment does.
+  """
   from core.tokenizer.default import default_tokenizer  # pylint: disable=g-import-not-at-top
   from core.tokenizer.spm import Tokenizer  # pylint: disable=g-import-not-at-top
   from core.tokenizer.subset import subset_tokenizer  # pylint: disable=g-import-not-at-top
-  base = Path(default_tokenizer().path)
+  full = default_tokenizer()
+  if int(size) == full.vocab_size:
+    return full
+  base = Path(full.path)
   out = base.with_name(f"{base.stem}-subset{int(size)}.model")
   if not out.is_file():
     subset_tokenizer(base, int(size), out)
