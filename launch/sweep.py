@@ -12,10 +12,10 @@ other configurable), for example:
     params = ['core.train.loop.train.num_steps = 200']
     axes = {
         'attention': {
-            'mha': ['ModelConfig.num_kv_heads = 4'],
+            'mha': ['core.model.config.ModelConfig.num_kv_heads = 4'],
             'mqa': ['ablations/variants/mqa.gin'],
         },
-        'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': [1, 2, 4]},
+        'kv': {'binding': 'core.model.config.ModelConfig.num_kv_heads', 'values': [1, 2, 4]},
     }
     seeds = [0, 1]
     baseline = {'attention': 'mha'}
@@ -142,7 +142,7 @@ def literal(value: Any) -> str:
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> Sweep:
-  """Parses a sweep file (plus `Sweep.x = ...` overrides) into a Sweep; leaves gin clean."""
+  """Parses a sweep file (plus `launch.sweep.Sweep.x = ...` overrides) into a Sweep; leaves gin clean."""
   import gin
   gin.clear_config()
   try:

@@ -2,7 +2,7 @@
 
   ablax sweep ablations/attention.gin                  # run (or resume) every point
   ablax sweep ablations/attention.gin --dry-run        # list and check the points, run nothing
-  ablax sweep ablations/attention.gin --workers 2 --gin_param 'Sweep.seeds = [0, 1, 2]'
+  ablax sweep ablations/attention.gin --workers 2 --gin_param 'launch.sweep.Sweep.seeds = [0, 1, 2]'
   ablax sweep ablations/attention.gin --launcher slurm  # a job array (launch/slurm_sweep.py)
   ablax sweep ablations/attention.gin --status         # each point's MLflow (and SLURM) state
   ablax sweep ablations/ladder_activation.gin --dry-run  # a size ladder: params, tokens, FLOPs, CPU time
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("sweep_file", help="sweep gin file, e.g. ablations/attention.gin")
   parser.add_argument("--gin_bindings", "--gin_param", dest="gin_param", action="append",
                       default=[], metavar="BINDING",
-                      help="override a sweep field, e.g. 'Sweep.seeds = [0]' (repeatable)")
+                      help="override a sweep field, e.g. 'launch.sweep.Sweep.seeds = [0]' (repeatable)")
   parser.add_argument("--gin_search_paths", action="append", default=[], metavar="DIRS",
                       help="folders (comma-separated) searched for gin files and includes, by "
                            "the sweep and every point it runs")

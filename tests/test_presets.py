@@ -76,7 +76,7 @@ def test_params_cli_prints_json():
 
 
 def test_gin_param_overrides_preset():
-  mha = param_counts(build_preset("gemma_2b", "ModelConfig.num_kv_heads = 8"))
+  mha = param_counts(build_preset("gemma_2b", "core.model.config.ModelConfig.num_kv_heads = 8"))
   mqa_attn_kv = 2 * 2048 * 256 * 1
   mha_attn_kv = 2 * 2048 * 256 * 8
   assert mha["non_embedding"] - PUBLISHED["gemma_2b"][1] == 18 * (mha_attn_kv - mqa_attn_kv)

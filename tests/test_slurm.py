@@ -20,7 +20,7 @@ from launch import slurm
 from launch.slurm import SlurmResources, TaskState
 
 COMMANDS = {
-    0: ["python", "-m", "launch.cli", "train", "--gin_param", "ModelConfig.num_kv_heads = 1"],
+    0: ["python", "-m", "launch.cli", "train", "--gin_param", "core.model.config.ModelConfig.num_kv_heads = 1"],
     2: ["python", "-m", "launch.cli", "train", "--gin_param", "x = 'a b'", "--tag", "k=v;rm -rf /"],
 }
 

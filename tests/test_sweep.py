@@ -38,7 +38,7 @@ def sweep_file(tmp_path, axes, seeds="[0, 1]", extra="", name="t"):
       launch.sweep.Sweep:
         name = '{name}'
         base = ['{base}']
-        params = ['ModelConfig.num_layers = 2']
+        params = ['core.model.config.ModelConfig.num_layers = 2']
         axes = {axes}
         seeds = {seeds}
         seed_binding = '{SEED_BINDING}'
@@ -46,16 +46,16 @@ def sweep_file(tmp_path, axes, seeds="[0, 1]", extra="", name="t"):
   return path
 
 
-ATTENTION = ("{'attention': {'mha': ['ModelConfig.num_kv_heads = 4'], "
-             "'gqa': ['ModelConfig.num_kv_heads = 2'], 'mqa': ['ModelConfig.num_kv_heads = 1']}}")
+ATTENTION = ("{'attention': {'mha': ['core.model.config.ModelConfig.num_kv_heads = 4'], "
+             "'gqa': ['core.model.config.ModelConfig.num_kv_heads = 2'], 'mqa': ['core.model.config.ModelConfig.num_kv_heads = 1']}}")
 
 
 def test_expansion_is_axes_product_times_seeds(tmp_path):
   overlay = tmp_path / "post.gin"
-  overlay.write_text("ModelConfig.norm_placement = 'post'\n")
-  axes = (f"{{'attention': {{'mha': ['ModelConfig.num_kv_heads = 4'], 'mqa': "
-          f"['ModelConfig.num_kv_heads = 1']}}, 'norm': {{'pre': [], 'post': ['{overlay}']}}, "
-          f"'width': {{'binding': 'ModelConfig.embed_dim', 'values': [64, 128]}}}}")
+  overlay.write_text("core.model.config.ModelConfig.norm_placement = 'post'\n")
+  axes = (f"{{'attention': {{'mha': ['core.model.config.ModelConfig.num_kv_heads = 4'], 'mqa': "
+          f"['core.model.config.ModelConfig.num_kv_heads = 1']}}, 'norm': {{'pre': [], 'post': ['{overlay}']}}, "
+          f"'width': {{'binding': 'core.model.config.ModelConfig.embed_dim', 'values': [64, 128]}}}}")
   sweep = sweep_lib.load(str(sweep_file(tmp_path, axes, seeds="[3, 5]")))
   points = sweep_lib.expand(sweep)
   assert len(points) == 2 * 2 * 2 * 2
@@ -67,15 +67,15 @@ def test_expansion_is_axes_product_times_seeds(tmp_path):
   p = next(p for p in points if p.variant == "attention=mqa,norm=post,width=128" and p.seed == 5)
   assert p.params == {"attention": "mqa", "norm": "post", "width": "128", "seed": "5"}
   assert p.gin_files[-1] == str(overlay)
-  assert p.gin_params == ("ModelConfig.num_layers = 2", "ModelConfig.num_kv_heads = 1",
-                          "ModelConfig.embed_dim = 128", f"{SEED_BINDING} = 5")
+  assert p.gin_params == ("core.model.config.ModelConfig.num_layers = 2", "core.model.config.ModelConfig.num_kv_heads = 1",
+                          "core.model.config.ModelConfig.embed_dim = 128", f"{SEED_BINDING} = 5")
   assert sweep_lib.baseline_variant(sweep) == "attention=mha,norm=pre,width=64"
   sweep_lib.validate(sweep, points)
 
 
 def test_baseline_and_overrides(tmp_path):
   path = sweep_file(tmp_path, ATTENTION, extra="launch.sweep.Sweep.baseline = {'attention': 'gqa'}\n")
-  sweep = sweep_lib.load(str(path), ["Sweep.seeds = [7]"])
+  sweep = sweep_lib.load(str(path), ["launch.sweep.Sweep.seeds = [7]"])
   assert list(sweep.seeds) == [7]
   assert sweep_lib.baseline_variant(sweep) == "attention=gqa"
   assert len(sweep_lib.expand(sweep)) == 3
@@ -88,15 +88,15 @@ def test_baseline_and_overrides(tmp_path):
      "axis 'kv' value '1'.*ModelConfg"),
     ("{'pos': {'alibi': ['ModelConfig.positions = \"alibi\"']}}", "[0]",
      "axis 'pos' value 'alibi'.*positions must be one of"),
-    ("{'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': [3]}}", "[0]",
+    ("{'kv': {'binding': 'core.model.config.ModelConfig.num_kv_heads', 'values': [3]}}", "[0]",
      "axis 'kv' value '3'.*multiple of num_kv_heads"),
     ("{'v': {'x': ['ablations/variants/no_such_overlay.gin']}}", "[0]",
      "axis 'v' value 'x'.*gin file not found"),
     ("{}", "[0]", "grid is empty"),
-    ("{'kv': {'binding': 'ModelConfig.num_kv_heads', 'values': []}}", "[0]", "grid is empty"),
+    ("{'kv': {'binding': 'core.model.config.ModelConfig.num_kv_heads', 'values': []}}", "[0]", "grid is empty"),
     ("{'attention': {}}", "[0]", "grid is empty"),
     (ATTENTION, "[]", "grid is empty"),
-    ("{'model.norm': {'binding': 'ModelConfig.norm', 'values': ['rmsnorm']}}", "[0]",
+    ("{'model.norm': {'binding': 'core.model.config.ModelConfig.norm', 'values': ['rmsnorm']}}", "[0]",
      "axis names are short identifiers"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, axes, seeds, message):
@@ -132,7 +132,7 @@ def test_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
   out = capsys.readouterr().out
   assert rc == 0
   assert "6 points" in out and "attention=mqa" in out and "seed=1" in out
-  assert "ModelConfig.num_kv_heads = 2" in out
+  assert "core.model.config.ModelConfig.num_kv_heads = 2" in out
   assert not (tmp_path / "w").exists() and not (tmp_path / "dry.db").exists()
 
 
@@ -198,8 +198,8 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   script.write_text(FAKE_TRAIN)
   log = tmp_path / "invocations.jsonl"
   monkeypatch.setenv("FAKE_LOG", str(log))
-  axes = ("{'attention': {'mha': ['ModelConfig.num_kv_heads = 4'], "
-          "'mqa': ['ModelConfig.num_kv_heads = 1']}}")
+  axes = ("{'attention': {'mha': ['core.model.config.ModelConfig.num_kv_heads = 4'], "
+          "'mqa': ['core.model.config.ModelConfig.num_kv_heads = 1']}}")
   path = sweep_file(tmp_path, axes)
   sweep = sweep_lib.load(str(path))
   mqa1 = next(p for p in sweep_lib.expand(sweep) if p.variant == "attention=mqa" and p.seed == 1)
@@ -261,14 +261,14 @@ def test_sweep_runs_children_and_resume_skips_finished(tmp_path, capsys, monkeyp
   assert cli.main(argv + ["--no_compare"]) == 0
   assert len(log.read_text().splitlines()) == 5
   assert "4 finished before, 0 to run" in capsys.readouterr().out
-  assert cli.main(argv + ["--gin_param", "Sweep.seeds = [0, 1, 2]"]) == 2
+  assert cli.main(argv + ["--gin_param", "launch.sweep.Sweep.seeds = [0, 1, 2]"]) == 2
   assert "another definition" in capsys.readouterr().err
   assert len(log.read_text().splitlines()) == 5
 
 
 def test_seeds_vary_the_init_and_keep_the_data_order_unless_asked():
   base = dict(name="s", base=["gin/experiments/tiny_llama.gin"], axes={
-      "attention": {"mha": [], "mqa": ["ModelConfig.num_kv_heads = 1"]}}, seeds=[3, 5])
+      "attention": {"mha": [], "mqa": ["core.model.config.ModelConfig.num_kv_heads = 1"]}}, seeds=[3, 5])
   points = sweep_lib.expand(sweep_lib.Sweep(**base))
   for p in points:
     assert f"core.train.loop.train.seed = {p.seed}" in p.gin_params

@@ -114,7 +114,7 @@ def test_param_keys_and_config_hash_are_stable(tmp_path, capsys):
   # Any changed value changes the hash, a model field included.
   _, lr_hash = _record(tmp_path, "c", "--gin_param",
                        "core.train.optimizer.llama_adamw.peak_lr = 0.002")
-  _, width_hash = _record(tmp_path, "d", "--gin_param", "ModelConfig.num_kv_heads = 2")
+  _, width_hash = _record(tmp_path, "d", "--gin_param", "core.model.config.ModelConfig.num_kv_heads = 2")
   assert len({base_hash, lr_hash, width_hash}) == 3
 
 
