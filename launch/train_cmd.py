@@ -66,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
   workdir = Path(args.workdir or Path(DEFAULT_RUNS_DIR) / Path(args.gin_file[-1]).stem)
 
   def config_hook(run_dir: Path) -> loop.RunConfigRecord:
-    paths = gin_config.write_configs(run_dir)
+    gin_config.write_configs(run_dir)
     bindings = gin_config.operative_bindings()
-    return loop.RunConfigRecord(files=[paths["config"], paths["operative_config"]],
-                                params=gin_config.binding_params(bindings),
+    return loop.RunConfigRecord(params=gin_config.binding_params(bindings),
                                 text=gin.operative_config_str(), bound_text=gin.config_str(),
                                 gin_files=files, config_hash=gin_config.bindings_hash(bindings))
 

@@ -16,17 +16,14 @@ from flax import nnx
 from core.model import attention_impls, blockwise
 from core.model.attention import attend
 from core.model.cache import init_cache
-from core.model.config import ModelConfig
 from core.model.masking import training_spec
 from core.model.splash import splash_attention
 from core.model.transformer import Transformer
+from tests.tiny_model import tiny_config
 
 TOL = 1e-5
 
-GEMMA2 = dict(vocab_size=97, embed_dim=32, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=8,
-              mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
-              norm_placement="pre_post", positions="rope", tie_embeddings=True,
-              scale_embeddings=True, rms_scale_plus_one=True,
+GEMMA2 = dict(num_layers=5, norm_placement="pre_post", rms_scale_plus_one=True,
               attention_pattern=("local", "global"), window=6, attn_softcap=20.0,
               final_softcap=15.0, query_pre_attn_scalar=12.0, attention_block_q=8,
               attention_block_k=16)
@@ -68,7 +65,7 @@ def test_blockwise_equals_einsum_values_and_gradients(heads, kv_heads, window, c
 
 def test_blockwise_gemma2_model_logits_and_gradients_equal_einsum():
   """5 layers, window 6 < T, both soft-caps, query_pre_attn_scalar, packed rows with padding."""
-  config = ModelConfig(**GEMMA2)
+  config = tiny_config(**GEMMA2)
   tokens = jax.random.randint(jax.random.key(1), (2, 29), 0, config.vocab_size)
   segments = jnp.array([[1] * 12 + [2] * 13 + [0] * 4, [1] * 29])
   positions = jnp.array([list(range(12)) + list(range(13)) + [0] * 4, list(range(29))])
@@ -91,7 +88,7 @@ def test_blockwise_gemma2_model_logits_and_gradients_equal_einsum():
 @pytest.mark.parametrize("pattern", [("local", "global")])
 def test_blockwise_decoding_with_the_cache_equals_einsum(pattern):
   """Prompt then T = 1 steps, left-padded rows: blockwise and einsum give the same logits."""
-  config = ModelConfig(**{**GEMMA2, "attention_pattern": pattern})
+  config = tiny_config(**{**GEMMA2, "attention_pattern": pattern})
   prompt = jax.random.randint(jax.random.key(2), (2, 7), 1, config.vocab_size)
   segments = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
   positions = jnp.array([[0, 0, 0, 1, 2, 3, 4], list(range(7))])
@@ -164,7 +161,7 @@ def test_splash_in_pallas_interpret_mode_equals_einsum(window, cap, packed):
 
 
 def config_of(**changes):
-  return ModelConfig(**{**GEMMA2, "attn_softcap": None, "attention_block_q": 512,
+  return tiny_config(**{**GEMMA2, "attn_softcap": None, "attention_block_q": 512,
                         "attention_block_k": 512, **changes})
 
 
@@ -233,7 +230,7 @@ def test_blockwise_model_and_splash_kernel_under_a_training_mesh_equal_einsum():
     got = splash(q, k, v, segments)
   assert_same(got, ref, tol=5e-5)
 
-  config = ModelConfig(**GEMMA2)
+  config = tiny_config(**GEMMA2)
   tokens = jax.random.randint(jax.random.key(1), (4, 29), 0, config.vocab_size)
   expected = Transformer(config.replace(attention_impl="einsum"), rngs=nnx.Rngs(0))(tokens)
   model = Transformer(config.replace(attention_impl="blockwise"), rngs=nnx.Rngs(0))

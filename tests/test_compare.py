@@ -47,10 +47,9 @@ def make_sweep(uri, tmp_path, name="attn"):
   for variant, seeds in FINALS.items():
     for seed, final in seeds.items():
       key = f"{variant}__seed-{seed}"
-      t = RunTracker(uri, "ablations", run_name=key, parent_run_id=parent_id,
-                     spool_dir=tmp_path / f"spool-{key}",
-                     tags={runs_lib.POINT_TAG: key, runs_lib.VARIANT_TAG: variant,
-                           runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
+      t = RunTracker(uri, "ablations", run_name=key, spool_dir=tmp_path / f"spool-{key}",
+                     tags={runs_lib.PARENT_TAG: parent_id, runs_lib.POINT_TAG: key,
+                           runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
                            "ablax.config_hash": f"h-{variant.split('=')[1]}"})
       with t:
         t.log_params({"attention": variant.split("=")[1], "seed": seed})

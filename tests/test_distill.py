@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from core.model import io
-from core.model.config import ModelConfig
 from core.model.transformer import Transformer
-from core.train import distill, optimizer, synthetic
+from core.train import distill, loop, optimizer, synthetic
 from core.train import mesh as meshlib
 from core.train.mesh import MeshConfig
 from core.train.loss import cross_entropy
 from core.train.step import BATCH_KEYS
+from tests.tiny_model import tiny_config
 
 
 def np_soft_ce(student, teacher, mask, temperature, top_k=None):
@@ -99,10 +99,8 @@ def test_top_k_student_keeps_the_teachers_tail_mass():
   np.testing.assert_allclose(1.0 - np.take_along_axis(q, top, -1).sum(-1), tail, atol=1e-3)
 
 
-TEACHER = ModelConfig(vocab_size=128, embed_dim=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=12, mlp_dim=96, max_seq_len=32, activation="geglu", norm="rmsnorm",
-                      norm_placement="pre_post", positions="rope", tie_embeddings=True,
-                      scale_embeddings=True, attention_pattern=("local", "global"), window=8)
+TEACHER = tiny_config(vocab_size=128, embed_dim=48, head_dim=12, mlp_dim=96, max_seq_len=32,
+                      norm_placement="pre_post", attention_pattern=("local", "global"), window=8)
 STUDENT = TEACHER.replace(embed_dim=32, num_layers=1, head_dim=8, mlp_dim=64)
 
 
@@ -151,7 +149,8 @@ def _run(workdir, steps, evals=None, eval_every=0, **distill_options):
       num_steps=steps, batch_size=4, workdir=workdir, mesh=MeshConfig(1, 1, 1),
       devices=jax.devices()[:1], log_every=1, eval_every=eval_every, eval_batches=1,
       checkpoint_every=0, track=False, export_model=False, progress=False, evals=evals)
-  return distill.train(**distill_options, **kwargs)
+  make = distill.step_builder(**distill_options, data=kwargs["data"])
+  return loop.train(step_builder=make, **kwargs)
 
 
 def test_distilled_run_learns_the_teacher_and_runs_evaluations(teacher_dir, tmp_path):

@@ -13,9 +13,9 @@ from core.eval import heldout, memorization, multiple_choice as mc
 from core.eval import mc_metrics, mc_tasks
 from core.eval.sampling import generate
 from core.eval.score import token_logprobs
-from core.model.config import ModelConfig
 from core.model.transformer import Transformer
 from core.tokenizer import train_tokenizer
+from tests.tiny_model import tiny_config
 
 TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 Paris is the capital of France. Berlin is the capital of Germany. Rome is in Italy.
@@ -31,11 +31,7 @@ def tok(tmp_path_factory):
 
 
 def tiny_model(vocab_size: int, seed: int = 0, **changes) -> Transformer:
-  config = ModelConfig(vocab_size=vocab_size, embed_dim=32, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=256,
-                       activation="geglu", norm="rmsnorm", norm_placement="pre",
-                       positions="rope", tie_embeddings=True, scale_embeddings=True,
-                       **changes)
+  config = tiny_config(vocab_size=vocab_size, mlp_dim=64, max_seq_len=256, **changes)
   return Transformer(config, rngs=nnx.Rngs(seed))
 
 

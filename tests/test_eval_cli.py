@@ -8,10 +8,10 @@ from flax import nnx
 
 from core.eval.suite import EvalSuite
 from core.model import io
-from core.model.config import ModelConfig
 from core.model.transformer import Transformer
 from core.tokenizer import train_tokenizer
 from launch import cli
+from tests.tiny_model import tiny_config
 
 PROSE = ("Paris is the capital of France. Berlin is the capital of Germany. "
          "Water boils at one hundred degrees. The sun rises in the east and sets in the west. ")
@@ -22,10 +22,8 @@ CODE = "def add(a, b):\n\treturn a + b\n\nprint(add(2, 3))\n"
 def checkpoint(tmp_path_factory):
   root = tmp_path_factory.mktemp("ckpt")
   tok = train_tokenizer([PROSE * 3, CODE * 3], root / "tok.model", vocab_size=300)
-  config = ModelConfig(vocab_size=tok.vocab_size, embed_dim=32, num_layers=2, num_heads=2,
-                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=128,
-                       activation="geglu", norm="rmsnorm", norm_placement="pre_post",
-                       positions="rope", tie_embeddings=True, scale_embeddings=True,
+  config = tiny_config(vocab_size=tok.vocab_size, num_heads=2, num_kv_heads=1, head_dim=16,
+                       mlp_dim=64, max_seq_len=128, norm_placement="pre_post",
                        attention_pattern=("local", "global"), window=8)
   model = Transformer(config, rngs=nnx.Rngs(0))
   out = io.save_model(root / "model", model, config, tokenizer_path=root / "tok.model",
@@ -235,10 +233,8 @@ def test_training_logs_the_suites_accuracies_under_the_same_names(checkpoint, tm
   from core.train.loop import train
   from core.train.mesh import MeshConfig
   tok = checkpoint["tokenizer"]
-  config = ModelConfig(vocab_size=tok.vocab_size, embed_dim=32, num_layers=1, num_heads=2,
-                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64,
-                       activation="geglu", norm="rmsnorm", norm_placement="pre",
-                       positions="rope", tie_embeddings=True, scale_embeddings=True)
+  config = tiny_config(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, num_kv_heads=1,
+                       head_dim=16, mlp_dim=64)
   suite = EvalSuite(tokenizer=tok, tasks=[checkpoint["task"]], metrics=["acc", "acc_norm"])
   result = train(model=config, optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-3,
                                                            warmup_steps=1),

@@ -22,37 +22,36 @@ transformers = pytest.importorskip("transformers")
 
 from core.eval.score import token_logprobs  # noqa: E402
 from core.model import hf_export, io  # noqa: E402
-from core.model.config import ModelConfig  # noqa: E402
 from launch import cli  # noqa: E402
 from tests import test_hf_parity as parity  # noqa: E402
+from tests.tiny_model import tiny_config  # noqa: E402
 from tests.tiny_spm import WORDS, train_spm  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 400  # the ablax tokenizer below: 4 specials, 256 bytes, user symbols, learned pieces
-BASE = dict(vocab_size=VOCAB, embed_dim=64, num_heads=4, head_dim=16, mlp_dim=96,
-            max_seq_len=64, norm="rmsnorm", positions="rope")
+BASE = dict(vocab_size=VOCAB, embed_dim=64, head_dim=16, mlp_dim=96)
 GEMMA = dict(activation="geglu", scale_embeddings=True, rms_scale_plus_one=True)
 LLAMA = dict(activation="swiglu", scale_embeddings=False, rms_scale_plus_one=False,
              norm_placement="pre")
 CONFIGS = {
-    "gemma_mqa": ModelConfig(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
+    "gemma_mqa": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
                              norm_placement="pre", tie_embeddings=True),
-    "gemma_untied_mha": ModelConfig(**BASE, **GEMMA, num_layers=2, num_kv_heads=4,
+    "gemma_untied_mha": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=4,
                                     norm_placement="pre", tie_embeddings=False,
                                     rope_base=20_000.0),
     # Window 6 < sequence length, soft-caps that bind at these logit sizes,
     # query_pre_attn_scalar != head_dim, 3 layers (local, global, local).
-    "gemma2": ModelConfig(**BASE, **GEMMA, num_layers=3, num_kv_heads=2,
+    "gemma2": tiny_config(**BASE, **GEMMA, num_layers=3, num_kv_heads=2,
                           norm_placement="pre_post", tie_embeddings=True,
                           attention_pattern=("local", "global"), window=6, attn_softcap=2.0,
                           final_softcap=5.0, query_pre_attn_scalar=24.0),
-    "gemma2_global_untied": ModelConfig(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
+    "gemma2_global_untied": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
                                         norm_placement="pre_post", tie_embeddings=False,
                                         final_softcap=5.0),
-    "llama_gqa": ModelConfig(**BASE, **LLAMA, num_layers=2, num_kv_heads=2,
+    "llama_gqa": tiny_config(**BASE, **LLAMA, num_layers=2, num_kv_heads=2,
                              tie_embeddings=False, rope_base=500_000.0, norm_eps=1e-5),
     # LLaMA's 2/3 * 4d MLP rule, tied, another RoPE base.
-    "llama_mqa_tied": ModelConfig(**dict(BASE, mlp_dim=0), **LLAMA, mlp_multiple_of=32,
+    "llama_mqa_tied": tiny_config(**dict(BASE, mlp_dim=0), **LLAMA, mlp_multiple_of=32,
                                   num_layers=2, num_kv_heads=1, tie_embeddings=True,
                                   rope_base=1_000_000.0),
 }

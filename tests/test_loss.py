@@ -7,23 +7,21 @@ import optax
 import pytest
 from flax import nnx
 
-from core.model.config import ModelConfig
 from core.model.transformer import Transformer
 from core.train import mesh as meshlib, partition
 from core.train.loss import chunked_cross_entropy, cross_entropy
 from core.train.step import StepBuilder
 from core.train.synthetic import SyntheticBatches
+from tests.tiny_model import tiny_config
 
-BASE = dict(vocab_size=203, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=48, max_seq_len=32, activation="geglu", norm="rmsnorm",
-            norm_placement="pre", positions="rope", scale_embeddings=True)
+BASE = dict(vocab_size=203, max_seq_len=32)
 
 
 @pytest.mark.parametrize("tied, cap, chunk", [(True, None, 64), (False, 5.0, 50), (True, 5.0, 500)],
                          ids=["tied", "untied-capped-uneven", "one-chunk"])
 def test_chunked_cross_entropy_equals_whole_logits(tied, cap, chunk):
   """203 entries in chunks of 64 or 50: the last chunk is partial."""
-  config = ModelConfig(**BASE, tie_embeddings=tied, final_softcap=cap)
+  config = tiny_config(**BASE, tie_embeddings=tied, final_softcap=cap)
   model = Transformer(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, config.vocab_size)
@@ -48,7 +46,7 @@ def test_chunked_cross_entropy_equals_whole_logits(tied, cap, chunk):
 
 
 def test_tiled_loss_never_holds_whole_logits_and_the_step_agrees():
-  config = ModelConfig(**{**BASE, "vocab_size": 4096, "max_seq_len": 64}, tie_embeddings=False)
+  config = tiny_config(**{**BASE, "vocab_size": 4096, "max_seq_len": 64}, tie_embeddings=False)
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
   batch = {k: jnp.asarray(v) for k, v in
            next(SyntheticBatches(vocab_size=4096, seq_len=64, batch_size=4)).items()}
@@ -72,7 +70,7 @@ def test_bad_chunk_is_a_clear_error():
   with pytest.raises(ValueError, match="chunk must be positive"):
     chunked_cross_entropy(jnp.zeros((1, 2, 4)), jnp.zeros((8, 4)), jnp.zeros((1, 2), int),
                           jnp.ones((1, 2)), chunk=0)
-  config = ModelConfig(**BASE, tie_embeddings=True)
+  config = tiny_config(**BASE, tie_embeddings=True)
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
   with pytest.raises(ValueError, match="loss_vocab_chunk must be >= 0"):
     StepBuilder(config, optax.sgd(0.1), mesh, partition.merged_rules(), loss_vocab_chunk=-1)

@@ -7,17 +7,11 @@ import pytest
 from flax import nnx
 
 from core.model.masking import dense_mask, training_spec
-from core.model.config import ConfigError, ModelConfig, llama_mlp_dim
+from core.model.config import ConfigError, llama_mlp_dim
 from core.model.positions import apply_rope
 from core.model.transformer import Transformer
-
-BASE = dict(vocab_size=97, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
-            norm_placement="pre", positions="rope", tie_embeddings=True, scale_embeddings=True)
-
-
-def tiny(**changes) -> ModelConfig:
-  return ModelConfig(**{**BASE, **changes})
+from core.train import partition
+from tests.tiny_model import tiny_config
 
 
 def model_and_tokens(config, length=24, batch=2, seed=0):
@@ -42,7 +36,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_future_tokens_never_change_past_logits(variant):
-  config = tiny(**VARIANTS[variant])
+  config = tiny_config(**VARIANTS[variant])
   model, tokens = model_and_tokens(config)
   cut = 13
   changed = tokens.at[:, cut:].set((tokens[:, cut:] + 1) % config.vocab_size)
@@ -54,7 +48,7 @@ def test_future_tokens_never_change_past_logits(variant):
 
 def test_local_layer_with_window_at_least_length_equals_global():
   length = 16
-  local = tiny(attention_pattern=("local",), window=length)
+  local = tiny_config(attention_pattern=("local",), window=length)
   model, tokens = model_and_tokens(local, length=length)
   as_global = Transformer(local.replace(attention_pattern=("global",), window=None),
                           rngs=nnx.Rngs(0))
@@ -73,7 +67,7 @@ def test_sliding_window_mask_sees_itself_and_window_minus_one_previous():
 @pytest.mark.parametrize("variant", ["gemma2", "llama"])
 def test_packed_documents_equal_separate_documents(variant):
   """A packed row gives each document the logits it has alone: no cross-talk."""
-  config = tiny(**VARIANTS[variant])
+  config = tiny_config(**VARIANTS[variant])
   model = Transformer(config, rngs=nnx.Rngs(0))
   doc_a = jax.random.randint(jax.random.key(5), (1, 9), 0, config.vocab_size)
   doc_b = jax.random.randint(jax.random.key(6), (1, 7), 0, config.vocab_size)
@@ -86,11 +80,11 @@ def test_packed_documents_equal_separate_documents(variant):
 
 
 def test_attention_implementations_agree():
-  config = tiny(**VARIANTS["llama"])
+  config = tiny_config(**VARIANTS["llama"])
   model, tokens = model_and_tokens(config)
   other = Transformer(config.replace(attention_impl="dot_product_attention"), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(model(tokens), other(tokens), atol=1e-5)
-  windowed = tiny(attention_pattern=("local", "global"), window=5)
+  windowed = tiny_config(attention_pattern=("local", "global"), window=5)
   a, tokens = model_and_tokens(windowed)
   b = Transformer(windowed.replace(attention_impl="dot_product_attention"), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(a(tokens), b(tokens), atol=1e-5)
@@ -101,13 +95,13 @@ def test_attention_implementations_agree():
 
 def test_kv_head_counts_select_mha_gqa_mqa():
   for kv in (4, 2, 1):
-    model = Transformer(tiny(num_kv_heads=kv), rngs=nnx.Rngs(0))
+    model = Transformer(tiny_config(num_kv_heads=kv), rngs=nnx.Rngs(0))
     assert model.blocks[0].attn.k[...].shape == (32, kv, 8)
     assert model.blocks[0].attn.q[...].shape == (32, 4, 8)
 
 
 def test_soft_caps_bound_logits():
-  config = tiny(final_softcap=2.0)
+  config = tiny_config(final_softcap=2.0)
   model, tokens = model_and_tokens(config)
   assert float(jnp.abs(model(tokens)).max()) <= 2.0
 
@@ -115,19 +109,21 @@ def test_soft_caps_bound_logits():
 def test_norm_placements_have_the_right_norms():
   counts = {}
   for placement in ("pre", "post", "pre_post"):
-    state = nnx.state(Transformer(tiny(norm_placement=placement), rngs=nnx.Rngs(0)), nnx.Param)
+    model = Transformer(tiny_config(norm_placement=placement), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
     counts[placement] = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(state)
                             if "norm" in jax.tree_util.keystr(path))
   assert counts == {"pre": 2 * 2 + 1, "post": 2 * 2 + 1, "pre_post": 4 * 2 + 1}
 
 
-def test_every_parameter_has_logical_axes():
+def test_every_parameter_has_logical_axes_the_partition_rules_name():
+  """A parameter without axes, or with a name the rules lack, would be silently replicated."""
   for variant in VARIANTS.values():
-    model = Transformer(tiny(**variant), rngs=nnx.Rngs(0))
+    model = Transformer(tiny_config(**variant), rngs=nnx.Rngs(0))
     for path, var in nnx.iter_graph(model):
       if isinstance(var, nnx.Param):
-        axes = var.get_metadata()["logical_axes"]
-        assert len(axes) == var[...].ndim, path
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and set(axes) <= set(partition.DEFAULT_RULES), (path, axes)
 
 
 def test_rope_is_relative():
@@ -147,7 +143,7 @@ def test_llama_mlp_rule():
 
 
 def test_remat_policies_give_the_same_gradients():
-  config = tiny(**VARIANTS["gemma2"])
+  config = tiny_config(**VARIANTS["gemma2"])
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
   grads = []
   for remat in ("none", "full", "save_dots"):
@@ -160,7 +156,7 @@ def test_remat_policies_give_the_same_gradients():
 
 
 def test_bfloat16_compute_keeps_float32_logits():
-  model, tokens = model_and_tokens(tiny(dtype="bfloat16"))
+  model, tokens = model_and_tokens(tiny_config(dtype="bfloat16"))
   out = model(tokens)
   assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
 
@@ -183,10 +179,10 @@ def test_bfloat16_compute_keeps_float32_logits():
 ])
 def test_invalid_configs_are_clear_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
-    tiny(**changes)
+    tiny_config(**changes)
 
 
 def test_learned_positions_reject_sequences_beyond_the_table():
-  model, tokens = model_and_tokens(tiny(positions="learned", max_seq_len=16), length=20)
+  model, tokens = model_and_tokens(tiny_config(positions="learned", max_seq_len=16), length=20)
   with pytest.raises(ValueError, match="exceeds max_seq_len"):
     model(tokens)

@@ -14,13 +14,12 @@ from core.model import io
 from core.model.config import ModelConfig
 from launch import cli, gin_config
 from tests.tiny_spm import train_spm
+from tests.tiny_model import tiny_config
 
-CONFIG = ModelConfig(vocab_size=320, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=8, mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
-                     norm_placement="pre_post", positions="rope", tie_embeddings=False,
-                     scale_embeddings=True, rms_scale_plus_one=True,
-                     attention_pattern=("local", "global"), window=5, attn_softcap=20.0,
-                     final_softcap=15.0, query_pre_attn_scalar=12.0, norm_eps=1e-5)
+CONFIG = tiny_config(vocab_size=320, norm_placement="pre_post", tie_embeddings=False,
+                     rms_scale_plus_one=True, attention_pattern=("local", "global"), window=5,
+                     attn_softcap=20.0, final_softcap=15.0, query_pre_attn_scalar=12.0,
+                     norm_eps=1e-5)
 
 
 def random_model(config, seed=0):

@@ -8,12 +8,9 @@ from flax import nnx
 
 from core.eval.sampling import Sampler, SamplingError, generate, sample_logits
 from core.model.cache import init_cache
-from core.model.config import ModelConfig
 from core.model.transformer import Transformer
+from tests.tiny_model import tiny_config
 
-BASE = dict(vocab_size=97, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
-            norm_placement="pre", positions="rope", tie_embeddings=True, scale_embeddings=True)
 VARIANTS = {
     "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
     # window 4 < sequence length: local layers must forget what left the window.
@@ -26,7 +23,7 @@ VARIANTS = {
 
 
 def tiny_model(variant: str, seed: int = 0) -> Transformer:
-  return Transformer(ModelConfig(**{**BASE, **VARIANTS[variant]}), rngs=nnx.Rngs(seed))
+  return Transformer(tiny_config(**VARIANTS[variant]), rngs=nnx.Rngs(seed))
 
 
 def random_prompt(n: int, seed: int, vocab: int = 97) -> list[int]:

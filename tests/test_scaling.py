@@ -115,10 +115,9 @@ def make_ladder(uri, tmp_path, sizes=SIZES[:4], name="lad", variants=(("relu", 0
         loss = TRUTH["E"] + shift + TRUTH["A"] * c ** -TRUTH["alpha"] + rng.normal(0, 0.003)
         variant = f"activation={act},size=s{i}"
         key = f"{variant}__seed-{seed}"
-        t = RunTracker(uri, "lad", run_name=key, parent_run_id=parent_id,
-                       spool_dir=tmp_path / f"sp-{key}",
-                       tags={runs_lib.POINT_TAG: key, runs_lib.VARIANT_TAG: variant,
-                             runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
+        t = RunTracker(uri, "lad", run_name=key, spool_dir=tmp_path / f"sp-{key}",
+                       tags={runs_lib.PARENT_TAG: parent_id, runs_lib.POINT_TAG: key,
+                             runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
                              runs_lib.INDEX_TAG: str(index)})
         index += 1
         with t:

@@ -9,15 +9,14 @@ from flax import nnx
 
 from core.eval.sampling import generate
 from core.model import io
-from core.model.config import ConfigError, ModelConfig
+from core.model.config import ConfigError
 from core.model.transformer import Transformer
 from core.train import mesh as meshlib
 from core.train import partition
 from core.train.step import StepBuilder
+from tests.tiny_model import tiny_config
 
-BASE = dict(vocab_size=97, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm",
-            norm_placement="pre", positions="rope", tie_embeddings=True, scale_embeddings=True)
+BASE = dict(num_layers=4)
 VARIANTS = {
     # Gemma 2's (local, global) period with every soft-cap, scanned as 2 repeats of a pair.
     "gemma2": dict(norm_placement="pre_post", attention_pattern=("local", "global"), window=5,
@@ -32,7 +31,7 @@ VARIANTS = {
 
 
 def pair(variant):
-  config = ModelConfig(**{**BASE, **VARIANTS[variant]})
+  config = tiny_config(**{**BASE, **VARIANTS[variant]})
   return (Transformer(config, rngs=nnx.Rngs(0)),
           Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)))
 
@@ -109,7 +108,7 @@ def test_cached_decoding_of_a_scanned_model_equals_the_unrolled_one():
 
 
 def test_a_train_step_of_the_scanned_model_equals_the_unrolled_one():
-  config = ModelConfig(**{**BASE, **VARIANTS["gemma2"]})
+  config = tiny_config(**{**BASE, **VARIANTS["gemma2"]})
   mesh = meshlib.make_mesh(meshlib.MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
   rules = partition.merged_rules()
   rng = np.random.default_rng(0)
@@ -141,4 +140,4 @@ def test_a_train_step_of_the_scanned_model_equals_the_unrolled_one():
 
 def test_scan_needs_whole_periods():
   with pytest.raises(ConfigError, match="multiple of 2"):
-    ModelConfig(**{**BASE, **VARIANTS["gemma2"], "num_layers": 5, "scan_layers": True})
+    tiny_config(**{**BASE, **VARIANTS["gemma2"], "num_layers": 5, "scan_layers": True})

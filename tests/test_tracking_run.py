@@ -17,15 +17,15 @@ _HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
 
 
 @pytest.fixture(autouse=True)
-def _restore_http_env():
+def _restore_http_env(monkeypatch):
   # The tracker sets MLflow's HTTP bounds with setdefault; keep tests independent.
-  saved = {k: os.environ.get(k) for k in _HTTP_VARS}
-  yield
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
+  for k in _HTTP_VARS:
+    was = os.environ.get(k)
+    monkeypatch.setenv(k, "")  # records the variable's state, which the teardown restores
+    if was is None:
+      monkeypatch.delenv(k)
     else:
-      os.environ[k] = v
+      monkeypatch.setenv(k, was)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def _steps(client, run_id, key):
 def test_run_record(_mlflow_store, tmp_path):
   config = tmp_path / "operative_config.gin"
   config.write_text("ModelConfig.embed_dim = 64\n")
-  with _tracker(_mlflow_store, tmp_path, run_name="baseline", tags={"ablax.config_hash": "abc"},
-                parent_run_id=None) as t:
+  with _tracker(_mlflow_store, tmp_path, run_name="baseline",
+                tags={"ablax.config_hash": "abc"}) as t:
     t.log_params({"ModelConfig.embed_dim": 64, "long": "x" * 7000, "odd key!": 1})
     t.set_tags({"git.dirty": "false"})
     for step in range(50):
@@ -82,15 +82,6 @@ def test_run_record(_mlflow_store, tmp_path):
   assert t.pending_spool == 0
   assert not (tmp_path / "spool" / "staged").exists() or not any(
       (tmp_path / "spool" / "staged").iterdir())
-
-
-def test_parent_run_tag(_mlflow_store, tmp_path):
-  with _tracker(_mlflow_store, tmp_path, run_name="sweep") as parent:
-    with _tracker(_mlflow_store, tmp_path, run_name="point-0",
-                  parent_run_id=parent.run_id) as child:
-      pass
-  client = MlflowClient(_mlflow_store)
-  assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
 
 
 def test_failing_run_marked_failed_with_error(_mlflow_store, tmp_path):
@@ -245,13 +236,13 @@ def test_unwritable_spool_dir_fails_at_start(_mlflow_store, tmp_path):
     RunTracker(_mlflow_store, "x", spool_dir=blocker / "spool").start()
 
 
-def test_unreachable_server_fails_at_start(tmp_path):
+def test_unreachable_server_fails_at_start(tmp_path, monkeypatch):
   import socket
   with socket.socket() as s:  # a port nobody listens on
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-  os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "7"  # a user's own setting
+  monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+  monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's own setting
   t = RunTracker(f"http://127.0.0.1:{port}", "x", spool_dir=tmp_path / "spool")
   with pytest.raises(TrackingStoreError, match=f"127.0.0.1:{port}"):
     t.start()
@@ -279,9 +270,9 @@ def test_logging_before_start_is_an_error(_mlflow_store, tmp_path):
 
 
 def test_null_tracker_has_the_same_interface():
-  public = {n for n in dir(RunTracker) if not n.startswith("_")} - {"disabled"}
+  public = {n for n in dir(RunTracker) if not n.startswith("_")}
   assert public <= set(dir(NullTracker))
-  t = RunTracker.disabled()
+  t = NullTracker()
   with t:
     assert t.start() is None
     t.log_metrics({"a": 1.0}, 0)

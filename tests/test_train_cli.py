@@ -10,20 +10,18 @@ from mlflow.tracking import MlflowClient
 from launch import cli
 
 
-def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store, capsys):
-  os.environ["ABLAX_CPU_PEAK_FLOPS"] = "1e11"  # MFU is not under test; skip the measurement
-  try:
-    workdir = tmp_path / "run"
-    rc = cli.main(["train", "--gin_file", "gin/experiments/tiny_llama.gin",
-                   "--gin_param", "core.train.loop.train.num_steps = 4",
-                   "--gin_param", "core.train.loop.train.log_every = 2",
-                   "--gin_param", "core.train.loop.train.checkpoint_every = 2",
-                   "--gin_param", "core.train.loop.train.eval_batches = 1",
-                   "--gin_param", "core.train.mesh.MeshConfig.fsdp = 4",
-                   "--gin_param", "core.train.mesh.MeshConfig.tensor = 2",
-                   "--workdir", str(workdir)])
-  finally:
-    del os.environ["ABLAX_CPU_PEAK_FLOPS"]
+def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store, capsys,
+                                                         monkeypatch):
+  monkeypatch.setenv("ABLAX_CPU_PEAK_FLOPS", "1e11")  # MFU is not under test; skip the measurement
+  workdir = tmp_path / "run"
+  rc = cli.main(["train", "--gin_file", "gin/experiments/tiny_llama.gin",
+                 "--gin_param", "core.train.loop.train.num_steps = 4",
+                 "--gin_param", "core.train.loop.train.log_every = 2",
+                 "--gin_param", "core.train.loop.train.checkpoint_every = 2",
+                 "--gin_param", "core.train.loop.train.eval_batches = 1",
+                 "--gin_param", "core.train.mesh.MeshConfig.fsdp = 4",
+                 "--gin_param", "core.train.mesh.MeshConfig.tensor = 2",
+                 "--workdir", str(workdir)])
   assert rc == 0
   out = capsys.readouterr().out
   assert "step 4/4 | loss" in out and "tok/s | MFU" in out and "ETA" in out
@@ -82,19 +80,15 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
 
 
 def _record(tmp_path, name, *extra):
-  """(params, config hash) of a 1-step `ablax train` run of tiny_llama."""
+  """(params, config hash) of a 1-step `ablax train` run of tiny_llama (MFU measurement off)."""
   import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config(clear_constants=True)  # each command starts from a fresh gin, as a process does
-  os.environ["ABLAX_CPU_PEAK_FLOPS"] = "1e11"
-  try:
-    workdir = tmp_path / name
-    rc = cli.main(["train", "--gin_file", "gin/experiments/tiny_llama.gin", *extra,
-                   "--gin_param", "core.train.loop.train.num_steps = 1",
-                   "--gin_param", "core.train.loop.train.eval_batches = 0",
-                   "--gin_param", "core.train.loop.train.export_model = False",
-                   "--workdir", str(workdir)])
-  finally:
-    del os.environ["ABLAX_CPU_PEAK_FLOPS"]
+  workdir = tmp_path / name
+  rc = cli.main(["train", "--gin_file", "gin/experiments/tiny_llama.gin", *extra,
+                 "--gin_param", "core.train.loop.train.num_steps = 1",
+                 "--gin_param", "core.train.loop.train.eval_batches = 0",
+                 "--gin_param", "core.train.loop.train.export_model = False",
+                 "--workdir", str(workdir)])
   assert rc == 0
   run_id = json.loads((workdir / "run.json").read_text())["mlflow_run_id"]
   run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
@@ -102,7 +96,8 @@ def _record(tmp_path, name, *extra):
   return params, run.data.tags["ablax.config_hash"]
 
 
-def test_param_keys_and_config_hash_are_stable(tmp_path, capsys):
+def test_param_keys_and_config_hash_are_stable(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("ABLAX_CPU_PEAK_FLOPS", "1e11")  # MFU is not under test
   # A gin file that only imports modules renumbers gin's printed module aliases; the
   # record must not see it.
   imports_only = tmp_path / "imports.gin"

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from core.model.config import ModelConfig
 from core.train import loop, optimizer, synthetic
 from core.train.mesh import MeshConfig
+from tests.tiny_model import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,9 +143,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 
 def _tiny():
-  return ModelConfig(vocab_size=256, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=8, mlp_dim=64, max_seq_len=32, activation="swiglu",
-                     norm="rmsnorm", norm_placement="pre", positions="rope",
+  return tiny_config(vocab_size=256, mlp_dim=64, max_seq_len=32, activation="swiglu",
                      tie_embeddings=False, scale_embeddings=False)
 
 

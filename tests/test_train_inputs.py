@@ -5,16 +5,14 @@ import types
 
 import pytest
 
-from core.model.config import ModelConfig
 from core.tokenizer import VocabMismatchError
 from core.tracking.carbon import CarbonInputError
 from core.train import loop, optimizer
 from core.train.synthetic import SyntheticBatches
+from tests.tiny_model import tiny_config
 
-CONFIG = ModelConfig(vocab_size=64, embed_dim=16, num_layers=1, num_heads=2, num_kv_heads=2,
-                     head_dim=8, mlp_dim=32, max_seq_len=16, activation="swiglu", norm="rmsnorm",
-                     norm_placement="pre", positions="rope", tie_embeddings=True,
-                     scale_embeddings=False)
+CONFIG = tiny_config(vocab_size=64, embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32,
+                     max_seq_len=16, activation="swiglu", scale_embeddings=False)
 
 
 def run(tmp_path, data=None, **kwargs):

@@ -7,17 +7,15 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from core.model.config import ModelConfig
 from core.train import loop, optimizer, partition, synthetic
 from core.train import mesh as meshlib
 from core.train.checkpoint import Checkpointer
 from core.train.mesh import MeshConfig
 from core.train.step import StepBuilder
+from tests.tiny_model import tiny_config
 
-TINY = ModelConfig(vocab_size=256, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8, mlp_dim=64, max_seq_len=32, activation="swiglu", norm="rmsnorm",
-                   norm_placement="pre", positions="rope", tie_embeddings=False,
-                   scale_embeddings=False)
+TINY = tiny_config(vocab_size=256, mlp_dim=64, max_seq_len=32, activation="swiglu",
+                   tie_embeddings=False, scale_embeddings=False)
 
 
 def _train(workdir, mesh, devices=None, steps=20):

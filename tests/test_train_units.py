@@ -7,16 +7,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from core.model.config import ModelConfig
 from core.train import mesh as meshlib
 from core.train import optimizer, partition
 from core.train.loss import cross_entropy
 from core.train.step import StepBuilder
+from tests.tiny_model import tiny_config
 
-TINY = ModelConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8, mlp_dim=32, max_seq_len=16, activation="swiglu", norm="rmsnorm",
-                   norm_placement="pre", positions="rope", tie_embeddings=False,
-                   scale_embeddings=False)
+TINY = tiny_config(vocab_size=64, embed_dim=16, mlp_dim=32, max_seq_len=16, activation="swiglu",
+                   tie_embeddings=False, scale_embeddings=False)
 
 
 def test_mesh_rest_axis_and_errors():

@@ -217,7 +217,6 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
                      mesh_shape: Mapping[str, int] | None = None,
                      param_counts: Mapping[str, int] | None = None,
                      dataset_manifest: Mapping[str, Any] | str | os.PathLike | None = None,
-                     extra_tags: Mapping[str, Any] | None = None,
                      config_sha: str | None = None) -> dict[str, str]:
   """Logs a run's whole record through `tracker` (a RunTracker or NullTracker); returns the tags.
 
@@ -235,7 +234,6 @@ def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
   tags = run_tags(code, env, sha)
   if swept_axes:
     tags[schema.SWEPT] = ",".join(short_axis_names(swept_axes))
-  tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
   tracker.set_tags(tags)
   params = dict(flat_params or {})
   if swept_axes:

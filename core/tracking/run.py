@@ -37,7 +37,6 @@ from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
 logger = logging.getLogger(__name__)
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-PARENT_TAG = schema.PARENT  # what the MLflow UI nests child runs by
 ERROR_TAG = schema.ERROR
 
 
@@ -60,7 +59,6 @@ class RunTracker:
 
   def __init__(self, tracking_uri: str | None = None, experiment: str = "Default",
                run_name: str | None = None, run_id: str | None = None,
-               parent_run_id: str | None = None,
                spool_dir: str | os.PathLike | None = None,
                tags: Mapping[str, Any] | None = None, *,
                retry_interval_s: float = 10.0, http_timeout_s: int = 10,
@@ -75,7 +73,6 @@ class RunTracker:
       experiment: experiment name, created if missing.
       run_name: display name of a new run.
       run_id: resume this run (same MLflow run, status set back to RUNNING).
-      parent_run_id: nest the run under a sweep's parent run.
       spool_dir: where records wait while the store is unreachable; keep it in
         the run's workdir so a restarted run finds and replays it. None: a
         temporary directory.
@@ -99,7 +96,6 @@ class RunTracker:
     self._monitor = None
     self.run_name = run_name
     self.run_id = run_id
-    self.parent_run_id = parent_run_id
     self.spool_dir = Path(spool_dir) if spool_dir is not None else None
     self.tags = {k: v for k, v in (tags or {}).items()}
     self.retry_interval_s = retry_interval_s
@@ -120,11 +116,6 @@ class RunTracker:
     self._ended = False
     self.delivered_batches = 0  # for tests and diagnostics
     self.writer_cpu_s = 0.0  # CPU time the writer thread used (benchmarks)
-
-  @staticmethod
-  def disabled() -> "NullTracker":
-    """A tracker that records nothing (for processes other than process 0)."""
-    return NullTracker()
 
   # ------------------------------------------------------------------ start
 
@@ -218,8 +209,6 @@ class RunTracker:
     resumed = bool(self.run_id)
     experiment_id = ensure_experiment(client, self.tracking_uri, self.experiment)
     tags = {clean_key(k): truncate(v, MAX_TAG_VALUE) for k, v in self.tags.items()}
-    if self.parent_run_id:
-      tags[PARENT_TAG] = self.parent_run_id
     if self.run_id:
       try:
         run = client.get_run(self.run_id)

@@ -217,18 +217,3 @@ def data_tokenizer_sha256(data: Callable[..., Any]) -> str | None:
   manifest = getattr(probe, "manifest", None)
   tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
   return tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
-
-
-def train(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
-          objective: str = "cross_entropy", alpha: float = 1.0, **train_kwargs: Any):
-  """core.train.loop.train with the distillation loss; returns its TrainResult.
-
-  `train_kwargs` are loop.train's (model, data, optimizer, num_steps, ...). The
-  student's tokenizer is read from the data factory's manifest and checked
-  against the teacher's before anything is built.
-  """
-  from core.train import loop  # pylint: disable=g-import-not-at-top
-  sha = data_tokenizer_sha256(train_kwargs["data"]) if "data" in train_kwargs else None
-  make = step_builder(teacher_dir=teacher_dir, temperature=temperature, top_k=top_k,
-                      objective=objective, alpha=alpha, student_tokenizer_sha256=sha)
-  return loop.train(step_builder=make, **train_kwargs)

@@ -76,14 +76,12 @@ class RunConfigRecord:
   """What the caller (launch/) knows about the configuration.
 
   Attributes:
-    files: the config files it wrote into the workdir.
     params: flat name -> value of the operative config (MLflow params).
     text: the operative config (what was used, defaults included).
     bound_text: the bound config (what the files and bindings said).
     gin_files: the gin files the run was started with.
     config_hash: the hash of the bindings (launch.gin_config.bindings_hash).
   """
-  files: list[Path]
   params: dict[str, str]
   text: str = ""
   bound_text: str | None = None
@@ -485,10 +483,7 @@ def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, ste
 
 def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, tracker,
             primary: bool, tokenizer: str | None) -> None:
-  try:
-    from core.model import io  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
+  from core.model import io  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   # Whole arrays on every process (parameters may be sharded across hosts); then process 0
   # writes the model directory alone (save_model scopes orbax to the calling process).

@@ -81,10 +81,10 @@ def mark_finished(workdir: Path, step: int) -> None:
 
 def undelivered_note(workdir: Path, tracker) -> str | None:
   """What to run when records of the run are still in its spool at the end, else None."""
-  waiting = getattr(tracker, "pending_spool", 0)
+  waiting = tracker.pending_spool
   if not waiting:
     return None
-  uri = getattr(tracker, "tracking_uri", None)
+  uri = tracker.tracking_uri
   flag = "" if uri == default_tracking_uri() else f" --tracking_uri {uri}"
   return (f"{waiting} records of MLflow run {tracker.run_id} did not reach {uri}; they are kept "
           f"in {Path(workdir) / SPOOL_DIR}. Deliver them once the store answers:\n"
