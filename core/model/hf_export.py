@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -232,21 +231,14 @@ def write_hf(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mode
     raise HFExportError(f"tokenizer file not found: {tok}")
   tensors = hf_tensors(family, config, params)
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-  try:
+  from core.model import io  # pylint: disable=g-import-not-at-top  (see hf_tensors)
+  with io.staged_directory(out) as staging:
     special_ids, note = ({}, None)
     if tok is not None:
       special_ids, note = _tokenizer_files(tok, staging, config.max_seq_len)
     # 'pt' is what transformers' loader expects in a safetensors header.
     save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
     _write_json(staging / CONFIG_FILE, config_to_hf(config, family, special_ids))
-    if out.exists():
-      shutil.rmtree(out)
-    staging.rename(out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   tokenizer_class = None
   if tok is not None:
     tokenizer_class = json.loads((out / TOKENIZER_CONFIG_FILE).read_text())["tokenizer_class"]

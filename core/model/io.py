@@ -23,13 +23,14 @@ core/ imports no gin, so model.gin is generated as plain text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -265,9 +266,7 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
   except TypeError as e:
     raise ModelIOError(f"metadata must be JSON-serializable: {e}") from None
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-  try:
+  with staged_directory(out) as staging:
     _save_params(staging / PARAMS_DIR, params)
     (staging / GIN_FILE).write_text(config_gin(config, header=_gin_header(config, meta)))
     tokenizer_sha = None
@@ -285,13 +284,26 @@ def save_model(out_dir: str | os.PathLike, model: nnx.Module, config: ModelConfi
         "metadata": meta,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  return out
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+  """A fresh folder beside `out` to write into; it replaces `out` only if the block succeeds.
+
+  A failed or interrupted write leaves `out` as it was and no partial folder behind,
+  so a reader never sees half a model directory (or half an exported checkpoint).
+  """
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    yield staging
     if out.exists():
       shutil.rmtree(out)
     staging.rename(out)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return out
 
 
 def _gin_header(config: ModelConfig, meta: Mapping[str, Any]) -> str:
