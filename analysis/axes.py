@@ -63,20 +63,19 @@ def curve(c, run, key: str, axis: str) -> tuple[list[float], list[float]]:
 
 def value_at(c, run, key: str, axis: str, x: float) -> float:
   """The metric at `x` on `axis`, linearly interpolated between its two neighbouring points."""
-  xs, ys = curve(c, run, key, axis)
+  return interpolate(*curve(c, run, key, axis), x, run.info.run_id, key, axis)
+
+
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float, run_id: str, key: str,
+                axis: str) -> float:
+  """ys at x on a run's sorted curve (axis.curve), linearly between its neighbouring points."""
   if not xs:
-    raise AxisError(f"run {run.info.run_id} logged no {key}")
+    raise AxisError(f"run {run_id} logged no {key}")
   if not xs[0] <= x <= xs[-1]:
-    raise AxisError(f"run {run.info.run_id} has {key} from {axis}={xs[0]:.4g} to "
+    raise AxisError(f"run {run_id} has {key} from {axis}={xs[0]:.4g} to "
                     f"{xs[-1]:.4g}; {axis}={x:.4g} is outside it (no extrapolation)")
   i = bisect.bisect_left(xs, x)
   if xs[i] == x:
     return ys[i]
   x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
   return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def common_range(c, runs: Sequence, key: str, axis: str) -> tuple[float, float]:
-  """The [lo, hi] every run's curve covers on `axis` (for choosing --at)."""
-  spans = [curve(c, r, key, axis)[0] for r in runs]
-  return max(s[0] for s in spans), min(s[-1] for s in spans)

@@ -150,10 +150,15 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
   if baseline is not None and baseline not in groups:
     raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
                                   f"{list(groups)}")
-  matched = _flops_match(c, groups, metric) if at is None else None
+  matched = None
+  if at is None:
+    # Each run's curve is read once: it gives both the common budget and the values there.
+    curves = _flops_curves(c, groups, metric)
+    matched = _flops_match(curves)
   if matched is not None:
     for row, group_runs in zip(rows, groups.values()):
-      row.matched = [axes.value_at(c, r, metric, *matched) for r in group_runs]
+      row.matched = [axes.interpolate(*curves[r.info.run_id], matched[1], r.info.run_id, metric,
+                                      "flops") for r in group_runs]
       row.matched_mean, row.matched_std = stats.mean(row.matched), stats.std(row.matched)
   if baseline is not None:
     base = next(r for r in rows if r.variant == baseline)
@@ -172,17 +177,25 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
   return Table(rows, metric, baseline, confidence, source, at, matched)
 
 
-def _flops_match(c, groups: dict[str, list], metric: str) -> tuple[str, float] | None:
+def _flops_curves(c, groups: dict[str, list], metric: str) -> dict[str, tuple] | None:
+  """run id -> (FLOPs, metric) curve; None when a run lacks the FLOPs params (older records)."""
+  try:
+    return {r.info.run_id: axes.curve(c, r, metric, "flops")
+            for group in groups.values() for r in group}
+  except axes.AxisError:
+    return None
+
+
+def _flops_match(curves: dict[str, tuple] | None) -> tuple[str, float] | None:
   """('flops', F): the largest training FLOPs at which every run's curve has the metric.
 
-  None when runs lack the FLOPs params (older records) or their curves do not
-  overlap; the table then shows final values only.
+  None without curves, or when they do not overlap; the table then shows final
+  values only.
   """
-  all_runs = [r for group in groups.values() for r in group]
-  try:
-    lo, hi = axes.common_range(c, all_runs, metric, "flops")
-  except (axes.AxisError, ValueError):
+  if not curves or not all(xs for xs, _ in curves.values()):
     return None
+  lo = max(xs[0] for xs, _ in curves.values())
+  hi = min(xs[-1] for xs, _ in curves.values())
   return ("flops", hi) if lo <= hi else None
 
 
