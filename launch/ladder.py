@@ -42,12 +42,15 @@ EVAL_BATCHES_BINDING = "core.train.loop.train.eval_batches"
 KEYS = ("sizes", "tokens_per_param", "tokens", "warmup_fraction")
 
 # CPU time model of one point on one core: a fixed start (interpreter, jax import, data,
-# compiling the train and eval steps) plus model FLOPs (training and evaluation) at a
-# sustained rate: the quickstart sweep (6 tiny_llama runs of 240 steps of 8 x 128 tokens, two
-# 384-batch evals each, 4.4e12 FLOPs a run) takes ~300 s on 2 idle cores with one pinned core
-# per worker, i.e. ~100 s a run = 15 s start (measured: interpreter, jax, compile) + ~52 GFLOP/s.
-CPU_START_S = 15.0
-CPU_FLOPS_PER_CORE_S = 5.0e10
+# compiling the train and eval steps), a cost per token that FLOPs do not count (at tiny widths
+# the vocabulary's softmax and the per-op dispatch: throughput was the same ~6k tok/s at batch 8
+# and 32), and model FLOPs (training and evaluation) at a sustained rate. Fitted by least squares
+# to the 40 points of ablations/ladder_{activation,attention}.gin (2 workers, one pinned core
+# each): median error 3%, where FLOPs alone at 50 GFLOP/s were off by 74%. The machine's float32
+# matmul peak read 96 GFLOP/s during that run, so on an idle machine the estimate runs high.
+CPU_START_S = 23.0
+CPU_S_PER_TOKEN = 8.0e-5
+CPU_FLOPS_PER_CORE_S = 2.7e10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +218,8 @@ def estimate(point, size: Size) -> Estimate:
   evals = (len(range(every, size.steps, every)) if every else 0) + (1 if eval_batches else 0)
   eval_flops = evals * eval_batches * batch * seq_len * flops_per_token(model, seq_len,
                                                                        training=False)
-  cpu_s = CPU_START_S + (flops + eval_flops) / CPU_FLOPS_PER_CORE_S
+  tokens = (size.steps + evals * eval_batches) * batch * seq_len
+  cpu_s = CPU_START_S + tokens * CPU_S_PER_TOKEN + (flops + eval_flops) / CPU_FLOPS_PER_CORE_S
   counts = param_counts(model)
   return Estimate(point, size, counts["non_embedding"], counts["total"], fpt, flops, eval_flops,
                   cpu_s)
@@ -264,8 +268,8 @@ def print_ladder(sweep: sweep_lib.Sweep, points: Sequence, workers: int, cores: 
   wall = _makespan([r.cpu_s for r in rows], workers) * max(1.0, workers / max(cores, 1))
   print(f"estimated CPU time: {total / 60:.1f} core-minutes in all; about {wall / 60:.1f} min "
         f"wall on {cores} core(s) with {workers} worker(s) (one core per worker; model "
-        f"{CPU_START_S:g} s start + FLOPs at {CPU_FLOPS_PER_CORE_S / 1e9:g} GFLOP/s per core, "
-        f"training and evaluation)")
+        f"{CPU_START_S:g} s start + {CPU_S_PER_TOKEN * 1e6:g} us per token + FLOPs at "
+        f"{CPU_FLOPS_PER_CORE_S / 1e9:g} GFLOP/s per core, training and evaluation)")
 
 
 def _makespan(seconds: Sequence[float], workers: int) -> float:
