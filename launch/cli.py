@@ -1,6 +1,6 @@
 """`ablax` entry point.
 
-Each subcommand lives in its own module `launch/<name>_cmd.py` exposing
+Each subcommand lives in its own module `launch/commands/<name>.py` exposing
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
 their subcommand runs, so `ablax --help` stays fast and a broken optional
 dependency of one command never breaks the others. t5x's `--gin.NAME=VALUE`
@@ -22,23 +22,23 @@ DEBUG_ENV = "ABLAX_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("launch.train_cmd", "train a model from gin files"),
-    "sweep": ("launch.sweep_cmd", "run an ablation sweep (grid x seeds)"),
-    "compare": ("launch.compare_cmd", "compare the runs of a sweep from MLflow"),
-    "reproduce": ("launch.reproduce_cmd", "re-run an MLflow run from its recorded config"),
-    "params": ("launch.params_cmd", "count a model's parameters without allocating it"),
-    "plan": ("launch.plan_cmd", "compile the train step for a TPU slice or GPU node: memory, "
+    "train": ("launch.commands.train", "train a model from gin files"),
+    "sweep": ("launch.commands.sweep", "run an ablation sweep (grid x seeds)"),
+    "compare": ("launch.commands.compare", "compare the runs of a sweep from MLflow"),
+    "reproduce": ("launch.commands.reproduce", "re-run an MLflow run from its recorded config"),
+    "params": ("launch.commands.params", "count a model's parameters without allocating it"),
+    "plan": ("launch.commands.plan", "compile the train step for a TPU slice or GPU node: memory, "
                                 "FLOPs, time, energy"),
-    "carbon": ("launch.carbon_cmd", "project energy and carbon of a training run"),
-    "eval": ("launch.eval_cmd", "evaluate a checkpoint"),
-    "score": ("launch.score_cmd", "per-token log-probabilities of a text under a checkpoint"),
-    "sample": ("launch.sample_cmd", "sample from a checkpoint"),
-    "tokenizer": ("launch.tokenizer_cmd", "train or subset SentencePiece tokenizers"),
-    "data": ("launch.data_cmd", "inspect a data pipeline"),
-    "import-hf": ("launch.import_hf_cmd", "convert a Hugging Face checkpoint to ablax"),
-    "export-hf": ("launch.export_hf_cmd", "write an ablax model as a Hugging Face checkpoint"),
-    "tracking": ("launch.tracking_cmd", "deliver records a run kept in its workdir while the store was down"),
-    "launch": ("launch.tpu_vm_cmd", "start a run on other machines (tpu-vm: every worker of a TPU pod slice)"),
+    "carbon": ("launch.commands.carbon", "project energy and carbon of a training run"),
+    "eval": ("launch.commands.eval", "evaluate a checkpoint"),
+    "score": ("launch.commands.score", "per-token log-probabilities of a text under a checkpoint"),
+    "sample": ("launch.commands.sample", "sample from a checkpoint"),
+    "tokenizer": ("launch.commands.tokenizer", "train or subset SentencePiece tokenizers"),
+    "data": ("launch.commands.data", "inspect a data pipeline"),
+    "import-hf": ("launch.commands.import_hf", "convert a Hugging Face checkpoint to ablax"),
+    "export-hf": ("launch.commands.export_hf", "write an ablax model as a Hugging Face checkpoint"),
+    "tracking": ("launch.commands.tracking", "deliver records a run kept in its workdir while the store was down"),
+    "launch": ("launch.commands.tpu_vm", "start a run on other machines (tpu-vm: every worker of a TPU pod slice)"),
 }
 
 

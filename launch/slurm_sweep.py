@@ -213,7 +213,7 @@ def settle_parent(rows: Sequence[PointStatus], *, tracking_uri: str, parent_run_
 def sweep_main(args: Any, sweep: Any, points: Sequence[Any]) -> int:
   """`ablax sweep --launcher slurm` (submit) and `ablax sweep --status` (progress).
 
-  Called by launch/sweep_cmd.py after the sweep file is loaded and every point
+  Called by launch/commands/sweep.py after the sweep file is loaded and every point
   validated. Uses its flags: tracking_uri, workdir, dry_run, train_command,
   status, slurm_* (see `add_arguments`).
   """

@@ -19,7 +19,8 @@ from core.data.errors import DataError
 from core.data.pipeline import lm_batches
 from core.data.sources import Embedded, LocalFiles, Tfds, TextSource
 from core.tokenizer import train_tokenizer
-from launch import cli, data_cmd, gin_config
+from launch import cli, gin_config
+from launch.commands import data as data_cmd
 
 # A few small library files: the builder is tested on these, the whole library in a slow test.
 STDLIB_FILES = ("colorsys.py", "keyword.py", "bisect.py", "this.py", "json/__init__.py",

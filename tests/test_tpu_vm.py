@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-from launch import tpu_vm_cmd
-from launch.tpu_vm_cmd import ALL_WORKERS, LOCAL, TpuVm, build_steps, parse_env
+from launch.commands import tpu_vm as tpu_vm_cmd
+from launch.tpu_vm import ALL_WORKERS, LOCAL, TpuVm, build_steps, parse_env
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TRAIN = ["--gin_file", "gin/experiments/x.gin", "--gin_param", "train.steps = 10",
@@ -144,7 +144,7 @@ def test_through_the_ablax_dispatcher(monkeypatch, capsys):
   """As `ablax launch tpu-vm ...` once launch/cli.py lists the command."""
   from launch import cli
   monkeypatch.setitem(cli.COMMANDS, "launch", (
-      "launch.tpu_vm_cmd", "start a run on other machines (tpu-vm: every worker of a pod slice)"))
+      "launch.commands.tpu_vm", "start a run on other machines (tpu-vm: every worker of a pod slice)"))
   code = cli.main(["launch", "tpu-vm", "slice", "--zone", "z", "--no_code", "--no_setup",
                    "--", "--gin_file", "gin/experiments/tiny_llama.gin"])
   assert code == 0

@@ -101,7 +101,7 @@ CPUS = "ablax.cpus"                    # cores a pinned worker had
 SLURM_JOB_IDS = "ablax.slurm.job_ids"
 SLURM_ARRAY = "ablax.slurm.array"
 SLURM_SCRIPT = "ablax.slurm.script"
-# Reproduction (launch/reproduce_cmd.py).
+# Reproduction (launch/commands/reproduce.py).
 REPRODUCES = "ablax.reproduces"
 REPRODUCE_RESULT = "ablax.reproduce.result"
 REPRODUCE_MAX_REL_DIFF = "ablax.reproduce.max_rel_diff"
