@@ -26,9 +26,9 @@ VARIANTS = {
                    attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0),
     "llama": dict(activation="swiglu", mlp_dim=0, mlp_multiple_of=16, tie_embeddings=False,
                   scale_embeddings=False, num_kv_heads=4),
-    "post_layernorm_learned": dict(norm="layernorm", norm_placement="post", positions="learned",
-                                   activation="relu"),
-    "no_norm_no_positions": dict(norm="none", positions="none", activation="relu2"),
+    "post_layernorm_learned": dict(norm="layernorm", norm_placement="post",
+                                   position_embedding="learned", activation="relu"),
+    "no_norm_no_positions": dict(norm="none", position_embedding="none", activation="relu2"),
     "gelu_reglu_mix": dict(activation="reglu"),
     "gelu": dict(activation="gelu"),
 }
@@ -183,6 +183,7 @@ def test_invalid_configs_are_clear_errors(changes, message):
 
 
 def test_learned_positions_reject_sequences_beyond_the_table():
-  model, tokens = model_and_tokens(tiny_config(positions="learned", max_seq_len=16), length=20)
+  model, tokens = model_and_tokens(tiny_config(position_embedding="learned", max_seq_len=16),
+                                   length=20)
   with pytest.raises(ValueError, match="exceeds max_seq_len"):
     model(tokens)

@@ -93,7 +93,7 @@ class Attention(nnx.Module):
     self.scale = c.query_scale
     self.softcap = c.attn_softcap
     self.config = c
-    self.rope_base = c.rope_base if c.positions == "rope" else None
+    self.rope_base = c.rope_base if c.position_embedding == "rope" else None
     self.compute_dtype = jnp.dtype(c.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,

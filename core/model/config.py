@@ -20,7 +20,7 @@ from core.model.attention_impls import IMPLS as ATTENTION_IMPLS
 ATTENTION_KINDS = ("global", "local")
 NORMS = ("rmsnorm", "layernorm", "none")
 NORM_PLACEMENTS = ("pre", "post", "pre_post")
-POSITIONS = ("rope", "learned", "none")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # name -> (activation, gated). Gated variants multiply act(x W_gate) by x W_up.
 ACTIVATIONS = {
@@ -68,7 +68,9 @@ class ModelConfig:
     rms_scale_plus_one: Gemma parametrizes RMSNorm as x * (1 + scale) with scale
       initialized to 0; LLaMA as x * scale with scale initialized to 1.
     norm_eps: epsilon of the normalizers.
-    positions: 'rope', 'learned' or 'none'.
+    position_embedding: the kind of position information: 'rope' (rotary, applied to
+      queries and keys), 'learned' (an absolute table added to the embeddings) or
+      'none'. Not the (B, T) `positions` array the forward pass takes.
     rope_base: RoPE wavelength base.
     attention_pattern: per-layer kinds ('global'/'local'), tiled over the layers
       (('local', 'global') is Gemma 2's alternation).
@@ -109,7 +111,7 @@ class ModelConfig:
   activation: str
   norm: str
   norm_placement: str
-  positions: str
+  position_embedding: str
   tie_embeddings: bool
   scale_embeddings: bool
   rms_scale_plus_one: bool = False
@@ -185,7 +187,7 @@ class ModelConfig:
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
     _check_choice("norm", self.norm, NORMS)
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-    _check_choice("positions", self.positions, POSITIONS)
+    _check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("remat", self.remat, REMAT_POLICIES)
     _check_choice("dtype", self.dtype, DTYPES)
@@ -220,7 +222,7 @@ class ModelConfig:
       need(self.num_layers % len(self.attention_pattern) == 0,
            f"scan_layers scans whole periods of attention_pattern {self.attention_pattern}, but "
            f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}")
-    if self.positions == "rope":
+    if self.position_embedding == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
 
 

@@ -27,12 +27,12 @@ class Embedder(nnx.Module):
     if not c.tie_embeddings:
       self.unembed = param(init, rngs.params(), (c.embed_dim, c.vocab_size), dtype,
                            ("embed", "vocab"))
-    if c.positions == "learned":
+    if c.position_embedding == "learned":
       self.position_embedding = param(nnx.initializers.normal(stddev=0.02), rngs.params(),
                                       (c.max_seq_len, c.embed_dim), dtype, ("positions", "embed"))
     self.tied = c.tie_embeddings
     self.scale = c.scale_embeddings
-    self.learned_positions = c.positions == "learned"
+    self.learned_positions = c.position_embedding == "learned"
     self.max_seq_len = c.max_seq_len
     self.embed_dim = c.embed_dim
     self.compute_dtype = jnp.dtype(c.dtype)

@@ -52,9 +52,9 @@ def family_of(config: ModelConfig) -> str:
   if c.norm != "rmsnorm":
     problems.append(f"norm={c.norm!r}: transformers' Gemma, Gemma 2 and Llama normalize with "
                     "RMSNorm (norm='rmsnorm')")
-  if c.positions != "rope":
-    problems.append(f"positions={c.positions!r}: transformers' Gemma, Gemma 2 and Llama use "
-                    "rotary positions (positions='rope')")
+  if c.position_embedding != "rope":
+    problems.append(f"position_embedding={c.position_embedding!r}: transformers' Gemma, Gemma 2 "
+                    "and Llama use rotary positions (position_embedding='rope')")
   if c.norm_placement not in {conv["norm_placement"] for conv in CONVENTIONS.values()}:
     problems.append(f"norm_placement={c.norm_placement!r}: transformers' Gemma and Llama are "
                     "pre-norm ('pre'), Gemma 2 is 'pre_post'")

@@ -34,7 +34,7 @@ FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
 # What each family fixes, as ModelConfig fields. A config is exported as the
 # family whose conventions it has, and an imported checkpoint gets them.
 # Every config has RMSNorm and RoPE (CONVENTIONS_ALL).
-CONVENTIONS_ALL = {"norm": "rmsnorm", "positions": "rope"}
+CONVENTIONS_ALL = {"norm": "rmsnorm", "position_embedding": "rope"}
 CONVENTIONS = {
     "gemma": dict(norm_placement="pre", rms_scale_plus_one=True, scale_embeddings=True,
                   activation="geglu"),
