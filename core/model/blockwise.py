@@ -33,14 +33,14 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 class _Static(NamedTuple):
   scale: float
-  softcap: float | None
+  attn_softcap: float | None
   window: int | None
   block_q: int
   block_k: int
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                        logit_softcap: float | None = None, window: int | None = None,
+                        attn_softcap: float | None = None, window: int | None = None,
                         q_segment_ids: jax.Array | None = None,
                         kv_segment_ids: jax.Array | None = None,
                         q_offset: int | jax.Array = 0, block_q: int = 512,
@@ -72,7 +72,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
     kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
                      constant_values=-1)
   offset = jnp.asarray(q_offset, jnp.int32)
-  out = _flash(_Static(float(scale), logit_softcap, window, bq, bk),
+  out = _flash(_Static(float(scale), attn_softcap, window, bq, bk),
                qt, kt, vt, q_seg, kv_seg, offset)
   return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
@@ -98,7 +98,7 @@ def _scores(static: _Static, qi, kj, rows, cols, q_seg_i, kv_seg_j):
   """Capped scores (B, K, G, bq, bk) in float32 and the visibility mask."""
   raw = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj,
                    preferred_element_type=jnp.float32) * static.scale
-  capped = softcap(raw, static.softcap)
+  capped = softcap(raw, static.attn_softcap)
   mask = visible(rows, cols, q_seg_i, kv_seg_j, static.window)[:, None, None]
   return capped, mask
 
@@ -182,8 +182,8 @@ def _flash_bwd(static, residuals, dout):
                            preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
-      if static.softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (capped/c)^2
-        ds = ds * (1.0 - jnp.square(s / static.softcap))
+      if static.attn_softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (capped/c)^2
+        ds = ds * (1.0 - jnp.square(s / static.attn_softcap))
       ds = (ds * static.scale).astype(qi.dtype)
       dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, kj, preferred_element_type=jnp.float32)
       dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, i * bq, bq, 3) + dq_i, i * bq, 3)
