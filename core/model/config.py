@@ -59,8 +59,10 @@ class ModelConfig:
     num_heads: query heads N.
     num_kv_heads: key/value heads K; N = multi-head, 1 = multi-query, else grouped-query.
     head_dim: H, width of one head.
-    mlp_dim: hidden width F of the feed-forward block; 0 means LLaMA's rule
-      `llama_mlp_dim(embed_dim, mlp_multiple_of)`.
+    mlp_dim: hidden width F of the feed-forward block. 0 asks for LLaMA's rule
+      `llama_mlp_dim(embed_dim, mlp_multiple_of)`, resolved on construction: a
+      built config's mlp_dim is always the width the model has (so replacing
+      embed_dim later keeps that width; pass mlp_dim=0 again to re-derive it).
     max_seq_len: context length (learned positions need it; recorded for all).
     activation: a key of ACTIVATIONS.
     norm: 'rmsnorm', 'layernorm' or 'none'.
@@ -134,14 +136,13 @@ class ModelConfig:
   def __post_init__(self):
     # gin hands lists for tuples; keep the config hashable and comparable.
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+    # mlp_dim=0 asks for LLaMA's rule; holding the width it gives keeps one name for the
+    # width and makes configs of equal models compare equal. Bad sizes: validate() says.
+    if self.mlp_dim == 0 and _positive_int(self.embed_dim) and _positive_int(self.mlp_multiple_of):
+      object.__setattr__(self, "mlp_dim", llama_mlp_dim(self.embed_dim, self.mlp_multiple_of))
     self.validate()
 
   # -- derived values -------------------------------------------------------
-
-  @property
-  def hidden_dim(self) -> int:
-    """The feed-forward width actually used (mlp_dim, or LLaMA's rule when 0)."""
-    return self.mlp_dim or llama_mlp_dim(self.embed_dim, self.mlp_multiple_of)
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -177,11 +178,11 @@ class ModelConfig:
         raise ConfigError(f"ModelConfig: {msg}")
 
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "max_seq_len"):
+                 "head_dim", "max_seq_len", "mlp_multiple_of"):
       value = getattr(self, name)
-      need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-    need(isinstance(self.mlp_dim, int) and self.mlp_dim >= 0,
-         f"mlp_dim must be an int >= 0 (0 = LLaMA's 2/3*4d rule), got {self.mlp_dim!r}")
+      need(_positive_int(value), f"{name} must be a positive int, got {value!r}")
+    need(_positive_int(self.mlp_dim),
+         f"mlp_dim must be a positive int, or 0 for LLaMA's 2/3*4d rule, got {self.mlp_dim!r}")
     need(self.num_heads % self.num_kv_heads == 0,
          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
@@ -224,6 +225,10 @@ class ModelConfig:
            f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}")
     if self.position_embedding == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and value > 0
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

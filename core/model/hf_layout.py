@@ -78,7 +78,7 @@ class TensorSpec:
 def tensor_specs(family: str, config: ModelConfig) -> list[TensorSpec]:
   """Every tensor of a `family` checkpoint of `config`, in the order HF lists them."""
   c = config
-  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
+  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
                       c.vocab_size)
   specs = [TensorSpec("model.embed_tokens.weight", "embedder/embedding", (v, d), (v, d))]
   for i in range(c.num_layers):

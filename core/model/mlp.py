@@ -28,7 +28,7 @@ class MLP(nnx.Module):
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     fn_name, self.gated = ACTIVATIONS[c.activation]
     self.act = ACTIVATION_FNS[fn_name]
-    f = c.hidden_dim
+    f = c.mlp_dim
     if self.gated:
       self.gate = param(init, rngs.params(), (c.embed_dim, f), dtype, ("embed", "mlp"))
     self.up = param(init, rngs.params(), (c.embed_dim, f), dtype, ("embed", "mlp"))
