@@ -90,7 +90,7 @@ class Attention(nnx.Module):
                    ("heads", "head_dim", "embed"))
     self.kind = kind
     self.window = c.window if kind == "local" else None
-    self.scale = c.query_scale
+    self.query_scale = c.query_scale
     self.attn_softcap = c.attn_softcap
     self.config = c
     self.rope_base = c.rope_base if c.position_embedding == "rope" else None
@@ -124,7 +124,7 @@ class Attention(nnx.Module):
                                   packed=spec.q_segment_ids is not None,
                                   decoding=cache is not None)
     block_q, block_k = attention_impls.block_sizes(self.config, platform)
-    out = attend(q, k, v, spec, scale=self.scale, attn_softcap=self.attn_softcap, impl=impl,
+    out = attend(q, k, v, spec, scale=self.query_scale, attn_softcap=self.attn_softcap, impl=impl,
                  window=self.window, block_q=block_q, block_k=block_k)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core.model.config import ACTIVATIONS
+from core.model.config import ACTIVATIONS, ModelConfig
 from core.model.sharding import constrain, param
 
 # The one registry of activation functions; ModelConfig.ACTIVATIONS names them.
@@ -22,7 +22,7 @@ ACTIVATION_FNS = {
 class MLP(nnx.Module):
   """down(act(x W_gate) * x W_up) when gated, else down(act(x W_up))."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
     dtype = jnp.dtype(c.param_dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
