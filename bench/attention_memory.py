@@ -94,7 +94,7 @@ def layer_time(config, kind: str, length: int, repeats: int) -> float:
   window = c.window if kind == "local" else None
 
   def loss(q, k, v):
-    return jnp.sum(attend(q, k, v, spec, scale=c.query_scale, logit_softcap=c.attn_softcap,
+    return jnp.sum(attend(q, k, v, spec, scale=c.query_scale, attn_softcap=c.attn_softcap,
                           impl=impl, window=window, block_q=block_q, block_k=block_k))
 
   return _median_time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v), repeats)

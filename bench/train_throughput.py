@@ -138,7 +138,7 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
                                                 max(steps // 2, 3))
     result["update_s"] = step_s - result["forward_backward_s"]
   # The MLP's first matmul at this batch: the rate the model's biggest GEMMs can reach.
-  result["mlp_shape_peak_flops"] = matmul_rate(tokens, config.embed_dim, config.hidden_dim,
+  result["mlp_shape_peak_flops"] = matmul_rate(tokens, config.embed_dim, config.mlp_dim,
                                                repeats=5, chain=2)
   return result
 
@@ -152,7 +152,7 @@ def peer_compare(steps: int, rounds: int, gin_params: list[str], peak: float) ->
 
   config, batch_size, seq_len, builder, data = one_device_step("cpu_bench", gin_params)
   shape = (config.vocab_size, config.embed_dim, config.num_layers, config.num_heads,
-           config.head_dim, config.hidden_dim)
+           config.head_dim, config.mlp_dim)
   peer_shape = (peer_step.VOCAB, peer_step.D, peer_step.LAYERS, peer_step.HEADS,
                 peer_step.HEAD_DIM, peer_step.MLP)
   if shape != peer_shape:

@@ -56,7 +56,7 @@ PACKED = jnp.array([[1] * 10 + [2] * 20 + [0] * 7, [3] * 30 + [0] * 7])
     ids=["causal", "local-capped", "local-capped-packed", "packed", "window-over-length"])
 def test_blockwise_equals_einsum_values_and_gradients(heads, kv_heads, window, cap, segments):
   q, k, v = qkv(2, 37, heads, kv_heads, 16)  # 37: no multiple of either block
-  kw = dict(scale=0.3, logit_softcap=cap, window=window)
+  kw = dict(scale=0.3, attn_softcap=cap, window=window)
   spec = training_spec(37, segments)
   ref = values_and_grads("einsum", q, k, v, spec, **kw)
   got = values_and_grads("blockwise", q, k, v, spec, block_q=8, block_k=16, **kw)
@@ -129,7 +129,7 @@ def test_blockwise_training_never_builds_a_sequence_by_sequence_array():
   q, k, v = qkv(1, t, 4, 2, 8)
   spec = training_spec(t, jnp.ones((1, t), jnp.int32))
   loss = lambda q, k, v: jnp.sum(attend(q, k, v, spec, impl="blockwise", scale=0.3,
-                                        logit_softcap=5.0, window=None, block_q=64, block_k=64))
+                                        attn_softcap=5.0, window=None, block_q=64, block_k=64))
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
   def shapes(jaxpr):
@@ -142,7 +142,7 @@ def test_blockwise_training_never_builds_a_sequence_by_sequence_array():
   seen = list(shapes(jaxpr.jaxpr))
   assert seen and not [s for s in seen if list(s).count(t) >= 2]
   dense = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, spec, impl="einsum", scale=0.3,
-                                                 logit_softcap=None))(q, k, v)
+                                                 attn_softcap=None))(q, k, v)
   assert [s for s in shapes(dense.jaxpr) if list(s).count(t) >= 2]  # the check can fail
 
 
@@ -151,7 +151,7 @@ def test_splash_in_pallas_interpret_mode_equals_einsum(window, cap, packed):
   q, k, v = qkv(1, 256, 4, 2, 128)
   segments = jnp.array([[1] * 100 + [2] * 120 + [0] * 36]) if packed else None
   spec = training_spec(256, segments)
-  kw = dict(scale=128 ** -0.5, logit_softcap=cap, window=window)
+  kw = dict(scale=128 ** -0.5, attn_softcap=cap, window=window)
   cot = jax.random.normal(jax.random.key(9), q.shape)
   splash = lambda q, k, v: splash_attention(q, k, v, spec, block_q=128, block_k=128,
                                             interpret=True, **kw)
@@ -222,7 +222,7 @@ def test_blockwise_model_and_splash_kernel_under_a_training_mesh_equal_einsum():
 
   q, k, v = qkv(4, 256, 4, 2, 128)
   segments = jnp.array([[1] * 100 + [2] * 156] * 2 + [[1] * 256] * 2)
-  kw = dict(scale=128 ** -0.5, logit_softcap=30.0, window=64)
+  kw = dict(scale=128 ** -0.5, attn_softcap=30.0, window=64)
   ref = attend(q, k, v, training_spec(256, segments), impl="einsum", **kw)
   with activation_sharding(mesh, rules):
     splash = jax.jit(lambda q, k, v, s: splash_attention(
@@ -243,7 +243,7 @@ def test_blockwise_model_and_splash_kernel_under_a_training_mesh_equal_einsum():
 def test_blockwise_in_bfloat16_is_as_close_to_float32_as_einsum():
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(2, 300, 4, 2, 32))
   spec = training_spec(300, None)
-  kw = dict(scale=32 ** -0.5, logit_softcap=30.0, window=100)
+  kw = dict(scale=32 ** -0.5, attn_softcap=30.0, window=100)
   exact = attend(*(x.astype(jnp.float32) for x in (q, k, v)), spec, impl="einsum", **kw)
   error = {}
   for impl in ("einsum", "blockwise"):

@@ -64,11 +64,14 @@ CASES = {
     "window > max_seq_len": ([f"{M}.attention_pattern = ('local', 'global')", f"{M}.window = 64"],
                              "window 64 is longer than max_seq_len 32"),
     "learned, seq_len > max_seq_len": (
-        [f"{M}.positions = 'learned'", "core.train.synthetic.synthetic_batches.seq_len = 64"],
-        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 (positions='learned')"),
+        [f"{M}.position_embedding = 'learned'",
+         "core.train.synthetic.synthetic_batches.seq_len = 64"],
+        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 "
+        "(position_embedding='learned')"),
     "rope, seq_len > max_seq_len": (
         ["core.train.synthetic.synthetic_batches.seq_len = 64"],
-        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 (positions='rope')"),
+        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 "
+        "(position_embedding='rope')"),
 }
 
 

@@ -285,8 +285,8 @@ def test_import_then_export_is_byte_identical(family, dtype, tmp_path, capsys):
 
 @pytest.mark.parametrize("base,change,match", [
     ("gemma_mqa", dict(norm_placement="post"), "norm_placement='post'"),
-    ("llama_gqa", dict(positions="learned"), "positions='learned'"),
-    ("llama_gqa", dict(positions="none"), "positions='none'"),
+    ("llama_gqa", dict(position_embedding="learned"), "position_embedding='learned'"),
+    ("llama_gqa", dict(position_embedding="none"), "position_embedding='none'"),
     ("gemma_mqa", dict(norm="layernorm"), "norm='layernorm'"),
     ("llama_gqa", dict(activation="relu"), "activation='relu'"),
     ("llama_gqa", dict(activation="reglu"), "activation='reglu'"),
@@ -308,13 +308,13 @@ def test_unrepresentable_configs_name_the_field(base, change, match):
 
 
 def test_every_problem_is_named_at_once():
-  config = CONFIGS["gemma_mqa"].replace(norm="layernorm", positions="learned",
+  config = CONFIGS["gemma_mqa"].replace(norm="layernorm", position_embedding="learned",
                                         norm_placement="post", activation="relu")
   with pytest.raises(hf_export.HFExportError) as e:
     hf_export.family_of(config)
   message = str(e.value)
   assert "\n" not in message
-  for field in ("norm='layernorm'", "positions='learned'", "norm_placement='post'",
+  for field in ("norm='layernorm'", "position_embedding='learned'", "norm_placement='post'",
                 "activation='relu'"):
     assert field in message
 

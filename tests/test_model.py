@@ -26,9 +26,9 @@ VARIANTS = {
                    attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0),
     "llama": dict(activation="swiglu", mlp_dim=0, mlp_multiple_of=16, tie_embeddings=False,
                   scale_embeddings=False, num_kv_heads=4),
-    "post_layernorm_learned": dict(norm="layernorm", norm_placement="post", positions="learned",
-                                   activation="relu"),
-    "no_norm_no_positions": dict(norm="none", positions="none", activation="relu2"),
+    "post_layernorm_learned": dict(norm="layernorm", norm_placement="post",
+                                   position_embedding="learned", activation="relu"),
+    "no_norm_no_positions": dict(norm="none", position_embedding="none", activation="relu2"),
     "gelu_reglu_mix": dict(activation="reglu"),
     "gelu": dict(activation="gelu"),
 }
@@ -142,6 +142,15 @@ def test_llama_mlp_rule():
   assert [llama_mlp_dim(d) for d in (4096, 5120, 6656, 8192)] == [11008, 13824, 17920, 22016]
 
 
+def test_mlp_dim_zero_is_resolved_to_the_llama_width():
+  """mlp_dim=0 asks for the rule; the config then holds the width, so equal models are equal."""
+  ruled = tiny_config(mlp_dim=0, mlp_multiple_of=16)
+  assert ruled.mlp_dim == llama_mlp_dim(32, 16) == 96
+  explicit = tiny_config(mlp_dim=96, mlp_multiple_of=16)
+  assert ruled == explicit and hash(ruled) == hash(explicit)
+  assert ruled.replace(mlp_dim=0) == ruled and ruled.to_dict()["mlp_dim"] == 96
+
+
 def test_remat_policies_give_the_same_gradients():
   config = tiny_config(**VARIANTS["gemma2"])
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
@@ -175,6 +184,8 @@ def test_bfloat16_compute_keeps_float32_logits():
     (dict(attention_block_k=0), "attention_block_k must be a positive int"),
     (dict(attention_impl="flash"), "attention_impl must be one of"),
     (dict(embed_dim=0), "embed_dim must be a positive int"),
+    (dict(mlp_dim=-1), "mlp_dim must be a positive int, or 0 for LLaMA's"),
+    (dict(mlp_dim=0, mlp_multiple_of=0), "mlp_multiple_of must be a positive int"),
     (dict(head_dim=7), "even head_dim"),
 ])
 def test_invalid_configs_are_clear_errors(changes, message):
@@ -183,6 +194,7 @@ def test_invalid_configs_are_clear_errors(changes, message):
 
 
 def test_learned_positions_reject_sequences_beyond_the_table():
-  model, tokens = model_and_tokens(tiny_config(positions="learned", max_seq_len=16), length=20)
+  model, tokens = model_and_tokens(tiny_config(position_embedding="learned", max_seq_len=16),
+                                   length=20)
   with pytest.raises(ValueError, match="exceeds max_seq_len"):
     model(tokens)

@@ -18,7 +18,7 @@ VARIANTS = {
                    attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0),
     "llama": dict(activation="swiglu", mlp_dim=0, mlp_multiple_of=16, tie_embeddings=False,
                   scale_embeddings=False, num_kv_heads=4, rms_scale_plus_one=False),
-    "learned_positions": dict(positions="learned", norm="layernorm", activation="relu"),
+    "learned_positions": dict(position_embedding="learned", norm="layernorm", activation="relu"),
 }
 
 

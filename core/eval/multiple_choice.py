@@ -301,7 +301,7 @@ def evaluate(model: nnx.Module, tokenizer: Any, task: Task, *, num_shots: int = 
   if not examples:
     raise TaskError(f"{task.name}: no examples to score")
   bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", -1) >= 0 else []
-  max_len = model.config.max_seq_len if model.config.positions == "learned" else None
+  max_len = model.config.max_seq_len if model.config.position_embedding == "learned" else None
 
   records, requests, completions = [], [], []
   for i, ex in enumerate(examples):

@@ -125,11 +125,11 @@ def past_context(config, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
   positions can, into lengths the model never trained on.
   """
   longest = max((len(p) for p in prompts), default=0) + max_new_tokens
-  if longest <= config.max_seq_len or config.positions == "learned":
+  if longest <= config.max_seq_len or config.position_embedding == "learned":
     return None
   return (f"prompt + max_new_tokens = {longest} tokens runs past max_seq_len "
           f"{config.max_seq_len}, the context the model was trained for "
-          f"(positions={config.positions!r}); text past it may degrade")
+          f"(position_embedding={config.position_embedding!r}); text past it may degrade")
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int],
@@ -165,7 +165,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int]
     raise SamplingError(f"prompt ids {sorted(set(bad.tolist()))[:10]} are outside the model's "
                         f"vocabulary [0, {config.vocab_size})")
   longest = max(len(p) for p in prompts) + max_new_tokens
-  if config.positions == "learned" and longest > config.max_seq_len:
+  if config.position_embedding == "learned" and longest > config.max_seq_len:
     raise SamplingError(f"prompt + max_new_tokens = {longest} exceeds max_seq_len "
                         f"{config.max_seq_len} of the learned position table")
   eos = -1 if eos_id is None else int(eos_id)

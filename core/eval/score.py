@@ -63,7 +63,7 @@ def token_scores(model: nnx.Module, ids: Sequence[int] | np.ndarray
   config = getattr(model, "config", None)
   if config is not None:
     check_ids(tokens, config.vocab_size)
-    if config.positions == "learned" and tokens.shape[1] - 1 > config.max_seq_len:
+    if config.position_embedding == "learned" and tokens.shape[1] - 1 > config.max_seq_len:
       raise ScoreError(f"{tokens.shape[1]} ids need {tokens.shape[1] - 1} positions but the "
                        f"learned position table has max_seq_len {config.max_seq_len}")
   graphdef, state = nnx.split(model)

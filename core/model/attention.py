@@ -29,7 +29,7 @@ from core.model.splash import splash_attention
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
-           logit_softcap: float | None, impl: str, window: int | None = None,
+           attn_softcap: float | None, impl: str, window: int | None = None,
            block_q: int = 512, block_k: int = 512) -> jax.Array:
   """Attention of q (B, T, N, H) over k, v (B, S, K, H); returns (B, T, N, H).
 
@@ -38,15 +38,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
   by the one rule of core/model/masking.py.
   """
   if impl == "blockwise":
-    return blockwise_attention(q, k, v, scale=scale, logit_softcap=logit_softcap, window=window,
+    return blockwise_attention(q, k, v, scale=scale, attn_softcap=attn_softcap, window=window,
                                q_segment_ids=spec.q_segment_ids,
                                kv_segment_ids=spec.kv_segment_ids, q_offset=spec.q_offset,
                                block_q=block_q, block_k=block_k)
   if impl == "splash":
-    return splash_attention(q, k, v, spec, scale=scale, logit_softcap=logit_softcap,
+    return splash_attention(q, k, v, spec, scale=scale, attn_softcap=attn_softcap,
                             window=window, block_q=block_q, block_k=block_k)
   if impl in ("cudnn", "dot_product_attention"):
-    if logit_softcap is not None:
+    if attn_softcap is not None:
       raise ValueError(f"attention soft-capping needs another attention_impl than {impl!r}")
     backend = "cudnn" if impl == "cudnn" else None
     if spec.causal_only:
@@ -61,7 +61,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  logits = softcap(logits, logit_softcap)
+  logits = softcap(logits, attn_softcap)
   # mask (B, T, S) -> (B, 1, 1, T, S) to broadcast over kv heads and groups.
   mask = dense_mask(spec, t, window)[:, None, None]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -90,10 +90,10 @@ class Attention(nnx.Module):
                    ("heads", "head_dim", "embed"))
     self.kind = kind
     self.window = c.window if kind == "local" else None
-    self.scale = c.query_scale
-    self.softcap = c.attn_softcap
+    self.query_scale = c.query_scale
+    self.attn_softcap = c.attn_softcap
     self.config = c
-    self.rope_base = c.rope_base if c.positions == "rope" else None
+    self.rope_base = c.rope_base if c.position_embedding == "rope" else None
     self.compute_dtype = jnp.dtype(c.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,
@@ -124,7 +124,7 @@ class Attention(nnx.Module):
                                   packed=spec.q_segment_ids is not None,
                                   decoding=cache is not None)
     block_q, block_k = attention_impls.block_sizes(self.config, platform)
-    out = attend(q, k, v, spec, scale=self.scale, logit_softcap=self.softcap, impl=impl,
+    out = attend(q, k, v, spec, scale=self.query_scale, attn_softcap=self.attn_softcap, impl=impl,
                  window=self.window, block_q=block_q, block_k=block_k)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(cd))

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import jax
+
+if TYPE_CHECKING:
+  from core.model.config import ModelConfig
 
 IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn", "dot_product_attention")
 
@@ -68,7 +71,7 @@ def current_platform() -> str:
   return _TARGET.get() or jax.default_backend()
 
 
-def block_sizes(config, platform: str) -> tuple[int, int]:
+def block_sizes(config: ModelConfig, platform: str) -> tuple[int, int]:
   """(block_q, block_k): the config's, or this platform's default where it leaves them None."""
   default = DEFAULT_BLOCK.get(platform, 512)
   return (config.attention_block_q or default, config.attention_block_k or default)
@@ -103,7 +106,8 @@ def check_platform(impl: str, platform: str) -> None:
         f"{platform.upper()}; use attention_impl='auto' or 'blockwise'")
 
 
-def choose(config, platform: str, length: int, packed: bool, decoding: bool = False) -> str:
+def choose(config: ModelConfig, platform: str, length: int, packed: bool,
+           decoding: bool = False) -> str:
   """The implementation attention layers run for `length` tokens on `platform`.
 
   `packed`: the rows carry segment ids (several documents, or padding).
@@ -134,7 +138,7 @@ def choose(config, platform: str, length: int, packed: bool, decoding: bool = Fa
   return "einsum" if length < CPU_BLOCKWISE_FROM else "blockwise"
 
 
-def used_by_kind(config, platform: str, length: int, packed: bool) -> dict[str, str]:
+def used_by_kind(config: ModelConfig, platform: str, length: int, packed: bool) -> dict[str, str]:
   """{layer kind: implementation} for the run record."""
   impl = choose(config, platform, length, packed)
   return {kind: impl for kind in sorted(set(config.layer_kinds))}

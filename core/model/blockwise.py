@@ -13,7 +13,9 @@ loops run over a block range computed from causality and the window, so a
 local layer costs O(T * window) time, not O(T^2).
 
 Layout inside: queries grouped as (B, K, G, T, H), keys and values (B, K, S, H),
-so grouped-query and multi-query attention never repeat K/V in memory.
+so grouped-query and multi-query attention never repeat K/V in memory. Einsum
+letters are those of core/model/attention.py; inside a tile, T and S count the
+tile's query and key rows.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 class _Static(NamedTuple):
   scale: float
-  softcap: float | None
+  attn_softcap: float | None
   window: int | None
   block_q: int
   block_k: int
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                        logit_softcap: float | None = None, window: int | None = None,
+                        attn_softcap: float | None = None, window: int | None = None,
                         q_segment_ids: jax.Array | None = None,
                         kv_segment_ids: jax.Array | None = None,
                         q_offset: int | jax.Array = 0, block_q: int = 512,
@@ -72,7 +74,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
     kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
                      constant_values=-1)
   offset = jnp.asarray(q_offset, jnp.int32)
-  out = _flash(_Static(float(scale), logit_softcap, window, bq, bk),
+  out = _flash(_Static(float(scale), attn_softcap, window, bq, bk),
                qt, kt, vt, q_seg, kv_seg, offset)
   return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
@@ -96,9 +98,9 @@ def query_block_range(first_key, last_key, offset, static: _Static, num_query_bl
 
 def _scores(static: _Static, qi, kj, rows, cols, q_seg_i, kv_seg_j):
   """Capped scores (B, K, G, bq, bk) in float32 and the visibility mask."""
-  raw = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj,
+  raw = jnp.einsum("bkgth,bksh->bkgts", qi, kj,
                    preferred_element_type=jnp.float32) * static.scale
-  capped = softcap(raw, static.softcap)
+  capped = softcap(raw, static.attn_softcap)
   mask = visible(rows, cols, q_seg_i, kv_seg_j, static.window)[:, None, None]
   return capped, mask
 
@@ -130,7 +132,7 @@ def _forward(static: _Static, qt, kt, vt, q_seg, kv_seg, offset):
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       acc = acc * corr[..., None] + jnp.einsum(
-          "bkgqs,bksh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+          "bkgts,bksh->bkgth", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
       return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
     init = (jnp.full(stat_shape, _NEG, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
@@ -178,16 +180,16 @@ def _flash_bwd(static, residuals, dout):
       rows = offset + i * bq + jnp.arange(bq)
       s, mask = _scores(static, qi, kj, rows, cols, _slice(q_seg, i * bq, bq, 1), kv_seg_j)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-      dv = dv + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(doi.dtype), doi,
+      dv = dv + jnp.einsum("bkgts,bkgth->bksh", p.astype(doi.dtype), doi,
                            preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgth,bksh->bkgts", doi, vj, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
-      if static.softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (capped/c)^2
-        ds = ds * (1.0 - jnp.square(s / static.softcap))
+      if static.attn_softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (capped/c)^2
+        ds = ds * (1.0 - jnp.square(s / static.attn_softcap))
       ds = (ds * static.scale).astype(qi.dtype)
-      dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, kj, preferred_element_type=jnp.float32)
+      dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, kj, preferred_element_type=jnp.float32)
       dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, i * bq, bq, 3) + dq_i, i * bq, 3)
-      dk = dk + jnp.einsum("bkgqs,bkgqh->bksh", ds, qi, preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum("bkgts,bkgth->bksh", ds, qi, preferred_element_type=jnp.float32)
       return dq, dk, dv
 
     zeros = jnp.zeros(kj.shape, jnp.float32)

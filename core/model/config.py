@@ -20,7 +20,7 @@ from core.model.attention_impls import IMPLS as ATTENTION_IMPLS
 ATTENTION_KINDS = ("global", "local")
 NORMS = ("rmsnorm", "layernorm", "none")
 NORM_PLACEMENTS = ("pre", "post", "pre_post")
-POSITIONS = ("rope", "learned", "none")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # name -> (activation, gated). Gated variants multiply act(x W_gate) by x W_up.
 ACTIVATIONS = {
@@ -59,8 +59,10 @@ class ModelConfig:
     num_heads: query heads N.
     num_kv_heads: key/value heads K; N = multi-head, 1 = multi-query, else grouped-query.
     head_dim: H, width of one head.
-    mlp_dim: hidden width F of the feed-forward block; 0 means LLaMA's rule
-      `llama_mlp_dim(embed_dim, mlp_multiple_of)`.
+    mlp_dim: hidden width F of the feed-forward block. 0 asks for LLaMA's rule
+      `llama_mlp_dim(embed_dim, mlp_multiple_of)`, resolved on construction: a
+      built config's mlp_dim is always the width the model has (so replacing
+      embed_dim later keeps that width; pass mlp_dim=0 again to re-derive it).
     max_seq_len: context length (learned positions need it; recorded for all).
     activation: a key of ACTIVATIONS.
     norm: 'rmsnorm', 'layernorm' or 'none'.
@@ -68,7 +70,9 @@ class ModelConfig:
     rms_scale_plus_one: Gemma parametrizes RMSNorm as x * (1 + scale) with scale
       initialized to 0; LLaMA as x * scale with scale initialized to 1.
     norm_eps: epsilon of the normalizers.
-    positions: 'rope', 'learned' or 'none'.
+    position_embedding: the kind of position information: 'rope' (rotary, applied to
+      queries and keys), 'learned' (an absolute table added to the embeddings) or
+      'none'. Not the (B, T) `positions` array the forward pass takes.
     rope_base: RoPE wavelength base.
     attention_pattern: per-layer kinds ('global'/'local'), tiled over the layers
       (('local', 'global') is Gemma 2's alternation).
@@ -109,7 +113,7 @@ class ModelConfig:
   activation: str
   norm: str
   norm_placement: str
-  positions: str
+  position_embedding: str
   tie_embeddings: bool
   scale_embeddings: bool
   rms_scale_plus_one: bool = False
@@ -132,14 +136,13 @@ class ModelConfig:
   def __post_init__(self):
     # gin hands lists for tuples; keep the config hashable and comparable.
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+    # mlp_dim=0 asks for LLaMA's rule; holding the width it gives keeps one name for the
+    # width and makes configs of equal models compare equal. Bad sizes: validate() says.
+    if self.mlp_dim == 0 and _positive_int(self.embed_dim) and _positive_int(self.mlp_multiple_of):
+      object.__setattr__(self, "mlp_dim", llama_mlp_dim(self.embed_dim, self.mlp_multiple_of))
     self.validate()
 
   # -- derived values -------------------------------------------------------
-
-  @property
-  def hidden_dim(self) -> int:
-    """The feed-forward width actually used (mlp_dim, or LLaMA's rule when 0)."""
-    return self.mlp_dim or llama_mlp_dim(self.embed_dim, self.mlp_multiple_of)
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -175,17 +178,17 @@ class ModelConfig:
         raise ConfigError(f"ModelConfig: {msg}")
 
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "max_seq_len"):
+                 "head_dim", "max_seq_len", "mlp_multiple_of"):
       value = getattr(self, name)
-      need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-    need(isinstance(self.mlp_dim, int) and self.mlp_dim >= 0,
-         f"mlp_dim must be an int >= 0 (0 = LLaMA's 2/3*4d rule), got {self.mlp_dim!r}")
+      need(_positive_int(value), f"{name} must be a positive int, got {value!r}")
+    need(_positive_int(self.mlp_dim),
+         f"mlp_dim must be a positive int, or 0 for LLaMA's 2/3*4d rule, got {self.mlp_dim!r}")
     need(self.num_heads % self.num_kv_heads == 0,
          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
     _check_choice("norm", self.norm, NORMS)
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-    _check_choice("positions", self.positions, POSITIONS)
+    _check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("remat", self.remat, REMAT_POLICIES)
     _check_choice("dtype", self.dtype, DTYPES)
@@ -220,8 +223,12 @@ class ModelConfig:
       need(self.num_layers % len(self.attention_pattern) == 0,
            f"scan_layers scans whole periods of attention_pattern {self.attention_pattern}, but "
            f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}")
-    if self.positions == "rope":
+    if self.position_embedding == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and value > 0
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -57,7 +57,7 @@ def matmul_params(config: ModelConfig) -> int:
   """Weights used in a matmul per token: all layers plus the output projection."""
   c = config
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = c.embed_dim * c.hidden_dim * (3 if c.gated else 2)
+  mlp = c.embed_dim * c.mlp_dim * (3 if c.gated else 2)
   return c.num_layers * (attn + mlp) + c.embed_dim * c.vocab_size
 
 

@@ -52,9 +52,9 @@ def family_of(config: ModelConfig) -> str:
   if c.norm != "rmsnorm":
     problems.append(f"norm={c.norm!r}: transformers' Gemma, Gemma 2 and Llama normalize with "
                     "RMSNorm (norm='rmsnorm')")
-  if c.positions != "rope":
-    problems.append(f"positions={c.positions!r}: transformers' Gemma, Gemma 2 and Llama use "
-                    "rotary positions (positions='rope')")
+  if c.position_embedding != "rope":
+    problems.append(f"position_embedding={c.position_embedding!r}: transformers' Gemma, Gemma 2 "
+                    "and Llama use rotary positions (position_embedding='rope')")
   if c.norm_placement not in {conv["norm_placement"] for conv in CONVENTIONS.values()}:
     problems.append(f"norm_placement={c.norm_placement!r}: transformers' Gemma and Llama are "
                     "pre-norm ('pre'), Gemma 2 is 'pre_post'")
@@ -110,7 +110,7 @@ def config_to_hf(config: ModelConfig, family: str | None = None,
       "model_type": family,
       "vocab_size": c.vocab_size,
       "hidden_size": c.embed_dim,
-      "intermediate_size": c.hidden_dim,
+      "intermediate_size": c.mlp_dim,
       "num_hidden_layers": c.num_layers,
       "num_attention_heads": c.num_heads,
       "num_key_value_heads": c.num_kv_heads,

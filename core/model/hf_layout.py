@@ -34,7 +34,7 @@ FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
 # What each family fixes, as ModelConfig fields. A config is exported as the
 # family whose conventions it has, and an imported checkpoint gets them.
 # Every config has RMSNorm and RoPE (CONVENTIONS_ALL).
-CONVENTIONS_ALL = {"norm": "rmsnorm", "positions": "rope"}
+CONVENTIONS_ALL = {"norm": "rmsnorm", "position_embedding": "rope"}
 CONVENTIONS = {
     "gemma": dict(norm_placement="pre", rms_scale_plus_one=True, scale_embeddings=True,
                   activation="geglu"),
@@ -78,7 +78,7 @@ class TensorSpec:
 def tensor_specs(family: str, config: ModelConfig) -> list[TensorSpec]:
   """Every tensor of a `family` checkpoint of `config`, in the order HF lists them."""
   c = config
-  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
+  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
                       c.vocab_size)
   specs = [TensorSpec("model.embed_tokens.weight", "embedder/embedding", (v, d), (v, d))]
   for i in range(c.num_layers):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core.model.config import ACTIVATIONS
+from core.model.config import ACTIVATIONS, ModelConfig
 from core.model.sharding import constrain, param
 
 # The one registry of activation functions; ModelConfig.ACTIVATIONS names them.
@@ -22,13 +22,13 @@ ACTIVATION_FNS = {
 class MLP(nnx.Module):
   """down(act(x W_gate) * x W_up) when gated, else down(act(x W_up))."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
     dtype = jnp.dtype(c.param_dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     fn_name, self.gated = ACTIVATIONS[c.activation]
     self.act = ACTIVATION_FNS[fn_name]
-    f = c.hidden_dim
+    f = c.mlp_dim
     if self.gated:
       self.gate = param(init, rngs.params(), (c.embed_dim, f), dtype, ("embed", "mlp"))
     self.up = param(init, rngs.params(), (c.embed_dim, f), dtype, ("embed", "mlp"))

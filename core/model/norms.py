@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.model.config import ModelConfig
 from core.model.sharding import param
 
 
@@ -54,7 +55,8 @@ class Identity(nnx.Module):
     return x
 
 
-def make_norm(config, *, rngs: nnx.Rngs) -> nnx.Module:
+def make_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The normalizer config.norm names, over the model width (embed_dim)."""
   dtype = jnp.dtype(config.param_dtype)
   if config.norm == "rmsnorm":
     return RMSNorm(config.embed_dim, eps=config.norm_eps, plus_one=config.rms_scale_plus_one,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotates x (B, T, heads, H) by its positions (B, T).
+  """Rotates x (B, T, N or K, H) by its positions (B, T).
 
   Uses the half-split layout (dimension i pairs with i + H/2), the layout of the
   Gemma reference and of Hugging Face checkpoints, so imported weights need no

@@ -25,7 +25,7 @@ from core.model.masking import MaskSpec
 
 
 @functools.lru_cache(maxsize=None)  # one kernel (and block-mask analysis) per shape, not per layer
-def _kernel(length: int, heads_per_kv: int, window: int | None, softcap: float | None,
+def _kernel(length: int, heads_per_kv: int, window: int | None, attn_softcap: float | None,
             block_q: int, block_k: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
@@ -38,11 +38,11 @@ def _kernel(length: int, heads_per_kv: int, window: int | None, softcap: float |
                                  block_q_dq=bq, block_kv_dq=bk)
   return kernel_lib.make_splash_mqa_single_device(
       mask_lib.MultiHeadMask([base] * heads_per_kv), block_sizes=blocks,
-      attn_logits_soft_cap=softcap, interpret=interpret), kernel_lib.SegmentIds
+      attn_logits_soft_cap=attn_softcap, interpret=interpret), kernel_lib.SegmentIds
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
-                     scale: float, logit_softcap: float | None, window: int | None,
+                     scale: float, attn_softcap: float | None, window: int | None,
                      block_q: int, block_k: int, interpret: bool = False) -> jax.Array:
   """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H); training shapes (no cache)."""
   b, t, n, h = q.shape
@@ -50,7 +50,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *
   if t % min(block_q, t) or t % min(block_k, t):
     raise ValueError(f"splash attention needs the sequence length ({t}) to be a multiple of "
                      f"the block sizes ({block_q}, {block_k}); use attention_impl='blockwise'")
-  kernel, segment_ids_cls = _kernel(t, n // kv_heads, window, logit_softcap, block_q, block_k,
+  kernel, segment_ids_cls = _kernel(t, n // kv_heads, window, attn_softcap, block_q, block_k,
                                     interpret)
   # Splash does not scale; scaling q first gives cap * tanh(scale * q.k / cap) as elsewhere.
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, n // kv_heads, h)

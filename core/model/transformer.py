@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
     """
     c = self.config
     batch, length = tokens.shape
-    if c.positions == "learned" and length > c.max_seq_len:
+    if c.position_embedding == "learned" and length > c.max_seq_len:
       raise ValueError(f"sequence length {length} exceeds max_seq_len {c.max_seq_len} "
                        "of the learned position table")
     start = 0 if cache is None else cache.index

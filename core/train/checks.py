@@ -70,8 +70,8 @@ def check_seq_len(model, seq_len: int | None) -> None:
   if seq_len is not None and seq_len > model.max_seq_len:
     raise RunConfigError(
         f"the data's rows are {seq_len} tokens, longer than ModelConfig.max_seq_len "
-        f"{model.max_seq_len} (positions={model.positions!r}); shorten the data's seq_len or "
-        f"raise ModelConfig.max_seq_len")
+        f"{model.max_seq_len} (position_embedding={model.position_embedding!r}); shorten the "
+        "data's seq_len or raise ModelConfig.max_seq_len")
 
 
 def _at_least(name: str, value, low: int, note: str = "") -> None:
