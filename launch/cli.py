@@ -30,9 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("launch.plan_cmd", "compile the train step for a TPU slice or GPU node: memory, "
                                 "FLOPs, time, energy"),
     "carbon": ("launch.carbon_cmd", "project energy and carbon of a training run"),
-    "eval": ("launch.eval_cmd", "evaluate a checkpoint"),
-    "score": ("launch.score_cmd", "per-token log-probabilities of a text under a checkpoint"),
-    "sample": ("launch.sample_cmd", "sample from a checkpoint"),
+    "eval": ("launch.eval_cmd", "evaluate a model directory"),
+    "score": ("launch.score_cmd", "per-token log-probabilities of a text under a model"),
+    "sample": ("launch.sample_cmd", "sample from a model directory"),
     "tokenizer": ("launch.tokenizer_cmd", "train or subset SentencePiece tokenizers"),
     "data": ("launch.data_cmd", "inspect a data pipeline"),
     "import-hf": ("launch.import_hf_cmd", "convert a Hugging Face checkpoint to ablax"),

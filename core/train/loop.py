@@ -150,7 +150,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       eval_batches > 0); eval_batches: validation batches per evaluation.
     checkpoint_every, keep_checkpoints, async_checkpoints: checkpoint policy.
     tracking_uri, experiment, run_name, track: MLflow (process 0 only).
-    export_model: write <workdir>/model with core.model.io at the end.
+    export_model: write <workdir>/model with core.model_dir.io at the end.
     config_hook: called with the workdir once everything is built; writes the
       config files and returns what to log.
     devices: the devices of the mesh (default: all).
@@ -483,7 +483,7 @@ def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, ste
 
 def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, tracker,
             primary: bool, tokenizer: str | None) -> None:
-  from core.model import io  # pylint: disable=g-import-not-at-top
+  from core.model_dir import io  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   # Whole arrays on every process (parameters may be sharded across hosts); then process 0
   # writes the model directory alone (save_model scopes orbax to the calling process).
