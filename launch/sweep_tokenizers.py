@@ -19,7 +19,7 @@ def default_subset(size: int):
   At the default tokenizer's own size, the default tokenizer itself: a sweep's
   full-vocabulary point then trains on exactly the data its base experiment does.
   """
-  from core.tokenizer.default import default_tokenizer  # pylint: disable=g-import-not-at-top
+  from core.data.default_tokenizer import default_tokenizer  # pylint: disable=g-import-not-at-top
   from core.tokenizer.spm import Tokenizer  # pylint: disable=g-import-not-at-top
   from core.tokenizer.subset import subset_tokenizer  # pylint: disable=g-import-not-at-top
   full = default_tokenizer()
