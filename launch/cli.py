@@ -80,12 +80,11 @@ def version() -> str:
   """'ablax 0.1.0 (git abc1234, jax 0.10.2)': the package, the checkout's commit and JAX."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from core.paths import REPO_ROOT  # pylint: disable=g-import-not-at-top
   parts = []
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, timeout=5, check=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                            text=True, timeout=5, check=True, cwd=REPO_ROOT).stdout.strip()
     parts.append(f"git {commit}")
   except (OSError, subprocess.SubprocessError):
     pass

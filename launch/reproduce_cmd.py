@@ -84,7 +84,7 @@ def current_tags() -> dict[str, str]:
   """
   tags: dict[str, str] = {}
   try:
-    from core.train.loop import REPO_ROOT  # pylint: disable=g-import-not-at-top
+    from core.paths import REPO_ROOT  # pylint: disable=g-import-not-at-top
     from core.tracking import record  # pylint: disable=g-import-not-at-top
     tags.update(record.run_tags(record.code_version(REPO_ROOT), record.environment(), None))
   except Exception as e:  # noqa: BLE001  a missing check is reported, not fatal

@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from core.paths import REPO_ROOT
+
 LOCAL, ALL_WORKERS = "local", "all workers"
 
 

@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
+from core.paths import REPO_ROOT
 from core.tokenizer import check_vocab_matches
 from core.tracking import delivered, schema
 from core.train import checkpoint as ckpt
@@ -59,8 +60,6 @@ from core.train import tracking as trk
 from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 WorkdirBusyError = workdir_lock.WorkdirBusyError  # another trainer holds the workdir
