@@ -22,9 +22,6 @@ PER_RUN_TAGS = re.compile(r"^(mlflow\.|ablax\.sweep\.|ablax\.reproduce|ablax\.en
                           r"config_hash$|ablax\.config_hash$|mfu_peak_source$|hostname$|mesh$)")
 CODE_TAGS = re.compile(r"(^|\.)(git|commit|dirty|diff|untracked|branch)|^ablax\.version$")
 
-ARTIFACT_CANDIDATES = ("config/operative_config.gin", "operative_config.gin")
-MANIFEST_CANDIDATES = ("data_manifest.json", "data/manifest.json", "manifest.json")
-
 
 @dataclasses.dataclass
 class MetricMatch:

@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.data.pipeline import lm_batches  # noqa: E402
-from core.tokenizer import default_tokenizer, load_tokenizer  # noqa: E402
+from core.data.default_tokenizer import default_tokenizer  # noqa: E402
+from core.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> int:

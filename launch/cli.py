@@ -30,9 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("launch.commands.plan", "compile the train step for a TPU slice or GPU node: memory, "
                                 "FLOPs, time, energy"),
     "carbon": ("launch.commands.carbon", "project energy and carbon of a training run"),
-    "eval": ("launch.commands.eval", "evaluate a checkpoint"),
-    "score": ("launch.commands.score", "per-token log-probabilities of a text under a checkpoint"),
-    "sample": ("launch.commands.sample", "sample from a checkpoint"),
+    "eval": ("launch.commands.eval", "evaluate a model directory"),
+    "score": ("launch.commands.score", "per-token log-probabilities of a text under a model"),
+    "sample": ("launch.commands.sample", "sample from a model directory"),
     "tokenizer": ("launch.commands.tokenizer", "train or subset SentencePiece tokenizers"),
     "data": ("launch.commands.data", "inspect a data pipeline"),
     "import-hf": ("launch.commands.import_hf", "convert a Hugging Face checkpoint to ablax"),
@@ -80,12 +80,11 @@ def version() -> str:
   """'ablax 0.1.0 (git abc1234, jax 0.10.2)': the package, the checkout's commit and JAX."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from core.paths import REPO_ROOT  # pylint: disable=g-import-not-at-top
   parts = []
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, timeout=5, check=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                            text=True, timeout=5, check=True, cwd=REPO_ROOT).stdout.strip()
     parts.append(f"git {commit}")
   except (OSError, subprocess.SubprocessError):
     pass

@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import gin
 
 from core.errors import UserError
+from core.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Extra folders for gin files and includes; in the environment so that the
 # processes a command starts (sweep points, workers) search the same folders.
 SEARCH_PATHS_ENV = "ABLAX_GIN_SEARCH_PATHS"

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.errors import UserError
+from core.paths import REPO_ROOT
 from launch import gin_config
 
 SEED_AXIS = "seed"
@@ -360,6 +361,6 @@ def resolve_files(point: Point) -> list[str]:
 
 def relative_to_repo(path: str) -> str:
   try:
-    return str(Path(path).resolve().relative_to(gin_config.REPO_ROOT))
+    return str(Path(path).resolve().relative_to(REPO_ROOT))
   except ValueError:
     return str(path)

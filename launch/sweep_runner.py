@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
                            SEED_TAG, SWEEP_TAG, VARIANT_TAG)
+from core.paths import REPO_ROOT
 from core.tracking import schema
 from core.tracking.store import public_uri
 from core.train import tracking as train_tracking
@@ -286,7 +287,7 @@ def _record_tags() -> dict[str, str]:
   them here would make this process hold GPU memory the children need)."""
   try:
     from core.tracking import record  # pylint: disable=g-import-not-at-top
-    code = record.code_version(sweep_lib.gin_config.REPO_ROOT)
+    code = record.code_version(REPO_ROOT)
   except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
     return {}
   tags = {schema.GIT_COMMIT: str(code.get("commit")),

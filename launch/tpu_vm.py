@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from core.paths import REPO_ROOT
 LOCAL, ALL_WORKERS = "local", "all workers"
 
 

@@ -11,10 +11,11 @@ import sys
 import gin
 import pytest
 
+from core.paths import REPO_ROOT
 from launch import cli
 from launch import gin_config
 
-REPO = gin_config.REPO_ROOT
+REPO = REPO_ROOT
 
 
 def _actions(parser, prefix):

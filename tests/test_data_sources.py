@@ -347,7 +347,7 @@ def test_data_inspect_cli(tmp_path, cache, tok, monkeypatch, capsys):
 @pytest.mark.slow
 def test_default_embedded_path(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
-  from core.tokenizer import default_tokenizer
+  from core.data.default_tokenizer import default_tokenizer
   tok = default_tokenizer()
   assert tok.vocab_size == 4096 and os.path.dirname(tok.path).startswith(str(tmp_path))
   assert default_tokenizer().sha256 == tok.sha256  # cached

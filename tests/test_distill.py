@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from core.model import io
 from core.model.transformer import Transformer
+from core.model_dir import io
 from core.train import distill, loop, optimizer, synthetic
 from core.train import mesh as meshlib
 from core.train.mesh import MeshConfig

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from core.eval.suite import EvalSuite
-from core.model import io
 from core.model.transformer import Transformer
+from core.model_dir import io
 from core.tokenizer import train_tokenizer
 from launch import cli
 from tests.tiny_model import tiny_config
@@ -19,8 +19,8 @@ CODE = "def add(a, b):\n\treturn a + b\n\nprint(add(2, 3))\n"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  root = tmp_path_factory.mktemp("ckpt")
+def model_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("model")
   tok = train_tokenizer([PROSE * 3, CODE * 3], root / "tok.model", vocab_size=300)
   config = tiny_config(vocab_size=tok.vocab_size, num_heads=2, num_kv_heads=1, head_dim=16,
                        mlp_dim=64, max_seq_len=128, norm_placement="pre_post",
@@ -47,11 +47,11 @@ def run_cli(argv, capsys):
   return code, captured.out, captured.err
 
 
-def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(checkpoint, capsys, tmp_path,
+def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(model_dir, capsys, tmp_path,
                                                                   monkeypatch):
   monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
-  data = checkpoint["data"]
-  argv = ["eval", "--checkpoint", checkpoint["dir"], "heldout", "memorization", checkpoint["task"],
+  data = model_dir["data"]
+  argv = ["eval", "--model_dir", model_dir["dir"], "heldout", "memorization", model_dir["task"],
           "--source", f"prose=files:{data}/prose.txt", "--source", f"code=files:{data}/code.txt",
           "--domain", "prose=text", "--split", "train", "--seq_len", "32", "--batch_size", "2",
           "--num_batches", "2", "--num_documents", "2", "--prefix_len", "10", "--suffix_len", "10",
@@ -74,11 +74,11 @@ def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(checkpoint, cap
   assert run.data.tags["ablax.kind"] == "eval"
 
 
-def test_eval_logs_into_an_existing_run_without_ending_it(checkpoint, capsys):
+def test_eval_logs_into_an_existing_run_without_ending_it(model_dir, capsys):
   client = mlflow.tracking.MlflowClient()
   exp = client.create_experiment("train")
   run = client.create_run(exp)
-  code, out, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+  code, out, err = run_cli(["eval", "--model_dir", model_dir["dir"], model_dir["task"],
                             "--run_id", run.info.run_id, "--step", "42",
                             "--primary", "acc_unconditional"], capsys)
   assert code == 0, err
@@ -96,10 +96,10 @@ DETAIL_FIELDS = {"task", "num_shots", "example", "choice", "label", "context", "
                  "loglikelihood_bos", "loglikelihood_answer_prompt"}
 
 
-def test_eval_details_reproduce_the_reported_accuracies(checkpoint, capsys, tmp_path):
+def test_eval_details_reproduce_the_reported_accuracies(model_dir, capsys, tmp_path):
   from core.eval import mc_metrics
   details = tmp_path / "details.jsonl"
-  code, out, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+  code, out, err = run_cli(["eval", "--model_dir", model_dir["dir"], model_dir["task"],
                             "--metric", "acc_mutual_info", "--metric", "acc_unconditional",
                             "--details", str(details), "--json"], capsys)
   assert code == 0, err
@@ -129,40 +129,40 @@ def test_eval_details_reproduce_the_reported_accuracies(checkpoint, capsys, tmp_
       choices = [r for r in rows if r["example"] == i]
       right.append(max(range(len(choices)), key=lambda j: (score(choices[j]), -j)) == label)
     assert metrics[f"mc/task/0shot/{metric}"] == pytest.approx(sum(right) / 3), metric
-  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+  code, _, err = run_cli(["eval", "--model_dir", model_dir["dir"], model_dir["task"],
                           "--details", str(tmp_path / "no" / "such.jsonl")], capsys)
   assert code == 2 and "folder does not exist" in err
 
 
-def test_eval_errors_are_clear(checkpoint, capsys, tmp_path):
-  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], "no_such_task"], capsys)
+def test_eval_errors_are_clear(model_dir, capsys, tmp_path):
+  code, _, err = run_cli(["eval", "--model_dir", model_dir["dir"], "no_such_task"], capsys)
   assert code == 2 and "unknown TFDS task 'no_such_task'" in err
-  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], "piqa",
+  code, _, err = run_cli(["eval", "--model_dir", model_dir["dir"], "piqa",
                           "--tfds_data_dir", str(tmp_path)], capsys)
   assert code == 2 and "not prepared" in err and "never downloads" in err
-  code, _, err = run_cli(["eval", "--checkpoint", str(tmp_path), "piqa"], capsys)
+  code, _, err = run_cli(["eval", "--model_dir", str(tmp_path), "piqa"], capsys)
   assert code == 2 and "not an ablax model directory" in err
-  code, _, err = run_cli(["eval", "--checkpoint", checkpoint["dir"], checkpoint["task"],
+  code, _, err = run_cli(["eval", "--model_dir", model_dir["dir"], model_dir["task"],
                           "--run_id", "train"], capsys)
   assert code == 2 and "does not record an MLflow training run" in err
 
 
-def test_sample(checkpoint, capsys):
-  base = ["sample", "--checkpoint", checkpoint["dir"], "--prompt", "Paris is", "--prompt",
+def test_sample(model_dir, capsys):
+  base = ["sample", "--model_dir", model_dir["dir"], "--prompt", "Paris is", "--prompt",
           "def add(", "--max_new_tokens", "6", "--ignore_eos", "--json"]
   code, out, err = run_cli(base, capsys)
   assert code == 0, err
   greedy = json.loads(out)
   assert [len(s["ids"]) for s in greedy["samples"]] == [6, 6]
-  tok = checkpoint["tokenizer"]
+  tok = model_dir["tokenizer"]
   assert greedy["samples"][0]["completion"] == tok.decode(greedy["samples"][0]["ids"])
   code, _, err = run_cli(base + ["--temperature", "-1"], capsys)
   assert code == 2 and "temperature" in err
 
 
-def test_sample_warns_past_max_seq_len(checkpoint, capsys):
+def test_sample_warns_past_max_seq_len(model_dir, capsys):
   # RoPE runs past max_seq_len (128): one warning line naming the lengths, then the samples.
-  base = ["sample", "--checkpoint", checkpoint["dir"], "--prompt", "Paris is", "--ignore_eos",
+  base = ["sample", "--model_dir", model_dir["dir"], "--prompt", "Paris is", "--ignore_eos",
           "--json", "--max_new_tokens"]
   code, out, err = run_cli(base + ["130"], capsys)
   assert code == 0, err
@@ -173,14 +173,14 @@ def test_sample_warns_past_max_seq_len(checkpoint, capsys):
   assert code == 0 and "warning" not in err
 
 
-def test_eval_suite_is_a_plain_callable_for_the_training_loop(checkpoint, tmp_path):
-  model, _, _ = io.load_model(checkpoint["dir"])
-  tok = checkpoint["tokenizer"]
+def test_eval_suite_is_a_plain_callable_for_the_training_loop(model_dir, tmp_path):
+  model, _, _ = io.load_model(model_dir["dir"])
+  tok = model_dir["tokenizer"]
   from core.data.packing import pack_documents
   rows = pack_documents([[tok.bos_id] + tok.encode(PROSE) + [tok.eos_id]], seq_len=32)
   docs = [[tok.bos_id] + tok.encode(PROSE * 2)]
   suite = EvalSuite(tokenizer=tok, heldout_batches={"prose": lambda: [rows]},
-                    tasks=[checkpoint["task"]], max_examples=2,
+                    tasks=[model_dir["task"]], max_examples=2,
                     memorization_documents=lambda: iter(docs), memorization_max_documents=1)
   first = suite(model, step=10)
   assert first["mc/task/0shot/num_examples"] == 2
@@ -210,19 +210,19 @@ heldout_prose/core.data.pipeline.lm_batches:
 """
 
 
-def test_eval_suite_from_gin_as_in_the_readme(checkpoint, tmp_path, monkeypatch):
+def test_eval_suite_from_gin_as_in_the_readme(model_dir, tmp_path, monkeypatch):
   import gin
   monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
-  tok = checkpoint["tokenizer"]
-  gin.parse_config([f"TOKENIZER = '{tok.path}'", f"TASK = '{checkpoint['task']}'",
-                    f"PROSE = 'files:{checkpoint['data']}/prose.txt'", GIN_EVALS])
+  tok = model_dir["tokenizer"]
+  gin.parse_config([f"TOKENIZER = '{tok.path}'", f"TASK = '{model_dir['task']}'",
+                    f"PROSE = 'files:{model_dir['data']}/prose.txt'", GIN_EVALS])
   suite = gin.get_configurable(EvalSuite)()
-  model, _, _ = io.load_model(checkpoint["dir"])
+  model, _, _ = io.load_model(model_dir["dir"])
   metrics = suite(model, step=1)
   assert "heldout/prose/bits_per_byte" in metrics and "mc/task/1shot/acc" in metrics
 
 
-def test_training_logs_the_suites_accuracies_under_the_same_names(checkpoint, tmp_path,
+def test_training_logs_the_suites_accuracies_under_the_same_names(model_dir, tmp_path,
                                                                   _mlflow_store):
   import functools
 
@@ -232,10 +232,10 @@ def test_training_logs_the_suites_accuracies_under_the_same_names(checkpoint, tm
   from core.train import optimizer, synthetic
   from core.train.loop import train
   from core.train.mesh import MeshConfig
-  tok = checkpoint["tokenizer"]
+  tok = model_dir["tokenizer"]
   config = tiny_config(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, num_kv_heads=1,
                        head_dim=16, mlp_dim=64)
-  suite = EvalSuite(tokenizer=tok, tasks=[checkpoint["task"]], metrics=["acc", "acc_norm"])
+  suite = EvalSuite(tokenizer=tok, tasks=[model_dir["task"]], metrics=["acc", "acc_norm"])
   result = train(model=config, optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-3,
                                                            warmup_steps=1),
                  data=functools.partial(synthetic.synthetic_batches, vocab_size=tok.vocab_size,

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from core.eval.score import token_logprobs  # noqa: E402
-from core.model import hf_export, io  # noqa: E402
+from core.model_dir import hf_export, io  # noqa: E402
 from launch import cli  # noqa: E402
 from tests import test_hf_parity as parity  # noqa: E402
 from tests.tiny_model import tiny_config  # noqa: E402

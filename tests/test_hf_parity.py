@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from core.eval.score import token_logprobs  # noqa: E402
-from core.model import hf_import, io  # noqa: E402
+from core.model_dir import hf_import, io  # noqa: E402
 from launch import cli  # noqa: E402
 from tests.tiny_spm import train_spm  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):
   # Text through the stored tokenizer, BOS prepended, against transformers.
   text_file = tmp_path / "text.txt"
   text_file.write_text("the attention window of the local layer scales the rotary query")
-  assert cli.main(["score", "--checkpoint", str(out), "--text-file", str(text_file),
+  assert cli.main(["score", "--model_dir", str(out), "--text-file", str(text_file),
                    "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   ids = [t["id"] for t in result["tokens"]]

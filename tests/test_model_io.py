@@ -1,4 +1,4 @@
-"""The ablax model format (core/model/io.py), token scoring and `ablax score`."""
+"""The ablax model format (core/model_dir/io.py), token scoring and `ablax score`."""
 
 import functools
 import json
@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from core.eval import score
-from core.model import io
 from core.model.config import ModelConfig
+from core.model_dir import io
 from launch import cli, gin_config
 from tests.tiny_spm import train_spm
 from tests.tiny_model import tiny_config
@@ -213,7 +213,7 @@ def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
   sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
   text = "the model reads a window of tokens\nand predicts the next one"
   (tmp_path / "t.txt").write_text(text)
-  assert cli.main(["score", "--checkpoint", str(out), "--text-file",
+  assert cli.main(["score", "--model_dir", str(out), "--text-file",
                    str(tmp_path / "t.txt"), "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   ids = [t["id"] for t in result["tokens"]]
@@ -226,7 +226,7 @@ def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
   assert result["total_logprob"] == pytest.approx(values.sum(), abs=1e-5)
 
   # The table form prints every token and the total; --no_bos scores one fewer.
-  assert cli.main(["score", "--checkpoint", str(out), "--text-file", str(tmp_path / "t.txt"),
+  assert cli.main(["score", "--model_dir", str(out), "--text-file", str(tmp_path / "t.txt"),
                    "--no_bos"]) == 0
   table = capsys.readouterr().out.splitlines()
   assert table[0].split() == ["index", "id", "logprob", "piece"]
@@ -241,7 +241,7 @@ def test_score_cli_ids_file(saved, tmp_path, capsys):
                                     " ".join(map(str, ids[6:])) + "\n")
   (tmp_path / "ids.json").write_text(json.dumps(ids))
   for name in ("ids.txt", "ids.json"):
-    assert cli.main(["score", "--checkpoint", str(out), "--ids-file", str(tmp_path / name),
+    assert cli.main(["score", "--model_dir", str(out), "--ids-file", str(tmp_path / name),
                      "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [t["id"] for t in result["tokens"]] == ids and not result["bos_prepended"]
@@ -261,16 +261,16 @@ def test_score_cli_errors(saved, tmp_path, capsys):
     assert err.startswith("ablax score: ")
     return err
 
-  assert "has no tokenizer" in fails("--checkpoint", str(tmp_path / "small"),
+  assert "has no tokenizer" in fails("--model_dir", str(tmp_path / "small"),
                                      "--text-file", str(tmp_path / "t.txt"))
-  err = fails("--checkpoint", str(tmp_path / "small"), "--text-file", str(tmp_path / "t.txt"),
+  err = fails("--model_dir", str(tmp_path / "small"), "--text-file", str(tmp_path / "t.txt"),
               "--tokenizer", str(tokenizer))
   assert "300 ids" in err and "vocab_size is 200" in err
   (tmp_path / "ids.txt").write_text("1 2 999")
-  assert "outside the model's vocabulary" in fails("--checkpoint", str(out), "--ids-file",
+  assert "outside the model's vocabulary" in fails("--model_dir", str(out), "--ids-file",
                                                    str(tmp_path / "ids.txt"))
   (tmp_path / "bad.txt").write_text("1 two 3")
-  assert "expected integers" in fails("--checkpoint", str(out), "--ids-file",
+  assert "expected integers" in fails("--model_dir", str(out), "--ids-file",
                                       str(tmp_path / "bad.txt"))
-  assert "not an ablax model directory" in fails("--checkpoint", str(tmp_path), "--ids-file",
+  assert "not an ablax model directory" in fails("--model_dir", str(tmp_path), "--ids-file",
                                                  str(tmp_path / "ids.txt"))

@@ -46,7 +46,7 @@ metrics = [Metric(k, m.value * (scale if k == "train/loss" else 1), 0, m.step)
            for k in ("train/loss", "train/tokens_per_s")
            for m in c.get_metric_history(source, k)]
 c.log_batch(run_id, metrics=metrics, synchronous=True)
-c.log_artifact(run_id, os.environ["FAKE_MANIFEST"])
+c.log_artifact(run_id, os.environ["FAKE_MANIFEST"], "data")
 c.set_terminated(run_id, "FINISHED")
 '''
 
@@ -71,9 +71,10 @@ def original(tmp_path, store, monkeypatch):
   (tmp_path / "config").mkdir()
   (tmp_path / "config" / "operative_config.gin").write_text(CONFIG)
   c.log_artifact(run_id, str(tmp_path / "config" / "operative_config.gin"), "config")
-  manifest = tmp_path / "data_manifest.json"
+  (tmp_path / "data").mkdir()
+  manifest = tmp_path / "data" / "manifest.json"
   manifest.write_text(json.dumps({"fingerprint": "f1", "python": "3.11"}))
-  c.log_artifact(run_id, str(manifest))
+  c.log_artifact(run_id, str(manifest), "data")
   c.log_batch(run_id, metrics=[Metric("train/loss", 5.0 - 0.1 * s, 0, s) for s in range(1, 6)]
               + [Metric("train/tokens_per_s", 1000.0 + s, 0, s) for s in range(1, 6)],
               synchronous=True)
@@ -84,7 +85,7 @@ def original(tmp_path, store, monkeypatch):
 def reproduce(tmp_path, monkeypatch, run_id, scale="1", extra=()):
   script = tmp_path / "fake_train.py"
   script.write_text(FAKE_TRAIN)
-  manifest = tmp_path / "new" / "data_manifest.json"
+  manifest = tmp_path / "new" / "manifest.json"
   manifest.parent.mkdir(exist_ok=True)
   manifest.write_text(json.dumps({"fingerprint": "f1", "python": "3.11"}))
   monkeypatch.setenv("FAKE_SOURCE", run_id)

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from core.eval.sampling import generate
-from core.model import io
 from core.model.config import ConfigError
 from core.model.transformer import Transformer
+from core.model_dir import io
 from core.train import mesh as meshlib
 from core.train import partition
 from core.train.step import StepBuilder

@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 
+from core.paths import REPO_ROOT
 from launch import cli
 from launch import sweep as sweep_lib
 from launch import sweep_runner
-from launch.gin_config import REPO_ROOT
 
 # A base that parses without the trainer: a tiny model plus a function with a
 # `seed` argument to receive the seed binding.

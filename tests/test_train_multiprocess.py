@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from core.model import io
+from core.model_dir import io
 
 from tests.test_train_faults import REPO, _command, _losses
 

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from core.data import mixture, packing
+from core.data.default_tokenizer import default_tokenizer
 from core.data.errors import DataError
 from core.data.sources import open_sources
 from core.tokenizer.spm import Tokenizer, load_tokenizer
@@ -58,7 +59,6 @@ def derived_seed(seed: int, name: str) -> int:
 
 def resolve_tokenizer(tokenizer: Tokenizer | str | None) -> Tokenizer:
   if tokenizer is None:
-    from core.tokenizer.default import default_tokenizer  # pylint: disable=g-import-not-at-top
     return default_tokenizer()
   if isinstance(tokenizer, (str, os.PathLike)):
     return load_tokenizer(tokenizer)

@@ -1,13 +1,12 @@
-"""SentencePiece tokenizers: loading, training, vocabulary subsets, the default one."""
+"""SentencePiece tokenizers: loading, training, vocabulary subsets."""
 
-from core.tokenizer.default import DEFAULT_VOCAB_SIZE, default_tokenizer
 from core.tokenizer.spm import (Tokenizer, TokenizerError, VocabMismatchError,
                                 check_vocab_matches, load_tokenizer)
 from core.tokenizer.subset import gather_embedding_rows, load_id_map, subset_tokenizer
 from core.tokenizer.train import train_tokenizer
 
 __all__ = [
-    "DEFAULT_VOCAB_SIZE", "Tokenizer", "TokenizerError", "VocabMismatchError",
-    "check_vocab_matches", "default_tokenizer", "gather_embedding_rows", "load_id_map",
+    "Tokenizer", "TokenizerError", "VocabMismatchError",
+    "check_vocab_matches", "gather_embedding_rows", "load_id_map",
     "load_tokenizer", "subset_tokenizer", "train_tokenizer",
 ]

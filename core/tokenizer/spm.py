@@ -80,8 +80,8 @@ class Tokenizer:
   def __init__(self, path: str | os.PathLike):
     self.path = str(Path(path).resolve())
     if not os.path.isfile(self.path):
-      raise TokenizerError(f"no tokenizer model at {self.path}; train one with "
-                           "`ablax tokenizer train` or use the default (core.tokenizer.default_tokenizer)")
+      raise TokenizerError(f"no tokenizer model at {self.path}; train one with `ablax "
+                           "tokenizer train` or use the default (core.data.default_tokenizer)")
     self.sha256 = file_sha256(self.path)
     self._sp = spm.SentencePieceProcessor()
     try:

@@ -204,7 +204,7 @@ def dataset_inputs(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
                 if "fingerprint" in source else source)
     text = json.dumps(identity, sort_keys=True, default=str)
     out.append({"name": str(name), "digest": hashlib.sha256(text.encode()).hexdigest()[:32],
-                "source": str(source.get("spec") or source.get("kind") or name),
+                "source": str(source.get("kind") or name),
                 "context": "train"})
   return out
 

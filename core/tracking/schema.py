@@ -75,7 +75,7 @@ PACKAGE = "pkg."                   # pkg.<distribution> = version
 SWEPT = "ablax.swept"              # the axes a run's params vary, by short name
 MFU_PEAK_SOURCE = "mfu_peak_source"
 KIND = "ablax.kind"                # what made a run that is not training: 'eval', 'plan'
-CHECKPOINT = "ablax.checkpoint"    # an eval run's model directory
+MODEL_DIR = "ablax.model_dir"     # an eval run's model directory
 PLAN_TARGET = "ablax.target"
 PLAN_FITS = "ablax.fits"
 ERROR = "ablax.error"              # why a run failed, in one line
@@ -106,7 +106,7 @@ REPRODUCES = "ablax.reproduces"
 REPRODUCE_RESULT = "ablax.reproduce.result"
 REPRODUCE_MAX_REL_DIFF = "ablax.reproduce.max_rel_diff"
 _TAGS = (CONFIG_HASH, VERSION, ERROR, GIT_COMMIT, GIT_DIRTY, DEVICE_KIND, DEVICE_COUNT, PROCESS_COUNT,
-         PYTHON, MESH_TAG, SWEPT, MFU_PEAK_SOURCE, KIND, CHECKPOINT, PLAN_TARGET, PLAN_FITS,
+         PYTHON, MESH_TAG, SWEPT, MFU_PEAK_SOURCE, KIND, MODEL_DIR, PLAN_TARGET, PLAN_FITS,
          SWEEP_NAME, SWEEP_ROLE, SWEEP_HASH, SWEEP_POINT, SWEEP_VARIANT, SWEEP_SEED, SWEEP_INDEX,
          SWEEP_BASELINE, SWEEP_METRIC, SWEEP_FILE, LAUNCHER, CPUS, SLURM_JOB_IDS, SLURM_ARRAY,
          SLURM_SCRIPT, REPRODUCES, REPRODUCE_RESULT, REPRODUCE_MAX_REL_DIFF)

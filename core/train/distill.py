@@ -20,7 +20,7 @@ one observed token (Gemma Team 2024b, section 3.2). Options here:
   matches the teacher, which makes the reported loss easier to read;
 - alpha: weight of the soft loss; 1 - alpha weighs the usual next-token loss.
 
-The teacher is an ablax model directory (core.model.io), any size, but it must
+The teacher is an ablax model directory (core.model_dir.io), any size, but it must
 share the student's tokenizer: same vocabulary size and, when both record their
 tokenizer file, the same file (sha256). Held-out evaluation stays the plain
 next-token loss, so a distilled run and a run from scratch compare directly.
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import UserError
-from core.model import io
+from core.model_dir import io
 from core.train import partition
 from core.train.loss import cross_entropy
 from core.train.step import StepBuilder

@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
+from core.paths import REPO_ROOT
 from core.tokenizer import check_vocab_matches
 from core.tracking import delivered, schema
 from core.train import checkpoint as ckpt
@@ -59,8 +60,6 @@ from core.train import tracking as trk
 from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 WorkdirBusyError = workdir_lock.WorkdirBusyError  # another trainer holds the workdir
@@ -150,7 +149,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       eval_batches > 0); eval_batches: validation batches per evaluation.
     checkpoint_every, keep_checkpoints, async_checkpoints: checkpoint policy.
     tracking_uri, experiment, run_name, track: MLflow (process 0 only).
-    export_model: write <workdir>/model with core.model.io at the end.
+    export_model: write <workdir>/model with core.model_dir.io at the end.
     config_hook: called with the workdir once everything is built; writes the
       config files and returns what to log.
     devices: the devices of the mesh (default: all).
@@ -483,7 +482,7 @@ def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, ste
 
 def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, tracker,
             primary: bool, tokenizer: str | None) -> None:
-  from core.model import io  # pylint: disable=g-import-not-at-top
+  from core.model_dir import io  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   # Whole arrays on every process (parameters may be sharded across hosts); then process 0
   # writes the model directory alone (save_model scopes orbax to the calling process).

@@ -1,4 +1,4 @@
-"""`ablax eval --checkpoint DIR TASK [TASK ...]`: evaluate a model directory.
+"""`ablax eval --model_dir DIR TASK [TASK ...]`: evaluate a model directory.
 
 TASK is one of
   heldout        loss, perplexity and bits per byte per source (--source) and domain;
@@ -15,9 +15,9 @@ another harness request by request.
 
 Metrics are printed (or --json) and, with --run_id or --experiment, logged to
 MLflow: --run_id RUN adds them to an existing run (e.g. the training run; 'train'
-means the run recorded in the checkpoint), --experiment NAME creates an eval
+means the run recorded in the model directory), --experiment NAME creates an eval
 run. The tracking URI is --tracking_uri, else the store the training run
-recorded in its workdir's run.json (next to the checkpoint), else the default
+recorded in its workdir's run.json (next to the model directory), else the default
 store ($MLFLOW_TRACKING_URI, else runs/mlflow.db).
 """
 
@@ -38,10 +38,10 @@ DEFAULT_SOURCES = ("code=embedded:code", "prose=embedded:prose")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="ablax model directory")
+  parser.add_argument("--model_dir", required=True, help="ablax model directory")
   parser.add_argument("tasks", nargs="+", metavar="TASK",
                       help="heldout, memorization, a TFDS task name or a .jsonl file")
-  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the checkpoint's)")
+  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the model's)")
   data = parser.add_argument_group("heldout and memorization data")
   data.add_argument("--source", action="append", metavar="NAME=SPEC",
                     help="a text source, e.g. code=embedded:code, wiki=tfds:wiki40b/en, "
@@ -77,12 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   "context, continuation, loglikelihood, is_greedy, num_tokens, ...)")
   mc.add_argument("--tfds_data_dir", help="where the TFDS tasks are prepared")
   track = parser.add_argument_group("MLflow")
-  track.add_argument("--run_id", help="log into this run ('train': the checkpoint's training run)")
+  track.add_argument("--run_id", help="log into this run ('train': the model's training run)")
   track.add_argument("--experiment", help="create an eval run in this experiment")
   track.add_argument("--tracking_uri",
                      help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
   track.add_argument("--step", type=int, default=None,
-                     help="step of the logged metrics (default: the checkpoint's training step)")
+                     help="step of the logged metrics (default: the model's training step)")
   parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -132,7 +132,7 @@ def _tracking_uri(args) -> str:
     return args.tracking_uri
   from core.tracking.store import default_tracking_uri  # pylint: disable=g-import-not-at-top
   from core.train.tracking import read_run_file  # pylint: disable=g-import-not-at-top
-  recorded = read_run_file(Path(args.checkpoint).resolve().parent).get(schema.TRACKING_URI_KEY)
+  recorded = read_run_file(Path(args.model_dir).resolve().parent).get(schema.TRACKING_URI_KEY)
   return recorded or default_tracking_uri()
 
 
@@ -143,7 +143,7 @@ def _log(args, meta, metrics: dict[str, float], step: int) -> str:
   if run_id == "train":
     source = str(meta.get("source") or "")
     if not source.startswith("train:") or len(source) < 7 or "/" in source[6:]:
-      raise _Usage(f"{args.checkpoint} does not record an MLflow training run "
+      raise _Usage(f"{args.model_dir} does not record an MLflow training run "
                    f"(source {source!r}); pass the run id")
     run_id = source[len("train:"):]
   values = {clean_key(k): float(v) for k, v in metrics.items()}
@@ -157,10 +157,10 @@ def _log(args, meta, metrics: dict[str, float], step: int) -> str:
     for i in range(0, len(items), 500):
       client.log_batch(run_id, metrics=items[i:i + 500])
     return run_id
-  tracker = RunTracker(uri, args.experiment, run_name=f"eval {Path(args.checkpoint).name}",
-                       tags={schema.KIND: "eval", schema.CHECKPOINT: str(args.checkpoint)})
+  tracker = RunTracker(uri, args.experiment, run_name=f"eval {Path(args.model_dir).name}",
+                       tags={schema.KIND: "eval", schema.MODEL_DIR: str(args.model_dir)})
   with tracker:
-    tracker.log_params({"checkpoint": str(Path(args.checkpoint).resolve()),
+    tracker.log_params({"model_dir": str(Path(args.model_dir).resolve()),
                         "tasks": " ".join(args.tasks), "num_shots": args.num_shots})
     tracker.log_metrics(values, step=step)
   return tracker.run_id
@@ -168,17 +168,18 @@ def _log(args, meta, metrics: dict[str, float], step: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
   from core.data.errors import DataError
-  from core.eval import checkpoint, suite
+  from core.eval import suite
   from core.eval.mc_metrics import write_details
   from core.eval.multiple_choice import TaskError, evaluate as mc_evaluate
-  from core.model.io import ModelIOError
+  from core.model_dir.io import ModelIOError
+  from core.model_dir.load import load_model_dir
   from core.tokenizer import TokenizerError
   metrics: dict[str, float] = {}
   details: list[dict] = []
   try:
     if args.details and not Path(args.details).resolve().parent.is_dir():
       raise _Usage(f"--details {args.details}: its folder does not exist")
-    model, config, tok, meta = checkpoint.load_checkpoint(args.checkpoint, args.tokenizer)
+    model, config, tok, meta = load_model_dir(args.model_dir, args.tokenizer)
     for task in args.tasks:
       if task == "heldout":
         metrics.update(_heldout(args, model, config, tok))
@@ -197,12 +198,11 @@ def run(args: argparse.Namespace) -> int:
       write_details(args.details, details)
     step = args.step if args.step is not None else int((meta.get("metadata") or {}).get("step", 0))
     run_id = _log(args, meta, metrics, step) if (args.run_id or args.experiment) else None
-  except (_Usage, checkpoint.CheckpointError, ModelIOError, TokenizerError, TaskError,
-          DataError) as e:
+  except (_Usage, ModelIOError, TokenizerError, TaskError, DataError) as e:
     print(f"ablax eval: {e}", file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps({"checkpoint": str(args.checkpoint), "step": step, "run_id": run_id,
+    print(json.dumps({"model_dir": str(args.model_dir), "step": step, "run_id": run_id,
                       "metrics": metrics}, indent=2, sort_keys=True))
     return 0
   width = max(len(k) for k in metrics) if metrics else 0

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from core.model import hf_export, io
+  from core.model_dir import hf_export, io
   try:
     info = hf_export.export_hf(args.model_dir, args.out, overwrite=args.overwrite)
   except (hf_export.HFExportError, io.ModelIOError) as e:

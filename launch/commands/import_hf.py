@@ -2,7 +2,7 @@
 
 Reads config.json and *.safetensors of a GemmaForCausalLM, Gemma2ForCausalLM or
 LlamaForCausalLM directory (as written by `save_pretrained`), converts it and
-writes an ablax model directory (core/model/io.py), copying tokenizer.model when
+writes an ablax model directory (core/model_dir/io.py), copying tokenizer.model when
 the checkpoint has one. What ablax cannot represent exactly is refused.
 """
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from core.model import hf_import, io
+  from core.model_dir import hf_import, io
   # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
   _, config, info = hf_import.import_hf(args.hf_dir, args.out, dtype=args.dtype,
                                         param_dtype=args.param_dtype, overwrite=args.overwrite)

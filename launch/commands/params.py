@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
+from core.paths import REPO_ROOT
 from launch import gin_config
 
-PRESETS = ("gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b",
-           "llama_7b", "llama_13b", "llama_33b", "llama_65b",
-           "tiny_gemma", "tiny_gemma2", "tiny_llama")
+# Every gin/models/*.gin is a preset; the family files they include live in gin/models/base/,
+# which the glob does not reach.
+MODELS_DIR = REPO_ROOT / "gin" / "models"
+
+
+def _preset_order(name: str) -> tuple:
+  # Family first (the text before the first "_"), then sizes as numbers: gemma_2b, gemma_7b,
+  # gemma2_2b, ..., gemma2_27b, llama_7b, ..., llama_65b, tiny_gemma, tiny_gemma2, tiny_llama.
+  return tuple(tuple((0, int(c)) if c.isdigit() else (1, c) for c in re.findall(r"\d+|\D+", part))
+               for part in name.split("_"))
+
+
+def presets() -> list[str]:
+  """Names of the model presets: the gin files in gin/models/, family by family, by size."""
+  return sorted((p.stem for p in MODELS_DIR.glob("*.gin")), key=_preset_order)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
   try:
     gin_config.add_search_paths(args.gin_search_paths)
     if args.all:
-      results = {p: count([f"gin/models/{p}.gin"], args.gin_param) for p in PRESETS}
+      results = {p: count([f"gin/models/{p}.gin"], args.gin_param) for p in presets()}
     else:
       results = {"": count(args.gin_file, args.gin_param)}
   except (gin_config.GinConfigError, ValueError) as e:

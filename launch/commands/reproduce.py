@@ -52,29 +52,26 @@ def fetch(c, run_id: str, dest: Path) -> tuple[object, Path, dict | None]:
   except runs_lib.RunLookupError as e:
     raise ReproduceError(str(e)) from None
   dest.mkdir(parents=True, exist_ok=True)
-  config = _download_first(c, run_id, repro.ARTIFACT_CANDIDATES, dest)
+  config = _download(c, run_id, schema.OPERATIVE_CONFIG_ARTIFACT, dest)
   if config is None:
     listed = [f.path for f in c.list_artifacts(run_id)]
     raise ReproduceError(
-        f"run {run_id} has no operative config artifact ({' or '.join(repro.ARTIFACT_CANDIDATES)};"
+        f"run {run_id} has no operative config artifact ({schema.OPERATIVE_CONFIG_ARTIFACT};"
         f" it has {listed or 'no artifacts'}): it was not recorded by `ablax train`, or it "
         f"failed before its configuration was logged")
-  manifest_path = _download_first(c, run_id, repro.MANIFEST_CANDIDATES, dest)
+  manifest_path = _download(c, run_id, schema.DATA_MANIFEST_ARTIFACT, dest)
   manifest = json.loads(manifest_path.read_text()) if manifest_path else None
   return run, config, manifest
 
 
-def _download_first(c, run_id: str, candidates, dest: Path) -> Path | None:
+def _download(c, run_id: str, path: str, dest: Path) -> Path | None:
+  """The run's artifact `path` (as core.tracking.record writes it), downloaded into `dest`."""
   from mlflow.exceptions import MlflowException
-  for path in candidates:
-    parent = str(Path(path).parent) if "/" in path else None
-    try:
-      names = {f.path for f in c.list_artifacts(run_id, parent)}
-    except (MlflowException, OSError):
-      continue
-    if path in names:
-      return Path(c.download_artifacts(run_id, path, str(dest)))
-  return None
+  try:
+    names = {f.path for f in c.list_artifacts(run_id, str(Path(path).parent))}
+  except (MlflowException, OSError):
+    return None
+  return Path(c.download_artifacts(run_id, path, str(dest))) if path in names else None
 
 
 def current_tags() -> dict[str, str]:
@@ -84,7 +81,7 @@ def current_tags() -> dict[str, str]:
   """
   tags: dict[str, str] = {}
   try:
-    from core.train.loop import REPO_ROOT  # pylint: disable=g-import-not-at-top
+    from core.paths import REPO_ROOT  # pylint: disable=g-import-not-at-top
     from core.tracking import record  # pylint: disable=g-import-not-at-top
     tags.update(record.run_tags(record.code_version(REPO_ROOT), record.environment(), None))
   except Exception as e:  # noqa: BLE001  a missing check is reported, not fatal
@@ -143,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
   rerun = runs_lib.get_run(c, new_id)
   diffs = repro.tag_differences(original.data.tags, rerun.data.tags)
   print_differences(diffs, "in the re-run")
-  new_manifest_path = _download_first(c, new_id, repro.MANIFEST_CANDIDATES, workdir / "rerun")
+  new_manifest_path = _download(c, new_id, schema.DATA_MANIFEST_ARTIFACT, workdir / "rerun")
   new_manifest = json.loads(new_manifest_path.read_text()) if new_manifest_path else None
   data_diffs = (repro.dict_differences(manifest, new_manifest)
                 if manifest is not None and new_manifest is not None else [])

@@ -1,8 +1,8 @@
-"""`ablax sample --checkpoint DIR --prompt TEXT`: continue prompts with a model.
+"""`ablax sample --model_dir DIR --prompt TEXT`: continue prompts with a model.
 
 Decodes with the key/value cache (core/eval/sampling.py): greedy by default
 (--temperature 0), or sampled with --temperature, --top_k and --top_p. Each
-prompt is encoded with the checkpoint's tokenizer (or --tokenizer) with BOS in
+prompt is encoded with the model's tokenizer (or --tokenizer) with BOS in
 front, and generation stops at the tokenizer's EOS. --no_cache recomputes the
 full forward pass at every step (slow; the reference the cache is tested
 against); --timing runs once untimed first so the reported speed excludes
@@ -17,10 +17,10 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="ablax model directory")
+  parser.add_argument("--model_dir", required=True, help="ablax model directory")
   parser.add_argument("--prompt", action="append", required=True,
                       help="text to continue (repeat for a batch)")
-  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the checkpoint's)")
+  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the model's)")
   parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   parser.add_argument("--top_k", type=int, default=None,
@@ -40,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from core.eval import checkpoint, sampling
+  from core.eval import sampling
+  from core.model_dir.load import load_model_dir
   # Bad input (core.errors.UserError) is reported by launch/cli.py as one line, exit 2.
-  model, _, tok, _ = checkpoint.load_checkpoint(args.checkpoint, args.tokenizer, where="sample")
+  model, _, tok, _ = load_model_dir(args.model_dir, args.tokenizer, where="sample")
   prompts = [tok.encode(p) if args.no_bos or tok.bos_id < 0 else [tok.bos_id] + tok.encode(p)
              for p in args.prompt]
   beyond = sampling.past_context(model.config, prompts, args.max_new_tokens)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
   speed = gen.num_tokens / gen.seconds if gen.seconds > 0 else float("nan")
   if args.json:
     print(json.dumps({
-        "checkpoint": str(args.checkpoint),
+        "model_dir": str(args.model_dir),
         "samples": [{"prompt": p, "completion": c, "ids": t, "stopped_at_eos": s}
                     for p, c, t, s in zip(args.prompt, texts, gen.tokens, gen.stopped)],
         "seconds": gen.seconds, "tokens_per_second": speed, "cache": not args.no_cache,

@@ -2,7 +2,7 @@
 
 Convention: the value printed on token i is log p(token i | tokens before it);
 the first token has no value (nothing predicts it). Text is encoded with the
-checkpoint's tokenizer (or --tokenizer) and, when that tokenizer has a BOS id,
+model's tokenizer (or --tokenizer) and, when that tokenizer has a BOS id,
 BOS is prepended as Hugging Face's Gemma and LLaMA tokenizers do, so every
 token of the text is scored; --no_bos turns that off. An --ids-file is scored
 exactly as given (whitespace- or comma-separated integers, or a JSON list).
@@ -19,13 +19,13 @@ from core.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="ablax model directory")
+  parser.add_argument("--model_dir", required=True, help="ablax model directory")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--text-file", "--text_file", dest="text_file",
                       help="UTF-8 text to score (read whole, newlines included)")
   source.add_argument("--ids-file", "--ids_file", dest="ids_file",
                       help="token ids to score, used verbatim (no BOS added)")
-  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the checkpoint's)")
+  parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the model's)")
   parser.add_argument("--no_bos", "--no-bos", dest="no_bos", action="store_true",
                       help="do not prepend the tokenizer's BOS to the text")
   parser.add_argument("--json", action="store_true", help="print JSON")
@@ -57,15 +57,15 @@ def _load_tokenizer(path: str, model_vocab: int):
 
 def run(args: argparse.Namespace) -> int:
   from core.eval import score
-  from core.model import io
+  from core.model_dir import io
   from core.tokenizer import TokenizerError
   try:
-    model, config, meta = io.load_model(args.checkpoint)
+    model, config, meta = io.load_model(args.model_dir)
     sp = None
     if args.text_file:
       tok_path = args.tokenizer or meta.get("tokenizer_path")
       if not tok_path:
-        raise _Usage(f"{args.checkpoint} has no tokenizer; pass --tokenizer or --ids-file")
+        raise _Usage(f"{args.model_dir} has no tokenizer; pass --tokenizer or --ids-file")
       sp = _load_tokenizer(tok_path, config.vocab_size)
       try:
         text = Path(args.text_file).read_text(encoding="utf-8")
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
   total = float(sum(logprobs))
   if args.json:
     print(json.dumps({
-        "checkpoint": str(args.checkpoint),
+        "model_dir": str(args.model_dir),
         "convention": "logprob[i] = log p(token i | tokens < i); token 0 has none",
         "bos_prepended": bool(args.text_file and not args.no_bos and sp.bos_id >= 0),
         "tokens": [{"index": i, "id": t, "piece": p, "logprob": lp}

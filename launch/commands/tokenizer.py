@@ -79,7 +79,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _subset(args: argparse.Namespace) -> int:
-  from core.tokenizer import default_tokenizer, subset_tokenizer  # pylint: disable=g-import-not-at-top
+  from core.data.default_tokenizer import default_tokenizer  # pylint: disable=g-import-not-at-top
+  from core.tokenizer import subset_tokenizer  # pylint: disable=g-import-not-at-top
   base = default_tokenizer().path if args.base == "default" else args.base
   result = subset_tokenizer(base, args.size, args.out)
   print(f"wrote {result.tokenizer.path} ({result.tokenizer.vocab_size} ids) and "
@@ -88,7 +89,8 @@ def _subset(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-  from core.tokenizer import default_tokenizer, load_tokenizer  # pylint: disable=g-import-not-at-top
+  from core.data.default_tokenizer import default_tokenizer  # pylint: disable=g-import-not-at-top
+  from core.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   tok = load_tokenizer(args.model) if args.model else default_tokenizer()
   info = {"path": tok.path, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
           "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "unk_id": tok.unk_id,

@@ -30,7 +30,8 @@ import subprocess
 import sys
 from typing import Sequence
 
-from launch.tpu_vm import REPO_ROOT, TpuVm, build_steps, jax_tpu_requirement, parse_env
+from core.paths import REPO_ROOT
+from launch.tpu_vm import TpuVm, build_steps, jax_tpu_requirement, parse_env
 
 TARGETS = ("tpu-vm",)
 

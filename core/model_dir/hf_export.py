@@ -4,7 +4,7 @@ Writes config.json, model.safetensors and, when the model has one, its
 SentencePiece tokenizer with the tokenizer_config.json transformers needs, so
 that `AutoModelForCausalLM.from_pretrained(out)` and
 `AutoTokenizer.from_pretrained(out)` load it. A config is written as the
-family whose conventions it has (core/model/hf_layout.py, the table the
+family whose conventions it has (core/model_dir/hf_layout.py, the table the
 importer reads too); anything no transformers class computes exactly is
 refused with the field named, never approximated. tests/test_export_hf.py
 checks the exported models token by token against transformers.
@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.model.config import ModelConfig
-from core.model.hf_layout import (ACTIVATION_KEY, CONFIG_FILE, CONVENTIONS, FAMILIES,
-                                  HF_ACTIVATION, LAYER_TYPES, WEIGHTS_FILE, tensor_specs)
+from core.model_dir.hf_layout import (ACTIVATION_KEY, CONFIG_FILE, CONVENTIONS, FAMILIES,
+                                      HF_ACTIVATION, LAYER_TYPES, WEIGHTS_FILE, tensor_specs)
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -144,7 +144,7 @@ def config_to_hf(config: ModelConfig, family: str | None = None,
 def hf_tensors(family: str, config: ModelConfig,
                params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """HF tensor name -> array of our flat params ('blocks/0/attn/q', ...), dtype kept."""
-  from core.model import io  # local: io imports the model; the config mapping does not need it
+  from core.model_dir import io  # local: io imports the model; the config mapping does not need it
   io.check_params(config, {n: np.shape(a) for n, a in params.items()}, "model parameters")
   return {spec.hf_name: spec.to_hf(np.asarray(params[spec.name]))
           for spec in tensor_specs(family, config)}
@@ -231,7 +231,7 @@ def write_hf(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mode
     raise HFExportError(f"tokenizer file not found: {tok}")
   tensors = hf_tensors(family, config, params)
 
-  from core.model import io  # pylint: disable=g-import-not-at-top  (see hf_tensors)
+  from core.model_dir import io  # pylint: disable=g-import-not-at-top  (see hf_tensors)
   with io.staged_directory(out) as staging:
     special_ids, note = ({}, None)
     if tok is not None:
@@ -248,12 +248,12 @@ def write_hf(out_dir: str | os.PathLike, params: Mapping[str, Any], config: Mode
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
               overwrite: bool = False) -> dict[str, Any]:
-  """Exports an ablax model directory (core/model/io.py) as a Hugging Face checkpoint.
+  """Exports an ablax model directory (core/model_dir/io.py) as a Hugging Face checkpoint.
 
   The config is checked before any weight is read, so an unrepresentable model
   fails at once. Returns write_hf's dict plus 'config' (the ModelConfig).
   """
-  from core.model import io  # local: see hf_tensors
+  from core.model_dir import io  # local: see hf_tensors
   root = Path(model_dir).resolve()
   manifest = io.read_manifest(root)
   config = io.config_from_dict(manifest.get("config") or {}, where=str(root / io.MANIFEST))

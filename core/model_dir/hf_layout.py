@@ -1,7 +1,7 @@
 """What an ablax model is in Hugging Face's terms: the one mapping import and export share.
 
-core/model/hf_import.py reads Hugging Face checkpoints through these tables and
-core/model/hf_export.py writes them, so the two directions cannot disagree on
+core/model_dir/hf_import.py reads Hugging Face checkpoints through these tables and
+core/model_dir/hf_export.py writes them, so the two directions cannot disagree on
 a name, a layout or a convention.
 
 Layout differences, HF -> ablax:

@@ -1,7 +1,7 @@
 """The default tokenizer: BPE trained on the embedded corpus, built on first use and cached.
 
 It is trained on the train split of both domains (code and prose) of the
-embedded standard-library corpus, with the papers' options (train.py). The
+embedded standard-library corpus, with the papers' options (core/tokenizer/train.py). The
 cached file is named by the corpus fingerprint, the model type and the size, so
 another Python version (another corpus) gets its own tokenizer, and the same
 interpreter always gets the same one. Its first build reads a fixed sample of
@@ -14,8 +14,8 @@ import os
 import sys
 
 from core import progress
-from core.tokenizer.spm import Tokenizer
-from core.tokenizer.train import train_tokenizer
+from core.data import builders, sources
+from core.tokenizer import Tokenizer, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_MODEL_TYPE = "bpe"
@@ -26,7 +26,6 @@ def default_tokenizer_path(cache_dir: str | os.PathLike | None = None,
                            vocab_size: int = DEFAULT_VOCAB_SIZE,
                            model_type: str = DEFAULT_MODEL_TYPE) -> str:
   """Where the default tokenizer is (or will be) cached; scans the corpus, builds nothing."""
-  from core.data import builders  # pylint: disable=g-import-not-at-top
   manifest = builders.scan_embedded()
   return str(builders.cache_root(cache_dir) / "tokenizers"
              / f"embedded-{manifest['fingerprint'][:16]}-{model_type}{vocab_size}.model")
@@ -42,7 +41,6 @@ def default_tokenizer(cache_dir: str | os.PathLike | None = None,
     vocab_size: number of ids (the tiny model presets use 4096).
     model_type: 'bpe' or 'unigram'.
   """
-  from core.data import builders, sources  # pylint: disable=g-import-not-at-top
   path = default_tokenizer_path(cache_dir, vocab_size, model_type)
   if os.path.isfile(path):
     return Tokenizer(path)

@@ -5,13 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from core.errors import UserError
-from core.model import io
+from core.model_dir import io
 from core.tokenizer import Tokenizer, check_vocab_matches, load_tokenizer
-
-
-class CheckpointError(UserError, ValueError):
-  """A model directory or tokenizer that cannot be used for evaluation."""
 
 
 def open_tokenizer(path: str | os.PathLike, model_vocab_size: int, where: str) -> Tokenizer:
@@ -24,10 +19,10 @@ def open_tokenizer(path: str | os.PathLike, model_vocab_size: int, where: str) -
   return tok
 
 
-def load_checkpoint(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                    need_tokenizer: bool = True, where: str = "eval"
-                    ) -> tuple[Any, Any, Tokenizer | None, dict[str, Any]]:
-  """(model, config, tokenizer, meta) of an ablax model directory (core.model.io).
+def load_model_dir(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                   need_tokenizer: bool = True, where: str = "eval"
+                   ) -> tuple[Any, Any, Tokenizer | None, dict[str, Any]]:
+  """(model, config, tokenizer, meta) of an ablax model directory (io.load_model).
 
   `tokenizer` overrides the one stored with the model. Without either, and when
   `need_tokenizer`, the error says to pass one.
@@ -36,6 +31,6 @@ def load_checkpoint(model_dir: str | os.PathLike, tokenizer: str | os.PathLike |
   path = tokenizer or meta.get("tokenizer_path")
   if path is None:
     if need_tokenizer:
-      raise CheckpointError(f"{model_dir} has no tokenizer.model; pass --tokenizer")
+      raise io.ModelIOError(f"{model_dir} has no tokenizer.model; pass --tokenizer")
     return model, config, None, meta
   return model, config, open_tokenizer(path, config.vocab_size, where), meta

@@ -6,7 +6,7 @@ tensors onto our parameter names. Anything our model cannot represent exactly
 (RoPE scaling, biases, partial rotary dimensions, ...) is refused rather than
 approximated: an imported model must compute what the original computes, which
 tests/test_hf_parity.py checks token by token against transformers. The names,
-layouts and conventions are core/model/hf_layout.py's, shared with the exporter.
+layouts and conventions are core/model_dir/hf_layout.py's, shared with the exporter.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 
 from core.errors import UserError
 from core.model.config import ConfigError, ModelConfig
-from core.model.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAMILIES,
-                                  INDEX_FILE, LAYER_TYPES, TANH_GELU, TIED_BY_DEFAULT,
-                                  natural_key, tensor_specs)
+from core.model_dir.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAMILIES,
+                                      INDEX_FILE, LAYER_TYPES, TANH_GELU, TIED_BY_DEFAULT,
+                                      natural_key, tensor_specs)
 
 _LAYER_KINDS = {hf: ours for ours, hf in LAYER_TYPES.items()}
 
@@ -327,7 +327,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     family, the source directory, the HF architecture and the tokenizer copied.
   """
   import jax.numpy as jnp  # local: the config mapping alone needs no JAX
-  from core.model import io  # local: io imports the model, which the config mapping does not need
+  from core.model_dir import io  # local: io imports the model; the config mapping does not need it
   root = Path(hf_dir).resolve()
   hf_config = read_hf_config(root)
   family, config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
