@@ -301,13 +301,14 @@ def test_local_files_gin_builds_a_pipeline(tmp_path, cache, tok, monkeypatch):
   from core.data import pipeline
   batches = gin_config.build(pipeline.lm_batches, batch_size=2, seed=0)
   assert next(batches)["inputs"].shape == (2, 16)
-  # The same bindings through DataConfig, the object a trainer can hold.
-  data = gin_config.build(pipeline.DataConfig)
-  _assert_same_batches(data.batches(batch_size=2, seed=0), gin_config.build(
-      pipeline.lm_batches, batch_size=2, seed=0))
-  state = data.batches(batch_size=2, seed=0).get_state()
-  assert data.batches(batch_size=2, seed=0, start_state=state).step == 0
-  evaluation = list(data.eval_batches(batch_size=2))
+  # The bound lm_batches is the one entry point: the trainer calls it with the run's own
+  # values (batch size, seed, shard, split, where to resume), and each call gives the same.
+  def data(**kwargs):
+    return gin_config.build(pipeline.lm_batches, **kwargs)
+  _assert_same_batches(data(batch_size=2, seed=0), data(batch_size=2, seed=0))
+  state = data(batch_size=2, seed=0).get_state()
+  assert data(batch_size=2, seed=0, start_state=state).step == 0
+  evaluation = list(data(batch_size=2, seed=0, split="validation", num_epochs=1))
   assert evaluation and evaluation[-1]["inputs"].shape == (2, 16)
 
 

@@ -46,7 +46,7 @@ def test_soft_cross_entropy_matches_the_definition(temperature, top_k):
   student = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
   teacher = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
   mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  ce, kl, n = distill.soft_cross_entropy(jnp.asarray(student), jnp.asarray(teacher),
+  ce, kl, n = distill._soft_cross_entropy(jnp.asarray(student), jnp.asarray(teacher),
                                          jnp.asarray(mask), temperature=temperature, top_k=top_k)
   want_ce, want_kl = np_soft_ce(student, teacher, mask, temperature, top_k)
   assert float(n) == mask.sum()
@@ -60,22 +60,22 @@ def test_soft_loss_limits():
   other = jnp.asarray(rng.normal(size=(3, 4, 9)).astype(np.float32))
   mask = jnp.ones((3, 4))
   # A student equal to its teacher: KL 0, cross-entropy = the teacher's entropy > 0.
-  ce, kl, _ = distill.soft_cross_entropy(logits, logits, mask)
+  ce, kl, _ = distill._soft_cross_entropy(logits, logits, mask)
   assert float(kl) == pytest.approx(0.0, abs=1e-5) and float(ce) > 0
   # Top-1 of a teacher that is sure of its argmax is the hard next-token loss on it.
   sure = logits.at[..., 0].set(60.0)
-  ce1, kl1, _ = distill.soft_cross_entropy(other, sure, mask, top_k=1)
+  ce1, kl1, _ = distill._soft_cross_entropy(other, sure, mask, top_k=1)
   hard, _, _ = cross_entropy(other, jnp.zeros((3, 4), jnp.int32), mask)
   assert float(ce1) == pytest.approx(float(hard), rel=1e-5) == pytest.approx(float(kl1), rel=1e-5)
   # top_k >= vocab is the whole distribution.
-  full = distill.soft_cross_entropy(other, logits, mask)
-  assert np.allclose(distill.soft_cross_entropy(other, logits, mask, top_k=9), full)
+  full = distill._soft_cross_entropy(other, logits, mask)
+  assert np.allclose(distill._soft_cross_entropy(other, logits, mask, top_k=9), full)
   # The gradient moves the student toward the teacher.
-  grad = jax.grad(lambda s: distill.soft_cross_entropy(s, logits, mask)[1])(other)
-  ce_after = distill.soft_cross_entropy(other - 0.5 * grad, logits, mask)[1]
+  grad = jax.grad(lambda s: distill._soft_cross_entropy(s, logits, mask)[1])(other)
+  ce_after = distill._soft_cross_entropy(other - 0.5 * grad, logits, mask)[1]
   assert float(ce_after) < float(full[1])
   with pytest.raises(distill.DistillationError, match="temperature"):
-    distill.soft_cross_entropy(other, logits, mask, temperature=0)
+    distill._soft_cross_entropy(other, logits, mask, temperature=0)
 
 
 def test_top_k_student_keeps_the_teachers_tail_mass():
@@ -85,7 +85,7 @@ def test_top_k_student_keeps_the_teachers_tail_mass():
   rng = np.random.default_rng(2)
   teacher = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
   mask = jnp.ones((4,))
-  loss = lambda s: distill.soft_cross_entropy(s, teacher, mask, top_k=4)[1]  # the KL
+  loss = lambda s: distill._soft_cross_entropy(s, teacher, mask, top_k=4)[1]  # the KL
   student = jnp.zeros((4, 32))
   step = jax.jit(lambda s: s - 2.0 * jax.grad(loss)(s))
   for _ in range(500):
@@ -117,7 +117,7 @@ def test_teacher_weights_are_a_step_argument_not_program_constants(teacher_dir):
   # Closed over, jit would bake the teacher into the compiled step as constants
   # (replicated, and as large as the teacher); it must arrive as an argument.
   mesh = meshlib.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  b = distill.DistillStepBuilder(STUDENT, optax.sgd(0.1), mesh, {}, teacher_dir=teacher_dir)
+  b = distill._DistillStepBuilder(STUDENT, optax.sgd(0.1), mesh, {}, teacher_dir=teacher_dir)
   shape = (2, 16)
   batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32)
            for k in BATCH_KEYS}
@@ -131,14 +131,14 @@ def test_teacher_weights_are_a_step_argument_not_program_constants(teacher_dir):
 
 def test_teacher_must_share_the_tokenizer(teacher_dir):
   with pytest.raises(distill.DistillationError, match="vocab_size 128, the student 256"):
-    distill.load_teacher(teacher_dir, 256)
+    distill._load_teacher(teacher_dir, 256)
   with pytest.raises(distill.DistillationError, match="tokenizer sha256"):
-    distill.load_teacher(teacher_dir, 128, student_tokenizer_sha256="0" * 64)
+    distill._load_teacher(teacher_dir, 128, student_tokenizer_sha256="0" * 64)
   sha = io.read_manifest(teacher_dir)["tokenizer_sha256"]
-  model, config, _ = distill.load_teacher(teacher_dir, 128, student_tokenizer_sha256=sha)
+  model, config, _ = distill._load_teacher(teacher_dir, 128, student_tokenizer_sha256=sha)
   assert config == TEACHER
   with pytest.raises(distill.DistillationError, match="cannot load the teacher"):
-    distill.load_teacher(teacher_dir + "_missing", 128)
+    distill._load_teacher(teacher_dir + "_missing", 128)
 
 
 def _run(workdir, steps, evals=None, eval_every=0, **distill_options):
@@ -177,7 +177,7 @@ def test_distilled_run_learns_the_teacher_and_runs_evaluations(teacher_dir, tmp_
   # The loop called the evaluations every eval_every steps and at the end, and logged them.
   assert seen == [6, 12]
   lines = [json.loads(l) for l in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
-  logged = [l["step"] for l in lines if "heldout/synthetic/loss" in l]
+  logged = [l["step"] for l in lines if "eval/heldout/synthetic/loss" in l]
   assert logged == [6, 12]
 
 
@@ -185,7 +185,7 @@ def test_distill_step_builder_options_are_checked(teacher_dir):
   from core.train.mesh import make_mesh
   import optax
   mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  make = functools.partial(distill.DistillStepBuilder, STUDENT, optax.identity(), mesh, {})
+  make = functools.partial(distill._DistillStepBuilder, STUDENT, optax.identity(), mesh, {})
   with pytest.raises(distill.DistillationError, match="teacher_dir"):
     make()
   with pytest.raises(distill.DistillationError, match="objective"):
@@ -193,7 +193,7 @@ def test_distill_step_builder_options_are_checked(teacher_dir):
   with pytest.raises(distill.DistillationError, match="alpha"):
     make(teacher_dir=teacher_dir, alpha=2.0)
   with pytest.raises(distill.DistillationError, match="vocab_size"):
-    distill.DistillStepBuilder(STUDENT.replace(vocab_size=64), optax.identity(), mesh, {},
+    distill._DistillStepBuilder(STUDENT.replace(vocab_size=64), optax.identity(), mesh, {},
                                teacher_dir=teacher_dir)
 
 
@@ -209,5 +209,5 @@ def test_gin_distill_file_builds_the_distillation_step(teacher_dir):
   make = gin.get_configurable(distill.step_builder)()
   mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
   builder = make(STUDENT, optax.identity(), mesh, {})
-  assert isinstance(builder, distill.DistillStepBuilder) and builder.top_k == 4
+  assert isinstance(builder, distill._DistillStepBuilder) and builder.top_k == 4
   assert builder.teacher_config == TEACHER

@@ -71,14 +71,14 @@ def test_heldout_matches_token_logprobs_and_counts_bytes(tok, model):
   # the last token (eos) predicts nothing.
   nll = -sum(float(reference_logprobs(model, d).sum()) for d in ids)
   tokens = sum(len(d) - 1 for d in ids)
-  assert out["heldout/mixed/tokens"] == tokens == out["heldout/tokens"]
-  assert out["heldout/mixed/loss"] == pytest.approx(nll / tokens, rel=1e-5)
-  assert out["heldout/mixed/perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+  assert out["eval/heldout/mixed/tokens"] == tokens == out["eval/heldout/tokens"]
+  assert out["eval/heldout/mixed/loss"] == pytest.approx(nll / tokens, rel=1e-5)
+  assert out["eval/heldout/mixed/perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
   nbytes = sum(len(d.encode("utf-8")) for d in docs)
-  assert out["heldout/mixed/bytes"] == nbytes
-  assert out["heldout/mixed/bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes,
+  assert out["eval/heldout/mixed/bytes"] == nbytes
+  assert out["eval/heldout/mixed/bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes,
                                                              rel=1e-5)
-  assert out["heldout/domain/everything/loss"] == out["heldout/loss"]
+  assert out["eval/heldout/domain/everything/loss"] == out["eval/heldout/loss"]
 
 
 def test_heldout_per_source_and_domain_totals(tok, model):
@@ -90,14 +90,14 @@ def test_heldout_per_source_and_domain_totals(tok, model):
   out = heldout.evaluate(model, batches, tokenizer=tok, domains={"a": "prose", "c": "prose",
                                                                  "b": "code"})
   for group, names in {"domain/prose": "ac", "domain/code": "b", "": "abc"}.items():
-    key = f"heldout/{group}/" if group else "heldout/"
-    tokens = sum(out[f"heldout/{n}/tokens"] for n in names)
-    nll = sum(out[f"heldout/{n}/loss"] * out[f"heldout/{n}/tokens"] for n in names)
+    key = f"eval/heldout/{group}/" if group else "eval/heldout/"
+    tokens = sum(out[f"eval/heldout/{n}/tokens"] for n in names)
+    nll = sum(out[f"eval/heldout/{n}/loss"] * out[f"eval/heldout/{n}/tokens"] for n in names)
     assert out[key + "tokens"] == tokens
     assert out[key + "loss"] == pytest.approx(nll / tokens, rel=1e-6)
   # max_batches and sources without tokens
   out = heldout.evaluate(model, {"a": [rows(["x y"])] * 3}, max_batches=1)
-  assert "heldout/a/bits_per_byte" not in out and out["heldout/a/tokens"] > 0
+  assert "eval/heldout/a/bits_per_byte" not in out and out["eval/heldout/a/tokens"] > 0
 
 
 # -- multiple choice ------------------------------------------------------------------------
@@ -180,12 +180,12 @@ def test_lm_eval_and_llama_metrics_on_a_hand_checked_task(tok, model, monkeypatc
   out = mc.evaluate(model, tok, hand_task(), metrics=list(mc_metrics.METRICS),
                     return_details=True)
   for metric, want in HAND_ACC.items():
-    assert out[f"mc/hand/0shot/{metric}"] == pytest.approx(want), metric
+    assert out[f"eval/mc/hand/0shot/{metric}"] == pytest.approx(want), metric
   # acc_token depends on how the tokenizer splits the continuations: from the records.
   picks = mc_metrics.picks(out["details"], "acc_token")
-  assert out["mc/hand/0shot/acc_token"] == np.mean(np.asarray(picks) == [1, 0, 1])
-  assert out["mc/hand/0shot/acc_primary"] == out["mc/hand/0shot/acc_norm"]  # Task's default
-  assert out["mc/hand/0shot/num_examples"] == 3
+  assert out["eval/mc/hand/0shot/acc_token"] == np.mean(np.asarray(picks) == [1, 0, 1])
+  assert out["eval/mc/hand/0shot/acc_primary"] == out["eval/mc/hand/0shot/acc_norm"]  # Task's default
+  assert out["eval/mc/hand/0shot/num_examples"] == 3
   # The trailing space of 'Q2: ' was moved: context 'Q2:', continuation ' no'.
   rec = [r for r in out["details"] if r["example"] == 2]
   assert [(r["context"], r["continuation"]) for r in rec] == [("Q2:", " no"), ("Q2:", " yes")]
@@ -209,9 +209,9 @@ def test_reported_stderr_matches_scipy(tok, model, monkeypatch):
   monkeypatch.setattr(mc, "completion_logprobs", fake_scorer(tok, []))
   out = mc.evaluate(model, tok, hand_task(), metrics=["acc", "acc_norm"])
   # acc: right on example 1 only; acc_norm: on examples 0 and 2.
-  assert out["mc/hand/0shot/acc_stderr"] == pytest.approx(stats.sem([0, 1, 0]))
-  assert out["mc/hand/0shot/acc_norm_stderr"] == pytest.approx(stats.sem([1, 0, 1]))
-  assert out["mc/hand/0shot/acc_primary_stderr"] == out["mc/hand/0shot/acc_norm_stderr"]
+  assert out["eval/mc/hand/0shot/acc_stderr"] == pytest.approx(stats.sem([0, 1, 0]))
+  assert out["eval/mc/hand/0shot/acc_norm_stderr"] == pytest.approx(stats.sem([1, 0, 1]))
+  assert out["eval/mc/hand/0shot/acc_primary_stderr"] == out["eval/mc/hand/0shot/acc_norm_stderr"]
 
 
 def test_encode_pair_is_lm_evals(tok):
@@ -240,7 +240,7 @@ def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
   assert examples[2].choices == examples[2].contexts  # lm-eval's partial-scoring choices
   task = mc.Task("toy", tuple(examples))
   out = mc.evaluate(model, tok, task, num_shots=2, seed=3, return_details=True)
-  assert out["mc/toy/2shot/num_examples"] == 4
+  assert out["eval/mc/toy/2shot/num_examples"] == 4
   # The log-likelihoods are the model's, computed here directly, one sequence at a time.
   records = out["details"]
   for r in records:
@@ -256,7 +256,7 @@ def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
   # The reported accuracies are the argmax picks of the records' scores.
   for metric in mc_metrics.DEFAULT_METRICS:
     picks = mc_metrics.picks(records, metric)
-    assert out[f"mc/toy/2shot/{metric}"] == np.mean([p == ex.label
+    assert out[f"eval/mc/toy/2shot/{metric}"] == np.mean([p == ex.label
                                                      for p, ex in zip(picks, examples)])
 
 
@@ -331,7 +331,7 @@ def test_tfds_task_reads_through_the_data_source(tok, model):
     task = mc_tasks.load_tfds_task("piqa")
   assert len(task.examples) == 5 and len(task.shots) == 5
   out = mc.evaluate(model, tok, task, num_shots=1)
-  assert out["mc/piqa/1shot/num_examples"] == 5
+  assert out["eval/mc/piqa/1shot/num_examples"] == 5
 
 
 # -- memorization ------------------------------------------------------------------------------
@@ -359,6 +359,6 @@ def test_memorization_counts_exact_and_approximate_matches(tok):
   docs.append(prefixes[0][:60])  # too short
   out = memorization.evaluate(model, docs, batch_size=3, return_details=True)
   assert out["details"] == [0, 3, 5, 20]
-  assert out["memorization/num_documents"] == 4 and out["memorization/skipped_short"] == 1
-  assert out["memorization/exact_rate"] == 0.25
-  assert out["memorization/approximate_rate"] == 0.75  # distance <= 10% of 50 = 5
+  assert out["eval/memorization/num_documents"] == 4 and out["eval/memorization/skipped_short"] == 1
+  assert out["eval/memorization/exact_rate"] == 0.25
+  assert out["eval/memorization/approximate_rate"] == 0.75  # distance <= 10% of 50 = 5

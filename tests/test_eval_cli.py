@@ -61,15 +61,15 @@ def test_eval_heldout_memorization_and_jsonl_logged_to_a_new_run(model_dir, caps
   result = json.loads(out)
   metrics = result["metrics"]
   assert result["step"] == 7
-  for key in ("heldout/prose/bits_per_byte", "heldout/code/loss", "heldout/domain/text/loss",
-              "memorization/prose/exact_rate", "memorization/code/approximate_rate",
-              "mc/task/1shot/acc", "mc/task/1shot/acc_norm", "mc/task/1shot/acc_char",
-              "mc/task/1shot/acc_token", "mc/task/1shot/acc_primary",
-              "mc/task/1shot/acc_stderr", "mc/task/1shot/acc_norm_stderr"):
+  for key in ("eval/heldout/prose/bits_per_byte", "eval/heldout/code/loss", "eval/heldout/domain/text/loss",
+              "eval/memorization/prose/exact_rate", "eval/memorization/code/approximate_rate",
+              "eval/mc/task/1shot/acc", "eval/mc/task/1shot/acc_norm", "eval/mc/task/1shot/acc_char",
+              "eval/mc/task/1shot/acc_token", "eval/mc/task/1shot/acc_primary",
+              "eval/mc/task/1shot/acc_stderr", "eval/mc/task/1shot/acc_norm_stderr"):
     assert key in metrics, key
-  assert metrics["mc/task/1shot/acc_primary"] == metrics["mc/task/1shot/acc_norm"]
+  assert metrics["eval/mc/task/1shot/acc_primary"] == metrics["eval/mc/task/1shot/acc_norm"]
   run = mlflow.tracking.MlflowClient().get_run(result["run_id"])
-  for key in ("mc/task/1shot/acc", "mc/task/1shot/acc_norm_stderr"):
+  for key in ("eval/mc/task/1shot/acc", "eval/mc/task/1shot/acc_norm_stderr"):
     assert run.data.metrics[key] == pytest.approx(metrics[key])
   assert run.data.tags["ablax.kind"] == "eval"
 
@@ -82,12 +82,12 @@ def test_eval_logs_into_an_existing_run_without_ending_it(model_dir, capsys):
                             "--run_id", run.info.run_id, "--step", "42",
                             "--primary", "acc_unconditional"], capsys)
   assert code == 0, err
-  assert "mc/task/0shot/acc_unconditional" in out
+  assert "eval/mc/task/0shot/acc_unconditional" in out
   after = client.get_run(run.info.run_id)
   assert after.info.status == "RUNNING"
-  assert after.data.metrics["mc/task/0shot/acc_primary"] == \
-      after.data.metrics["mc/task/0shot/acc_unconditional"]
-  history = client.get_metric_history(run.info.run_id, "mc/task/0shot/acc_primary")
+  assert after.data.metrics["eval/mc/task/0shot/acc_primary"] == \
+      after.data.metrics["eval/mc/task/0shot/acc_unconditional"]
+  history = client.get_metric_history(run.info.run_id, "eval/mc/task/0shot/acc_primary")
   assert [m.step for m in history] == [42]
 
 
@@ -128,7 +128,7 @@ def test_eval_details_reproduce_the_reported_accuracies(model_dir, capsys, tmp_p
     for i, label in enumerate(labels):
       choices = [r for r in rows if r["example"] == i]
       right.append(max(range(len(choices)), key=lambda j: (score(choices[j]), -j)) == label)
-    assert metrics[f"mc/task/0shot/{metric}"] == pytest.approx(sum(right) / 3), metric
+    assert metrics[f"eval/mc/task/0shot/{metric}"] == pytest.approx(sum(right) / 3), metric
   code, _, err = run_cli(["eval", "--model_dir", model_dir["dir"], model_dir["task"],
                           "--details", str(tmp_path / "no" / "such.jsonl")], capsys)
   assert code == 2 and "folder does not exist" in err
@@ -183,8 +183,8 @@ def test_eval_suite_is_a_plain_callable_for_the_training_loop(model_dir, tmp_pat
                     tasks=[model_dir["task"]], max_examples=2,
                     memorization_documents=lambda: iter(docs), memorization_max_documents=1)
   first = suite(model, step=10)
-  assert first["mc/task/0shot/num_examples"] == 2
-  assert "heldout/prose/bits_per_byte" in first and "memorization/exact_rate" in first
+  assert first["eval/mc/task/0shot/num_examples"] == 2
+  assert "eval/heldout/prose/bits_per_byte" in first and "eval/memorization/exact_rate" in first
   assert suite(model, step=20) == first  # same data every time
 
 
@@ -219,7 +219,7 @@ def test_eval_suite_from_gin_as_in_the_readme(model_dir, tmp_path, monkeypatch):
   suite = gin.get_configurable(EvalSuite)()
   model, _, _ = io.load_model(model_dir["dir"])
   metrics = suite(model, step=1)
-  assert "heldout/prose/bits_per_byte" in metrics and "mc/task/1shot/acc" in metrics
+  assert "eval/heldout/prose/bits_per_byte" in metrics and "eval/mc/task/1shot/acc" in metrics
 
 
 def test_training_logs_the_suites_accuracies_under_the_same_names(model_dir, tmp_path,
@@ -244,11 +244,11 @@ def test_training_logs_the_suites_accuracies_under_the_same_names(model_dir, tmp
                  devices=jax.devices()[:1], log_every=1, eval_batches=0, checkpoint_every=0,
                  export_model=False, progress=False, evals=suite)
   run = mlflow.tracking.MlflowClient(_mlflow_store).get_run(result.run_id)
-  logged = {k for k in run.data.metrics if k.startswith("mc/")}
-  assert logged == {f"mc/task/0shot/{m}" for m in ("acc", "acc_stderr", "acc_norm",
+  logged = {k for k in run.data.metrics if k.startswith("eval/mc/")}
+  assert logged == {f"eval/mc/task/0shot/{m}" for m in ("acc", "acc_stderr", "acc_norm",
                                                    "acc_norm_stderr", "acc_primary",
                                                    "acc_primary_stderr", "num_examples")}
   assert all(schema.is_declared_metric(k) for k in logged)
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert [l["mc/task/0shot/acc_norm"] for l in lines if "mc/task/0shot/acc_norm" in l] == \
-      [run.data.metrics["mc/task/0shot/acc_norm"]]
+  assert [l["eval/mc/task/0shot/acc_norm"] for l in lines if "eval/mc/task/0shot/acc_norm" in l] == \
+      [run.data.metrics["eval/mc/task/0shot/acc_norm"]]

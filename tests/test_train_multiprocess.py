@@ -56,7 +56,7 @@ heldout/core.train.synthetic.synthetic_batches:
 
 def _eval_metrics(workdir):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {k: v for r in records for k, v in r.items() if "heldout" in k}
+  return {k: v for r in records for k, v in r.items() if k.startswith("eval/heldout/")}
 
 
 def test_two_processes_match_one(tmp_path):

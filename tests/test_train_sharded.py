@@ -4,14 +4,13 @@ import functools
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import PartitionSpec as P
 
 from core.train import loop, optimizer, partition, synthetic
 from core.train import mesh as meshlib
 from core.train.checkpoint import Checkpointer
 from core.train.mesh import MeshConfig
-from core.train.step import StepBuilder
+from core.train.step import StepBuilder, param_axes
 from tests.tiny_model import tiny_config
 
 TINY = tiny_config(vocab_size=256, mlp_dim=64, max_seq_len=32, activation="swiglu",
@@ -39,8 +38,8 @@ def test_sharded_run_matches_single_device(tmp_path):
 
   # The final checkpoint holds the state in the configured layout.
   mesh = meshlib.make_mesh(MeshConfig(2, 2, 2))
-  b = StepBuilder(TINY, optax.identity(), mesh, partition.merged_rules())
-  b.optimizer = optimizer.llama_adamw(param_axes=b.param_axes, total_steps=20)
+  tx = optimizer.llama_adamw(param_axes=param_axes(TINY), total_steps=20)
+  b = StepBuilder(TINY, tx, mesh, partition.merged_rules())
   ck = Checkpointer(tmp_path / "sharded" / "checkpoints")
   step, state, data_state, _ = ck.restore_latest(b.abstract_state())
   ck.close()

@@ -28,12 +28,11 @@ the saved iterator was.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import platform
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -321,26 +320,3 @@ def lm_batches(*, sources: Any, seq_len: int, batch_size: int, seed: int = 0,
   if start_state is not None:
     batches.set_state(start_state)
   return batches
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """What a trainer holds: the configured pipeline, called with the run's own values.
-
-  Gin binds `make = @core.data.pipeline.lm_batches` (the data gin files do), so
-  every data binding stays on lm_batches and the trainer only supplies what the
-  run decides: batch size, seed, shard and where to resume.
-  """
-  make: Callable[..., LMBatches] = lm_batches
-
-  def batches(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
-              start_state: Mapping[str, Any] | None = None) -> LMBatches:
-    """The training stream (repeats forever), resumed from start_state if given."""
-    return self.make(batch_size=batch_size, seed=seed, shard_index=shard_index,
-                     shard_count=shard_count, start_state=start_state)
-
-  def eval_batches(self, batch_size: int, seed: int = 0, shard_index: int = 0,
-                   shard_count: int = 1) -> LMBatches:
-    """One pass over the validation split; the last batch is padded (loss_mask 0)."""
-    return self.make(batch_size=batch_size, seed=seed, shard_index=shard_index,
-                     shard_count=shard_count, split="validation", num_epochs=1)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from core import progress
+from core.tracking import schema
 
 _META = "\u2581"
 
@@ -83,7 +84,8 @@ class _Totals:
 def evaluate(model: nnx.Module, batches: Mapping[str, Iterable[Mapping[str, Any]]]
              | Iterable[Mapping[str, Any]], *, tokenizer: Any = None,
              byte_lengths: np.ndarray | None = None, domains: Mapping[str, str] | None = None,
-             max_batches: int | None = None, prefix: str = "heldout") -> dict[str, float]:
+             max_batches: int | None = None, prefix: str = schema.EVAL_HELDOUT
+             ) -> dict[str, float]:
   """Held-out metrics of `model`.
 
   Args:

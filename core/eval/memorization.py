@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from core.eval.sampling import generate
+from core.tracking import schema
 
 
 def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
@@ -39,7 +40,7 @@ def documents_from_texts(texts: Iterable[str], tokenizer: Any, add_bos: bool = T
 
 def evaluate(model: nnx.Module, documents: Iterable[Sequence[int]], *, prefix_len: int = 50,
              suffix_len: int = 50, tolerance: float = 0.1, batch_size: int = 16,
-             max_documents: int | None = None, prefix: str = "memorization",
+             max_documents: int | None = None, prefix: str = schema.EVAL_MEMORIZATION,
              return_details: bool = False) -> dict[str, Any]:
   """Exact and approximate memorization rates of `model` on `documents`.
 

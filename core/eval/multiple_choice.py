@@ -35,6 +35,7 @@ from core import progress
 from core.errors import UserError
 from core.eval import mc_metrics
 from core.eval.score import token_scores
+from core.tracking import schema
 
 # The anchor of the LLaMA paper's 'acc_unconditional'.
 UNCONDITIONAL_PROMPT = "Answer:"
@@ -267,7 +268,7 @@ def completion_logprobs(model: nnx.Module, requests: Sequence[tuple[list[int], l
 
 def evaluate(model: nnx.Module, tokenizer: Any, task: Task, *, num_shots: int = 0, seed: int = 0,
              max_examples: int | None = None, batch_size: int = 16,
-             metrics: Sequence[str] | None = None, prefix: str = "mc",
+             metrics: Sequence[str] | None = None, prefix: str = schema.EVAL_MC,
              return_details: bool = False) -> dict[str, Any]:
   """Accuracies of `model` on `task` (definitions in core/eval/mc_metrics.py).
 

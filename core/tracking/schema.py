@@ -19,14 +19,16 @@ FLOPS = "train/flops"              # cumulative model FLOPs (flops_per_token x t
 LEARNING_RATE = "train/learning_rate"
 TRAIN_METRICS = (TRAIN_LOSS, "train/z_loss", "train/grad_norm", "train/param_norm",
                  TOKENS_PER_S, "train/step_time_s", MFU, TOKENS, FLOPS, LEARNING_RATE)
-# Held-out loss of the trainer's own evaluator.
+# Evaluations: every key under EVAL, in training (core.train.evaluators) and from
+# `ablax eval` alike. The trainer's held-out loss:
+EVAL = "eval/"
 EVAL_LOSS = "eval/loss"
 EVAL_LOSS_SE = "eval/loss_se"      # the eval set's standard error of EVAL_LOSS
 EVAL_TOKENS = "eval/tokens"
-EVAL_METRICS = (EVAL_LOSS, EVAL_LOSS_SE, EVAL_TOKENS)
-# core.eval.suite.EvalSuite's families, logged by the trainer's eval hook and `ablax eval`:
-# mc/<task>/<k>shot/<metric> (names in core/eval/mc_metrics.py) and memorization/.
-EVAL_SUITE_PREFIXES = ("heldout/", "mc/", "memorization/")
+# core.eval's families (core.eval.suite.EvalSuite in training, `ablax eval` standalone):
+EVAL_HELDOUT = "eval/heldout"            # /<source>/<metric>, /domain/<domain>/<metric>, /<metric>
+EVAL_MC = "eval/mc"                      # /<task>/<k>shot/<metric> (core/eval/mc_metrics.py)
+EVAL_MEMORIZATION = "eval/memorization"  # /[<source>/]<metric>
 # Energy and carbon (core/tracking/energy.py writes f"energy/{name}").
 ENERGY = "energy/"
 ENERGY_KWH = "energy/energy_kwh"          # device energy, before PUE
@@ -137,8 +139,8 @@ PARENT_RUN_ID_KEY = "parent_run_id"
 
 def is_declared_metric(key: str) -> bool:
   """Whether `key` is a metric this schema names (by name or by its family's prefix)."""
-  return (key in TRAIN_METRICS or key in EVAL_METRICS or key == COMPILE_S
-          or key.startswith((ENERGY, SYSTEM, *EVAL_SUITE_PREFIXES, "sweep/", COMPARE, SCALING)))
+  return (key in TRAIN_METRICS or key == COMPILE_S
+          or key.startswith((EVAL, ENERGY, SYSTEM, "sweep/", COMPARE, SCALING)))
 
 
 def is_declared_param(key: str) -> bool:

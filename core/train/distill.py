@@ -39,12 +39,13 @@ from flax import nnx
 from core.errors import UserError
 from core.model_dir import io
 from core.train import partition
+from core.train.host_input import TrainData
 from core.train.loss import cross_entropy
 from core.train.step import StepBuilder
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("cross_entropy", "kl")
+_OBJECTIVES = ("cross_entropy", "kl")
 
 
 class DistillationError(UserError, ValueError):
@@ -54,16 +55,16 @@ class DistillationError(UserError, ValueError):
 # -- the loss --------------------------------------------------------------------------------
 
 
-def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
-                       loss_mask: jax.Array, *, temperature: float = 1.0,
-                       top_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
+                        loss_mask: jax.Array, *, temperature: float = 1.0,
+                        top_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of soft cross-entropies, sum of KL divergences, number of tokens) over loss_mask.
 
   Per position: CE = -sum_x p_T(x) log p_S(x) and KL = CE - H(p_T), with
   p = softmax(logits / temperature); when top_k is set, both distributions are
   coarsened to the teacher's top_k ids plus one class holding the rest of the
   vocabulary. Both scaled by temperature^2. Sums, like
-  core.train.step.cross_entropy, so micro-batches and shards add up.
+  core.train.loss.cross_entropy, so micro-batches and shards add up.
   """
   if temperature <= 0:
     raise DistillationError(f"temperature must be > 0, got {temperature}")
@@ -97,8 +98,8 @@ def _with_rest(log_top: jax.Array) -> jax.Array:
 # -- the teacher --------------------------------------------------------------------------------
 
 
-def load_teacher(teacher_dir: str, student_vocab_size: int,
-                 student_tokenizer_sha256: str | None = None):
+def _load_teacher(teacher_dir: str, student_vocab_size: int,
+                  student_tokenizer_sha256: str | None = None):
   """(teacher model, config, manifest) of `teacher_dir`, checked against the student.
 
   Raises:
@@ -133,8 +134,11 @@ def load_teacher(teacher_dir: str, student_vocab_size: int,
 
 
 @dataclasses.dataclass
-class DistillStepBuilder(StepBuilder):
-  """A StepBuilder whose training loss is the distillation loss.
+class _DistillStepBuilder(StepBuilder):
+  """A StepBuilder whose training loss (its `loss` hook) is the distillation loss.
+
+  The teacher's parameters are its step_inputs(); the rest, the held-out
+  evaluation included, is StepBuilder's.
 
   Attributes (besides StepBuilder's):
     teacher_dir: the teacher's ablax model directory.
@@ -156,13 +160,13 @@ class DistillStepBuilder(StepBuilder):
     if self.loss_vocab_chunk:
       raise DistillationError("distillation compares whole teacher and student logits; "
                               "loss_vocab_chunk must be 0 with it")
-    if self.objective not in OBJECTIVES:
-      raise DistillationError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+    if self.objective not in _OBJECTIVES:
+      raise DistillationError(f"objective must be one of {_OBJECTIVES}, got {self.objective!r}")
     if not 0.0 <= self.alpha <= 1.0:
       raise DistillationError(f"alpha must be in [0, 1], got {self.alpha}")
     if self.temperature <= 0:
       raise DistillationError(f"temperature must be > 0, got {self.temperature}")
-    teacher, self.teacher_config, _ = load_teacher(
+    teacher, self.teacher_config, _ = _load_teacher(
         self.teacher_dir, self.config.vocab_size, self.student_tokenizer_sha256)
     self.teacher_graphdef, state = nnx.split(teacher, nnx.Param)
     # Sharded like the student's parameters (ZeRO-3 over fsdp), so a large teacher is
@@ -178,42 +182,35 @@ class DistillStepBuilder(StepBuilder):
   def step_input_shardings(self):
     return self.teacher_shardings
 
-  def _loss(self, params, batch, inputs=()):
+  def loss(self, params, batch, inputs):
+    """The distillation loss (StepBuilder's one hook); `inputs` are the teacher's parameters."""
     student = nnx.merge(self.graphdef, params)
     logits = student(batch["inputs"], batch["positions"], batch["segment_ids"])
     hard_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     teacher = nnx.merge(self.teacher_graphdef, inputs)
     teacher_logits = teacher(batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce_sum, kl_sum, _ = soft_cross_entropy(logits, teacher_logits, batch["loss_mask"],
-                                           temperature=self.temperature, top_k=self.top_k)
+    ce_sum, kl_sum, _ = _soft_cross_entropy(logits, teacher_logits, batch["loss_mask"],
+                                            temperature=self.temperature, top_k=self.top_k)
     soft_sum = kl_sum if self.objective == "kl" else ce_sum
-    loss_sum = self.alpha * soft_sum + (1.0 - self.alpha) * hard_sum
-    return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
+    return self.alpha * soft_sum + (1.0 - self.alpha) * hard_sum, z_sum, tokens
 
 
 def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
                  objective: str = "cross_entropy", alpha: float = 1.0,
                  student_tokenizer_sha256: str | None = None,
-                 data: Callable[..., Any] | None = None) -> Callable[..., StepBuilder]:
-  """A factory with StepBuilder's signature that builds a DistillStepBuilder.
+                 data: Callable[..., TrainData] | None = None) -> Callable[..., StepBuilder]:
+  """A factory with StepBuilder's signature that builds a distillation StepBuilder.
 
-  Pass it as core.train.loop.train(step_builder=...) (gin/train/distill.gin).
-  `data`, the run's data factory, gives the student's tokenizer hash when
-  student_tokenizer_sha256 is not set, so a tokenizer mismatch stops the run
-  before it starts.
+  The module's one entry point: pass it as core.train.loop.train(step_builder=...)
+  (gin/train/distill.gin). `data`, the run's data factory, gives the student's
+  tokenizer hash when student_tokenizer_sha256 is not set, so a tokenizer
+  mismatch stops the run before it starts.
   """
   if student_tokenizer_sha256 is None and data is not None:
-    student_tokenizer_sha256 = data_tokenizer_sha256(data)
-  def make(*args: Any, **kwargs: Any) -> DistillStepBuilder:
-    return DistillStepBuilder(*args, **kwargs, teacher_dir=teacher_dir,
-                              temperature=temperature, top_k=top_k, objective=objective,
-                              alpha=alpha, student_tokenizer_sha256=student_tokenizer_sha256)
+    tokenizer = data(batch_size=1, seed=0, split="train", shard_index=0, shard_count=1).tokenizer
+    student_tokenizer_sha256 = tokenizer.sha256 if tokenizer is not None else None
+  def make(*args: Any, **kwargs: Any) -> _DistillStepBuilder:
+    return _DistillStepBuilder(*args, **kwargs, teacher_dir=teacher_dir,
+                               temperature=temperature, top_k=top_k, objective=objective,
+                               alpha=alpha, student_tokenizer_sha256=student_tokenizer_sha256)
   return make
-
-
-def data_tokenizer_sha256(data: Callable[..., Any]) -> str | None:
-  """The tokenizer hash a data factory records in its manifest (None if it records none)."""
-  probe = data(batch_size=1, seed=0, split="train", shard_index=0, shard_count=1)
-  manifest = getattr(probe, "manifest", None)
-  tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-  return tokenizer.get("sha256") if isinstance(tokenizer, dict) else None

@@ -1,4 +1,8 @@
-"""Host-sharded input: each process reads only the rows of the global batch its devices hold.
+"""The run's input: the data contract, host-sharded batches, and a prefetching reader.
+
+`TrainData` is what the run's data factory returns and everything the loop reads
+of it (core.data.pipeline.LMBatches and core.train.synthetic.SyntheticBatches
+implement it).
 
 The global batch of B rows is `data_shards` blocks of B / data_shards rows; block
 k comes from its own stream, records k, k + data_shards, ... of every source
@@ -20,13 +24,47 @@ holds only its own blocks, so `global_state` gathers them from all processes.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from core.errors import UserError
+from core.tokenizer import Tokenizer
+
+
+class TrainData(Protocol):
+  """A stream of batches as the data factory returns it, with what the loop reads besides.
+
+  The factory is called as data(batch_size=, seed=, split=, shard_index=,
+  shard_count=) (core.data.pipeline.lm_batches bound by gin). Each batch is a
+  dict of (batch_size, seq_len) numpy arrays: inputs, targets, segment_ids,
+  positions (int32) and loss_mask (float32).
+
+  Attributes:
+    seq_len: tokens per row.
+    tokenizer: what made the ids, checked against the model's vocabulary and
+      exported with the model; None for data that is ids from the start
+      (synthetic).
+    manifest: what the stream reads (sources, file hashes, tokenizer), for the
+      run record; None if it has nothing to record.
+  """
+  seq_len: int
+  tokenizer: Tokenizer | None
+  manifest: Mapping[str, Any] | None
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def get_state(self) -> dict[str, Any]:
+    """The position: small and JSON-serializable, saved with each checkpoint."""
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues exactly where the stream that gave `state` was."""
 
 
 class HostInputError(UserError, ValueError):
@@ -52,13 +90,13 @@ def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
 
 
 class HostShardedBatches:
-  """Iterator of this process's rows [lo, hi) of every global batch, from `shards` streams.
+  """This process's rows [lo, hi) of every global batch, from `shards` streams: a TrainData.
 
-  `data` is the run's factory (data(batch_size=, seed=, split=, shard_index=,
-  shard_count=)); each stream it returns must have get_state()/set_state().
+  `data` is the run's factory; `shards` says how many streams (TrainData) the
+  global batch is made of.
   """
 
-  def __init__(self, data: Callable[..., Any], *, batch_size: int, seed: int, shards: int,
+  def __init__(self, data: Callable[..., TrainData], *, batch_size: int, seed: int, shards: int,
                rows: tuple[int, int], split: str = "train"):
     if shards < 1 or batch_size % shards:
       raise HostInputError(f"batch_size {batch_size} is not a multiple of data_shards {shards}")
@@ -69,10 +107,9 @@ class HostShardedBatches:
                             shard_count=shards) for k in range(first, last + 1)}
     self._offset = rows[0] - first * self.block
     head = self.streams[first]
-    # What the loop reads from a data iterator besides batches.
-    self.tokenizer = getattr(head, "tokenizer", None)
-    self.manifest = getattr(head, "manifest", None)
-    self.seq_len = getattr(head, "seq_len", None)  # None: known from the first batch
+    self.seq_len: int = head.seq_len
+    self.tokenizer: Tokenizer | None = head.tokenizer
+    self.manifest: Mapping[str, Any] | None = head.manifest
 
   def __iter__(self):
     return self
@@ -119,3 +156,58 @@ def global_state(local: Mapping[str, Any]) -> dict[str, Any]:
   for row, n in zip(np.asarray(gathered), np.asarray(lengths).reshape(-1)):
     merged.update(json.loads(bytes(row[:int(n)]).decode()))
   return merged
+
+
+class Prefetch:
+  """Reads batches in a thread, each paired with the iterator position after it.
+
+  The position travels with its batch, so a checkpoint taken after step n stores
+  exactly "n batches consumed", however far ahead the reader is.
+  """
+
+  def __init__(self, iterator: TrainData, depth: int = 2):
+    self._it = iterator
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._head = None
+    self._thread = threading.Thread(target=self._work, name="ablax-prefetch", daemon=True)
+    self._thread.start()
+
+  def _work(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (next(self._it), self._it.get_state())
+      except BaseException as e:  # noqa: BLE001  handed to the consumer
+        item = e
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+
+  def peek(self) -> dict[str, np.ndarray]:
+    if self._head is None:
+      self._head = self._get()
+    return self._head[0]
+
+  def _get(self):
+    item = self._queue.get()
+    if isinstance(item, StopIteration):
+      raise RuntimeError("the training data ended before num_steps; use num_epochs=None") from item
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def next(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The next batch and the position after it."""
+    if self._head is not None:
+      item, self._head = self._head, None
+      return item
+    return self._get()
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)

@@ -6,26 +6,30 @@ the loop, the end. What must be undone however it ends (the workdir lock, the
 checkpointer, the MLflow run's final status) is registered on one ExitStack
 where it is acquired.
 
-What a run does, in order: build the mesh, the model's train state (fresh or
-from the newest readable checkpoint) and the data iterator (at the saved
-position); write the run directory and open the MLflow run (so a bad store
-fails before training); compile the step (timed apart from the steps); then
-loop: step, check, log, evaluate, checkpoint, until `num_steps`, SIGTERM or a
-non-finite value. At the end: a final checkpoint, the exported model, the run
-marked FINISHED.
+What a run does, in order: build the mesh, the optimizer and then the step around it
+(core.train.step.make_builder), the model's train state (fresh or from the newest
+readable checkpoint) and the data iterator (at the saved position); write the run
+directory and open the MLflow run (so a bad store fails before training); compile the
+step (timed apart from the steps); then loop: step, check, log, evaluate, checkpoint,
+until `num_steps`, SIGTERM or a non-finite value. At the end: a final checkpoint, the
+last evaluation, the exported model, the run marked FINISHED.
 
 Data: the global batch is `data_shards` blocks of rows, each from its own stream
 of records, and each process reads only the blocks holding its devices' rows
-(core.train.host_input). The batches depend on data_shards, not on the number
-of processes or devices, which is what makes a 2-process or 8-device run
-reproduce a 1-device run with the same data_shards.
+(core.train.host_input, which also states what the loop reads of the data: TrainData).
+The batches depend on data_shards, not on the number of processes or devices, which is
+what makes a 2-process or 8-device run reproduce a 1-device run with the same data_shards.
+
+Evaluation: one list of evaluators (core.train.evaluators: the held-out loss, then the
+caller's `evals`), run together every `eval_every` steps and at the end, logged as one
+record per evaluation, every key under `eval/`.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
 caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
 logged step and per evaluation), run.json (the MLflow run id and store, and the
 step the run finished at), model/ (the exported model), mlflow_spool/ (records
-waiting for the store) and train.lock (held by the one trainer of the workdir). The MLflow store is the project's one default
-(core.tracking.store), not per workdir.
+waiting for the store) and train.lock (held by the one trainer of the workdir).
+The MLflow store is the project's one default (core.tracking.store), not per workdir.
 """
 
 from __future__ import annotations
@@ -35,12 +39,11 @@ import dataclasses
 import json
 import logging
 import math
-import queue
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -50,11 +53,12 @@ from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.paths import REPO_ROOT
-from core.tokenizer import check_vocab_matches
+from core.tokenizer import Tokenizer, check_vocab_matches
 from core.tracking import delivered, schema
 from core.train import checkpoint as ckpt
 from core.train import checks
 from core.train import mesh as meshlib
+from core.train import evaluators as evals_lib
 from core.train import host_input, partition, throughput, workdir_lock
 from core.train import tracking as trk
 from core.train.step import StepBuilder, abstract_batch, device_batch, make_builder
@@ -99,7 +103,8 @@ class TrainResult:
   compile_s: float
 
 
-def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Callable[..., Any],
+def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
+          optimizer: Callable[..., Any],
           num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
           data_seed: int | None = None,
           mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
@@ -121,9 +126,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
   Args:
     model: the architecture.
     data: a factory called as data(batch_size=, seed=, split=, shard_index=,
-      shard_count=) returning an iterator of dicts of (batch, seq_len) numpy
-      arrays (inputs, targets, segment_ids, positions, loss_mask) with
-      get_state()/set_state() (core.data.pipeline.lm_batches bound by gin).
+      shard_count=) returning a core.train.host_input.TrainData: batches with
+      their position, tokenizer and manifest (core.data.pipeline.lm_batches
+      bound by gin).
     optimizer: a recipe from core.train.optimizer (called with param_axes and
       total_steps).
     num_steps: optimizer updates of the whole run.
@@ -145,8 +150,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       the whole batch is one stream). Batches depend on it, not on the number
       of processes.
     log_every: steps between progress lines / metrics records.
-    eval_every: steps between held-out evaluations (0: only at the end when
-      eval_batches > 0); eval_batches: validation batches per evaluation.
+    eval_every: steps between evaluations (0: only at the end); eval_batches:
+      validation batches of the held-out loss (0: no held-out loss).
     checkpoint_every, keep_checkpoints, async_checkpoints: checkpoint policy.
     tracking_uri, experiment, run_name, track: MLflow (process 0 only).
     export_model: write <workdir>/model with core.model_dir.io at the end.
@@ -156,9 +161,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     progress: print progress lines (process 0).
     step_builder: builds the step instead of StepBuilder, with its arguments
       (e.g. core.train.distill.step_builder(teacher_dir=...) for distillation).
-    evals: called as evals(model, step) -> {metric: value} every eval_every
-      steps and at the end, on every process (e.g. core.eval.suite.EvalSuite);
-      process 0 logs what it returns.
+    evals: called as evals(model, step) -> {metric: value}, on process 0 with
+      the whole parameters (e.g. core.eval.suite.EvalSuite), after the held-out
+      loss and at the same steps (core.train.evaluators).
     pue, grid_region, grid_intensity, device_power_w: energy and carbon inputs
       (core.tracking.carbon): facility overhead (PUE), a region of the cited grid
       table or an intensity in g CO2eq/kWh, and the power per device where the
@@ -186,6 +191,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     _sync("workdir")
 
     # == Mesh, step and data ===================================================================
+    # The optimizer comes first (its recipe reads the parameters' logical axes) and the step
+    # builder is made around it; the data comes after, since which rows a process reads
+    # depends on the batch sharding.
     mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
     builder = make_builder(model, optimizer, mesh_obj, partition.merged_rules(rules),
                            num_steps=num_steps, grad_accum_steps=grad_accum_steps, z_loss=z_loss,
@@ -198,10 +206,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
                                                shards=data_shards or jax.process_count(),
                                                rows=rows)
     checks.check_seq_len(model, train_data.seq_len)
-    tokenizer = getattr(train_data, "tokenizer", None)
-    if tokenizer is not None:
+    if train_data.tokenizer is not None:
       # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
-      check_vocab_matches(tokenizer.vocab_size, model.vocab_size, where="train: data tokenizer")
+      check_vocab_matches(train_data.tokenizer.vocab_size, model.vocab_size,
+                          where="train: data tokenizer")
 
     # == Record, tracker, checkpoints ==========================================================
     # The MLflow run opens here, so a store that cannot be written fails before any step.
@@ -243,14 +251,14 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
         log = delivered.DedupTracker(tracker, delivered.delivered_metrics(
             tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
             say=lambda m: _say(primary, m))
-    first = _Prefetch(train_data)
+    first = host_input.Prefetch(train_data)
     seq_len = first.peek()["inputs"].shape[1]
     checks.check_seq_len(model, seq_len)
     metrics_path = workdir / "metrics.jsonl"
     if primary:
       _truncate_metrics(metrics_path, start_step)
       _log_run_record(log, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                      getattr(train_data, "manifest", None), train_data.shards)
+                      train_data.manifest, train_data.shards)
     energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
                                resume_from=saved_meta.get("energy"), pue=pue,
                                grid_region=grid_region, grid_intensity=grid_intensity,
@@ -266,18 +274,18 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     _say(primary, f"compiled the train step in {compile_s:.1f}s")
     log.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
 
-    # == What each logged step reports =========================================================
+    # == What the loop reports: logged steps and evaluations ===================================
     fpt = flops_per_token(model, seq_len)
     tokens_per_step = batch_size * seq_len
-    schedule = getattr(builder.optimizer, "schedule", None)
     peak, peak_source = throughput.peak_flops(mesh_obj.devices.flat, model.dtype)
     meter = throughput.Meter(fpt, peak, num_steps, start_step)
-    evaluator = _Evaluator(builder, data, shape, data_seed, eval_batches) if eval_batches else None
     terminate = _TermFlag()
     losses: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
     pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens in its batch)
     last_saved = start_step
+    # The held-out loss, then the caller's evaluations: one list, one record per evaluation.
+    evaluations = evals_lib.evaluators(builder, data, shape, data_seed, eval_batches, evals)
 
     def resolve(keep_last: int) -> None:
       """Reads back the metrics of all but the newest `keep_last` dispatched steps.
@@ -304,8 +312,8 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
                   "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates,
                   # Cumulative, so curves can be drawn against tokens or compute, not steps.
                   "tokens": s * tokens_per_step, "flops": s * tokens_per_step * fpt}
-          if schedule is not None:
-            line["learning_rate"] = float(schedule(s - 1))  # what update s applied
+          if builder.schedule is not None:
+            line["learning_rate"] = float(builder.schedule(s - 1))  # what update s applied
           if primary:
             _append_jsonl(metrics_path, line)
             # The ETA is for the console; a store holds what happened.
@@ -319,6 +327,20 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
                     f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
                     f"MFU {100 * rates['mfu']:.1f}% | "
                     f"ETA {throughput.format_duration(rates['eta_s'])}", flush=True)
+
+    def evaluate(step: int) -> None:
+      """Every evaluator at `step` (every process takes part); process 0 logs them as one record."""
+      if not evaluations:
+        return
+      resolve(0)  # never evaluate parameters that a later check would reject
+      metrics: dict[str, float] = {}
+      for evaluator in evaluations:
+        metrics.update(evaluator(state.params, step))
+      if schema.EVAL_LOSS in metrics:
+        eval_losses[step] = metrics[schema.EVAL_LOSS]
+      if primary and metrics:
+        _append_jsonl(metrics_path, {"step": step, **metrics})
+        log.log_metrics(metrics, step=step)
 
     def save(step: int, data_state: dict, wait: bool = False) -> None:
       nonlocal last_saved
@@ -339,12 +361,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
         step += 1
         pending.append((step, m, batch["inputs"].size))
         resolve(1)
-        if (evaluator or evals) and eval_every and step % eval_every == 0 and step < num_steps:
-          resolve(0)
-          if evaluator:
-            eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
-          if evals:
-            _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+        # The last step's evaluation waits for the final checkpoint, below: a failing
+        # evaluation must not cost the trained state.
+        if eval_every and step % eval_every == 0 and step < num_steps:
+          evaluate(step)
         if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
           save(step, data_state)
         checkpointer.check()  # a background save that failed stops the run now
@@ -361,10 +381,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       resolve(0)
       if step > last_saved or not checkpointer.steps():
         save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
-      if evaluator:
-        eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
-      if evals:
-        _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+      evaluate(step)
     finally:
       terminate.restore()
       first.close()
@@ -373,7 +390,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     checkpointer.wait()
     if export_model:
       _export(workdir, builder, state, model, log, primary,
-              _tokenizer_path(getattr(train_data, "manifest", None)))
+              _tokenizer_path(train_data.tokenizer))
     if primary:
       _finish_record(log, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
@@ -496,125 +513,9 @@ def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, trac
   print(f"exported the model to {out}", flush=True)
 
 
-def _tokenizer_path(manifest: Any) -> str | None:
-  """The data manifest's tokenizer file, if the data layer recorded one."""
-  tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-  path = tokenizer.get("path") if isinstance(tokenizer, dict) else None
-  return path if path and Path(path).is_file() else None
-
-
-class _Prefetch:
-  """Reads batches in a thread, each paired with the iterator position after it.
-
-  The position travels with its batch, so a checkpoint taken after step n stores
-  exactly "n batches consumed", however far ahead the reader is.
-  """
-
-  def __init__(self, iterator, depth: int = 2):
-    self._it = iterator
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._head = None
-    self._thread = threading.Thread(target=self._work, name="ablax-prefetch", daemon=True)
-    self._thread.start()
-
-  def _work(self) -> None:
-    while not self._stop.is_set():
-      try:
-        item = (next(self._it), self._it.get_state())
-      except BaseException as e:  # noqa: BLE001  handed to the consumer
-        item = e
-      while not self._stop.is_set():
-        try:
-          self._queue.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if isinstance(item, BaseException):
-        return
-
-  def peek(self):
-    if self._head is None:
-      self._head = self._get()
-    return self._head[0]
-
-  def _get(self):
-    item = self._queue.get()
-    if isinstance(item, StopIteration):
-      raise RuntimeError("the training data ended before num_steps; use num_epochs=None") from item
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def next(self):
-    if self._head is not None:
-      item, self._head = self._head, None
-      return item
-    return self._get()
-
-  def close(self) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-
-class _Evaluator:
-  """Held-out loss on the first `batches` validation batches (the same ones each time)."""
-
-  def __init__(self, builder: StepBuilder, data, shape, seed: int, batches: int):
-    self.builder, self.data, self.shape, self.seed, self.batches = builder, data, shape, seed, batches
-    self.fn = None
-    self.disabled = False
-
-  def run(self, params, step: int, tracker, metrics_path: Path, primary: bool) -> float:
-    if self.disabled:
-      return float("nan")
-    try:
-      it = self.data(batch_size=self.shape[0], seed=self.seed, split="validation",
-                     shard_index=0, shard_count=1)
-    except Exception as e:  # noqa: BLE001  a source without a validation split
-      logger.warning("no held-out evaluation: the data has no validation split (%s)", e)
-      self.disabled = True
-      return float("nan")
-    if self.fn is None:
-      self.fn = self.builder.build_eval(self.shape)
-    total = squares = tokens = 0.0
-    for _, batch in zip(range(self.batches), it):
-      if batch["inputs"].shape != tuple(self.shape):
-        break
-      loss_sum, sq_sum, n = self.fn(params, device_batch(batch, self.builder.batch_sharding))
-      total, squares, tokens = total + float(loss_sum), squares + float(sq_sum), tokens + float(n)
-    loss = total / max(tokens, 1.0)
-    # The eval set's own noise: the standard error of a mean over `tokens` token losses.
-    # A difference between runs smaller than a few of these is not resolved by this set.
-    var = max(squares / max(tokens, 1.0) - loss * loss, 0.0) * tokens / max(tokens - 1.0, 1.0)
-    se = math.sqrt(var / max(tokens, 1.0))
-    if primary:
-      _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_loss_se": se,
-                                   "eval_tokens": tokens})
-      tracker.log_metrics({schema.EVAL_LOSS: loss, schema.EVAL_LOSS_SE: se,
-                           schema.EVAL_TOKENS: tokens}, step=step)
-      print(f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
-            f"{int(tokens)} tokens)", flush=True)
-    return loss
-
-
-def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, metrics_path: Path,
-               primary: bool) -> None:
-  """The caller's evaluations (core.eval) of the current parameters, logged at `step`."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    # Parameters may be sharded across hosts: every process takes part in the gather,
-    # then process 0 alone evaluates whole local copies (no collectives), so the others
-    # simply wait for it at the next step.
-    params = multihost_utils.process_allgather(params, tiled=True)
-    if not primary:
-      return
-    params = jax.tree.map(np.asarray, params)
-  metrics = {k: float(v) for k, v in evals(nnx.merge(builder.graphdef, params), step).items()
-             if isinstance(v, (int, float, np.floating, np.integer))}
-  if primary and metrics:
-    _append_jsonl(metrics_path, {"step": step, **metrics})
-    tracker.log_metrics(metrics, step=step)
+def _tokenizer_path(tokenizer: Tokenizer | None) -> str | None:
+  """The data tokenizer's file, exported with the model (None: the data has no tokenizer)."""
+  return tokenizer.path if tokenizer is not None and Path(tokenizer.path).is_file() else None
 
 
 class _TermFlag:

@@ -1,7 +1,8 @@
 """Optimizer recipes: optax chains with the schedules and weight-decay masks of the papers.
 
 A recipe is a function `recipe(*, param_axes, total_steps, **hyperparameters)
--> optax.GradientTransformation`. The trainer passes `param_axes` (a pure dict
+-> Scheduled` (an optax.GradientTransformation with its learning-rate schedule).
+The trainer passes `param_axes` (core.train.step.param_axes: a pure dict
 mirroring the parameters, each leaf its tuple of logical axis names) and the
 run length; gin files (gin/train/*.gin) bind the hyperparameters. The mask is
 computed from logical axes rather than parameter names, so a new module with
@@ -51,16 +52,18 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
       decay_steps=max(int(total_steps), warmup_steps + 1), end_value=final_fraction * peak_lr)
 
 
-class _Scheduled(optax.GradientTransformation):
-  """A GradientTransformation that also carries its learning-rate schedule (`.schedule`).
+class Scheduled(optax.GradientTransformation):
+  """A GradientTransformation that also carries its learning-rate schedule.
 
-  The trainer logs `train/learning_rate` from it; a recipe without one logs none.
+  Every recipe here returns one; the trainer logs `train/learning_rate` from
+  `schedule` (core.train.step.StepBuilder.schedule). Another optax
+  transformation logs none.
   """
+  schedule: optax.Schedule
 
 
-def with_schedule(tx: optax.GradientTransformation,
-                  schedule: optax.Schedule) -> optax.GradientTransformation:
-  out = _Scheduled(tx.init, tx.update)
+def with_schedule(tx: optax.GradientTransformation, schedule: optax.Schedule) -> Scheduled:
+  out = Scheduled(tx.init, tx.update)
   out.schedule = schedule
   return out
 
@@ -69,7 +72,7 @@ def llama_adamw(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: flo
                 warmup_steps: int = 2000, final_fraction: float = 0.1, b1: float = 0.9,
                 b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
                 decay_embeddings: bool = False, clip_norm: float | None = 1.0
-                ) -> optax.GradientTransformation:
+                ) -> Scheduled:
   """LLaMA's recipe (Touvron et al. 2023, section 2.3).
 
   AdamW with beta1 0.9, beta2 0.95, decoupled weight decay 0.1 (scaled by the
@@ -88,7 +91,7 @@ def adafactor(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float
               decay_rate: float = 0.8, momentum: float | None = None,
               weight_decay: float = 0.0, decay_embeddings: bool = False,
               clip_norm: float | None = 1.0, multiply_by_parameter_scale: bool = True,
-              factored: bool = True) -> optax.GradientTransformation:
+              factored: bool = True) -> Scheduled:
   """Adafactor (Shazeer & Stern 2018) with factored second moments and the same schedule shape.
 
   Its memory is O(rows + columns) per matrix instead of Adam's two full copies,
@@ -106,7 +109,7 @@ def adafactor(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float
 
 def sgd(*, param_axes: Mapping[str, Any], total_steps: int, peak_lr: float = 0.1,
         warmup_steps: int = 0, final_fraction: float = 0.1,
-        momentum: float | None = None) -> optax.GradientTransformation:
+        momentum: float | None = None) -> Scheduled:
   """Plain SGD on the same schedule: a baseline, and easy to reason about in tests."""
   del param_axes
   schedule = warmup_cosine(peak_lr, warmup_steps, total_steps, final_fraction)

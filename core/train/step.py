@@ -26,6 +26,7 @@ from core.train import partition
 from core.train.host_input import process_rows
 from core.train.loss import (chunked_log_z_and_target, log_z_and_target, loss_moments,
                              loss_sums)
+from core.train.optimizer import Scheduled
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
@@ -45,7 +46,10 @@ class TrainState:
 class StepBuilder:
   """Everything the step depends on; `build()` returns the jitted step.
 
-  The step maps (state, batch, inputs) to (state, metrics).
+  The step maps (state, batch, inputs) to (state, metrics). Its training loss is
+  `loss(...)`, the one hook a builder of another objective overrides
+  (core.train.distill); everything else (accumulation, the update, sharding,
+  the held-out evaluation) is this class's, whatever the loss.
 
   `inputs` is `step_inputs()`: arrays the loss reads besides the state and the
   batch (a distillation teacher's weights; none here). They enter the step as an
@@ -54,7 +58,8 @@ class StepBuilder:
 
   Attributes:
     config: the model.
-    optimizer: the optax transformation of the recipe.
+    optimizer: the optax transformation of the recipe, built before the builder
+      from `param_axes(config)` (make_builder).
     mesh, rules: where parameters, batches and activation constraints live.
     grad_accum_steps: micro-batches per update; the gradient equals the
       full-batch gradient (token-weighted), only memory changes.
@@ -74,11 +79,13 @@ class StepBuilder:
   def __post_init__(self):
     if self.loss_vocab_chunk < 0:
       raise ValueError(f"loss_vocab_chunk must be >= 0 (0 = off), got {self.loss_vocab_chunk}")
-    abstract = nnx.eval_shape(lambda: Transformer(self.config, rngs=nnx.Rngs(0)))
-    self.graphdef, param_state = nnx.split(abstract, nnx.Param)
-    self.param_state = param_state
+    self.graphdef, param_state = _abstract_params(self.config)
     self.param_specs = partition.param_specs(param_state, self.mesh, self.rules)
-    self.param_axes = _pure_tuple_tree(param_state)
+
+  @property
+  def schedule(self) -> optax.Schedule | None:
+    """The learning rate by step, for the logs: the recipe's (optimizer.Scheduled), else None."""
+    return self.optimizer.schedule if isinstance(self.optimizer, Scheduled) else None
 
   # -- init -------------------------------------------------------------------------
 
@@ -137,14 +144,23 @@ class StepBuilder:
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     return log_z_and_target(logits, batch["targets"])
 
-  def _loss(self, params, batch, inputs=()):
+  def loss(self, params, batch, inputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The training loss: (loss sum, log(Z)^2 sum, tokens) of `batch`.
+
+    Sums, so micro-batches and shards add up; the step divides once by the
+    tokens and adds z_loss times the log(Z)^2 term. The next-token loss here; a
+    builder of another objective overrides this alone, reading what else it
+    needs from `inputs` (its step_inputs()).
+    """
     del inputs  # the plain next-token loss reads nothing else
-    loss_sum, z_sum, tokens = loss_sums(*self._log_z_and_target(params, batch),
-                                        batch["loss_mask"])
+    return loss_sums(*self._log_z_and_target(params, batch), batch["loss_mask"])
+
+  def _objective(self, params, batch, inputs):
+    loss_sum, z_sum, tokens = self.loss(params, batch, inputs)
     return loss_sum + self.z_loss * z_sum, (loss_sum, z_sum, tokens)
 
   def _grads(self, params, batch, inputs):
-    grad_fn = jax.grad(self._loss, has_aux=True)
+    grad_fn = jax.grad(self._objective, has_aux=True)
     a = self.grad_accum_steps
     if a == 1:
       return grad_fn(params, batch, inputs)
@@ -215,8 +231,19 @@ class StepBuilder:
     return jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
 
 
-def _pure_tuple_tree(param_state: nnx.State) -> dict:
-  """Pure dict of the parameters' logical axes (tuples as leaves)."""
+def _abstract_params(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and its parameters as shapes (nothing allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)
+
+
+def param_axes(config: ModelConfig) -> dict:
+  """The parameters' logical axes: a pure dict mirroring them, each leaf a tuple of axis names.
+
+  What an optimizer recipe reads (core.train.optimizer: its weight-decay mask),
+  known from the abstract model, so the optimizer exists before the StepBuilder.
+  """
+  _, param_state = _abstract_params(config)
   variables = partition.variables_by_path(param_state)
   return jax.tree_util.tree_map_with_path(
       lambda p, _: tuple(variables[jax.tree_util.keystr(p)].get_metadata().get("logical_axes")
@@ -261,14 +288,13 @@ def make_builder(model: ModelConfig, optimizer: Callable[..., optax.GradientTran
   """The StepBuilder of a run, with the optimizer of its recipe.
 
   One place for what a run steps with, so that `ablax plan` compiles exactly
-  the step that `train` runs. The recipe needs the parameters' logical axes,
-  which only the builder knows, hence the optimizer is filled in second.
+  the step that `train` runs. The recipe is called with the parameters' logical
+  axes (from the abstract model) and the run length, then the builder is made
+  with the optimizer it will always step with.
   """
-  builder = (step_builder or StepBuilder)(model, optax.identity(), mesh, rules,
-                                          grad_accum_steps=grad_accum_steps, z_loss=z_loss,
-                                          loss_vocab_chunk=loss_vocab_chunk)
-  builder.optimizer = optimizer(param_axes=builder.param_axes, total_steps=num_steps)
-  return builder
+  tx = optimizer(param_axes=param_axes(model), total_steps=num_steps)
+  return (step_builder or StepBuilder)(model, tx, mesh, rules, grad_accum_steps=grad_accum_steps,
+                                       z_loss=z_loss, loss_vocab_chunk=loss_vocab_chunk)
 
 
 def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding],

@@ -1,4 +1,4 @@
-"""A synthetic LM batch source with the data layer's interface, for tests and benchmarks.
+"""Synthetic LM batches with the data layer's interface (TrainData), for tests and benchmarks.
 
 `synthetic_batches(...)` takes the same keyword arguments as
 core.data.pipeline.lm_batches and yields the same dict of arrays, but its
@@ -29,6 +29,7 @@ class SyntheticBatches:
     table_rng = np.random.default_rng(seed)  # the same language for train and validation
     self.next_token = table_rng.integers(1, vocab_size, size=(vocab_size, 4))
     self.step = 0
+    self.tokenizer = None  # the ids are the data: no tokenizer made them
 
   @property
   def manifest(self) -> dict:

@@ -123,7 +123,7 @@ def _memorization(args, model, tok) -> dict[str, float]:
     metrics.update(memorization.evaluate(model, docs, prefix_len=args.prefix_len,
                                          suffix_len=args.suffix_len,
                                          max_documents=args.num_documents,
-                                         prefix=f"memorization/{name}"))
+                                         prefix=f"{schema.EVAL_MEMORIZATION}/{name}"))
   return metrics
 
 
