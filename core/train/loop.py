@@ -21,18 +21,18 @@ of processes or devices, which is what makes a 2-process or 8-device run
 reproduce a 1-device run with the same data_shards.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
-caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
-logged step and per evaluation), run.json (the MLflow run id and store, and the
-step the run finished at), model/ (the exported model), mlflow_spool/ (records
-waiting for the store) and train.lock (held by the one trainer of the workdir). The MLflow store is the project's one default
-(core.tracking.store), not per workdir.
+caller's `config_hook`), checkpoints/, metrics.jsonl (the journal: one JSON object per
+logged step and per evaluation, MLflow's keys), run.json (the MLflow run, its params, tags
+and status, and the step the run finished at), record/ (the run's other artifacts),
+mlflow_sync.json (how much of it reached the store), model/ (the exported model) and
+train.lock (held by the one trainer of the workdir); core/tracking/local.py. The MLflow
+store is the project's one default (core.tracking.store), not per workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import queue
@@ -50,7 +50,7 @@ from core.model import attention_impls
 from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.tokenizer import check_vocab_matches
-from core.tracking import delivered, schema
+from core.tracking import schema
 from core.train import checkpoint as ckpt
 from core.train import checks
 from core.train import mesh as meshlib
@@ -231,7 +231,6 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     abstract = builder.abstract_state()
     restored = checkpointer.restore_latest(abstract)
     saved_meta: dict = {}
-    log = tracker  # what the loop logs through (it skips re-run steps on a resume)
     if restored is None:
       start_step, state = 0, builder.init(seed)
       _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
@@ -239,18 +238,13 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       start_step, state, data_state, saved_meta = restored
       train_data.set_state(data_state)
       _say(primary, f"resuming {workdir} from step {start_step}")
-      if primary and tracker_run_id(tracker):
-        # Steps past the checkpoint may have reached the store before the interruption.
-        log = delivered.DedupTracker(tracker, delivered.delivered_metrics(
-            tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
-            say=lambda m: _say(primary, m))
+      # Steps past the checkpoint are in the journal (and perhaps the store) already.
+      tracker.resume(start_step, say=lambda m: _say(primary, m))
     first = _Prefetch(train_data)
     seq_len = first.peek()["inputs"].shape[1]
     checks.check_seq_len(model, seq_len)
-    metrics_path = workdir / "metrics.jsonl"
     if primary:
-      _truncate_metrics(metrics_path, start_step)
-      _log_run_record(log, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
+      _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
                       getattr(train_data, "manifest", None), train_data.shards)
     energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
                                resume_from=saved_meta.get("energy"), pue=pue,
@@ -265,7 +259,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
     compile_s = time.perf_counter() - t0
     _say(primary, f"compiled the train step in {compile_s:.1f}s")
-    log.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
+    tracker.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
 
     # == What each logged step reports =========================================================
     fpt = flops_per_token(model, seq_len)
@@ -308,13 +302,12 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
           if schedule is not None:
             line["learning_rate"] = float(schedule(s - 1))  # what update s applied
           if primary:
-            _append_jsonl(metrics_path, line)
-            # The ETA is for the console; a store holds what happened.
-            log.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
-                             if k not in ("step", "eta_s")}, step=s)
+            # The ETA is for the console and the journal; a store holds what happened.
+            tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
+                                 if k not in ("step", "eta_s")}, step=s, eta_s=rates["eta_s"])
             if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
-              log.log_metrics({f"{schema.ENERGY}{k}": v
-                               for k, v in _energy_reading(energy).items()}, step=s)
+              tracker.log_metrics({f"{schema.ENERGY}{k}": v
+                                   for k, v in _energy_reading(energy).items()}, step=s)
             if progress:
               print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
                     f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
@@ -343,9 +336,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
         if (evaluator or evals) and eval_every and step % eval_every == 0 and step < num_steps:
           resolve(0)
           if evaluator:
-            eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
+            eval_losses[step] = evaluator.run(state.params, step, tracker, primary)
           if evals:
-            _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+            _run_evals(evals, builder, state.params, step, tracker, primary)
         if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
           save(step, data_state)
         checkpointer.check()  # a background save that failed stops the run now
@@ -354,7 +347,7 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
             save(step, data_state)
           checkpointer.wait()
           _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
-          log.flush()
+          tracker.flush()
           ending["status"] = "KILLED"
           return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
                              "KILLED", compile_s)
@@ -363,9 +356,9 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
       if step > last_saved or not checkpointer.steps():
         save(step, data_state if data_state is not None else train_data.get_state(), wait=True)
       if evaluator:
-        eval_losses[step] = evaluator.run(state.params, step, log, metrics_path, primary)
+        eval_losses[step] = evaluator.run(state.params, step, tracker, primary)
       if evals:
-        _run_evals(evals, builder, state.params, step, log, metrics_path, primary)
+        _run_evals(evals, builder, state.params, step, tracker, primary)
     finally:
       terminate.restore()
       first.close()
@@ -373,10 +366,10 @@ def train(*, model: ModelConfig, data: Callable[..., Iterator], optimizer: Calla
     # == Export and finish =====================================================================
     checkpointer.wait()
     if export_model:
-      _export(workdir, builder, state, model, log, primary,
+      _export(workdir, builder, state, model, tracker, primary,
               _tokenizer_path(getattr(train_data, "manifest", None)))
     if primary:
-      _finish_record(log, workdir, record, peak_source, energy, step)
+      _finish_record(tracker, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
     ending["status"] = "FINISHED"
     return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
@@ -416,26 +409,6 @@ def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
 
 def tracker_run_id(tracker) -> str | None:
   return getattr(tracker, "run_id", None)
-
-
-def _append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(obj) + "\n")
-    f.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-  """Drops records of steps after the checkpoint being resumed: they will be redone."""
-  if not path.is_file():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      if json.loads(line).get("step", 0) <= step:
-        kept.append(line)
-    except json.JSONDecodeError:
-      continue  # a line cut by a kill
-  path.write_text("".join(l + "\n" for l in kept))
 
 
 def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
@@ -566,7 +539,7 @@ class _Evaluator:
     self.fn = None
     self.disabled = False
 
-  def run(self, params, step: int, tracker, metrics_path: Path, primary: bool) -> float:
+  def run(self, params, step: int, tracker, primary: bool) -> float:
     if self.disabled:
       return float("nan")
     try:
@@ -590,8 +563,6 @@ class _Evaluator:
     var = max(squares / max(tokens, 1.0) - loss * loss, 0.0) * tokens / max(tokens - 1.0, 1.0)
     se = math.sqrt(var / max(tokens, 1.0))
     if primary:
-      _append_jsonl(metrics_path, {"step": step, "eval_loss": loss, "eval_loss_se": se,
-                                   "eval_tokens": tokens})
       tracker.log_metrics({schema.EVAL_LOSS: loss, schema.EVAL_LOSS_SE: se,
                            schema.EVAL_TOKENS: tokens}, step=step)
       print(f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
@@ -599,8 +570,7 @@ class _Evaluator:
     return loss
 
 
-def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, metrics_path: Path,
-               primary: bool) -> None:
+def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, primary: bool) -> None:
   """The caller's evaluations (core.eval) of the current parameters, logged at `step`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
@@ -614,7 +584,6 @@ def _run_evals(evals, builder: StepBuilder, params, step: int, tracker, metrics_
   metrics = {k: float(v) for k, v in evals(nnx.merge(builder.graphdef, params), step).items()
              if isinstance(v, (int, float, np.floating, np.integer))}
   if primary and metrics:
-    _append_jsonl(metrics_path, {"step": step, **metrics})
     tracker.log_metrics(metrics, step=step)
 
 
