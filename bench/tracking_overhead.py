@@ -3,9 +3,9 @@
 A tiny jitted JAX step (a two-layer MLP's loss and gradient) runs in blocks
 that alternate between "tracker off" and "tracker on", so drift of a shared
 machine hits both alike. With the tracker on, every step logs 10 metrics (JAX
-scalars straight from the step) to the run's journal, which a thread uploads
-to a local sqlite store. Prints the median step time of each and their ratio;
-the claim is a ratio within 1.01.
+scalars straight from the step), which one thread writes to the run's journal
+and another uploads to a local sqlite store. Prints the median step time of
+each and their ratio; the claim is a ratio within 1.01.
 
   .venv/bin/python bench/tracking_overhead.py [--steps 2000] [--blocks 10] [--uri URI]
 """

@@ -181,6 +181,29 @@ def test_log_metrics_does_not_wait_for_the_store(_mlflow_store, tmp_path):
   assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(200))
 
 
+class _SlowValue:
+  """A value that takes a while to read, as a JAX scalar whose step is still running."""
+
+  def __float__(self):
+    time.sleep(0.05)
+    return 1.5
+
+
+def test_log_metrics_reads_values_and_writes_the_journal_off_the_calling_thread(
+    _mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  t0 = time.perf_counter()
+  for step in range(20):
+    t.log_metrics({"loss": _SlowValue()}, step)
+  assert time.perf_counter() - t0 < 0.5  # reading them takes 1 s
+  t.end()  # everything queued is journaled, in order, before the last upload
+  path = tmp_path / "run" / journal.METRICS_FILE
+  assert [(line["step"], line["loss"]) for _, line in journal.read(path)] == \
+      [(step, 1.5) for step in range(20)]
+  assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(20))
+
+
 def test_jax_values_are_converted(_mlflow_store, tmp_path):
   import jax.numpy as jnp
   with _tracker(_mlflow_store, tmp_path) as t:

@@ -30,11 +30,14 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from core.tracking import schema
+from core.tracking.store import clean_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ REL_TOL, ABS_TOL = 1e-5, 1e-8
 
 def compared(key: str) -> bool:
   return key not in NONDETERMINISTIC and not key.startswith(NONDETERMINISTIC_PREFIXES)
+
+
+def check_fields(fields: Mapping[str, Any]) -> None:
+  unknown = set(fields) - set(FIELDS)
+  if unknown:
+    raise ValueError(f"journal fields are {FIELDS}, not {sorted(unknown)}")
 
 
 def metrics_of(line: Mapping[str, Any]) -> dict[str, float]:
@@ -115,16 +124,22 @@ class Journal:
           self._redone.setdefault((key, s), value)
 
   def append(self, metrics: Mapping[str, Any], step: int, **fields: Any) -> None:
-    """Writes one line: `metrics` (numbers; others are dropped with a warning) at `step`.
+    """Writes one line now: `metrics` at `step` (core.tracking.journal.Writer does it later)."""
+    check_fields(fields)
+    self.write([self.line(metrics, step, time.time(), fields)])
 
-    `fields` are entries of FIELDS, which no store receives.
+  def line(self, metrics: Mapping[str, Any], step: Any, stamp_s: float,
+           fields: Mapping[str, Any]) -> str | None:
+    """The JSON line of `metrics` (numbers; others are dropped with a warning) at `step`,
+    logged at `stamp_s`; None when nothing of it is new (all of it journaled before a resume).
+
+    Values are read here: a JAX scalar waits for its step. `fields` are entries of FIELDS,
+    which no store receives.
     """
-    unknown = set(fields) - set(FIELDS)
-    if unknown:
-      raise ValueError(f"journal fields are {FIELDS}, not {sorted(unknown)}")
     step = int(step)
-    line: dict[str, Any] = {"step": step, "time": int(time.time() * 1000)}
+    line: dict[str, Any] = {"step": step, "time": int(stamp_s * 1000)}
     for key, value in metrics.items():
+      key = clean_key(key)
       try:
         value = float(value)
       except (TypeError, ValueError):
@@ -133,12 +148,19 @@ class Journal:
       if not self._redone_before(key, step, value):
         line[key] = value
     if len(line) == 2:
-      return
+      return None
     line.update(fields)
+    return json.dumps(line) + "\n"
+
+  def write(self, lines: list[str | None]) -> None:
+    """Appends `lines` (Nones skipped) in one write."""
+    text = "".join(line for line in lines if line)
+    if not text:
+      return
     if self._file is None:
-      # Line-buffered: each line is one write, in the kernel (and safe from a kill -9) at once.
-      self._file = open(self.path, "a", encoding="utf-8", buffering=1)
-    self._file.write(json.dumps(line) + "\n")
+      self._file = open(self.path, "a", encoding="utf-8")
+    self._file.write(text)
+    self._file.flush()  # in the kernel, so safe from a kill -9
 
   def close(self) -> None:
     if self._file is not None:
@@ -163,3 +185,87 @@ def _same(a: float, b: float) -> bool:
   if math.isnan(a) or math.isnan(b):
     return math.isnan(a) and math.isnan(b)
   return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+
+
+_STOP = object()
+
+
+class Writer:
+  """Feeds a Journal from its own thread, so logging a step costs the caller a queue put.
+
+  The thread reads the values (a JAX scalar waits for its step there, not in the
+  training loop), encodes them and appends the lines in the order they were put,
+  in one write per `interval_s` at most, which keeps its share of the GIL small.
+  A kill -9 loses what was put and not written yet: at most the last `interval_s`.
+  """
+
+  def __init__(self, journal: Journal, interval_s: float = 0.1):
+    self.journal = journal
+    self.interval_s = interval_s
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    self._wake = threading.Event()  # a drain or close: write now
+    self._thread = threading.Thread(target=self._run, name="ablax-journal", daemon=True)
+    self._thread.start()
+
+  def put(self, metrics: Mapping[str, Any], step: Any, fields: Mapping[str, Any]) -> None:
+    """Queues one line; `metrics` is copied, its values are read later."""
+    if fields:
+      check_fields(fields)
+    self._queue.put((dict(metrics), step, fields, time.time()))
+
+  @property
+  def queued(self) -> int:
+    """Lines put and not written yet (about)."""
+    return self._queue.qsize()
+
+  def drain(self, timeout: float | None = None) -> bool:
+    """Waits until everything put so far is written; False when `timeout` passed first."""
+    if not self._thread.is_alive():
+      return self._queue.empty()
+    done = threading.Event()
+    self._queue.put(done)
+    self._wake.set()
+    return done.wait(timeout)
+
+  def close(self, timeout: float | None = None) -> bool:
+    """Writes everything put so far and stops; False when `timeout` passed first."""
+    if self._thread.is_alive():
+      self._queue.put(_STOP)
+      self._wake.set()
+      self._thread.join(timeout)
+      if self._thread.is_alive():
+        return False
+    self.journal.close()
+    return True
+
+  def _run(self) -> None:
+    while True:
+      items = [self._queue.get()]
+      self._wake.wait(self.interval_s)
+      self._wake.clear()
+      try:
+        while True:
+          items.append(self._queue.get_nowait())
+      except queue.Empty:
+        pass
+      lines: list[str | None] = []
+      for item in items:
+        if item is _STOP or isinstance(item, threading.Event):
+          self._write(lines)
+          lines = []
+          if item is _STOP:
+            return
+          item.set()
+          continue
+        metrics, step, fields, stamp = item
+        try:
+          lines.append(self.journal.line(metrics, step, stamp, fields))
+        except Exception:  # noqa: BLE001  one bad line must not stop the journal
+          logger.exception("metrics at step %r not journaled", step)
+      self._write(lines)
+
+  def _write(self, lines: list[str | None]) -> None:
+    try:
+      self.journal.write(lines)
+    except OSError:
+      logger.exception("cannot append to %s; %d lines lost", self.journal.path, len(lines))

@@ -3,8 +3,9 @@
 `RunTracker` creates (or resumes) the run up front, where a store that cannot
 be written fails the launch immediately rather than hours later. After that
 every call writes to the workdir only: metrics to its journal
-(core/tracking/journal.py), params, tags, inputs, artifacts and the final
-status to its local record (core/tracking/local.py). A background thread
+(core/tracking/journal.py; a thread of its own writes it, so logging a step
+costs the training loop a queue put), params, tags, inputs, artifacts and the
+final status to its local record (core/tracking/local.py). A background thread
 uploads what the store does not have yet (core/tracking/sync.py) once per
 `batch_interval_s`; while the store is unreachable the persisted offset simply
 does not advance, and the thread tries again every `retry_interval_s`. What
@@ -95,6 +96,7 @@ class RunTracker:
     self.batch_interval_s = batch_interval_s
     self.system_metrics_s = system_metrics_s
     self.journal: journal.Journal | None = None
+    self._journal_writer: journal.Writer | None = None
     self.syncer: sync.Syncer | None = None
     self.reachable = True  # the last upload reached the store
     self.writer_cpu_s = 0.0  # CPU time the upload thread used (benchmarks)
@@ -131,6 +133,7 @@ class RunTracker:
         schema.EXPERIMENT_KEY: self.experiment,
         local.STATUS: None, local.END_TIME: None})
     self.syncer = sync.Syncer(self.workdir, self.run_id, client)
+    self._journal_writer = journal.Writer(self.journal)
     self._thread = threading.Thread(target=self._uploader, name="ablax-tracking", daemon=True)
     self._thread.start()
     if self.system_metrics_s:
@@ -234,16 +237,18 @@ class RunTracker:
     """Steps from `step` on are logged again: (metric, step) pairs already journaled are dropped
     and changed deterministic values reported (core.tracking.journal)."""
     self._check()
+    self._journal_writer.drain()
     self.journal.resume(step, say)
 
   def log_metrics(self, metrics: Mapping[str, Any], step: int, **fields: Any) -> None:
-    """Appends metrics at `step` to the journal; never waits for the store.
+    """Queues metrics at `step` for the journal; waits neither for the device nor the store.
 
-    Values are Python, NumPy or JAX numbers (a device value is read here, so
-    pass host values from a hot loop); `fields` are journal-only (the ETA).
+    Values are Python, NumPy or JAX numbers, read by the journal's thread (a
+    JAX scalar straight from the step costs no sync here); `fields` are
+    journal-only (the ETA).
     """
     self._check()
-    self.journal.append({clean_key(k): v for k, v in metrics.items()}, step, **fields)
+    self._journal_writer.put(metrics, step, fields)
 
   def log_params(self, params: Mapping[str, Any]) -> None:
     """Values longer than MLflow's 6000 characters are truncated (log the full text as an artifact)."""
@@ -322,8 +327,10 @@ class RunTracker:
 
   @property
   def pending(self) -> int:
-    """Records of the workdir the store does not have yet (0 when it has everything)."""
-    return self.syncer.pending() if self.syncer is not None else 0
+    """Records the store does not have yet, queued ones too (0 when it has everything)."""
+    if self.syncer is None:
+      return 0
+    return self._journal_writer.queued + self.syncer.pending()
 
   def flush(self, timeout: float | None = 30.0) -> bool:
     """Uploads now and waits for it; True when the store has everything logged so far.
@@ -331,13 +338,15 @@ class RunTracker:
     While the store is unreachable this makes one attempt and returns False
     (the record is safe in the workdir); it never waits past `timeout`.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if self._journal_writer is not None and not self._journal_writer.drain(timeout):
+      return False
     if self._thread is None or not self._thread.is_alive():
       return self.pending == 0
     with self._done:
       target = self._rounds + 2  # a round under way may have started before the last log
     self._full = True  # everything, now, whatever the retry interval says
     self._wake.set()
-    deadline = None if timeout is None else time.monotonic() + timeout
     with self._done:
       while self._rounds < target:
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -359,6 +368,10 @@ class RunTracker:
     if status not in STATUSES:
       raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     atexit.unregister(self._at_exit)
+    # Every queued step is in the journal before the status, which the store gets last.
+    if not self._journal_writer.close(self.end_timeout_s):
+      logger.error("the journal's thread did not finish in %ss; the last steps may be missing "
+                   "from %s", self.end_timeout_s, self.journal.path)
     if self._monitor is not None:
       try:
         self._monitor.finish()
@@ -369,7 +382,6 @@ class RunTracker:
       self.set_tags({ERROR_TAG: error[-MAX_TAG_VALUE:]})
       self.log_text(error, "error.txt")
     local.end(self.workdir, status)
-    self.journal.close()
     self._ended = True
     self._stop.set()  # one last, full attempt, however recent the last failure
     self._wake.set()
@@ -453,13 +465,17 @@ class LocalTracker(NullTracker):
 
   def __init__(self, workdir: str | os.PathLike):
     self.journal = journal.Journal(workdir)
+    self._journal_writer = journal.Writer(self.journal)
 
   def resume(self, step: int, say: Callable[[str], None] = print) -> None:
+    self._journal_writer.drain()
     self.journal.resume(step, say)
 
   def log_metrics(self, metrics: Mapping[str, Any], step: int, **fields: Any) -> None:
-    self.journal.append(metrics, step, **fields)
+    self._journal_writer.put(metrics, step, fields)
+
+  def flush(self, timeout: float | None = 30.0) -> bool:
+    return self._journal_writer.drain(timeout)
 
   def end(self, status: str = "FINISHED", error: str | None = None) -> bool:
-    self.journal.close()
-    return True
+    return self._journal_writer.close()
