@@ -3,9 +3,9 @@
 A tiny jitted JAX step (a two-layer MLP's loss and gradient) runs in blocks
 that alternate between "tracker off" and "tracker on", so drift of a shared
 machine hits both alike. With the tracker on, every step logs 10 metrics (JAX
-scalars straight from the step, as a training loop would) to a local sqlite
-store. Prints the median step time of each and their ratio; the claim is a
-ratio within 1.01.
+scalars straight from the step), which one thread writes to the run's journal
+and another uploads to a local sqlite store. Prints the median step time of
+each and their ratio; the claim is a ratio within 1.01.
 
   .venv/bin/python bench/tracking_overhead.py [--steps 2000] [--blocks 10] [--uri URI]
 """
@@ -60,7 +60,7 @@ def main() -> int:
   workdir = Path(tempfile.mkdtemp(prefix="ablax-bench-"))
   uri = args.uri or f"sqlite:///{workdir / 'mlflow.db'}"
   tracker = RunTracker(uri, "bench-tracking-overhead", run_name="overhead",
-                       spool_dir=workdir / "spool")
+                       workdir=workdir / "run")
   tracker.start()
 
   per_block = max(1, args.steps // args.blocks)
@@ -96,10 +96,10 @@ def main() -> int:
   print(f"ratio (on / off, median):      {on / off:9.4f}")
   print(f"log_metrics call (10 metrics): median {statistics.median(call_times) * 1e6:.1f} us, "
         f"p99 {sorted(call_times)[int(0.99 * len(call_times))] * 1e6:.1f} us")
-  print(f"writer thread CPU: {tracker.writer_cpu_s:.2f} s for {len(call_times)} logged steps "
+  print(f"upload thread CPU: {tracker.writer_cpu_s:.2f} s for {len(call_times)} logged steps "
         f"= {tracker.writer_cpu_s / len(call_times) * 1e6:.0f} us per step "
         f"({tracker.writer_cpu_s / sum(times[True]) * 100:.2f}% of the logged steps' wall time)")
-  print(f"writer drained the rest in {drain_s:.2f} s after the loop; all delivered: {delivered}")
+  print(f"uploader drained the rest in {drain_s:.2f} s after the loop; all delivered: {delivered}")
   return 0
 
 

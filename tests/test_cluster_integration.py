@@ -329,11 +329,11 @@ STEPS = 200
 KEYS = ("loss", "lr", "tokens_per_s")
 
 
-def _log_from_process(uri: str, spool_dir: str, index: int, out) -> None:
+def _log_from_process(uri: str, workdir: str, index: int, out) -> None:
   os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
   sys.path.insert(0, str(REPO))
   from core.tracking.run import RunTracker
-  tracker = RunTracker(uri, "shared-server", run_name=f"process-{index}", spool_dir=spool_dir,
+  tracker = RunTracker(uri, "shared-server", run_name=f"process-{index}", workdir=workdir,
                        retry_interval_s=0.2, start_timeout_s=180)
   tracker.start()
   tracker.log_params({"index": index, "note": "x" * 100})
@@ -350,7 +350,7 @@ def test_runs_from_several_processes_land_with_nothing_lost(pg_server, tmp_path)
   ctx = multiprocessing.get_context("spawn")
   out = ctx.Queue()
   procs = [ctx.Process(target=_log_from_process,
-                       args=(pg_server.uri, str(tmp_path / f"spool-{i}"), i, out))
+                       args=(pg_server.uri, str(tmp_path / f"run-{i}"), i, out))
            for i in range(4)]
   for p in procs:
     p.start()
@@ -368,8 +368,10 @@ def test_runs_from_several_processes_land_with_nothing_lost(pg_server, tmp_path)
       assert sorted(m.step for m in history) == list(range(STEPS))
       assert {m.step: m.value for m in history} == {
           s: index * 1000 + s + i / 10 for s in range(STEPS)}
-  # Nothing is left in a local spool waiting for replay.
-  assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 0]
+  # Nothing is left in a workdir waiting for upload.
+  from core.tracking.sync import Syncer
+  assert [Syncer(tmp_path / f"run-{index}", run_id).pending() for index, run_id, _ in results] == \
+      [0] * len(results)
   # Artifacts go through the server to its artifact root.
   note = tmp_path / "note.txt"
   note.write_text("hello")

@@ -38,7 +38,7 @@ def make_sweep(uri, tmp_path, name="attn"):
   # Created here so that artifacts stay in tmp_path (MLflow's default is ./mlruns of the cwd).
   runs_lib.client(uri).create_experiment("ablations",
                                          artifact_location=(tmp_path / "artifacts").as_uri())
-  parent = RunTracker(uri, "ablations", run_name=name, spool_dir=tmp_path / "spool-parent",
+  parent = RunTracker(uri, "ablations", run_name=name, workdir=tmp_path / "run-parent",
                       tags={runs_lib.SWEEP_TAG: name, runs_lib.ROLE_TAG: "parent",
                             runs_lib.BASELINE_TAG: "attention=mha",
                             runs_lib.METRIC_TAG: "eval/loss"})
@@ -47,7 +47,7 @@ def make_sweep(uri, tmp_path, name="attn"):
   for variant, seeds in FINALS.items():
     for seed, final in seeds.items():
       key = f"{variant}__seed-{seed}"
-      t = RunTracker(uri, "ablations", run_name=key, spool_dir=tmp_path / f"spool-{key}",
+      t = RunTracker(uri, "ablations", run_name=key, workdir=tmp_path / f"run-{key}",
                      tags={runs_lib.PARENT_TAG: parent_id, runs_lib.POINT_TAG: key,
                            runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
                            "ablax.config_hash": f"h-{variant.split('=')[1]}"})
@@ -181,7 +181,7 @@ def test_compute_matched_comparison_by_hand(tmp_path, capsys):
   start = {"cheap": {0: 5.0, 1: 5.2}, "dear": {0: 4.0, 1: 4.4}}
   for variant, fpt in (("cheap", 100.0), ("dear", 200.0)):
     for seed in (0, 1):
-      t = RunTracker(uri, "cm", run_name=f"{variant}-{seed}", spool_dir=tmp_path / f"s{variant}{seed}",
+      t = RunTracker(uri, "cm", run_name=f"{variant}-{seed}", workdir=tmp_path / f"s{variant}{seed}",
                      tags={runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed)})
       t.start()
       t.log_params({"train.global_batch": 2, "train.seq_len": 5, "flops_per_token": fpt,

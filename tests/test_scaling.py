@@ -102,7 +102,7 @@ def make_ladder(uri, tmp_path, sizes=SIZES[:4], name="lad", variants=(("relu", 0
   """A ladder sweep's records: variants x sizes x seeds; relu is 0.05 worse everywhere."""
   runs_lib.client(uri).create_experiment("lad", artifact_location=(tmp_path / "a").as_uri())
   baseline = "activation=relu,size=s0"
-  parent = RunTracker(uri, "lad", run_name=name, spool_dir=tmp_path / "sp",
+  parent = RunTracker(uri, "lad", run_name=name, workdir=tmp_path / "sp",
                       tags={runs_lib.SWEEP_TAG: name, runs_lib.ROLE_TAG: "parent",
                             runs_lib.BASELINE_TAG: baseline, runs_lib.METRIC_TAG: "eval/loss"})
   parent_id = parent.start()
@@ -115,7 +115,7 @@ def make_ladder(uri, tmp_path, sizes=SIZES[:4], name="lad", variants=(("relu", 0
         loss = TRUTH["E"] + shift + TRUTH["A"] * c ** -TRUTH["alpha"] + rng.normal(0, 0.003)
         variant = f"activation={act},size=s{i}"
         key = f"{variant}__seed-{seed}"
-        t = RunTracker(uri, "lad", run_name=key, spool_dir=tmp_path / f"sp-{key}",
+        t = RunTracker(uri, "lad", run_name=key, workdir=tmp_path / f"sp-{key}",
                        tags={runs_lib.PARENT_TAG: parent_id, runs_lib.POINT_TAG: key,
                              runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
                              runs_lib.INDEX_TAG: str(index)})

@@ -1,5 +1,5 @@
 """A resumed run's records against a real sqlite MLflow store: each (metric, step) once, changed
-values reported; and `ablax tracking sync` delivering a run spooled while its store was down."""
+values reported; and `ablax tracking sync` delivering a run whose store was down."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from core.tracking import delivered, spool
+from core.tracking import sync
 from core.tracking.run import RunTracker
 from core.train import tracking as trk
 from core.train import workdir_lock
@@ -19,24 +19,29 @@ def _history(client, run_id, key):
   return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+class _Down:
+  """A store that cannot be reached."""
+
+  def __getattr__(self, name):
+    raise ConnectionError("store unreachable")
+
+
 def test_resumed_run_logs_each_step_once_and_reports_changed_values(tmp_path, _mlflow_store):
-  first = RunTracker(_mlflow_store, "resume", spool_dir=tmp_path / "spool")
+  first = RunTracker(_mlflow_store, "resume", workdir=tmp_path / "run")
   run_id = first.start()
   for step in range(1, 11):  # steps 1-10 delivered; the checkpoint was at step 6
     first.log_metrics({"train/loss": 10.0 - step, "train/tokens_per_s": 100.0 + step}, step=step)
   first.end("KILLED")
 
   # The next process of the run: steps 6.. again, step 8's loss recomputed differently.
-  second = RunTracker(_mlflow_store, "resume", run_id=run_id, spool_dir=tmp_path / "spool")
+  second = RunTracker(_mlflow_store, "resume", run_id=run_id, workdir=tmp_path / "run")
   second.start()
   said = []
-  tracker = delivered.DedupTracker(
-      second, delivered.delivered_metrics(_mlflow_store, run_id, tmp_path / "spool", 6),
-      say=said.append)
+  second.resume(6, say=said.append)
   for step in range(6, 13):
     loss = 10.0 - step + (0.5 if step == 8 else 0.0)
-    tracker.log_metrics({"train/loss": loss, "train/tokens_per_s": 200.0 + step}, step=step)
-  tracker.end("FINISHED")
+    second.log_metrics({"train/loss": loss, "train/tokens_per_s": 200.0 + step}, step=step)
+  second.end("FINISHED")
 
   client = MlflowClient(_mlflow_store)
   loss = _history(client, run_id, "train/loss")
@@ -44,18 +49,29 @@ def test_resumed_run_logs_each_step_once_and_reports_changed_values(tmp_path, _m
   assert dict(loss)[8] == 2.0  # the first delivered value stays
   assert [s for s, _ in _history(client, run_id, "train/tokens_per_s")] == list(range(1, 13))
   # Only the deterministic metric that changed is reported, with metric, step, old and new.
-  assert tracker.mismatches == [("train/loss", 8, 2.0, 2.5)]
+  assert second.journal.mismatches == [("train/loss", 8, 2.0, 2.5)]
   assert len(said) == 1 and "train/loss at step 8 was 2.0" in said[0] and "now 2.5" in said[0]
 
 
-def test_spooled_points_count_as_delivered(tmp_path, _mlflow_store):
-  t = RunTracker(_mlflow_store, "resume", spool_dir=tmp_path / "spool")
-  run_id = t.start()
-  t.end("KILLED")
-  spool.append(tmp_path / "spool", run_id, [
-      {"kind": "batch", "metrics": [["train/loss", 1.5, 0, 7]], "params": {}, "tags": {}}])
-  got = delivered.delivered_metrics(_mlflow_store, run_id, tmp_path / "spool", 5)
-  assert got == {("train/loss", 7): 1.5}
+def test_journaled_points_not_yet_delivered_count_as_logged(tmp_path, _mlflow_store):
+  # The store was down when the first process journaled steps 7-8 and died: a resumed run
+  # recomputing them logs nothing new, and the store gets the journal's values once.
+  first = RunTracker(_mlflow_store, "resume", workdir=tmp_path / "run", batch_interval_s=60)
+  run_id = first.start()
+  first.syncer.client = _Down()  # nothing reaches the store
+  for step in (7, 8):
+    first.log_metrics({"train/loss": 1.5 + step}, step=step)
+  first.end("KILLED")
+  assert MlflowClient(_mlflow_store).get_metric_history(run_id, "train/loss") == []
+  second = RunTracker(_mlflow_store, "resume", run_id=run_id, workdir=tmp_path / "run")
+  second.start()
+  second.resume(5)
+  for step in (6, 7, 8):
+    second.log_metrics({"train/loss": 1.5 + step}, step=step)
+  second.end("FINISHED")
+  history = _history(MlflowClient(_mlflow_store), run_id, "train/loss")
+  assert history == [(6, 7.5), (7, 8.5), (8, 9.5)]
+  assert second.journal.mismatches == []
 
 
 def _sync(workdir, *extra):
@@ -64,7 +80,7 @@ def _sync(workdir, *extra):
                          *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_tracking_sync_delivers_a_run_spooled_while_the_store_was_down(tmp_path):
+def test_tracking_sync_delivers_a_run_whose_store_was_down(tmp_path):
   server = MlflowServer(tmp_path, _free_port())
   server.start()
   workdir = tmp_path / "run"
@@ -85,12 +101,12 @@ def test_tracking_sync_delivers_a_run_spooled_while_the_store_was_down(tmp_path)
     note = trk.undelivered_note(workdir, tracker)
     assert note and f"ablax tracking sync {workdir} --tracking_uri {server.uri}" in note
     run_id = tracker.run_id
-    waiting = spool.pending(workdir / trk.SPOOL_DIR, run_id)
+    waiting = sync.Syncer(workdir, run_id).pending()
     assert waiting > 0
 
     down = _sync(workdir)  # still down: said so, nothing lost
     assert down.returncode == 1 and "unreachable" in down.stderr, down.stderr[-2000:]
-    assert spool.pending(workdir / trk.SPOOL_DIR, run_id) == waiting
+    assert sync.Syncer(workdir, run_id).pending() == waiting
 
     # A trainer holding the workdir delivers its own records: sync leaves them alone.
     with workdir_lock.WorkdirLock(workdir):
@@ -101,7 +117,7 @@ def test_tracking_sync_delivers_a_run_spooled_while_the_store_was_down(tmp_path)
     up = _sync(workdir)
     assert up.returncode == 0, up.stdout + up.stderr[-2000:]
     assert f"delivered {waiting} records of run {run_id}" in up.stdout
-    assert spool.pending(workdir / trk.SPOOL_DIR, run_id) == 0
+    assert sync.Syncer(workdir, run_id).pending() == 0
     client = MlflowClient(server.uri)
     assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 11))
     assert client.get_run(run_id).info.status == "FINISHED"

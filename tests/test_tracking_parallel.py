@@ -8,19 +8,19 @@ STEPS = 150
 KEYS = ("loss", "lr", "tokens_per_s")
 
 
-def _worker(uri: str, spool_dir: str, index: int, out) -> None:
+def _worker(uri: str, workdir: str, index: int, out) -> None:
   try:
-    _log(uri, spool_dir, index, out)
+    _log(uri, workdir, index, out)
   except BaseException as e:  # report instead of leaving the parent waiting
     out.put((index, None, repr(e)))
     raise
 
 
-def _log(uri: str, spool_dir: str, index: int, out) -> None:
+def _log(uri: str, workdir: str, index: int, out) -> None:
   import os
   os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
   from core.tracking.run import RunTracker
-  tracker = RunTracker(uri, "parallel", run_name=f"worker-{index}", spool_dir=spool_dir,
+  tracker = RunTracker(uri, "parallel", run_name=f"worker-{index}", workdir=workdir,
                        retry_interval_s=0.2, start_timeout_s=180)
   tracker.start()
   tracker.log_params({"index": index})
@@ -38,7 +38,7 @@ def test_parallel_processes_one_sqlite_store(tmp_path):
   uri = f"sqlite:///{tmp_path / 'shared.db'}"
   ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax threads
   out = ctx.Queue()
-  procs = [ctx.Process(target=_worker, args=(uri, str(tmp_path / "spool"), i, out))
+  procs = [ctx.Process(target=_worker, args=(uri, str(tmp_path / f"run{i}"), i, out))
            for i in range(3)]
   for p in procs:
     p.start()

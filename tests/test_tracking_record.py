@@ -89,7 +89,7 @@ def test_write_run_record(_mlflow_store, tmp_path):
   repo.mkdir()
   _git(repo, "init", "-q")
   (repo / "untracked.py").write_text("")
-  with RunTracker(_mlflow_store, "record", spool_dir=tmp_path / "spool") as t:
+  with RunTracker(_mlflow_store, "record", workdir=tmp_path / "run") as t:
     tags = record.write_run_record(
         t, repo_dir=repo, operative_config=operative, bound_config="ModelConfig.embed_dim = 64\n",
         gin_files=[gin_file], flat_params={"ModelConfig.embed_dim": "64"},

@@ -1,5 +1,7 @@
-"""RunTracker against a local sqlite store: the run record, failure, resume, bad stores, spool."""
+"""RunTracker against a local sqlite store: the run record, failure, resume, bad stores, and the
+workdir it uploads from (journal, offset)."""
 
+import json
 import math
 import os
 import shutil
@@ -9,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.tracking import spool
+from core.tracking import journal, local, sync
 from core.tracking.run import NullTracker, RunTracker, TrackingStoreError
 
 _HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -42,7 +44,7 @@ def _migrated_store(_mlflow_store, _template_db):
 
 
 def _tracker(uri, tmp_path, **kw):
-  kw.setdefault("spool_dir", tmp_path / "spool")
+  kw.setdefault("workdir", tmp_path / "run")
   kw.setdefault("retry_interval_s", 0.2)
   return RunTracker(uri, kw.pop("experiment", "tests"), **kw)
 
@@ -79,9 +81,7 @@ def test_run_record(_mlflow_store, tmp_path):
   assert {"config", "params.json", "code", "ablax"} <= paths
   local = client.download_artifacts(run_id, "config/operative_config.gin", str(tmp_path / "dl"))
   assert open(local).read() == "ModelConfig.embed_dim = 64\n"
-  assert t.pending_spool == 0
-  assert not (tmp_path / "spool" / "staged").exists() or not any(
-      (tmp_path / "spool" / "staged").iterdir())
+  assert t.pending == 0
 
 
 def test_failing_run_marked_failed_with_error(_mlflow_store, tmp_path):
@@ -127,47 +127,84 @@ def test_resume_continues_the_same_run(_mlflow_store, tmp_path):
   assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
-def test_resume_replays_a_spool_left_by_an_earlier_process(_mlflow_store, tmp_path):
+class _Store:
+  """A client in front of the real one whose uploads hang on `gate` or fail while `down` is set."""
+
+  def __init__(self, client):
+    self.client, self.gate, self.down = client, threading.Event(), threading.Event()
+    self.gate.set()
+
+  def __getattr__(self, name):
+    real = getattr(self.client, name)
+    if not name.startswith(("log_", "set_")):
+      return real
+
+    def call(*args, **kwargs):
+      self.gate.wait(30)
+      if self.down.is_set():
+        raise ConnectionError("store unreachable")
+      return real(*args, **kwargs)
+    return call
+
+
+def test_resume_delivers_what_an_earlier_process_left_in_the_journal(_mlflow_store, tmp_path):
   t = _tracker(_mlflow_store, tmp_path)
   t.start()
   t.log_metrics({"loss": 0.0}, 0)
   t.end("KILLED")
-  # An earlier process of this run lost the store at steps 1-2 and died.
+  # An earlier process of this run journaled steps 1-2, lost the store and died.
   now = int(time.time() * 1000)
-  spool.append(tmp_path / "spool", t.run_id, [
-      {"kind": "batch", "metrics": [["loss", 1.0, now + 1, 1]], "params": {}, "tags": {}},
-      {"kind": "batch", "metrics": [["loss", 2.0, now + 2, 2]], "params": {}, "tags": {}},
-  ])
+  with open(tmp_path / "run" / journal.METRICS_FILE, "a") as f:
+    for step in (1, 2):
+      f.write(json.dumps({"step": step, "time": now + step, "loss": float(step)}) + "\n")
   resumed = _tracker(_mlflow_store, tmp_path, run_id=t.run_id)
   resumed.start()
   resumed.log_metrics({"loss": 3.0}, 3)
   resumed.end()
   assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == [0, 1, 2, 3]
-  assert resumed.pending_spool == 0
+  assert resumed.pending == 0
 
 
 def test_log_metrics_does_not_wait_for_the_store(_mlflow_store, tmp_path):
   t = _tracker(_mlflow_store, tmp_path)
   t.start()
-  gate = threading.Event()
-  real_send = t._send
-
-  def slow_send(record):
-    gate.wait(30)  # the store hangs until the test opens the gate
-    real_send(record)
-
-  t._send = slow_send
+  store = t.syncer.client = _Store(t.syncer.client)
+  store.gate.clear()  # the store hangs until the test opens the gate
   for step in range(200):
     t.log_metrics({"loss": float(step), "lr": 0.1}, step)
-  # Every call returned while the writer was stuck in its first send.
-  assert t.delivered_batches == 0
-  gate.set()
+  time.sleep(1.5)  # the uploader is stuck in its first upload
+  # Every call returned while the uploader was stuck.
+  assert t.syncer.delivered_batches == 0
+  store.gate.set()
   assert t.flush(30)
   t.end()
   assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(200))
 
 
-def test_jax_values_are_converted_off_the_training_thread(_mlflow_store, tmp_path):
+class _SlowValue:
+  """A value that takes a while to read, as a JAX scalar whose step is still running."""
+
+  def __float__(self):
+    time.sleep(0.05)
+    return 1.5
+
+
+def test_log_metrics_reads_values_and_writes_the_journal_off_the_calling_thread(
+    _mlflow_store, tmp_path):
+  t = _tracker(_mlflow_store, tmp_path)
+  t.start()
+  t0 = time.perf_counter()
+  for step in range(20):
+    t.log_metrics({"loss": _SlowValue()}, step)
+  assert time.perf_counter() - t0 < 0.5  # reading them takes 1 s
+  t.end()  # everything queued is journaled, in order, before the last upload
+  path = tmp_path / "run" / journal.METRICS_FILE
+  assert [(line["step"], line["loss"]) for _, line in journal.read(path)] == \
+      [(step, 1.5) for step in range(20)]
+  assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(20))
+
+
+def test_jax_values_are_converted(_mlflow_store, tmp_path):
   import jax.numpy as jnp
   with _tracker(_mlflow_store, tmp_path) as t:
     t.log_metrics({"loss": jnp.float32(2.5), "gnorm": jnp.array(0.5), "bad": "n/a"}, 3)
@@ -187,35 +224,31 @@ def test_batches_respect_mlflow_limits(_mlflow_store, tmp_path):
   assert run.data.tags["t149"] == "149"
 
 
-def test_outage_spools_in_order_and_end_keeps_the_status_for_replay(_mlflow_store, tmp_path):
-  from core.tracking.run import replay_spool
+def test_outage_keeps_the_journal_and_the_status_for_a_later_sync(_mlflow_store, tmp_path):
   t = _tracker(_mlflow_store, tmp_path, end_timeout_s=5)
   t.start()
   t.log_metrics({"loss": 0.0}, 0)
   assert t.flush(30)
-  real_send, down = t._send, threading.Event()
-
-  def send(record):
-    if down.is_set():
-      raise ConnectionError("store unreachable")
-    real_send(record)
-
-  t._send = send
-  down.set()
+  store = t.syncer.client = _Store(t.syncer.client)
+  store.down.set()
   for step in range(1, 4):
     t.log_metrics({"loss": float(step)}, step)
   assert t.flush(5) is False  # kept, not delivered
   assert t.end("FINISHED") is False
-  kinds = [r["kind"] for r in spool.read(tmp_path / "spool", t.run_id)]
-  assert kinds[-1] == "terminate" and kinds.count("batch") >= 1
-  steps = [m[3] for r in spool.read(tmp_path / "spool", t.run_id) if r["kind"] == "batch"
-           for m in r["metrics"]]
-  assert steps == [1, 2, 3]
+  workdir = tmp_path / "run"
+  offset = json.loads((workdir / sync.STATE_FILE).read_text())["metrics_offset"]
+  # Nothing past the offset reached the store, in order; the status waits in run.json.
+  assert [line["step"] for _, line in journal.read(workdir / journal.METRICS_FILE, offset)] == \
+      [1, 2, 3]
+  assert local.read_run_file(workdir)[local.STATUS] == "FINISHED"
   client = MlflowClient(_mlflow_store)
   assert client.get_run(t.run_id).info.status == "RUNNING"
-  assert replay_spool(_mlflow_store, tmp_path / "spool", t.run_id) == len(kinds)
+  waiting = t.pending
+  assert waiting >= 4  # three lines and the status
+  assert sync.Syncer(workdir, t.run_id, client).sync() == waiting
   assert client.get_run(t.run_id).info.status == "FINISHED"
   assert _steps(client, t.run_id, "loss") == [0, 1, 2, 3]
+  assert sync.Syncer(workdir, t.run_id).pending() == 0
 
 
 # ---------------------------------------------------------------- bad stores
@@ -224,16 +257,16 @@ def test_outage_spools_in_order_and_end_keeps_the_status_for_replay(_mlflow_stor
 def test_unwritable_sqlite_store_fails_at_start(tmp_path):
   blocker = tmp_path / "not_a_dir"
   blocker.write_text("")
-  t = RunTracker(f"sqlite:///{blocker}/mlflow.db", "x", spool_dir=tmp_path / "spool")
+  t = RunTracker(f"sqlite:///{blocker}/mlflow.db", "x", workdir=tmp_path / "run")
   with pytest.raises(TrackingStoreError, match="cannot open the run"):
     t.start()
 
 
-def test_unwritable_spool_dir_fails_at_start(_mlflow_store, tmp_path):
+def test_unwritable_workdir_fails_at_start(_mlflow_store, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  with pytest.raises(TrackingStoreError, match="spool directory"):
-    RunTracker(_mlflow_store, "x", spool_dir=blocker / "spool").start()
+  with pytest.raises(TrackingStoreError, match="workdir"):
+    RunTracker(_mlflow_store, "x", workdir=blocker / "run").start()
 
 
 def test_unreachable_server_fails_at_start(tmp_path, monkeypatch):
@@ -243,7 +276,7 @@ def test_unreachable_server_fails_at_start(tmp_path, monkeypatch):
     port = s.getsockname()[1]
   monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
   monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's own setting
-  t = RunTracker(f"http://127.0.0.1:{port}", "x", spool_dir=tmp_path / "spool")
+  t = RunTracker(f"http://127.0.0.1:{port}", "x", workdir=tmp_path / "run")
   with pytest.raises(TrackingStoreError, match=f"127.0.0.1:{port}"):
     t.start()
   # MLflow's default (7 retries over minutes) is bounded; the user's value wins.
@@ -252,7 +285,7 @@ def test_unreachable_server_fails_at_start(tmp_path, monkeypatch):
 
 
 def test_default_uri_comes_from_the_environment(_mlflow_store, tmp_path):
-  t = RunTracker(None, "env", spool_dir=tmp_path / "spool")
+  t = RunTracker(None, "env", workdir=tmp_path / "run")
   t.start()
   t.end()
   assert t.tracking_uri == _mlflow_store
@@ -280,45 +313,71 @@ def test_null_tracker_has_the_same_interface():
     assert t.flush(1) and t.end()
 
 
-# ---------------------------------------------------------------- spool file
+# ---------------------------------------------------------------- the journal and its offset
 
 
-def test_spool_round_trip_and_partial_replay(tmp_path):
-  records = [{"kind": "batch", "metrics": [["m", v, 1, i]], "params": {}, "tags": {}}
-             for i, v in enumerate([1.0, float("nan"), float("inf"), -float("inf"), 5.0])]
-  spool.append(tmp_path, "run", records)
-  got = list(spool.read(tmp_path, "run"))
-  assert [r["metrics"][0][3] for r in got] == [0, 1, 2, 3, 4]
-  assert math.isnan(got[1]["metrics"][0][1]) and got[2]["metrics"][0][1] == math.inf
-  sent = []
+class _FlakyClient:
+  """Takes `fails_after` log_batch calls, then is unreachable."""
 
-  def flaky(record):
-    if len(sent) == 2:
+  def __init__(self, fails_after):
+    self.fails_after, self.steps = fails_after, []
+
+  def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=True):
+    if len(self.steps) == self.fails_after:
       raise ConnectionError("down")
-    sent.append(record["metrics"][0][3])
+    self.steps.append(sorted({m.step for m in metrics}))
 
+
+def test_journal_round_trip_and_an_upload_that_stops_half_way(tmp_path):
+  j = journal.Journal(tmp_path)
+  values = [1.0, float("nan"), float("inf"), -float("inf"), 5.0]
+  for step, v in enumerate(values):  # 600 metrics a line: one line per batch of 1000
+    j.append({**{f"m{i}": float(i) for i in range(599)}, "v": v}, step)
+  j.close()
+  got = [line for _, line in journal.read(tmp_path / journal.METRICS_FILE)]
+  assert [line["step"] for line in got] == [0, 1, 2, 3, 4]
+  assert math.isnan(got[1]["v"]) and got[2]["v"] == math.inf and got[3]["v"] == -math.inf
+
+  flaky = _FlakyClient(fails_after=2)
   with pytest.raises(ConnectionError):
-    spool.replay(tmp_path, "run", flaky)
-  assert sent == [0, 1]
-  assert [r["metrics"][0][3] for r in spool.read(tmp_path, "run")] == [2, 3, 4]
-  sent.clear()
-  sent_all = []
-  assert spool.replay(tmp_path, "run", lambda r: sent_all.append(r["metrics"][0][3])) == 3
-  assert sent_all == [2, 3, 4] and spool.pending(tmp_path, "run") == 0
+    sync.Syncer(tmp_path, "run", flaky).sync()
+  assert flaky.steps == [[0], [1]]
+  # The offset moved past what the store took, and was persisted.
+  assert sync.Syncer(tmp_path, "run").pending() == 3
+  again = _FlakyClient(fails_after=100)
+  assert sync.Syncer(tmp_path, "run", again).sync() == 3
+  assert again.steps == [[2], [3], [4]] and sync.Syncer(tmp_path, "run").pending() == 0
 
 
-def test_replaying_a_batch_twice_records_it_once(_mlflow_store, tmp_path):
-  # A send that reached the store but whose answer was lost is replayed; the
-  # store drops the identical metric, so nothing is counted twice.
+def test_a_line_cut_by_a_kill_is_never_read_and_is_dropped_on_reopen(tmp_path):
+  j = journal.Journal(tmp_path)
+  j.append({"loss": 1.0}, 1)
+  j.close()
+  path = tmp_path / journal.METRICS_FILE
+  with open(path, "a") as f:
+    f.write('{"step": 2, "lo')  # the kill came mid-line
+  assert [line["step"] for _, line in journal.read(path)] == [1]
+  journal.Journal(tmp_path).append({"loss": 2.0}, 2)
+  assert [line["step"] for _, line in journal.read(path)] == [1, 2]
+
+
+def test_an_upload_repeated_after_a_lost_offset_records_each_point_once(_mlflow_store, tmp_path):
+  # The store took a batch but the offset was not persisted (a crash in between): the next
+  # sync sends it again, and the store keeps the identical metric once.
   t = _tracker(_mlflow_store, tmp_path)
   t.start()
-  record = {"kind": "batch", "metrics": [["loss", 1.5, 1234, 7]], "params": {"a": "1"},
-            "tags": {}}
-  t._send(record)
-  t._send(record)
+  t.log_metrics({"loss": 1.5}, 7)
+  t.log_params({"a": "1"})
+  assert t.flush(30)
   t.end()
-  history = MlflowClient(_mlflow_store).get_metric_history(t.run_id, "loss")
+  state = tmp_path / "run" / sync.STATE_FILE
+  state.write_text(json.dumps({**json.loads(state.read_text()), "metrics_offset": 0,
+                               "record": {}}))
+  client = MlflowClient(_mlflow_store)
+  assert sync.Syncer(tmp_path / "run", t.run_id, client).sync() >= 2
+  history = client.get_metric_history(t.run_id, "loss")
   assert [(m.step, m.value) for m in history] == [(7, 1.5)]
+  assert client.get_run(t.run_id).data.params == {"a": "1"}
 
 
 def test_exit_without_end_delivers_and_marks_killed(_mlflow_store, tmp_path):
@@ -327,12 +386,12 @@ def test_exit_without_end_delivers_and_marks_killed(_mlflow_store, tmp_path):
   script = (
       "import sys\n"
       "from core.tracking.run import RunTracker\n"
-      "t = RunTracker(sys.argv[1], 'x', spool_dir=sys.argv[2], batch_interval_s=30)\n"
+      "t = RunTracker(sys.argv[1], 'x', workdir=sys.argv[2], batch_interval_s=30)\n"
       "t.start()\n"
       "for s in range(20): t.log_metrics({'loss': float(s)}, s)\n"
       "print(t.run_id)\n")  # and exit with records still queued, end() never called
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", script, _mlflow_store, str(tmp_path / "spool")],
+  out = subprocess.run([sys.executable, "-c", script, _mlflow_store, str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=120, cwd=repo,
                        env=dict(os.environ, PYTHONPATH=repo))
   assert out.returncode == 0, out.stderr

@@ -92,7 +92,7 @@ def _wait(predicate, timeout: float) -> bool:
 
 def test_server_stopped_and_restarted_mid_run(server, tmp_path):
   keys = ("train/loss", "train/lr", "perf/tokens_per_s")
-  tracker = RunTracker(server.uri, "outage", run_name="r", spool_dir=tmp_path / "spool",
+  tracker = RunTracker(server.uri, "outage", run_name="r", workdir=tmp_path / "run",
                        retry_interval_s=0.3)
   tracker.start()
   tracker.log_params({"ModelConfig.num_layers": 2})
@@ -110,8 +110,8 @@ def test_server_stopped_and_restarted_mid_run(server, tmp_path):
     t0 = time.perf_counter()
     log(step)
     durations.append(time.perf_counter() - t0)
-  # The writer found the server gone and spooled; training was never told.
-  assert _wait(lambda: tracker.pending_spool > 0, 30)
+  # The uploader found the server gone and keeps the rest in the workdir; training was never told.
+  assert _wait(lambda: not tracker.reachable and tracker.pending > 0, 30)
   tracker.set_tags({"during": "outage"})
   print(f"\nlog_metrics while the server is down: median "
         f"{statistics.median(durations) * 1e6:.0f} us, max {max(durations) * 1e6:.0f} us")
@@ -130,23 +130,23 @@ def test_server_stopped_and_restarted_mid_run(server, tmp_path):
     history = client.get_metric_history(tracker.run_id, key)
     assert [m.step for m in history] == list(range(300)), key  # each once, in order
     assert [m.value for m in history] == [s + i / 10 for s in range(300)]
-  assert tracker.pending_spool == 0
+  assert tracker.pending == 0
 
 
 @pytest.mark.slow  # ~20 s; test_tracking_run covers the same path with a simulated outage
-def test_outage_at_the_end_keeps_the_records_for_replay(server, tmp_path):
-  from core.tracking.run import replay_spool
-  tracker = RunTracker(server.uri, "outage", spool_dir=tmp_path / "spool", retry_interval_s=0.3,
+def test_outage_at_the_end_keeps_the_records_for_a_later_sync(server, tmp_path):
+  from core.tracking.sync import Syncer
+  tracker = RunTracker(server.uri, "outage", workdir=tmp_path / "run", retry_interval_s=0.3,
                        end_timeout_s=10)
   tracker.start()
   tracker.log_metrics({"loss": 1.0}, 0)
   assert tracker.flush(30)
   server.stop()
   tracker.log_metrics({"loss": 2.0}, 1)
-  assert tracker.end("FINISHED") is False  # not lost: spooled with the final status
-  assert tracker.pending_spool >= 2
+  assert tracker.end("FINISHED") is False  # not lost: kept in the workdir with the final status
+  assert tracker.pending >= 2
   server.start()
-  assert replay_spool(server.uri, tmp_path / "spool", tracker.run_id) >= 2
   client = MlflowClient(server.uri)
+  assert Syncer(tmp_path / "run", tracker.run_id, client).sync() >= 2
   assert client.get_run(tracker.run_id).info.status == "FINISHED"
   assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 1]

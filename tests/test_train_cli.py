@@ -32,8 +32,9 @@ def test_ablax_train_writes_run_directory_and_mlflow_run(tmp_path, _mlflow_store
       ["2", "4"]
   assert (workdir / "model" / "ablax_model.json").is_file()
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records if "loss" in r] == [2, 4]
-  assert {"tokens_per_s", "mfu", "eta_s", "grad_norm"} <= set(records[0])
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+  first = next(r for r in records if "train/loss" in r)
+  assert {"train/tokens_per_s", "train/mfu", "eta_s", "train/grad_norm"} <= set(first)
   assert any("eval/loss" in r for r in records)
 
   run_id = json.loads((workdir / "run.json").read_text())["mlflow_run_id"]

@@ -84,8 +84,8 @@ def _losses(workdir: Path) -> dict[int, float]:
   out = {}
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
-    if "loss" in record:
-      out[record["step"]] = record["loss"]
+    if "train/loss" in record:
+      out[record["step"]] = record["train/loss"]
   return out
 
 

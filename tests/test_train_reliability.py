@@ -100,7 +100,7 @@ def test_two_real_trainers_on_one_workdir_the_second_exits(tmp_path):
   finally:
     first.send_signal(signal.SIGTERM)
     first.wait(120)
-  steps = _jsonl_steps(workdir, "loss")
+  steps = _jsonl_steps(workdir, "train/loss")
   assert steps == list(range(1, len(steps) + 1))  # one trainer's rows, each step once
 
 
@@ -148,7 +148,7 @@ def test_kill_then_resume_logs_each_step_once_and_a_finished_run_is_a_no_op(tmp_
   after = dict(_history(client, run_id, "train/loss"))
   assert sorted(after) == list(range(1, 301))
   assert all(after[s] == before[s] for s in redone)
-  assert _jsonl_steps(workdir, "loss") == list(range(1, 301))
+  assert _jsonl_steps(workdir, "train/loss") == list(range(1, 301))
   assert [s for s, _ in _history(client, run_id, "energy/energy_kwh")].count(300) == 1
   assert len(_history(client, run_id, "eval/loss")) == 1
 
@@ -219,5 +219,5 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_within_seconds(tmp_pa
   failed_at = int(line.split("checkpoint step ")[1].split()[0])
   # The first save after the fault stopped it (the trainer may be a save ahead of the test).
   assert newest < failed_at <= newest + 40, (newest, failed_at)
-  assert failed_at <= max(_jsonl_steps(workdir, "loss")) <= failed_at + 2
+  assert failed_at <= max(_jsonl_steps(workdir, "train/loss")) <= failed_at + 2
   assert MlflowClient(uri).get_run(_run_id(workdir)).info.status == "FAILED"

@@ -25,18 +25,18 @@ caller's `evals`), run together every `eval_every` steps and at the end, logged 
 record per evaluation, every key under `eval/`.
 
 Run directory (`workdir`): config.gin and operative_config.gin (written by the
-caller's `config_hook`), checkpoints/, metrics.jsonl (one JSON object per
-logged step and per evaluation), run.json (the MLflow run id and store, and the
-step the run finished at), model/ (the exported model), mlflow_spool/ (records
-waiting for the store) and train.lock (held by the one trainer of the workdir).
-The MLflow store is the project's one default (core.tracking.store), not per workdir.
+caller's `config_hook`), checkpoints/, metrics.jsonl (the journal: one JSON object per
+logged step and per evaluation, MLflow's keys), run.json (the MLflow run, its params, tags
+and status, and the step the run finished at), record/ (the run's other artifacts),
+mlflow_sync.json (how much of it reached the store), model/ (the exported model) and
+train.lock (held by the one trainer of the workdir); core/tracking/local.py. The MLflow
+store is the project's one default (core.tracking.store), not per workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -54,7 +54,7 @@ from core.model.config import ModelConfig
 from core.model.flops import flops_per_token, param_counts
 from core.paths import REPO_ROOT
 from core.tokenizer import Tokenizer, check_vocab_matches
-from core.tracking import delivered, schema
+from core.tracking import schema
 from core.train import checkpoint as ckpt
 from core.train import checks
 from core.train import mesh as meshlib
@@ -238,7 +238,6 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     abstract = builder.abstract_state()
     restored = checkpointer.restore_latest(abstract)
     saved_meta: dict = {}
-    log = tracker  # what the loop logs through (it skips re-run steps on a resume)
     if restored is None:
       start_step, state = 0, builder.init(seed)
       _say(primary, f"new run in {workdir} (mesh {meshlib.describe(mesh_obj)})")
@@ -246,18 +245,13 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
       start_step, state, data_state, saved_meta = restored
       train_data.set_state(data_state)
       _say(primary, f"resuming {workdir} from step {start_step}")
-      if primary and tracker_run_id(tracker):
-        # Steps past the checkpoint may have reached the store before the interruption.
-        log = delivered.DedupTracker(tracker, delivered.delivered_metrics(
-            tracker.tracking_uri, tracker.run_id, tracker.spool_dir, start_step),
-            say=lambda m: _say(primary, m))
+      # Steps past the checkpoint are in the journal (and perhaps the store) already.
+      tracker.resume(start_step, say=lambda m: _say(primary, m))
     first = host_input.Prefetch(train_data)
     seq_len = first.peek()["inputs"].shape[1]
     checks.check_seq_len(model, seq_len)
-    metrics_path = workdir / "metrics.jsonl"
     if primary:
-      _truncate_metrics(metrics_path, start_step)
-      _log_run_record(log, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
+      _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
                       train_data.manifest, train_data.shards)
     energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
                                resume_from=saved_meta.get("energy"), pue=pue,
@@ -272,7 +266,7 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     step_fn = builder.build(shape).lower(state, abstract_batch(builder, shape), inputs).compile()
     compile_s = time.perf_counter() - t0
     _say(primary, f"compiled the train step in {compile_s:.1f}s")
-    log.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
+    tracker.log_metrics({schema.COMPILE_S: compile_s}, step=start_step)
 
     # == What the loop reports: logged steps and evaluations ===================================
     fpt = flops_per_token(model, seq_len)
@@ -315,13 +309,12 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
           if builder.schedule is not None:
             line["learning_rate"] = float(builder.schedule(s - 1))  # what update s applied
           if primary:
-            _append_jsonl(metrics_path, line)
-            # The ETA is for the console; a store holds what happened.
-            log.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
-                             if k not in ("step", "eta_s")}, step=s)
+            # The ETA is for the console and the journal; a store holds what happened.
+            tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
+                                 if k not in ("step", "eta_s")}, step=s, eta_s=rates["eta_s"])
             if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
-              log.log_metrics({f"{schema.ENERGY}{k}": v
-                               for k, v in _energy_reading(energy).items()}, step=s)
+              tracker.log_metrics({f"{schema.ENERGY}{k}": v
+                                   for k, v in _energy_reading(energy).items()}, step=s)
             if progress:
               print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
                     f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
@@ -339,8 +332,7 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
       if schema.EVAL_LOSS in metrics:
         eval_losses[step] = metrics[schema.EVAL_LOSS]
       if primary and metrics:
-        _append_jsonl(metrics_path, {"step": step, **metrics})
-        log.log_metrics(metrics, step=step)
+        tracker.log_metrics(metrics, step=step)  # the journal, then the store
 
     def save(step: int, data_state: dict, wait: bool = False) -> None:
       nonlocal last_saved
@@ -373,7 +365,7 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
             save(step, data_state)
           checkpointer.wait()
           _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
-          log.flush()
+          tracker.flush()
           ending["status"] = "KILLED"
           return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
                              "KILLED", compile_s)
@@ -389,10 +381,10 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     # == Export and finish =====================================================================
     checkpointer.wait()
     if export_model:
-      _export(workdir, builder, state, model, log, primary,
+      _export(workdir, builder, state, model, tracker, primary,
               _tokenizer_path(train_data.tokenizer))
     if primary:
-      _finish_record(log, workdir, record, peak_source, energy, step)
+      _finish_record(tracker, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
     ending["status"] = "FINISHED"
     return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
@@ -432,26 +424,6 @@ def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
 
 def tracker_run_id(tracker) -> str | None:
   return getattr(tracker, "run_id", None)
-
-
-def _append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(obj) + "\n")
-    f.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-  """Drops records of steps after the checkpoint being resumed: they will be redone."""
-  if not path.is_file():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      if json.loads(line).get("step", 0) <= step:
-        kept.append(line)
-    except json.JSONDecodeError:
-      continue  # a line cut by a kill
-  path.write_text("".join(l + "\n" for l in kept))
 
 
 def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,

@@ -1,30 +1,29 @@
-"""The run's MLflow record: one tracker per run, the run id kept in the workdir.
+"""The run's MLflow record: one tracker per run, the run kept in the workdir.
 
-Only process 0 logs; the others get a tracker that records nothing. A
-restarted run reads `<workdir>/run.json` and continues the same MLflow run.
-The default store is the project's (core.tracking.store.default_tracking_uri:
-$MLFLOW_TRACKING_URI, else runs/mlflow.db) unless a URI is given. Starting the tracker creates or reopens the run,
-so a store that cannot be written fails before any training step.
+Only process 0 records; the others get a tracker that records nothing. Process
+0 always writes the workdir's journal (metrics.jsonl); with tracking on, its
+RunTracker also uploads the workdir's record to MLflow (core/tracking/sync.py).
+A restarted run reads `<workdir>/run.json` and continues the same MLflow run
+from where its upload stopped. The default store is the project's
+(core.tracking.store.default_tracking_uri: $MLFLOW_TRACKING_URI, else
+runs/mlflow.db) unless a URI is given. Starting the tracker creates or reopens
+the run, so a store that cannot be written fails before any training step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from core.tracking import schema
-from core.tracking.run import NullTracker, RunTracker
+from core.tracking import local, schema
+from core.tracking.local import read_run_file
+from core.tracking.run import LocalTracker, NullTracker, RunTracker
 from core.tracking.store import adopt_credentials, default_tracking_uri, public_uri
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = schema.RUN_FILE
-# Records the store could not take yet wait here (core.tracking.spool), for the next start
-# or `ablax tracking sync <workdir>`.
-SPOOL_DIR = "mlflow_spool"
 # In run.json: the step a run finished at (written last), so running it again does nothing.
 FINISHED_STEP = schema.FINISHED_STEP_KEY
 # MLflow system metrics (system/cpu_utilization_percentage, ...) on process 0, every 10 s.
@@ -39,55 +38,47 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
   return adopt_credentials(tracking_uri or default_tracking_uri())
 
 
-def read_run_file(workdir: Path) -> dict:
-  path = Path(workdir) / RUN_FILE
-  return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def write_run_file(workdir: Path, run_id: str, tracking_uri: str, experiment: str) -> None:
-  """Points `workdir` at an MLflow run: the trainer there continues it (the sweep, reproduce
-  and the trainer itself write it; the URI never holds credentials)."""
-  record = read_run_file(workdir)
-  record.update({schema.RUN_ID_KEY: run_id, schema.TRACKING_URI_KEY: public_uri(tracking_uri),
-                 schema.EXPERIMENT_KEY: experiment})
-  Path(workdir).mkdir(parents=True, exist_ok=True)
-  _write_json(Path(workdir) / RUN_FILE, record)
+  """Points `workdir` at an MLflow run: the trainer there continues it (the sweep and reproduce
+  write it; the URI never holds credentials)."""
+  local.update_run_file(workdir, **{schema.RUN_ID_KEY: run_id,
+                                    schema.TRACKING_URI_KEY: public_uri(tracking_uri),
+                                    schema.EXPERIMENT_KEY: experiment})
 
 
 def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
                   run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
-  """A started RunTracker on process 0 (resuming the workdir's run), else a NullTracker."""
+  """Process 0: a started RunTracker (resuming the workdir's run), or with tracking off a
+  LocalTracker (the journal alone); other processes: a NullTracker."""
   import jax  # pylint: disable=g-import-not-at-top  (not at import: `ablax tracking` needs no JAX)
-  if not enabled or jax.process_index() != 0:
+  if jax.process_index() != 0:
     return NullTracker()
+  if not enabled:
+    return LocalTracker(workdir)
   uri = resolve_tracking_uri(tracking_uri)
   record = read_run_file(workdir)
   same_store = public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(uri)
   run_id = record.get(schema.RUN_ID_KEY) if same_store else None
   tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
-                       spool_dir=Path(workdir) / SPOOL_DIR, tags=dict(tags or {}),
-                       system_metrics_s=SYSTEM_METRICS_S)
-  run_id = tracker.start()
-  write_run_file(workdir, run_id, uri, experiment)
+                       workdir=workdir, tags=dict(tags or {}), system_metrics_s=SYSTEM_METRICS_S)
+  tracker.start()
   return tracker
 
 
 def mark_finished(workdir: Path, step: int) -> None:
   """Records in run.json that the run finished at `step` (also for runs that are not tracked)."""
-  record = read_run_file(workdir)
-  record[FINISHED_STEP] = int(step)
-  _write_json(Path(workdir) / RUN_FILE, record)
+  local.update_run_file(workdir, **{FINISHED_STEP: int(step)})
 
 
 def undelivered_note(workdir: Path, tracker) -> str | None:
-  """What to run when records of the run are still in its spool at the end, else None."""
-  waiting = tracker.pending_spool
+  """What to run when part of the run's record has not reached the store at the end, else None."""
+  waiting = tracker.pending
   if not waiting:
     return None
   uri = tracker.tracking_uri
   flag = "" if uri == default_tracking_uri() else f" --tracking_uri {uri}"
   return (f"{waiting} records of MLflow run {tracker.run_id} did not reach {uri}; they are kept "
-          f"in {Path(workdir) / SPOOL_DIR}. Deliver them once the store answers:\n"
+          f"in {workdir}. Deliver them once the store answers:\n"
           f"  ablax tracking sync {workdir}{flag}")
 
 
@@ -135,9 +126,3 @@ def check_carbon_inputs(pue: float, grid_region: str | None, grid_intensity: flo
     carbon.grid_intensity(region=grid_region, intensity_g_per_kwh=grid_intensity)
   if device_power_w is not None and not device_power_w > 0:
     raise carbon.CarbonInputError(f"device_power_w must be positive, got {device_power_w!r}")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)

@@ -1,15 +1,15 @@
-"""`ablax tracking sync`: deliver the records a run kept in its workdir while the store was down.
+"""`ablax tracking sync`: upload what of a run's workdir the store does not have, like `wandb sync`.
 
     ablax tracking sync runs/tiny_llama                    # to the store the run logged to
     ablax tracking sync runs/tiny_llama --tracking_uri http://host:5000
     ablax tracking sync runs/attention                     # every point of a sweep's workdir
 
-A trainer whose MLflow store is unreachable keeps each record, in order, in
-`<workdir>/mlflow_spool/<run id>.jsonl` (core/tracking/spool.py), and its next
-start delivers them. This delivers them without training: the same replay, in
-the same order, of the run recorded in `<workdir>/run.json`. It refuses a
-workdir a trainer holds (that trainer delivers its own records; two writers of
-one spool file would lose lines) and holds the lock itself while it delivers.
+A trainer records everything in its workdir first (metrics.jsonl, run.json,
+record/) and uploads it from a persisted offset (core/tracking/sync.py); when
+its store was unreachable, the rest waits there, and its next start uploads it.
+This uploads it without training, through the same syncer, to the run named in
+`<workdir>/run.json`, final status included. It refuses a workdir a trainer
+holds (that trainer uploads its own record) and holds the lock itself meanwhile.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-  sync = sub.add_parser("sync", help="deliver a run's (or a sweep's runs') spooled records")
+  sync = sub.add_parser("sync", help="upload what a run's (or a sweep's runs') workdir holds and "
+                                     "its MLflow store does not")
   sync.add_argument("workdir", help="a run's workdir, or a sweep's (every point in it)")
   sync.add_argument("--tracking_uri", default=None,
                     help="the store to deliver to (default: the one in WORKDIR/run.json)")
@@ -36,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_dirs(workdir: Path) -> list[Path]:
   """The workdir itself when it is a run's, else the runs' directories directly in it."""
-  from core.train import tracking  # pylint: disable=g-import-not-at-top
-  if (workdir / tracking.RUN_FILE).is_file():
+  from core.tracking import schema  # pylint: disable=g-import-not-at-top
+  if (workdir / schema.RUN_FILE).is_file():
     return [workdir]
-  return sorted(d for d in workdir.iterdir() if (d / tracking.RUN_FILE).is_file())
+  return sorted(d for d in workdir.iterdir() if (d / schema.RUN_FILE).is_file())
 
 
 def sync(workdir: Path, tracking_uri: str | None = None) -> int:
@@ -59,16 +61,15 @@ def sync(workdir: Path, tracking_uri: str | None = None) -> int:
 
 
 def _sync_one(run_dir: Path, tracking_uri: str | None) -> int:
-  from core.tracking import schema, spool  # pylint: disable=g-import-not-at-top
-  from core.train import tracking, workdir_lock  # pylint: disable=g-import-not-at-top
-  record = tracking.read_run_file(run_dir)
+  from core.tracking import local, schema, sync as syncing  # pylint: disable=g-import-not-at-top
+  from core.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  record = local.read_run_file(run_dir)
   run_id = record.get(schema.RUN_ID_KEY)
   uri = tracking_uri or record.get(schema.TRACKING_URI_KEY)
   if not run_id or not uri:
     print(f"{run_dir}: run.json names no MLflow run; nothing to deliver")
     return 0
-  spool_dir = run_dir / tracking.SPOOL_DIR
-  waiting = spool.pending(spool_dir, run_id)
+  waiting = syncing.Syncer(run_dir, run_id).pending()
   if not waiting:
     print(f"{run_dir}: nothing to deliver (run {run_id})")
     return 0
@@ -80,41 +81,42 @@ def _sync_one(run_dir: Path, tracking_uri: str | None) -> int:
           file=sys.stderr)
     return 1
   try:
-    return _deliver(run_dir, uri, spool_dir, run_id, waiting)
+    return _deliver(run_dir, uri, run_id, waiting)
   finally:
     lock.release()
 
 
-def _deliver(run_dir: Path, uri: str, spool_dir: Path, run_id: str, waiting: int) -> int:
-  from core.tracking import spool  # pylint: disable=g-import-not-at-top
-  from core.tracking.run import replay_spool  # pylint: disable=g-import-not-at-top
+def _deliver(run_dir: Path, uri: str, run_id: str, waiting: int) -> int:
+  from core.tracking import sync as syncing  # pylint: disable=g-import-not-at-top
   from core.tracking.store import bound_http_retries  # pylint: disable=g-import-not-at-top
   from mlflow.exceptions import MlflowException  # pylint: disable=g-import-not-at-top
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   bound_http_retries(uri, 10, 2)  # an unreachable store answers in seconds, not minutes
-  where = spool.spool_path(spool_dir, run_id)
+  client = MlflowClient(uri)
+  syncer = syncing.Syncer(run_dir, run_id, client)
   try:
-    MlflowClient(uri).get_run(run_id)
+    client.get_run(run_id)
   except MlflowException as e:
     if e.get_http_status_code() == 404 or "not found" in str(e).lower():
-      print(f"{run_dir}: run {run_id} is not in {uri}; {waiting} records kept in {where}",
+      print(f"{run_dir}: run {run_id} is not in {uri}; {waiting} records kept in {run_dir}",
             file=sys.stderr)
       return 1
-    return _unreachable(run_dir, uri, e, spool.pending(spool_dir, run_id), where)
+    return _unreachable(run_dir, uri, e, waiting)
   except Exception as e:  # noqa: BLE001  unreachable: say so, keep the records
-    return _unreachable(run_dir, uri, e, waiting, where)
+    return _unreachable(run_dir, uri, e, waiting)
   try:
-    sent = replay_spool(uri, spool_dir, run_id)
-  except Exception as e:  # noqa: BLE001  the store went away mid-way: the rest stays spooled
-    return _unreachable(run_dir, uri, e, spool.pending(spool_dir, run_id), where)
-  rejected = spool_dir / f"{run_id}.rejected.jsonl"
-  note = f"; records the store refused are in {rejected}" if rejected.is_file() else ""
+    sent = syncer.sync()
+  except Exception as e:  # noqa: BLE001  the store went away mid-way: the rest waits
+    return _unreachable(run_dir, uri, e, syncer.pending())
+  rejected = syncer.state["rejected"]
+  note = (f"; the store refused {len(rejected)} (noted in {run_dir / syncing.STATE_FILE})"
+          if rejected else "")
   print(f"{run_dir}: delivered {sent} records of run {run_id} to {uri}{note}")
   return 0
 
 
-def _unreachable(run_dir: Path, uri: str, error: BaseException, left: int, where: Path) -> int:
+def _unreachable(run_dir: Path, uri: str, error: BaseException, left: int) -> int:
   text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
   print(f"{run_dir}: store {uri} unreachable ({type(error).__name__}: {text}); {left} records "
-        f"kept in {where}; run this again when it answers", file=sys.stderr)
+        f"kept in {run_dir}; run this again when it answers", file=sys.stderr)
   return 1
