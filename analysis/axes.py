@@ -18,8 +18,12 @@ from analysis import runs as runs_lib
 from core.tracking import schema
 
 AXES = ("step", "tokens", "flops", "time")
-LABELS = {"step": "step", "tokens": "tokens", "flops": "training FLOPs (model)",
-          "time": "wall time (s)"}
+LABELS = {
+  "step": "step",
+  "tokens": "tokens",
+  "flops": "training FLOPs (model)",
+  "time": "wall time (s)",
+}
 
 
 class AxisError(ValueError):
@@ -45,8 +49,10 @@ def _per_step(run, axis: str) -> float:
     tokens = float(params[schema.GLOBAL_BATCH]) * float(params[schema.SEQ_LEN])
     return tokens if axis == "tokens" else tokens * float(params[schema.FLOPS_PER_TOKEN])
   except KeyError as e:
-    raise AxisError(f"run {run.info.run_id} has no param {e.args[0]}: it predates the "
-                    f"{axis} axis; compare it by step") from None
+    raise AxisError(
+      f"run {run.info.run_id} has no param {e.args[0]}: it predates the "
+      f"{axis} axis; compare it by step"
+    ) from None
 
 
 def curve(c, run, key: str, axis: str) -> tuple[list[float], list[float]]:
@@ -66,14 +72,17 @@ def value_at(c, run, key: str, axis: str, x: float) -> float:
   return interpolate(*curve(c, run, key, axis), x, run.info.run_id, key, axis)
 
 
-def interpolate(xs: Sequence[float], ys: Sequence[float], x: float, run_id: str, key: str,
-                axis: str) -> float:
+def interpolate(
+  xs: Sequence[float], ys: Sequence[float], x: float, run_id: str, key: str, axis: str
+) -> float:
   """ys at x on a run's sorted curve (axis.curve), linearly between its neighbouring points."""
   if not xs:
     raise AxisError(f"run {run_id} logged no {key}")
   if not xs[0] <= x <= xs[-1]:
-    raise AxisError(f"run {run_id} has {key} from {axis}={xs[0]:.4g} to "
-                    f"{xs[-1]:.4g}; {axis}={x:.4g} is outside it (no extrapolation)")
+    raise AxisError(
+      f"run {run_id} has {key} from {axis}={xs[0]:.4g} to "
+      f"{xs[-1]:.4g}; {axis}={x:.4g} is outside it (no extrapolation)"
+    )
   i = bisect.bisect_left(xs, x)
   if xs[i] == x:
     return ys[i]

@@ -22,10 +22,17 @@ class Comparison:
   parent: object | None  # the sweep's parent run, when comparing a sweep
 
 
-def compare(c, sweep: str | None = None, experiment: str | None = None,
-            filter_string: str = "", group_by: Sequence[str] = (), metric: str | None = None,
-            baseline: str | None = None, confidence: float = 0.95,
-            at: tuple[str, float] | None = None) -> Comparison:
+def compare(
+  c,
+  sweep: str | None = None,
+  experiment: str | None = None,
+  filter_string: str = "",
+  group_by: Sequence[str] = (),
+  metric: str | None = None,
+  baseline: str | None = None,
+  confidence: float = 0.95,
+  at: tuple[str, float] | None = None,
+) -> Comparison:
   """Groups finished runs into variants and computes the table.
 
   Args:
@@ -43,15 +50,18 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
   if sweep:
     parent = runs_lib.find_sweep(c, sweep)
     children = runs_lib.sweep_children(c, parent)
-    source = (f"sweep {parent.data.tags.get(runs_lib.SWEEP_TAG, parent.info.run_name)} "
-              f"(parent run {parent.info.run_id})")
+    source = (
+      f"sweep {parent.data.tags.get(runs_lib.SWEEP_TAG, parent.info.run_name)} "
+      f"(parent run {parent.info.run_id})"
+    )
     started = runs_lib.sweep_children(c, parent, finished_only=False)
     if len(started) > len(children):
       source += f"; {len(started) - len(children)} unfinished point(s) left out"
     if not children:
       raise runs_lib.RunLookupError(
-          f"{source} has no finished child runs yet ({len(started)} unfinished); "
-          f"run or resume it with `ablax sweep`")
+        f"{source} has no finished child runs yet ({len(started)} unfinished); "
+        f"run or resume it with `ablax sweep`"
+      )
     metric = metric or parent.data.tags.get(runs_lib.METRIC_TAG)
     if baseline is None:
       baseline = parent.data.tags.get(runs_lib.BASELINE_TAG)
@@ -64,15 +74,18 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
     raise ValueError("give a sweep (name or parent run id) or an experiment")
   groups = runs_lib.group(children, group_by)
   if metric is None:
-    metric = next((k for k in table_lib.FALLBACK_LOSS_KEYS
-                   if all(k in r.data.metrics for r in children)), None)
+    metric = next(
+      (k for k in table_lib.FALLBACK_LOSS_KEYS if all(k in r.data.metrics for r in children)), None
+    )
     if metric is None:
-      raise runs_lib.RunLookupError(f"no loss metric common to all runs of {source}; choose one "
-                                    f"with --metric")
+      raise runs_lib.RunLookupError(
+        f"no loss metric common to all runs of {source}; choose one with --metric"
+      )
   if baseline is not None and baseline not in groups:
     if user_baseline is not None:
-      raise runs_lib.RunLookupError(f"baseline {baseline!r} is not a variant of {source}; "
-                                    f"variants: {list(groups)}")
+      raise runs_lib.RunLookupError(
+        f"baseline {baseline!r} is not a variant of {source}; variants: {list(groups)}"
+      )
     source += f"; its baseline {baseline} has no finished runs, so deltas are to the first variant"
     baseline = None
   if baseline is None:
@@ -81,8 +94,13 @@ def compare(c, sweep: str | None = None, experiment: str | None = None,
   return Comparison(table, groups, parent)
 
 
-def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
-               log_to_parent: bool = True, axis: str = "step") -> list[Path]:
+def save_plots(
+  c,
+  comparison: Comparison,
+  out_dir: Path | None = None,
+  log_to_parent: bool = True,
+  axis: str = "step",
+) -> list[Path]:
   """Writes the plots and the table in every format; logs them to the parent run.
 
   loss_curves.png (against `axis`), loss_vs_tokens.png and loss_vs_flops.png
@@ -94,16 +112,18 @@ def save_plots(c, comparison: Comparison, out_dir: Path | None = None,
   title = table.source
   paths = []
   curve_keys = list(dict.fromkeys([*CURVE_KEYS, table.metric]))
-  curve = plots.loss_curves(c, comparison.groups, curve_keys, out_dir / "loss_curves.png", title,
-                            axis=axis)
+  curve = plots.loss_curves(
+    c, comparison.groups, curve_keys, out_dir / "loss_curves.png", title, axis=axis
+  )
   if curve:
     paths.append(curve)
   for extra in ("tokens", "flops"):
     if extra == axis:
       continue
     try:
-      path = plots.loss_curves(c, comparison.groups, curve_keys,
-                               out_dir / f"loss_vs_{extra}.png", title, axis=extra)
+      path = plots.loss_curves(
+        c, comparison.groups, curve_keys, out_dir / f"loss_vs_{extra}.png", title, axis=extra
+      )
     except axes_lib.AxisError:
       continue  # runs from before the trainer logged tokens and FLOPs per token
     if path:
@@ -137,15 +157,24 @@ def log_result(c, comparison: Comparison) -> None:
   import time  # pylint: disable=g-import-not-at-top
   from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
   from core.tracking.store import clean_key  # pylint: disable=g-import-not-at-top
+
   table = comparison.table
   now = int(time.time() * 1000)
 
   def stats_of(row) -> dict[str, float | None]:
     d, m = row.delta, row.matched_delta
-    return {"mean": row.mean, "std": row.std, "delta": d and d.value, "ci_low": d and d.low,
-            "ci_high": d and d.high, "p": d and d.p, "p_holm": d and d.p_holm,
-            "matched_mean": row.matched_mean, "matched_delta": m and m.value,
-            "matched_p_holm": m and m.p_holm}
+    return {
+      "mean": row.mean,
+      "std": row.std,
+      "delta": d and d.value,
+      "ci_low": d and d.low,
+      "ci_high": d and d.high,
+      "p": d and d.p,
+      "p_holm": d and d.p_holm,
+      "matched_mean": row.matched_mean,
+      "matched_delta": m and m.value,
+      "matched_p_holm": m and m.p_holm,
+    }
 
   metrics = []
   for row in table.rows:
@@ -162,9 +191,21 @@ def log_result(c, comparison: Comparison) -> None:
     metrics.append(Metric("sweep/co2_kg", float(sum(carbon)), now, 0))
   run_id = comparison.parent.info.run_id
   for i in range(0, len(metrics), 1000):
-    c.log_batch(run_id, metrics=metrics[i:i + 1000])
-  rows = [{"variant": r.variant, "n": r.n, **stats_of(r), "tokens_per_s": r.tokens_per_s,
-           "mfu": r.mfu, "energy_kwh": r.energy_kwh, "carbon_kg": r.carbon_kg}
-          for r in table.rows]
-  c.log_table(run_id, data={k: [row[k] for row in rows] for k in rows[0]},
-              artifact_file="comparison/table.json")
+    c.log_batch(run_id, metrics=metrics[i : i + 1000])
+  rows = [
+    {
+      "variant": r.variant,
+      "n": r.n,
+      **stats_of(r),
+      "tokens_per_s": r.tokens_per_s,
+      "mfu": r.mfu,
+      "energy_kwh": r.energy_kwh,
+      "carbon_kg": r.carbon_kg,
+    }
+    for r in table.rows
+  ]
+  c.log_table(
+    run_id,
+    data={k: [row[k] for row in rows] for k in rows[0]},
+    artifact_file="comparison/table.json",
+  )

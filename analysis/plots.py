@@ -17,13 +17,16 @@ from analysis.table import Table
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
-def curves(c, groups: dict[str, list], key: str,
-           axis: str = "step") -> dict[str, tuple[list[float], list[list[float]]]]:
+def curves(
+  c, groups: dict[str, list], key: str, axis: str = "step"
+) -> dict[str, tuple[list[float], list[list[float]]]]:
   """variant -> (x, per-seed values) at the points every seed of the variant logged.
 
   On the step, tokens and FLOPs axes the seeds of a variant share their x values;
@@ -47,8 +50,9 @@ def curves(c, groups: dict[str, list], key: str,
   return out
 
 
-def loss_curves(c, groups: dict[str, list], keys: Sequence[str], path: Path,
-                title: str = "", axis: str = "step") -> Path | None:
+def loss_curves(
+  c, groups: dict[str, list], keys: Sequence[str], path: Path, title: str = "", axis: str = "step"
+) -> Path | None:
   """One panel per metric key; per variant the mean over seeds and a ±1 std band.
 
   Tokens and FLOPs are drawn on a log x axis, where compute-matched gaps read
@@ -64,12 +68,17 @@ def loss_curves(c, groups: dict[str, list], keys: Sequence[str], path: Path,
       if not xs:
         continue
       mean = [stats.mean(col) for col in zip(*values)]
-      line, = ax.plot(xs, mean, label=f"{variant} (n={len(values)})")
+      (line,) = ax.plot(xs, mean, label=f"{variant} (n={len(values)})")
       if len(values) > 1:
         sd = [stats.std(col) for col in zip(*values)]
-        ax.fill_between(xs, [m - s for m, s in zip(mean, sd)],
-                        [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.2,
-                        linewidth=0)
+        ax.fill_between(
+          xs,
+          [m - s for m, s in zip(mean, sd)],
+          [m + s for m, s in zip(mean, sd)],
+          color=line.get_color(),
+          alpha=0.2,
+          linewidth=0,
+        )
     if axis in ("tokens", "flops"):
       ax.set_xscale("log")
     ax.set_xlabel(axes_lib.LABELS[axis])
@@ -98,8 +107,14 @@ def forest(table: Table, path: Path) -> Path | None:
       ax.plot([d.low, d.high], [i, i], color="tab:blue", linewidth=2)
     ax.plot([d.value], [i], "o", color="tab:blue")
     p = "" if math.isnan(d.p_holm) else f"  p={d.p_holm:.3g}"
-    ax.annotate(f"{d.value:+.4f}{p}", (d.value, i), textcoords="offset points", xytext=(0, 6),
-                ha="center", fontsize=7)
+    ax.annotate(
+      f"{d.value:+.4f}{p}",
+      (d.value, i),
+      textcoords="offset points",
+      xytext=(0, 6),
+      ha="center",
+      fontsize=7,
+    )
   ax.axvline(0.0, color="gray", linestyle="--", linewidth=1)
   ax.set_yticks(range(len(rows)))
   ax.set_yticklabels([r.variant for r in rows], fontsize=8)
@@ -136,8 +151,14 @@ def final_bars(table: Table, path: Path, title: str = "") -> Path:
     ax.set_ylim(0.0, 1.1 * max(finite))
   for bar, mean in zip(bars, means):
     if not math.isnan(mean):
-      ax.annotate(f"{mean:.4f}", (bar.get_x() + bar.get_width() / 2, mean),
-                  textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+      ax.annotate(
+        f"{mean:.4f}",
+        (bar.get_x() + bar.get_width() / 2, mean),
+        textcoords="offset points",
+        xytext=(0, 3),
+        ha="center",
+        fontsize=7,
+      )
   ax.grid(axis="y", alpha=0.3)
   ax.set_title(title or f"final {table.metric} (mean ± std over seeds)")
   fig.tight_layout()
@@ -158,25 +179,44 @@ def scaling_fits(result, path: Path) -> Path:
   top = max(p.flops for v in result.variants for p in v.runs)
   for v in result.variants:
     xs = [b[0] for b in v.band]
-    line, = ax.plot(xs, [v.fit.predict(x) for x in xs],
-                    label=f"{v.variant}{' (baseline)' if v.baseline else ''}: "
-                          f"E={v.fit.E:.3f}, α={v.fit.alpha:.3f}")
+    (line,) = ax.plot(
+      xs,
+      [v.fit.predict(x) for x in xs],
+      label=f"{v.variant}{' (baseline)' if v.baseline else ''}: "
+      f"E={v.fit.E:.3f}, α={v.fit.alpha:.3f}",
+    )
     band = [(x, lo, hi) for x, lo, hi in v.band if not math.isnan(lo)]
     if band:
-      ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                      color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.scatter([p.flops for p in v.runs], [p.loss for p in v.runs], s=14,
-               color=line.get_color(), zorder=3)
+      ax.fill_between(
+        [b[0] for b in band],
+        [b[1] for b in band],
+        [b[2] for b in band],
+        color=line.get_color(),
+        alpha=0.15,
+        linewidth=0,
+      )
+    ax.scatter(
+      [p.flops for p in v.runs], [p.loss for p in v.runs], s=14, color=line.get_color(), zorder=3
+    )
   ax.axvline(top, color="gray", linestyle=":", linewidth=1)
   ax.axvline(result.at_flops, color="gray", linestyle="--", linewidth=1)
-  ax.annotate(f"target {result.at_flops:.3g}", (result.at_flops, ax.get_ylim()[1]),
-              fontsize=7, ha="right", va="top", rotation=90)
+  ax.annotate(
+    f"target {result.at_flops:.3g}",
+    (result.at_flops, ax.get_ylim()[1]),
+    fontsize=7,
+    ha="right",
+    va="top",
+    rotation=90,
+  )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("training FLOPs (model)")
   ax.set_ylabel(f"final {result.metric}")
-  ax.set_title(f"L(C) = E + A·C^-α, {round(100 * result.confidence)}% bootstrap bands "
-               f"(dotted: largest measured compute)", fontsize=9)
+  ax.set_title(
+    f"L(C) = E + A·C^-α, {round(100 * result.confidence)}% bootstrap bands "
+    f"(dotted: largest measured compute)",
+    fontsize=9,
+  )
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
   fig.tight_layout()

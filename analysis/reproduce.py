@@ -15,11 +15,16 @@ from typing import Any, Mapping
 from analysis import runs as runs_lib
 
 # Metrics that measure the machine rather than the model.
-UNSTABLE_METRICS = re.compile(r"tokens_per_s|step_time|mfu|eta_s|compile_s|elapsed|energy|co2|"
-                              r"carbon|_time|time_s|seconds|memory", re.IGNORECASE)
+UNSTABLE_METRICS = re.compile(
+  r"tokens_per_s|step_time|mfu|eta_s|compile_s|elapsed|energy|co2|"
+  r"carbon|_time|time_s|seconds|memory",
+  re.IGNORECASE,
+)
 # Tags that differ between any two runs by design.
-PER_RUN_TAGS = re.compile(r"^(mlflow\.|ablax\.sweep\.|ablax\.reproduce|ablax\.env\.|ablax\.error|"
-                          r"config_hash$|ablax\.config_hash$|mfu_peak_source$|hostname$|mesh$)")
+PER_RUN_TAGS = re.compile(
+  r"^(mlflow\.|ablax\.sweep\.|ablax\.reproduce|ablax\.env\.|ablax\.error|"
+  r"config_hash$|ablax\.config_hash$|mfu_peak_source$|hostname$|mesh$)"
+)
 CODE_TAGS = re.compile(r"(^|\.)(git|commit|dirty|diff|untracked|branch)|^ablax\.version$")
 
 
@@ -49,19 +54,23 @@ class Report:
   @property
   def matches(self) -> bool:
     return bool(self.metrics) and all(
-        not m.missing_steps and m.max_rel_diff <= self.rtol for m in self.metrics)
+      not m.missing_steps and m.max_rel_diff <= self.rtol for m in self.metrics
+    )
 
   def summary(self) -> str:
     if not self.metrics:
       return "no comparable metrics (the original logged no loss curves)"
     if self.identical:
       n = sum(m.steps for m in self.metrics)
-      return (f"IDENTICAL: {len(self.metrics)} metric curves, {n} values, equal bit for bit")
+      return f"IDENTICAL: {len(self.metrics)} metric curves, {n} values, equal bit for bit"
     worst = max(self.metrics, key=lambda m: (bool(m.missing_steps), m.max_rel_diff))
     verdict = "MATCH within rtol" if self.matches else "DIFFERENT"
-    where = (f"{worst.key} misses steps {worst.missing_steps[:5]}" if worst.missing_steps else
-             f"max relative difference {worst.max_rel_diff:.3e} in {worst.key} at step "
-             f"{worst.worst_step}")
+    where = (
+      f"{worst.key} misses steps {worst.missing_steps[:5]}"
+      if worst.missing_steps
+      else f"max relative difference {worst.max_rel_diff:.3e} in {worst.key} at step "
+      f"{worst.worst_step}"
+    )
     return f"{verdict} (rtol {self.rtol:g}): {where}"
 
 
@@ -87,8 +96,9 @@ def compare_histories(c, original_id: str, rerun_id: str, rtol: float = 0.0) -> 
     missing = sorted(set(a) ^ set(b))
     diffs = [(rel_diff(a[s], b[s]), s) for s in common]
     worst = max(diffs, default=(0.0, None))
-    results.append(MetricMatch(key, len(common), all(a[s] == b[s] for s in common), worst[0],
-                               worst[1], missing))
+    results.append(
+      MetricMatch(key, len(common), all(a[s] == b[s] for s in common), worst[0], worst[1], missing)
+    )
   return Report(results, rtol)
 
 
@@ -120,4 +130,4 @@ def dict_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def _short(value: Any, limit: int = 80) -> str:
   text = str(value)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -39,6 +39,7 @@ class RunLookupError(UserError, LookupError):
 def default_tracking_uri() -> str:
   """$MLFLOW_TRACKING_URI, else the project store `./runs/mlflow.db` (core.tracking.store)."""
   from core.tracking.store import default_tracking_uri as default  # pylint: disable=g-import-not-at-top
+
   return default()
 
 
@@ -46,27 +47,39 @@ def client(tracking_uri: str | None = None):
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
   os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
   from mlflow.tracking import MlflowClient
+
   return MlflowClient(tracking_uri or default_tracking_uri())
 
 
 def ui_command(tracking_uri: str) -> str:
   """The shell command that opens the MLflow UI on this store (credentials left out)."""
   from core.tracking.store import public_uri  # pylint: disable=g-import-not-at-top
+
   return f"mlflow ui --backend-store-uri {public_uri(tracking_uri)}"
 
 
 def _all_experiment_ids(c) -> list[str]:
   from mlflow.entities import ViewType
+
   return [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
 
 
-def search(c, experiment_ids: Sequence[str], filter_string: str = "",
-           order_by: Sequence[str] = ("attributes.start_time DESC",)) -> list:
+def search(
+  c,
+  experiment_ids: Sequence[str],
+  filter_string: str = "",
+  order_by: Sequence[str] = ("attributes.start_time DESC",),
+) -> list:
   """All matching runs (every page), newest first."""
   runs, token = [], None
   while True:
-    page = c.search_runs(list(experiment_ids), filter_string=filter_string,
-                         order_by=list(order_by), max_results=1000, page_token=token)
+    page = c.search_runs(
+      list(experiment_ids),
+      filter_string=filter_string,
+      order_by=list(order_by),
+      max_results=1000,
+      page_token=token,
+    )
     runs.extend(page)
     token = page.token
     if not token:
@@ -76,6 +89,7 @@ def search(c, experiment_ids: Sequence[str], filter_string: str = "",
 def get_run(c, run_id: str):
   """The run, or RunLookupError naming the store."""
   from mlflow.exceptions import MlflowException
+
   try:
     return c.get_run(run_id)
   except MlflowException as e:
@@ -89,19 +103,26 @@ def find_sweep(c, name_or_run_id: str):
     if run.data.tags.get(ROLE_TAG) != "parent" and not _children_exist(c, run):
       raise RunLookupError(f"run {name_or_run_id} is not a sweep (no child runs)")
     return run
-  runs = search(c, _all_experiment_ids(c),
-                f"tags.`{SWEEP_TAG}` = '{name_or_run_id}' and tags.`{ROLE_TAG}` = 'parent'")
+  runs = search(
+    c,
+    _all_experiment_ids(c),
+    f"tags.`{SWEEP_TAG}` = '{name_or_run_id}' and tags.`{ROLE_TAG}` = 'parent'",
+  )
   if not runs:
-    names = sorted({r.data.tags.get(SWEEP_TAG) for r in search(
-        c, _all_experiment_ids(c), f"tags.`{ROLE_TAG}` = 'parent'")} - {None})
+    names = sorted(
+      {
+        r.data.tags.get(SWEEP_TAG)
+        for r in search(c, _all_experiment_ids(c), f"tags.`{ROLE_TAG}` = 'parent'")
+      }
+      - {None}
+    )
     known = f"; sweeps in this store: {', '.join(names)}" if names else "; it has no sweeps"
     raise RunLookupError(f"no sweep named {name_or_run_id!r} in {c.tracking_uri}{known}")
   return runs[0]
 
 
 def _children_exist(c, run) -> bool:
-  return bool(search(c, [run.info.experiment_id],
-                     f"tags.`{PARENT_TAG}` = '{run.info.run_id}'"))
+  return bool(search(c, [run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{run.info.run_id}'"))
 
 
 def sweep_children(c, parent, finished_only: bool = True) -> list:
@@ -120,8 +141,7 @@ def experiment_runs(c, experiment: str, filter_string: str = "") -> list:
   exp = c.get_experiment_by_name(experiment)
   if exp is None:
     raise RunLookupError(f"no experiment named {experiment!r} in {c.tracking_uri}")
-  return [r for r in search(c, [exp.experiment_id], filter_string)
-          if r.info.status == "FINISHED"]
+  return [r for r in search(c, [exp.experiment_id], filter_string) if r.info.status == "FINISHED"]
 
 
 def variant_of(run, group_by: Sequence[str] = ()) -> str:
@@ -138,6 +158,7 @@ def seed_of(run) -> str | None:
 def config_hash(run) -> str:
   """The hash the trainer recorded; else a hash of the run's params (the flattened config)."""
   from core.tracking import schema  # pylint: disable=g-import-not-at-top
+
   if run.data.tags.get(schema.CONFIG_HASH):
     return run.data.tags[schema.CONFIG_HASH]
   skip = {"seed"}

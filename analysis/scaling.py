@@ -59,8 +59,9 @@ class Fit:
     return float(((loss - self.E) / self.A) ** (-1.0 / self.alpha))
 
 
-def _profile(x: np.ndarray, y: np.ndarray, alphas: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _profile(
+  x: np.ndarray, y: np.ndarray, alphas: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(E, A', rss) per alpha: least squares of y on [1, x^-alpha] with E, A' >= 0.
 
   Two-variable non-negative least squares in closed form: the unconstrained
@@ -99,8 +100,9 @@ def fit(flops: Sequence[float], loss: Sequence[float]) -> Fit:
   if not (np.all(np.isfinite(c)) and np.all(c > 0) and np.all(np.isfinite(y))):
     raise ScalingError("flops must be positive and finite, losses finite")
   if len(np.unique(c)) < 3:
-    raise ScalingError(f"a 3-parameter fit needs at least 3 distinct compute values, got "
-                       f"{len(np.unique(c))}")
+    raise ScalingError(
+      f"a 3-parameter fit needs at least 3 distinct compute values, got {len(np.unique(c))}"
+    )
   # C around 1e12..1e21: work with C / C0 so that x^(-alpha) stays near 1.
   c0 = float(np.exp(np.mean(np.log(c))))
   x = c / c0
@@ -115,7 +117,7 @@ def fit(flops: Sequence[float], loss: Sequence[float]) -> Fit:
     log_lo, log_hi = grid[max(i - 1, 0)], grid[min(i + 1, _GRID - 1)]
   alpha = math.exp(grid[i])
   e, a_scaled, r = (float(v[0]) for v in _profile(x, y, np.array([alpha])))
-  return Fit(E=e, A=a_scaled * c0 ** alpha, alpha=alpha, rss=r, n=len(y))
+  return Fit(E=e, A=a_scaled * c0**alpha, alpha=alpha, rss=r, n=len(y))
 
 
 # ------------------------------------------------------------------ runs and bootstrap
@@ -131,23 +133,29 @@ class Run:
   loss: float
 
 
-def check_ladder(runs: Sequence[Run], min_sizes: int = 3, min_span: float = 4.0,
-                 what: str = "ladder") -> None:
+def check_ladder(
+  runs: Sequence[Run], min_sizes: int = 3, min_span: float = 4.0, what: str = "ladder"
+) -> None:
   """ScalingError unless the runs cover >= min_sizes sizes spanning >= min_span x in compute."""
   sizes = {r.size for r in runs}
   if len(sizes) < min_sizes:
-    raise ScalingError(f"{what} has {len(sizes)} size(s) with finished runs "
-                       f"({', '.join(sorted(sizes)) or 'none'}); a scaling fit needs at least "
-                       f"{min_sizes}")
+    raise ScalingError(
+      f"{what} has {len(sizes)} size(s) with finished runs "
+      f"({', '.join(sorted(sizes)) or 'none'}); a scaling fit needs at least "
+      f"{min_sizes}"
+    )
   per_size = [np.mean([r.flops for r in runs if r.size == s]) for s in sizes]
   span = max(per_size) / min(per_size)
   if span < min_span:
-    raise ScalingError(f"{what}'s sizes span {span:.2f}x in training FLOPs; a scaling fit needs "
-                       f"at least {min_span:g}x (add a smaller or larger size)")
+    raise ScalingError(
+      f"{what}'s sizes span {span:.2f}x in training FLOPs; a scaling fit needs "
+      f"at least {min_span:g}x (add a smaller or larger size)"
+    )
 
 
-def _resample(runs: Sequence[Run], draw: Mapping[str, list[str]],
-              rng: np.random.Generator) -> list[Run]:
+def _resample(
+  runs: Sequence[Run], draw: Mapping[str, list[str]], rng: np.random.Generator
+) -> list[Run]:
   """The runs of one bootstrap replicate: per size, the drawn seeds, deviations inflated."""
   out = []
   for size, seeds in draw.items():
@@ -163,16 +171,18 @@ def _resample(runs: Sequence[Run], draw: Mapping[str, list[str]],
   return out
 
 
-def bootstrap(variants: Mapping[str, Sequence[Run]], n_boot: int = 1000, seed: int = 0
-              ) -> dict[str, list[Fit | None]]:
+def bootstrap(
+  variants: Mapping[str, Sequence[Run]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, list[Fit | None]]:
   """variant -> n_boot refits, each on the same per-size seed draw for every variant.
 
   A replicate whose refit fails (too few distinct sizes) is None.
   """
   rng = np.random.default_rng(seed)
   sizes = sorted({r.size for runs in variants.values() for r in runs})
-  seeds_at = {s: sorted({r.seed for runs in variants.values() for r in runs if r.size == s})
-              for s in sizes}
+  seeds_at = {
+    s: sorted({r.seed for runs in variants.values() for r in runs if r.size == s}) for s in sizes
+  }
   out: dict[str, list[Fit | None]] = {v: [] for v in variants}
   for _ in range(n_boot):
     draw = {s: [ss[i] for i in rng.integers(len(ss), size=len(ss))] for s, ss in seeds_at.items()}

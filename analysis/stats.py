@@ -40,8 +40,9 @@ class Delta:
   p_holm: float = NAN  # p adjusted over the variants of one comparison (holm())
 
 
-def delta_ci(values: Sequence[float], baseline: Sequence[float], confidence: float = 0.95,
-             paired: bool = False) -> Delta:
+def delta_ci(
+  values: Sequence[float], baseline: Sequence[float], confidence: float = 0.95, paired: bool = False
+) -> Delta:
   """mean(values) - mean(baseline) with a two-sided Student-t interval.
 
   Args:
@@ -53,6 +54,7 @@ def delta_ci(values: Sequence[float], baseline: Sequence[float], confidence: flo
       interval (unequal variances, Welch-Satterthwaite degrees of freedom).
   """
   from scipy import stats as sps  # pylint: disable=g-import-not-at-top
+
   value = mean(values) - mean(baseline)
   if paired and len(values) == len(baseline) and len(values) >= 2:
     diffs = [v - b for v, b in zip(values, baseline)]

@@ -63,7 +63,9 @@ class Table:
   baseline: str | None
   confidence: float
   source: str  # what was compared: "sweep NAME (parent RUN_ID)" or an experiment + filter
-  at: tuple[str, float] | None = None  # compute match (analysis.axes): ('tokens', 1e6); None = final
+  at: tuple[str, float] | None = (
+    None  # compute match (analysis.axes): ('tokens', 1e6); None = final
+  )
   # With final values (at None), also every run at the largest FLOPs budget all of them reached:
   # equal steps favour the variant that spends more FLOPs per step.
   matched: tuple[str, float] | None = None
@@ -85,7 +87,7 @@ class Table:
     for r in self.rows:
       if r.baseline or r.delta is None or math.isnan(r.eval_se):
         continue
-      floor = 2 * math.sqrt(r.eval_se ** 2 + base.eval_se ** 2)
+      floor = 2 * math.sqrt(r.eval_se**2 + base.eval_se**2)
       if abs(r.delta.value) < floor:
         out.append(f"{r.variant} (|Δ| {abs(r.delta.value):.4f} < {floor:.4f})")
     return out
@@ -111,9 +113,15 @@ def _nanmean(xs: Sequence[float]) -> float:
   return stats.mean(xs)
 
 
-def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
-          confidence: float = 0.95, source: str = "",
-          at: tuple[str, float] | None = None) -> Table:
+def build(
+  c,
+  groups: dict[str, list],
+  metric: str,
+  baseline: str | None = None,
+  confidence: float = 0.95,
+  source: str = "",
+  at: tuple[str, float] | None = None,
+) -> Table:
   """Statistics per variant; `baseline` is a variant name (None: no deltas).
 
   `at` ('tokens', N) or ('flops', F) compares every run at that point of its
@@ -128,28 +136,46 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
       key = metric if metric in run.data.metrics else None
       if key is None:
         raise runs_lib.RunLookupError(
-            f"run {run.info.run_id} ({variant}) has no metric {metric!r}; it has "
-            f"{sorted(run.data.metrics)[:20]} (choose one with --metric)")
+          f"run {run.info.run_id} ({variant}) has no metric {metric!r}; it has "
+          f"{sorted(run.data.metrics)[:20]} (choose one with --metric)"
+        )
       keys.add(key)
       final = run.data.metrics[key] if at is None else axes.value_at(c, run, key, *at)
       finals.append(final)
       ppl_key, ppl = _first(run, PERPLEXITY_KEYS)
       ppls.append(ppl if ppl_key and "loss" in metric else _exp(final))
-    rows.append(Row(
-        variant=variant, n=len(group_runs), seeds=[str(runs_lib.seed_of(r)) for r in group_runs],
-        metric=metric, final=finals, mean=stats.mean(finals), std=stats.std(finals),
-        ppl_mean=stats.mean(ppls), ppl_std=stats.std(ppls), delta=None,
+    rows.append(
+      Row(
+        variant=variant,
+        n=len(group_runs),
+        seeds=[str(runs_lib.seed_of(r)) for r in group_runs],
+        metric=metric,
+        final=finals,
+        mean=stats.mean(finals),
+        std=stats.std(finals),
+        ppl_mean=stats.mean(ppls),
+        ppl_std=stats.std(ppls),
+        delta=None,
         tokens_per_s=_nanmean([_mean_history(c, r, TOKENS_PER_S_KEYS) for r in group_runs]),
         mfu=_nanmean([_mean_history(c, r, MFU_KEYS) for r in group_runs]),
         energy_kwh=_nanmean([_first(r, ENERGY_KEYS)[1] for r in group_runs]),
         carbon_kg=_nanmean([_first(r, CARBON_KEYS)[1] for r in group_runs]),
         run_ids=[r.info.run_id for r in group_runs],
         config_hashes=sorted({runs_lib.config_hash(r) for r in group_runs}),
-        eval_se=_nanmean([r.data.metrics.get(schema.EVAL_LOSS_SE, stats.NAN)
-                          if metric == schema.EVAL_LOSS else stats.NAN for r in group_runs])))
+        eval_se=_nanmean(
+          [
+            r.data.metrics.get(schema.EVAL_LOSS_SE, stats.NAN)
+            if metric == schema.EVAL_LOSS
+            else stats.NAN
+            for r in group_runs
+          ]
+        ),
+      )
+    )
   if baseline is not None and baseline not in groups:
-    raise runs_lib.RunLookupError(f"baseline variant {baseline!r} has no finished runs; variants: "
-                                  f"{list(groups)}")
+    raise runs_lib.RunLookupError(
+      f"baseline variant {baseline!r} has no finished runs; variants: {list(groups)}"
+    )
   matched = None
   if at is None:
     # Each run's curve is read once: it gives both the common budget and the values there.
@@ -157,8 +183,10 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
     matched = _flops_match(curves)
   if matched is not None:
     for row, group_runs in zip(rows, groups.values()):
-      row.matched = [axes.interpolate(*curves[r.info.run_id], matched[1], r.info.run_id, metric,
-                                      "flops") for r in group_runs]
+      row.matched = [
+        axes.interpolate(*curves[r.info.run_id], matched[1], r.info.run_id, metric, "flops")
+        for r in group_runs
+      ]
       row.matched_mean, row.matched_std = stats.mean(row.matched), stats.std(row.matched)
   if baseline is not None:
     base = next(r for r in rows if r.variant == baseline)
@@ -180,8 +208,9 @@ def build(c, groups: dict[str, list], metric: str, baseline: str | None = None,
 def _flops_curves(c, groups: dict[str, list], metric: str) -> dict[str, tuple] | None:
   """run id -> (FLOPs, metric) curve; None when a run lacks the FLOPs params (older records)."""
   try:
-    return {r.info.run_id: axes.curve(c, r, metric, "flops")
-            for group in groups.values() for r in group}
+    return {
+      r.info.run_id: axes.curve(c, r, metric, "flops") for group in groups.values() for r in group
+    }
   except axes.AxisError:
     return None
 
@@ -249,13 +278,27 @@ def _cells(table: Table, row: Row, plus_minus: str = "±", fmt: str = "text") ->
   matched = []
   if table.matched is not None:
     m_delta, _, m_p = _delta(dataclasses.replace(row, delta=row.matched_delta))
-    matched = [pm(row.matched_mean, row.matched_std), m_delta if row.baseline else
-               f"{m_delta} (p {m_p})"]
-  return [row.variant, str(row.n), pm(row.mean, row.std), _num(row.eval_se, 4),
-          pm(row.ppl_mean, row.ppl_std, 2), delta, ci, p, *matched, _num(row.tokens_per_s, 1),
-          _num(row.mfu, 4), _num(row.energy_kwh, 6), _num(row.carbon_kg, 6),
-          " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
-          " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt]))]
+    matched = [
+      pm(row.matched_mean, row.matched_std),
+      m_delta if row.baseline else f"{m_delta} (p {m_p})",
+    ]
+  return [
+    row.variant,
+    str(row.n),
+    pm(row.mean, row.std),
+    _num(row.eval_se, 4),
+    pm(row.ppl_mean, row.ppl_std, 2),
+    delta,
+    ci,
+    p,
+    *matched,
+    _num(row.tokens_per_s, 1),
+    _num(row.mfu, 4),
+    _num(row.energy_kwh, 6),
+    _num(row.carbon_kg, 6),
+    " ".join(_ids(row.run_ids, ID_PREFIX[fmt])),
+    " ".join(_ids(row.config_hashes, HASH_PREFIX[fmt])),
+  ]
 
 
 def headers(table: Table) -> list[str]:
@@ -264,9 +307,23 @@ def headers(table: Table) -> list[str]:
   matched = []
   if table.matched is not None:
     matched = [f"at flops={table.matched[1]:.3g}", "Δ at flops"]
-  return ["variant", "seeds", f"{what} {table.metric}", "eval SE", "perplexity",
-          "Δ vs baseline", f"{level} CI", "p (Holm)", *matched, "tokens/s", "MFU", "energy kWh",
-          "carbon kg CO2e", "run ids", "config hash"]
+  return [
+    "variant",
+    "seeds",
+    f"{what} {table.metric}",
+    "eval SE",
+    "perplexity",
+    "Δ vs baseline",
+    f"{level} CI",
+    "p (Holm)",
+    *matched,
+    "tokens/s",
+    "MFU",
+    "energy kWh",
+    "carbon kg CO2e",
+    "run ids",
+    "config hash",
+  ]
 
 
 def to_text(table: Table) -> str:
@@ -276,8 +333,9 @@ def to_text(table: Table) -> str:
   line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
   out = [f"{table.source}", line(head), line(["-" * w for w in widths])]
   out += [line(b) for b in body]
-  out.append(_footnote(table) + " Run ids and hashes are prefixes here; --format csv gives them "
-             "in full.")
+  out.append(
+    _footnote(table) + " Run ids and hashes are prefixes here; --format csv gives them in full."
+  )
   return "\n".join(out)
 
 
@@ -293,9 +351,18 @@ def to_markdown(table: Table) -> str:
   return "\n".join(out) + f"\n\n{_footnote(table)}\n"
 
 
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "\\": r"\textbackslash{}"}
+_LATEX_SPECIAL = {
+  "&": r"\&",
+  "%": r"\%",
+  "$": r"\$",
+  "#": r"\#",
+  "_": r"\_",
+  "{": r"\{",
+  "}": r"\}",
+  "~": r"\textasciitilde{}",
+  "^": r"\textasciicircum{}",
+  "\\": r"\textbackslash{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -304,14 +371,21 @@ def latex_escape(text: str) -> str:
 
 def to_latex(table: Table) -> str:
   head = [latex_escape(h).replace("Δ", r"$\Delta$") for h in headers(table)]
-  out = [r"\begin{tabular}{l r " + " ".join("r" for _ in head[2:-2]) + " l l}", r"\toprule",
-         " & ".join(head) + r" \\", r"\midrule"]
+  out = [
+    r"\begin{tabular}{l r " + " ".join("r" for _ in head[2:-2]) + " l l}",
+    r"\toprule",
+    " & ".join(head) + r" \\",
+    r"\midrule",
+  ]
   for r in table.rows:
     cells = [latex_escape(c) for c in _cells(table, r, plus_minus="PLUSMINUS", fmt="latex")]
     cells = [c.replace("PLUSMINUS", r"$\pm$") for c in cells]
     cells[-2] = r"\texttt{" + r" ".join(latex_escape(i) for i in r.run_ids) + "}"
-    cells[-1] = r"\texttt{" + r" ".join(
-        latex_escape(h) for h in _ids(r.config_hashes, HASH_PREFIX["latex"])) + "}"
+    cells[-1] = (
+      r"\texttt{"
+      + r" ".join(latex_escape(h) for h in _ids(r.config_hashes, HASH_PREFIX["latex"]))
+      + "}"
+    )
     out.append(" & ".join(cells) + r" \\")
   out += [r"\bottomrule", r"\end{tabular}", "% " + _footnote(table).replace("\n", "\n% ")]
   return "\n".join(out) + "\n"
@@ -321,51 +395,117 @@ def to_csv(table: Table) -> str:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   level = round(table.confidence * 100)
-  w.writerow(["variant", "baseline", "seeds", "n", "metric", "mean", "std", "eval_se",
-              "perplexity_mean",
-              "perplexity_std", "delta", f"ci{level}_low", f"ci{level}_high", "ci_method",
-              "p", "p_holm",
-              "tokens_per_s", "mfu", "energy_kwh", "carbon_kg_co2e", "run_ids", "config_hashes",
-              "matched_flops", "matched_mean", "matched_std", "matched_delta", "matched_p_holm"])
+  w.writerow(
+    [
+      "variant",
+      "baseline",
+      "seeds",
+      "n",
+      "metric",
+      "mean",
+      "std",
+      "eval_se",
+      "perplexity_mean",
+      "perplexity_std",
+      "delta",
+      f"ci{level}_low",
+      f"ci{level}_high",
+      "ci_method",
+      "p",
+      "p_holm",
+      "tokens_per_s",
+      "mfu",
+      "energy_kwh",
+      "carbon_kg_co2e",
+      "run_ids",
+      "config_hashes",
+      "matched_flops",
+      "matched_mean",
+      "matched_std",
+      "matched_delta",
+      "matched_p_holm",
+    ]
+  )
   f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)  # noqa: E731
   for r in table.rows:
     d = r.delta
-    w.writerow([r.variant, int(r.baseline), " ".join(r.seeds), r.n, r.metric, f(r.mean), f(r.std),
-                f(r.eval_se), f(r.ppl_mean), f(r.ppl_std), f(d.value if d else None), f(d.low if d else None),
-                f(d.high if d else None), d.method if d else "", f(d.p if d else None),
-                f(d.p_holm if d else None), f(r.tokens_per_s), f(r.mfu),
-                f(r.energy_kwh), f(r.carbon_kg), " ".join(r.run_ids), " ".join(r.config_hashes),
-                f(table.matched[1] if table.matched else None), f(r.matched_mean),
-                f(r.matched_std), f(r.matched_delta.value if r.matched_delta else None),
-                f(r.matched_delta.p_holm if r.matched_delta else None)])
+    w.writerow(
+      [
+        r.variant,
+        int(r.baseline),
+        " ".join(r.seeds),
+        r.n,
+        r.metric,
+        f(r.mean),
+        f(r.std),
+        f(r.eval_se),
+        f(r.ppl_mean),
+        f(r.ppl_std),
+        f(d.value if d else None),
+        f(d.low if d else None),
+        f(d.high if d else None),
+        d.method if d else "",
+        f(d.p if d else None),
+        f(d.p_holm if d else None),
+        f(r.tokens_per_s),
+        f(r.mfu),
+        f(r.energy_kwh),
+        f(r.carbon_kg),
+        " ".join(r.run_ids),
+        " ".join(r.config_hashes),
+        f(table.matched[1] if table.matched else None),
+        f(r.matched_mean),
+        f(r.matched_std),
+        f(r.matched_delta.value if r.matched_delta else None),
+        f(r.matched_delta.p_holm if r.matched_delta else None),
+      ]
+    )
   return buf.getvalue()
 
 
 def _footnote(table: Table) -> str:
   methods = sorted({r.delta.method for r in table.rows if r.delta and not r.baseline})
-  how = {"paired": "paired t over shared seeds", "welch": "Welch t",
-         "none": "no interval with one seed"}
-  where = ("the final" if table.at is None else
-           f"{table.match} (each run's curve interpolated linearly there, not extrapolated) of the")
-  matched = ("" if table.matched is None else
-             f"'at flops': every run at {table.matched[1]:.4g} training FLOPs, the largest budget "
-             f"all of them reached (their curves interpolated linearly there), so a variant "
-             f"that spends fewer FLOPs per step is compared at equal compute; its Δ has the same "
-             f"test and Holm adjustment. ")
-  return (f"Mean ± sample std over seeds of {where} {table.metric}; Δ = variant - baseline, "
-          f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
-          f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
-          f"eval SE: the eval set's own standard error (token-loss std / sqrt(tokens)), the "
-          f"noise floor next to the seed std. {matched}"
-          f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
-          f"mean per run. Source: {table.source}." + (
-              f"\nWARNING: the eval set cannot resolve {', '.join(table.unresolved())}: a "
-              f"larger eval set (train.eval_batches) is needed to tell these apart."
-              if table.unresolved() else ""))
+  how = {
+    "paired": "paired t over shared seeds",
+    "welch": "Welch t",
+    "none": "no interval with one seed",
+  }
+  where = (
+    "the final"
+    if table.at is None
+    else f"{table.match} (each run's curve interpolated linearly there, not extrapolated) of the"
+  )
+  matched = (
+    ""
+    if table.matched is None
+    else f"'at flops': every run at {table.matched[1]:.4g} training FLOPs, the largest budget "
+    f"all of them reached (their curves interpolated linearly there), so a variant "
+    f"that spends fewer FLOPs per step is compared at equal compute; its Δ has the same "
+    f"test and Holm adjustment. "
+  )
+  return (
+    f"Mean ± sample std over seeds of {where} {table.metric}; Δ = variant - baseline, "
+    f"{round(table.confidence * 100)}% CI by {', '.join(how[m] for m in methods) or 'n/a'}; "
+    f"p: the same t test, Holm-adjusted over the variants compared with the baseline. "
+    f"eval SE: the eval set's own standard error (token-loss std / sqrt(tokens)), the "
+    f"noise floor next to the seed std. {matched}"
+    f"tokens/s and MFU: mean over logged steps after the first; energy and carbon: "
+    f"mean per run. Source: {table.source}."
+    + (
+      f"\nWARNING: the eval set cannot resolve {', '.join(table.unresolved())}: a "
+      f"larger eval set (train.eval_batches) is needed to tell these apart."
+      if table.unresolved()
+      else ""
+    )
+  )
 
 
 FORMATS: dict[str, Callable[[Table], str]] = {
-    "text": to_text, "markdown": to_markdown, "latex": to_latex, "csv": to_csv}
+  "text": to_text,
+  "markdown": to_markdown,
+  "latex": to_latex,
+  "csv": to_csv,
+}
 
 
 def render(table: Table, fmt: str) -> str:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 # Past this, running the dense step would not fit this machine's memory: compile only.
 RUN_LIMIT_BYTES = 10 * GIB
 
@@ -41,15 +41,22 @@ def model_config(length: int, impl: str, block: int, window: int | None):
   import gin  # pylint: disable=g-import-not-at-top
   from core.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from launch import gin_config  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   gin_config.parse(["gin/models/tiny_gemma2.gin"], [], finalize=False)
   config = gin_config.build(ModelConfig)
-  return config.replace(max_seq_len=length, attention_impl=impl, attention_block_q=block,
-                        attention_block_k=block, window=window or config.window)
+  return config.replace(
+    max_seq_len=length,
+    attention_impl=impl,
+    attention_block_q=block,
+    attention_block_k=block,
+    window=window or config.window,
+  )
 
 
 def _median_time(fn, args, repeats: int) -> float:
   from train_throughput import _median_time as median_time  # pylint: disable=g-import-not-at-top
+
   jax.block_until_ready(fn(*args))  # compile and warm up outside the timing
   return median_time(fn, args, repeats)
 
@@ -57,6 +64,7 @@ def _median_time(fn, args, repeats: int) -> float:
 def model_step(config, length: int, repeats: int) -> dict:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from core.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+
   model = Transformer(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = jax.random.randint(jax.random.key(1), (1, length), 0, config.vocab_size)
@@ -71,8 +79,11 @@ def model_step(config, length: int, repeats: int) -> dict:
   compiled = step.lower(params, tokens).compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
-  out = {"temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
-         "compile_s": compile_s}
+  out = {
+    "temp_bytes": mem.temp_size_in_bytes,
+    "argument_bytes": mem.argument_size_in_bytes,
+    "compile_s": compile_s,
+  }
   if mem.temp_size_in_bytes < RUN_LIMIT_BYTES:
     out["step_s"] = _median_time(compiled, (params, tokens), repeats)
   return out
@@ -83,6 +94,7 @@ def layer_time(config, kind: str, length: int, repeats: int) -> float:
   from core.model import attention_impls  # pylint: disable=g-import-not-at-top
   from core.model.attention import attend  # pylint: disable=g-import-not-at-top
   from core.model.masking import training_spec  # pylint: disable=g-import-not-at-top
+
   ks = jax.random.split(jax.random.key(0), 3)
   c = config
   q = jax.random.normal(ks[0], (1, length, c.num_heads, c.head_dim))
@@ -94,25 +106,47 @@ def layer_time(config, kind: str, length: int, repeats: int) -> float:
   window = c.window if kind == "local" else None
 
   def loss(q, k, v):
-    return jnp.sum(attend(q, k, v, spec, scale=c.query_scale, attn_softcap=c.attn_softcap,
-                          impl=impl, window=window, block_q=block_q, block_k=block_k))
+    return jnp.sum(
+      attend(
+        q,
+        k,
+        v,
+        spec,
+        scale=c.query_scale,
+        attn_softcap=c.attn_softcap,
+        impl=impl,
+        window=window,
+        block_q=block_q,
+        block_k=block_k,
+      )
+    )
 
   return _median_time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v), repeats)
 
 
 def plot(rows, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   for impl in sorted({r["impl"] for r in rows}):
     mine = [r for r in rows if r["impl"] == impl]
     a.plot([r["length"] for r in mine], [r["temp_bytes"] / GIB for r in mine], "o-", label=impl)
     timed = [r for r in mine if "local_us_per_token" in r]
-    b.plot([r["length"] for r in timed], [r["local_us_per_token"] for r in timed], "o-",
-           label=f"{impl} local")
-    b.plot([r["length"] for r in timed], [r["global_us_per_token"] for r in timed], "s--",
-           label=f"{impl} global")
+    b.plot(
+      [r["length"] for r in timed],
+      [r["local_us_per_token"] for r in timed],
+      "o-",
+      label=f"{impl} local",
+    )
+    b.plot(
+      [r["length"] for r in timed],
+      [r["global_us_per_token"] for r in timed],
+      "s--",
+      label=f"{impl} global",
+    )
   for ax in (a, b):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -129,10 +163,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--impls", nargs="+", default=["einsum", "blockwise"])
-  parser.add_argument("--block", type=int, default=None,
-                      help="block size of blockwise (default: the platform's)")
-  parser.add_argument("--window", type=int, default=None,
-                      help="local window (default: tiny_gemma2's own)")
+  parser.add_argument(
+    "--block", type=int, default=None, help="block size of blockwise (default: the platform's)"
+  )
+  parser.add_argument(
+    "--window", type=int, default=None, help="local window (default: tiny_gemma2's own)"
+  )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--plot", default=None)
   parser.add_argument("--out", default=None)
@@ -144,8 +180,12 @@ def main(argv=None) -> int:
     prev = None
     for length in args.lengths:
       config = model_config(length, impl, args.block, args.window)
-      r = {"impl": impl, "length": length, "window": config.window,
-           **model_step(config, length, args.repeats)}
+      r = {
+        "impl": impl,
+        "length": length,
+        "window": config.window,
+        **model_step(config, length, args.repeats),
+      }
       if "step_s" in r:
         for kind in ("local", "global"):
           r[f"{kind}_us_per_token"] = layer_time(config, kind, length, args.repeats) / length * 1e6
@@ -153,11 +193,18 @@ def main(argv=None) -> int:
       prev = r["temp_bytes"]
       rows.append(r)
       step = f"{r['step_s'] * 1e3:9.1f} ms" if "step_s" in r else "  (not run)"
-      per_tok = (f"local {r['local_us_per_token']:7.2f} us/tok  global "
-                 f"{r['global_us_per_token']:7.2f} us/tok" if "step_s" in r else "")
+      per_tok = (
+        f"local {r['local_us_per_token']:7.2f} us/tok  global "
+        f"{r['global_us_per_token']:7.2f} us/tok"
+        if "step_s" in r
+        else ""
+      )
       growth = f"x{r['growth']:.2f}" if r["growth"] else "     "
-      print(f"{impl:10s} T={length:5d}  temp {r['temp_bytes'] / GIB:8.3f} GiB {growth:>6s}  "
-            f"step {step}  {per_tok}  compile {r['compile_s']:.1f}s", flush=True)
+      print(
+        f"{impl:10s} T={length:5d}  temp {r['temp_bytes'] / GIB:8.3f} GiB {growth:>6s}  "
+        f"step {step}  {per_tok}  compile {r['compile_s']:.1f}s",
+        flush=True,
+      )
   if args.plot:
     plot(rows, args.plot)
     print(f"plot: {args.plot}")

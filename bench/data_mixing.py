@@ -39,15 +39,21 @@ def batch_shares(it: _Counting) -> dict[tuple[str, int], int]:
   out: dict[tuple[str, int], int] = {}
   for i, (name, doc, offset) in enumerate(it.pieces):
     # A piece ends where the document's next piece starts, else where the document stands now.
-    end = next((o for _, d, o in it.pieces[i + 1:] if d is doc), doc[1])
+    end = next((o for _, d, o in it.pieces[i + 1 :] if d is doc), doc[1])
     key = (name, doc[2])
     out[key] = out.get(key, 0) + end - offset
   return out
 
 
 def measure(interleave: int, batches: int, batch_size: int, seq_len: int) -> dict[str, float]:
-  it = _Counting(sources={"code": "embedded:code", "prose": "embedded:prose"}, tokenizer=None,
-                 seq_len=seq_len, batch_size=batch_size, seed=0, interleave=interleave)
+  it = _Counting(
+    sources={"code": "embedded:code", "prose": "embedded:prose"},
+    tokenizer=None,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=0,
+    interleave=interleave,
+  )
   total = batch_size * seq_len
   top_shares, counts = [], []
   for _ in range(batches):
@@ -57,9 +63,12 @@ def measure(interleave: int, batches: int, batch_size: int, seq_len: int) -> dic
     assert sum(shares.values()) == total, (sum(shares.values()), total)
     top_shares.append(max(shares.values()) / total)
     counts.append(len(shares))
-  return {"median_top_share": statistics.median(top_shares), "max_top_share": max(top_shares),
-          "batches_one_doc_over_half": sum(s > 0.5 for s in top_shares) / batches,
-          "median_documents": statistics.median(counts)}
+  return {
+    "median_top_share": statistics.median(top_shares),
+    "max_top_share": max(top_shares),
+    "batches_one_doc_over_half": sum(s > 0.5 for s in top_shares) / batches,
+    "median_documents": statistics.median(counts),
+  }
 
 
 def main() -> None:
@@ -73,8 +82,10 @@ def main() -> None:
   print("interleave  median top share  max top share  batches >50% one doc  median documents")
   for k in args.interleave:
     m = measure(k, args.batches, args.batch_size, args.seq_len)
-    print(f"{k:10d}  {m['median_top_share']:16.3f}  {m['max_top_share']:13.3f}  "
-          f"{m['batches_one_doc_over_half']:20.3f}  {m['median_documents']:16.0f}")
+    print(
+      f"{k:10d}  {m['median_top_share']:16.3f}  {m['max_top_share']:13.3f}  "
+      f"{m['batches_one_doc_over_half']:20.3f}  {m['median_documents']:16.0f}"
+    )
 
 
 if __name__ == "__main__":

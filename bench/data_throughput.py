@@ -29,8 +29,11 @@ from core.tokenizer import load_tokenizer  # noqa: E402
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sources", default="embedded:code,embedded:prose",
-                      help="comma-separated source specs (see core/data/sources.py)")
+  parser.add_argument(
+    "--sources",
+    default="embedded:code,embedded:prose",
+    help="comma-separated source specs (see core/data/sources.py)",
+  )
   parser.add_argument("--tokenizer", default=None, help="model path (default: default tokenizer)")
   parser.add_argument("--seq_len", type=int, default=512)
   parser.add_argument("--batch_size", type=int, default=8)
@@ -42,17 +45,20 @@ def main() -> int:
   args = parser.parse_args()
 
   if hasattr(os, "sched_setaffinity"):
-    cores = sorted(os.sched_getaffinity(0))[:args.cores]
+    cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)
     print(f"cores: {cores}")
   tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer()
   specs = [s for s in args.sources.split(",") if s]
   sources = {s.split(":", 1)[1].replace("/", "_") or s: s for s in specs}
   t0 = time.perf_counter()
-  it = lm_batches(sources=sources, tokenizer=tok, seq_len=args.seq_len,
-                  batch_size=args.batch_size, seed=0)
-  print(f"pipeline built in {time.perf_counter() - t0:.2f} s; tokenizer {tok.path} "
-        f"({tok.vocab_size} ids); seq_len {args.seq_len}, batch_size {args.batch_size}")
+  it = lm_batches(
+    sources=sources, tokenizer=tok, seq_len=args.seq_len, batch_size=args.batch_size, seed=0
+  )
+  print(
+    f"pipeline built in {time.perf_counter() - t0:.2f} s; tokenizer {tok.path} "
+    f"({tok.vocab_size} ids); seq_len {args.seq_len}, batch_size {args.batch_size}"
+  )
   for _ in range(3):  # warm-up: first reads open the array_record files
     next(it)
 
@@ -86,13 +92,17 @@ def main() -> int:
     resume_times.append(time.perf_counter() - start)
 
   target = args.target_factor * args.trainer_tokens_per_s
-  print(f"pipeline tokens/s (median of {args.repeats} x {args.batches} batches): "
-        f"{pipeline_rate:,.0f}   [min {min(rates):,.0f}, max {max(rates):,.0f}]   "
-        f"padding {padding:.2%}")
+  print(
+    f"pipeline tokens/s (median of {args.repeats} x {args.batches} batches): "
+    f"{pipeline_rate:,.0f}   [min {min(rates):,.0f}, max {max(rates):,.0f}]   "
+    f"padding {padding:.2%}"
+  )
   print(f"tokenizer alone tokens/s (median): {statistics.median(tok_rates):,.0f}")
   print(f"set_state (resume) median: {statistics.median(resume_times) * 1e3:.1f} ms")
-  print(f"target {args.target_factor:g} x {args.trainer_tokens_per_s:,.0f} = {target:,.0f} tokens/s: "
-        f"{'met' if pipeline_rate >= target else 'NOT met'} (ratio {pipeline_rate / target:.1f}x)")
+  print(
+    f"target {args.target_factor:g} x {args.trainer_tokens_per_s:,.0f} = {target:,.0f} tokens/s: "
+    f"{'met' if pipeline_rate >= target else 'NOT met'} (ratio {pipeline_rate / target:.1f}x)"
+  )
   return 0
 
 

@@ -15,15 +15,25 @@ VOCAB, D, LAYERS, HEADS, HEAD_DIM, MLP = 4096, 512, 5, 8, 64, 1536  # cpu_bench
 def init(key):
   def dense(key, *shape):
     return jax.random.normal(key, shape) * shape[0] ** -0.5
+
   keys = iter(jax.random.split(key, 2 + 7 * LAYERS))
-  layer = lambda: {"attn_norm": jnp.ones(D), "q": dense(next(keys), D, HEADS * HEAD_DIM),
-                   "k": dense(next(keys), D, HEADS * HEAD_DIM),
-                   "v": dense(next(keys), D, HEADS * HEAD_DIM),
-                   "o": dense(next(keys), HEADS * HEAD_DIM, D), "mlp_norm": jnp.ones(D),
-                   "gate": dense(next(keys), D, MLP), "up": dense(next(keys), D, MLP),
-                   "down": dense(next(keys), MLP, D)}
-  return {"embed": dense(next(keys), VOCAB, D), "layers": [layer() for _ in range(LAYERS)],
-          "norm": jnp.ones(D), "unembed": dense(next(keys), D, VOCAB)}
+  layer = lambda: {
+    "attn_norm": jnp.ones(D),
+    "q": dense(next(keys), D, HEADS * HEAD_DIM),
+    "k": dense(next(keys), D, HEADS * HEAD_DIM),
+    "v": dense(next(keys), D, HEADS * HEAD_DIM),
+    "o": dense(next(keys), HEADS * HEAD_DIM, D),
+    "mlp_norm": jnp.ones(D),
+    "gate": dense(next(keys), D, MLP),
+    "up": dense(next(keys), D, MLP),
+    "down": dense(next(keys), MLP, D),
+  }
+  return {
+    "embed": dense(next(keys), VOCAB, D),
+    "layers": [layer() for _ in range(LAYERS)],
+    "norm": jnp.ones(D),
+    "unembed": dense(next(keys), D, VOCAB),
+  }
 
 
 def rms_norm(x, scale):
@@ -47,7 +57,7 @@ def forward(params, tokens):
     q, k, v = (h @ p[n] for n in "qkv")
     q, k, v = (y.reshape(b, t, HEADS, HEAD_DIM) for y in (q, k, v))
     q, k = rope(q), rope(k)
-    logits = jnp.einsum("bthd,bshd->bhts", q, k) / HEAD_DIM ** 0.5
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / HEAD_DIM**0.5
     probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), -1)
     x = x + jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, D) @ p["o"]
     h = rms_norm(x, p["mlp_norm"])
@@ -60,9 +70,12 @@ def loss_fn(params, inputs, targets):
   return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
 
 
-optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                        optax.adamw(optax.warmup_cosine_decay_schedule(0, 1e-3, 10, 1000, 1e-4),
-                                    b1=0.9, b2=0.95, weight_decay=0.1))
+optimizer = optax.chain(
+  optax.clip_by_global_norm(1.0),
+  optax.adamw(
+    optax.warmup_cosine_decay_schedule(0, 1e-3, 10, 1000, 1e-4), b1=0.9, b2=0.95, weight_decay=0.1
+  ),
+)
 
 
 @jax.jit

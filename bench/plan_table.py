@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GIB = 2 ** 30
-HEADER = ("| preset | target | mesh (data, fsdp, tensor) | batch x seq | attention | "
-          "per device: args / temps / peak (GiB) | HBM | verdict | compile (s) | host peak (GiB) | "
-          "tokens/s at 40% MFU | paper's tokens: wall clock | energy |")
+GIB = 2**30
+HEADER = (
+  "| preset | target | mesh (data, fsdp, tensor) | batch x seq | attention | "
+  "per device: args / temps / peak (GiB) | HBM | verdict | compile (s) | host peak (GiB) | "
+  "tokens/s at 40% MFU | paper's tokens: wall clock | energy |"
+)
 
 
 def presets(only: list[str]) -> list[tuple[Path, str]]:
@@ -50,13 +52,16 @@ def row(name: str, target: str, record: dict | None, rc: int, tail: str) -> str:
   verdict += " [compiler]" if p["verdict_by"] == "compiler" else " [peak vs 75% HBM]"
   hours = r["hours"]
   wall = f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h"
-  energy = (f"{r['energy_mwh']:.0f} MWh" if r.get("energy_mwh") is not None
-            else "needs --device_power_w")
-  return (f"| {name} | {target} | {mesh} | {p['batch']} x {p['seq']} | {attention} | "
-          f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} / {gib(need)} | "
-          f"{gib(p['usable_bytes'])} | {verdict} | {p['compile_s']:.0f} | "
-          f"{p['host_peak_bytes'] / GIB:.2f} | {r['tokens_per_s']:,.0f} | "
-          f"{r['tokens'] / 1e12:.2f}T: {wall} | {energy} |")
+  energy = (
+    f"{r['energy_mwh']:.0f} MWh" if r.get("energy_mwh") is not None else "needs --device_power_w"
+  )
+  return (
+    f"| {name} | {target} | {mesh} | {p['batch']} x {p['seq']} | {attention} | "
+    f"{gib(p['argument_bytes'])} / {gib(p['temp_bytes'])} / {gib(need)} | "
+    f"{gib(p['usable_bytes'])} | {verdict} | {p['compile_s']:.0f} | "
+    f"{p['host_peak_bytes'] / GIB:.2f} | {r['tokens_per_s']:,.0f} | "
+    f"{r['tokens'] / 1e12:.2f}T: {wall} | {energy} |"
+  )
 
 
 def main() -> int:
@@ -74,14 +79,30 @@ def main() -> int:
         rows[line.split("|")[1].strip()] = line
   todo = presets(args.only)
   for i, (path, target) in enumerate(todo, 1):
-    print(f"[{i}/{len(todo)}] ablax plan --gin_file {path.relative_to(REPO)} --target {target}",
-          flush=True)
+    print(
+      f"[{i}/{len(todo)}] ablax plan --gin_file {path.relative_to(REPO)} --target {target}",
+      flush=True,
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
       out = Path(tmp) / "plan.json"
-      proc = subprocess.run([sys.executable, "-m", "launch.cli", "plan", "--gin_file", str(path),
-                             "--target", target, "--json", str(out)], cwd=REPO,
-                            capture_output=True, text=True)
+      proc = subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "launch.cli",
+          "plan",
+          "--gin_file",
+          str(path),
+          "--target",
+          target,
+          "--json",
+          str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+      )
       record = json.loads(out.read_text()) if out.exists() else None
     tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
     print(f"    rc {proc.returncode} in {time.perf_counter() - start:.0f} s", flush=True)

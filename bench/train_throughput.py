@@ -51,6 +51,7 @@ def load_experiment(name: str, gin_params: list[str]):
   from core.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from core.train import optimizer  # pylint: disable=g-import-not-at-top
   from launch import gin_config  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   gin_config.parse([f"gin/experiments/{name}.gin"], gin_params, finalize=False)
   config = gin_config.build(ModelConfig)
@@ -67,6 +68,7 @@ def one_device_step(name: str, gin_params: list[str]):
   from core.train import mesh as meshlib, partition  # pylint: disable=g-import-not-at-top
   from core.train.step import make_builder  # pylint: disable=g-import-not-at-top
   from core.train.synthetic import SyntheticBatches  # pylint: disable=g-import-not-at-top
+
   config, batch_size, seq_len, recipe = load_experiment(name, gin_params)
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
   builder = make_builder(config, recipe, mesh, partition.merged_rules(), num_steps=1000)
@@ -83,8 +85,14 @@ def _median_time(fn, args, steps: int) -> float:
   return statistics.median(times)
 
 
-def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: bool,
-          profile_dir: str | None) -> dict:
+def bench(
+  name: str,
+  steps: int,
+  gin_params: list[str],
+  peak: float,
+  breakdown: bool,
+  profile_dir: str | None,
+) -> dict:
   from core.model.flops import flops_per_token, param_counts  # pylint: disable=g-import-not-at-top
   from core.train.step import device_batch  # pylint: disable=g-import-not-at-top
 
@@ -121,11 +129,19 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
   tokens = batch_size * seq_len
   fpt = flops_per_token(config, seq_len)
   result = {
-      "config": name, "params": param_counts(config)["total"], "batch": batch_size,
-      "seq_len": seq_len, "remat": config.remat, "compile_s": compile_s,
-      "step_s_median": step_s, "step_s_min": min(times), "tokens_per_s": tokens / step_s,
-      "model_flops_per_step": fpt * tokens, "xla_flops_per_step": xla_flops,
-      "achieved_tflops": fpt * tokens / step_s / 1e12, "mfu": fpt * tokens / step_s / peak,
+    "config": name,
+    "params": param_counts(config)["total"],
+    "batch": batch_size,
+    "seq_len": seq_len,
+    "remat": config.remat,
+    "compile_s": compile_s,
+    "step_s_median": step_s,
+    "step_s_min": min(times),
+    "tokens_per_s": tokens / step_s,
+    "model_flops_per_step": fpt * tokens,
+    "xla_flops_per_step": xla_flops,
+    "achieved_tflops": fpt * tokens / step_s / 1e12,
+    "mfu": fpt * tokens / step_s / peak,
   }
   if breakdown:
     params = state.params
@@ -134,12 +150,14 @@ def bench(name: str, steps: int, gin_params: list[str], peak: float, breakdown: 
     jax.block_until_ready(loss(params, batches[0]))
     jax.block_until_ready(grads(params, batches[0], inputs))
     result["forward_s"] = _median_time(loss, (params, batches[0]), max(steps // 2, 3))
-    result["forward_backward_s"] = _median_time(grads, (params, batches[0], inputs),
-                                                max(steps // 2, 3))
+    result["forward_backward_s"] = _median_time(
+      grads, (params, batches[0], inputs), max(steps // 2, 3)
+    )
     result["update_s"] = step_s - result["forward_backward_s"]
   # The MLP's first matmul at this batch: the rate the model's biggest GEMMs can reach.
-  result["mlp_shape_peak_flops"] = matmul_rate(tokens, config.embed_dim, config.mlp_dim,
-                                               repeats=5, chain=2)
+  result["mlp_shape_peak_flops"] = matmul_rate(
+    tokens, config.embed_dim, config.mlp_dim, repeats=5, chain=2
+  )
   return result
 
 
@@ -151,10 +169,22 @@ def peer_compare(steps: int, rounds: int, gin_params: list[str], peak: float) ->
   from core.train.step import device_batch  # pylint: disable=g-import-not-at-top
 
   config, batch_size, seq_len, builder, data = one_device_step("cpu_bench", gin_params)
-  shape = (config.vocab_size, config.embed_dim, config.num_layers, config.num_heads,
-           config.head_dim, config.mlp_dim)
-  peer_shape = (peer_step.VOCAB, peer_step.D, peer_step.LAYERS, peer_step.HEADS,
-                peer_step.HEAD_DIM, peer_step.MLP)
+  shape = (
+    config.vocab_size,
+    config.embed_dim,
+    config.num_layers,
+    config.num_heads,
+    config.head_dim,
+    config.mlp_dim,
+  )
+  peer_shape = (
+    peer_step.VOCAB,
+    peer_step.D,
+    peer_step.LAYERS,
+    peer_step.HEADS,
+    peer_step.HEAD_DIM,
+    peer_step.MLP,
+  )
   if shape != peer_shape:
     raise SystemExit(f"bench/peer_step.py has shape {peer_shape}, cpu_bench {shape}")
   host = next(data)
@@ -186,15 +216,22 @@ def peer_compare(steps: int, rounds: int, gin_params: list[str], peak: float) ->
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times[name].append(time.perf_counter() - t)
-    print(f"round {r + 1}/{rounds}: ours {statistics.median(times['ours']) * 1e3:.0f} ms, "
-          f"peer {statistics.median(times['peer']) * 1e3:.0f} ms", flush=True)
+    print(
+      f"round {r + 1}/{rounds}: ours {statistics.median(times['ours']) * 1e3:.0f} ms, "
+      f"peer {statistics.median(times['peer']) * 1e3:.0f} ms",
+      flush=True,
+    )
   tokens = batch_size * seq_len
   fpt = flops_per_token(config, seq_len)
   out = {"steps_each": len(times["ours"]), "peak_flops": peak}
   for name, ts in times.items():
     med = statistics.median(ts)
-    out[name] = {"step_s_median": med, "tokens_per_s": tokens / med,
-                 "mfu": fpt * tokens / med / peak, "step_s_all": ts}
+    out[name] = {
+      "step_s_median": med,
+      "tokens_per_s": tokens / med,
+      "mfu": fpt * tokens / med / peak,
+      "step_s_all": ts,
+    }
   out["ratio"] = out["ours"]["tokens_per_s"] / out["peer"]["tokens_per_s"]
   return out
 
@@ -207,8 +244,11 @@ def main(argv=None) -> int:
   parser.add_argument("--no_breakdown", action="store_true")
   parser.add_argument("--profile_dir", default=None)
   parser.add_argument("--out", default=None, help="write the results as JSON here")
-  parser.add_argument("--peer", action="store_true",
-                      help="cpu_bench against bench/peer_step.py, alternating (see above)")
+  parser.add_argument(
+    "--peer",
+    action="store_true",
+    help="cpu_bench against bench/peer_step.py, alternating (see above)",
+  )
   parser.add_argument("--rounds", type=int, default=4, help="with --peer: alternations")
   args = parser.parse_args(argv)
 
@@ -220,10 +260,14 @@ def main(argv=None) -> int:
     source = "best measured float32 matmul (1024^3 and each model's MLP shape)"
   else:
     from core.train.throughput import table_peak  # pylint: disable=g-import-not-at-top
+
     peak = table_peak(device.device_kind, "float32") or float("nan")
     source = f"spec sheet {device.device_kind}"
-  print(f"device: {device.device_kind} x1 ({device.platform}); peak {peak / 1e9:.1f} GFLOP/s "
-        f"({source})", flush=True)
+  print(
+    f"device: {device.device_kind} x1 ({device.platform}); peak {peak / 1e9:.1f} GFLOP/s "
+    f"({source})",
+    flush=True,
+  )
   if args.peer:
     r = peer_compare(args.steps, args.rounds, args.gin_param, peak)
     peak = max(peak, matmul_rate(1024, 1024, 1024, repeats=10, chain=8))
@@ -231,10 +275,11 @@ def main(argv=None) -> int:
       r[side]["mfu"] *= r["peak_flops"] / peak
     print(f"peak used for MFU: {peak / 1e9:.1f} GFLOP/s ({source})")
     for side in ("ours", "peer"):
-      print(f"{side:5s} step {r[side]['step_s_median'] * 1e3:7.1f} ms  "
-            f"{r[side]['tokens_per_s']:7.0f} tok/s  MFU {100 * r[side]['mfu']:5.1f}%")
-    print(f"ratio ours/peer (tokens/s, medians of {r['steps_each']} steps each): "
-          f"{r['ratio']:.3f}")
+      print(
+        f"{side:5s} step {r[side]['step_s_median'] * 1e3:7.1f} ms  "
+        f"{r[side]['tokens_per_s']:7.0f} tok/s  MFU {100 * r[side]['mfu']:5.1f}%"
+      )
+    print(f"ratio ours/peer (tokens/s, medians of {r['steps_each']} steps each): {r['ratio']:.3f}")
     if args.out:
       Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
     return 0
@@ -242,29 +287,45 @@ def main(argv=None) -> int:
   for name in args.configs:
     r = bench(name, args.steps, args.gin_param, peak, not args.no_breakdown, args.profile_dir)
     results.append(r)
-    print(f"{name}: step {r['step_s_median'] * 1e3:.1f}ms, compile {r['compile_s']:.1f}s", flush=True)
+    print(
+      f"{name}: step {r['step_s_median'] * 1e3:.1f}ms, compile {r['compile_s']:.1f}s", flush=True
+    )
     if device.platform == "cpu":
       # Re-measured after each model: the best figure of the session is the ceiling.
-      peak = max(peak, r["mlp_shape_peak_flops"],
-                 matmul_rate(1024, 1024, 1024, repeats=10, chain=8))
+      peak = max(
+        peak, r["mlp_shape_peak_flops"], matmul_rate(1024, 1024, 1024, repeats=10, chain=8)
+      )
   for r in results:
     r["mfu"] = r["achieved_tflops"] * 1e12 / peak
   print(f"peak used for MFU: {peak / 1e9:.1f} GFLOP/s ({source})")
   for r in results:
-    line = (f"{r['config']:12s} params {r['params'] / 1e6:6.2f}M  batch {r['batch']}x{r['seq_len']}  "
-            f"compile {r['compile_s']:6.1f}s  step {r['step_s_median'] * 1e3:8.1f}ms  "
-            f"{r['tokens_per_s']:9.0f} tok/s  {r['achieved_tflops'] * 1e3:7.1f} GFLOP/s  "
-            f"MFU {100 * r['mfu']:5.1f}%  (XLA/model FLOPs "
-            f"{r['xla_flops_per_step'] / r['model_flops_per_step']:.2f})")
+    line = (
+      f"{r['config']:12s} params {r['params'] / 1e6:6.2f}M  batch {r['batch']}x{r['seq_len']}  "
+      f"compile {r['compile_s']:6.1f}s  step {r['step_s_median'] * 1e3:8.1f}ms  "
+      f"{r['tokens_per_s']:9.0f} tok/s  {r['achieved_tflops'] * 1e3:7.1f} GFLOP/s  "
+      f"MFU {100 * r['mfu']:5.1f}%  (XLA/model FLOPs "
+      f"{r['xla_flops_per_step'] / r['model_flops_per_step']:.2f})"
+    )
     line += f"\n{'':12s} MLP-shape matmul {r['mlp_shape_peak_flops'] / 1e9:.1f} GFLOP/s"
     if "forward_s" in r:
-      line += (f"  forward {r['forward_s'] * 1e3:.1f}ms  fwd+bwd "
-               f"{r['forward_backward_s'] * 1e3:.1f}ms  update {r['update_s'] * 1e3:.1f}ms")
+      line += (
+        f"  forward {r['forward_s'] * 1e3:.1f}ms  fwd+bwd "
+        f"{r['forward_backward_s'] * 1e3:.1f}ms  update {r['update_s'] * 1e3:.1f}ms"
+      )
     print(line, flush=True)
   if args.out:
-    Path(args.out).write_text(json.dumps({"peak_flops": peak, "peak_source": source,
-                                          "device": device.device_kind, "results": results},
-                                         indent=2) + "\n")
+    Path(args.out).write_text(
+      json.dumps(
+        {
+          "peak_flops": peak,
+          "peak_source": source,
+          "device": device.device_kind,
+          "results": results,
+        },
+        indent=2,
+      )
+      + "\n"
+    )
   return 0
 
 

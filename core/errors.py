@@ -25,8 +25,11 @@ def one_line(error: BaseException) -> str:
   'No configurable matching X.\n  In file "a.gin", line 3\n    X.y = 1' becomes
   'No configurable matching X. (In file "a.gin", line 3: X.y = 1)'.
   """
-  lines = [line.strip() for line in str(error).splitlines()
-           if line.strip() and not _GIN_CALL.match(line) and line.strip() != "^"]
+  lines = [
+    line.strip()
+    for line in str(error).splitlines()
+    if line.strip() and not _GIN_CALL.match(line) and line.strip() != "^"
+  ]
   if not lines:
     return type(error).__name__
   head, rest = lines[0], lines[1:]

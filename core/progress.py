@@ -16,19 +16,33 @@ T = TypeVar("T")
 
 def _console():
   from rich.console import Console  # pylint: disable=g-import-not-at-top
+
   return Console(stderr=True)
 
 
 def track(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
   """Yields `items`, advancing a bar labelled `label` (total: len(items) when it has one)."""
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress,  # pylint: disable=g-import-not-at-top
-                             TimeElapsedColumn, TimeRemainingColumn)
+  from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,  # pylint: disable=g-import-not-at-top
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+  )
+
   console = _console()
   if total is None and hasattr(items, "__len__"):
     total = len(items)  # type: ignore[arg-type]
-  with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=console, transient=True,
-                disable=not console.is_terminal) as progress:
+  with Progress(
+    "{task.description}",
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    TimeRemainingColumn(),
+    console=console,
+    transient=True,
+    disable=not console.is_terminal,
+  ) as progress:
     task = progress.add_task(label, total=total)
     for item in items:
       yield item

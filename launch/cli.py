@@ -22,23 +22,31 @@ DEBUG_ENV = "ABLAX_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("launch.commands.train", "train a model from gin files"),
-    "sweep": ("launch.commands.sweep", "run an ablation sweep (grid x seeds)"),
-    "compare": ("launch.commands.compare", "compare the runs of a sweep from MLflow"),
-    "reproduce": ("launch.commands.reproduce", "re-run an MLflow run from its recorded config"),
-    "params": ("launch.commands.params", "count a model's parameters without allocating it"),
-    "plan": ("launch.commands.plan", "compile the train step for a TPU slice or GPU node: memory, "
-                                "FLOPs, time, energy"),
-    "carbon": ("launch.commands.carbon", "project energy and carbon of a training run"),
-    "eval": ("launch.commands.eval", "evaluate a model directory"),
-    "score": ("launch.commands.score", "per-token log-probabilities of a text under a model"),
-    "sample": ("launch.commands.sample", "sample from a model directory"),
-    "tokenizer": ("launch.commands.tokenizer", "train or subset SentencePiece tokenizers"),
-    "data": ("launch.commands.data", "inspect a data pipeline"),
-    "import-hf": ("launch.commands.import_hf", "convert a Hugging Face checkpoint to ablax"),
-    "export-hf": ("launch.commands.export_hf", "write an ablax model as a Hugging Face checkpoint"),
-    "tracking": ("launch.commands.tracking", "deliver records a run kept in its workdir while the store was down"),
-    "launch": ("launch.commands.tpu_vm", "start a run on other machines (tpu-vm: every worker of a TPU pod slice)"),
+  "train": ("launch.commands.train", "train a model from gin files"),
+  "sweep": ("launch.commands.sweep", "run an ablation sweep (grid x seeds)"),
+  "compare": ("launch.commands.compare", "compare the runs of a sweep from MLflow"),
+  "reproduce": ("launch.commands.reproduce", "re-run an MLflow run from its recorded config"),
+  "params": ("launch.commands.params", "count a model's parameters without allocating it"),
+  "plan": (
+    "launch.commands.plan",
+    "compile the train step for a TPU slice or GPU node: memory, FLOPs, time, energy",
+  ),
+  "carbon": ("launch.commands.carbon", "project energy and carbon of a training run"),
+  "eval": ("launch.commands.eval", "evaluate a model directory"),
+  "score": ("launch.commands.score", "per-token log-probabilities of a text under a model"),
+  "sample": ("launch.commands.sample", "sample from a model directory"),
+  "tokenizer": ("launch.commands.tokenizer", "train or subset SentencePiece tokenizers"),
+  "data": ("launch.commands.data", "inspect a data pipeline"),
+  "import-hf": ("launch.commands.import_hf", "convert a Hugging Face checkpoint to ablax"),
+  "export-hf": ("launch.commands.export_hf", "write an ablax model as a Hugging Face checkpoint"),
+  "tracking": (
+    "launch.commands.tracking",
+    "deliver records a run kept in its workdir while the store was down",
+  ),
+  "launch": (
+    "launch.commands.tpu_vm",
+    "start a run on other machines (tpu-vm: every worker of a TPU pod slice)",
+  ),
 }
 
 
@@ -69,9 +77,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
   def _get_help_string(self, action: argparse.Action) -> str:
     text = action.help or ""
     default = action.default
-    if ("default" in text or default in (None, False, [], argparse.SUPPRESS)
-        or action.option_strings == [] and action.nargs in ("?", "*") and not default
-        or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))):  # noqa: SLF001
+    if (
+      "default" in text
+      or default in (None, False, [], argparse.SUPPRESS)
+      or action.option_strings == []
+      and action.nargs in ("?", "*")
+      and not default
+      or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+    ):  # noqa: SLF001
       return text
     return f"{text} (default: %(default)s)"
 
@@ -81,10 +94,17 @@ def version() -> str:
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   from core.paths import REPO_ROOT  # pylint: disable=g-import-not-at-top
+
   parts = []
   try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, timeout=5, check=True, cwd=REPO_ROOT).stdout.strip()
+    commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      timeout=5,
+      check=True,
+      cwd=REPO_ROOT,
+    ).stdout.strip()
     parts.append(f"git {commit}")
   except (OSError, subprocess.SubprocessError):
     pass
@@ -101,8 +121,12 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="ablax", description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="ablax",
+    description=DESCRIPTION,
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--version", action="store_true", help="print the version and exit")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (_, help_text) in COMMANDS.items():
@@ -114,8 +138,9 @@ def command_parser(name: str) -> argparse.ArgumentParser:
   """The parser of one subcommand, with its arguments (what `ablax NAME --help` shows)."""
   module_name, help_text = COMMANDS[name]
   module = importlib.import_module(module_name)
-  parser = argparse.ArgumentParser(prog=f"ablax {name}", description=_description(module, help_text),
-                                   formatter_class=HelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog=f"ablax {name}", description=_description(module, help_text), formatter_class=HelpFormatter
+  )
   module.add_arguments(parser)
   _describe_actions(parser)
   return parser
@@ -152,6 +177,7 @@ def _skip_absent_accelerators() -> None:
   import glob  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   if "JAX_PLATFORMS" in os.environ:
     return
   try:
@@ -172,6 +198,7 @@ def _move_store_credentials(args: argparse.Namespace) -> None:
   (core.tracking.store.adopt_credentials); MLflow reads them from there.
   """
   from core.tracking.store import adopt_credentials  # pylint: disable=g-import-not-at-top
+
   if isinstance(getattr(args, "tracking_uri", None), str):
     args.tracking_uri = adopt_credentials(args.tracking_uri)
   if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -201,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     raise
   from core.errors import UserError, one_line  # pylint: disable=g-import-not-at-top
   from launch import gin_config  # pylint: disable=g-import-not-at-top
+
   try:
     args = parser.parse_args(gin_config.rewrite_shorthand(rest))
     _move_store_credentials(args)

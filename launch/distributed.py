@@ -73,6 +73,7 @@ class DistributedConfig:
   'auto' when JAX detects everything itself, in which case the three values
   are None).
   """
+
   coordinator_address: str | None
   num_processes: int | None
   process_id: int | None
@@ -93,16 +94,19 @@ class DistributedConfig:
   def initialize_kwargs(self) -> dict[str, Any]:
     if self.source == "auto":
       return {}
-    kwargs: dict[str, Any] = dict(coordinator_address=self.coordinator_address,
-                                  num_processes=self.num_processes,
-                                  process_id=self.process_id)
+    kwargs: dict[str, Any] = dict(
+      coordinator_address=self.coordinator_address,
+      num_processes=self.num_processes,
+      process_id=self.process_id,
+    )
     if self.local_device_ids is not None:
       kwargs["local_device_ids"] = list(self.local_device_ids)
     # Everything is decided: keep JAX's own cluster detection from overriding
     # the visible devices (see the module docstring).
     kwargs["cluster_detection_method"] = "deactivate"
-    kwargs["coordinator_bind_address"] = (os.environ.get(BIND_ENV)
-                                          or bind_address(self.coordinator_address))
+    kwargs["coordinator_bind_address"] = os.environ.get(BIND_ENV) or bind_address(
+      self.coordinator_address
+    )
     return kwargs
 
 
@@ -184,8 +188,9 @@ def slurm_port(environ: Mapping[str, str]) -> int:
   return _PORT_BASE + (job * 7 + step) % _PORT_SPAN
 
 
-def resolve_distributed(args: Any = None,
-                        environ: Mapping[str, str] | None = None) -> DistributedConfig | None:
+def resolve_distributed(
+  args: Any = None, environ: Mapping[str, str] | None = None
+) -> DistributedConfig | None:
   """The multi-process configuration of this process, or None for a single process.
 
   Args:
@@ -204,14 +209,14 @@ def resolve_distributed(args: Any = None,
     raise DistributedConfigError(f"{ENV_MODE}={env[ENV_MODE]!r}: expected 'auto' or 'off'")
 
   flags = {
-      "coordinator_address": _flag(args, "coordinator_address"),
-      "num_processes": _flag(args, "num_processes"),
-      "process_id": _flag(args, "process_id"),
+    "coordinator_address": _flag(args, "coordinator_address"),
+    "num_processes": _flag(args, "num_processes"),
+    "process_id": _flag(args, "process_id"),
   }
   from_env = {
-      "coordinator_address": env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS"),
-      "num_processes": _first_int_env(env, ENV_NUM_PROCESSES, "JAX_NUM_PROCESSES"),
-      "process_id": _first_int_env(env, ENV_PROCESS_ID, "JAX_PROCESS_ID"),
+    "coordinator_address": env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS"),
+    "num_processes": _first_int_env(env, ENV_NUM_PROCESSES, "JAX_NUM_PROCESSES"),
+    "process_id": _first_int_env(env, ENV_PROCESS_ID, "JAX_PROCESS_ID"),
   }
   if mode == "off":
     if any(v is not None for v in flags.values()):
@@ -245,9 +250,10 @@ def resolve_distributed(args: Any = None,
     return None
   if missing:
     raise DistributedConfigError(
-        f"incomplete multi-process settings: {', '.join(missing)} not set (got "
-        + ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
-        + f"); pass --{missing[0]} or set {_ENV_FOR[missing[0]]}, or run under srun")
+      f"incomplete multi-process settings: {', '.join(missing)} not set (got "
+      + ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+      + f"); pass --{missing[0]} or set {_ENV_FOR[missing[0]]}, or run under srun"
+    )
   num, pid = int(values["num_processes"]), int(values["process_id"])
   if num < 1 or not 0 <= pid < num:
     raise DistributedConfigError(f"process_id {pid} is not in [0, num_processes={num})")
@@ -259,8 +265,11 @@ def resolve_distributed(args: Any = None,
   return DistributedConfig(coordinator, num, pid, local_ids, source=source)
 
 
-_ENV_FOR = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES,
-            "process_id": ENV_PROCESS_ID}
+_ENV_FOR = {
+  "coordinator_address": ENV_COORDINATOR,
+  "num_processes": ENV_NUM_PROCESSES,
+  "process_id": ENV_PROCESS_ID,
+}
 
 
 def _from_slurm(env: Mapping[str, str]) -> dict[str, Any] | None:
@@ -279,10 +288,12 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, Any] | None:
     return {"num_processes": 1, "process_id": 0}
   if not in_step:
     raise DistributedConfigError(
-        f"SLURM job {env['SLURM_JOB_ID']} has {count} tasks but this process was not started "
-        "by srun; start one process per task with `srun ablax train ...`")
-  nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
-      "SLURM_NODELIST")
+      f"SLURM job {env['SLURM_JOB_ID']} has {count} tasks but this process was not started "
+      "by srun; start one process per task with `srun ablax train ...`"
+    )
+  nodelist = (
+    env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+  )
   if not nodelist:
     raise DistributedConfigError("SLURM step without SLURM_STEP_NODELIST or SLURM_JOB_NODELIST")
   hosts = expand_hostlist(nodelist)
@@ -291,14 +302,20 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, Any] | None:
   port = _int_env(env, ENV_PORT) or _int_env(env, "JAX_COORDINATOR_PORT") or slurm_port(env)
   # Every task of a one-node step is on this machine: the coordinator needs no network.
   host = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
-  return {"coordinator_address": f"{host}:{port}", "num_processes": count,
-          "process_id": int(env["SLURM_PROCID"])}
+  return {
+    "coordinator_address": f"{host}:{port}",
+    "num_processes": count,
+    "process_id": int(env["SLURM_PROCID"]),
+  }
 
 
 def _gke_tpu(env: Mapping[str, str]) -> bool:
   # GKE TPU pods name their workers in the environment; JAX reads them itself.
-  return bool(env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES")
-              or env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+  return bool(
+    env.get("TPU_WORKER_HOSTNAMES")
+    or env.get("TPU_PROCESS_ADDRESSES")
+    or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+  )
 
 
 def _local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
@@ -309,7 +326,8 @@ def _local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
     return tuple(int(x) for x in raw.split(","))
   except ValueError:
     raise DistributedConfigError(
-        f"{ENV_LOCAL_DEVICE_IDS}={raw!r}: expected comma-separated integers") from None
+      f"{ENV_LOCAL_DEVICE_IDS}={raw!r}: expected comma-separated integers"
+    ) from None
 
 
 def _flag(args: Any, name: str) -> Any:
@@ -350,14 +368,22 @@ def initialize(config: DistributedConfig | None) -> bool:
   if config is None:
     return False
   import jax
-  logger.info("jax.distributed.initialize via %s: %s", config.source,
-              config.initialize_kwargs() or "(detected by JAX)")
+
+  logger.info(
+    "jax.distributed.initialize via %s: %s",
+    config.source,
+    config.initialize_kwargs() or "(detected by JAX)",
+  )
   jax.distributed.initialize(**config.initialize_kwargs())
   return True
 
 
-def initialize_from(args: Any = None, environ: Mapping[str, str] | None = None, *,
-                    detected: Callable[[], bool] | None = None) -> DistributedConfig | None:
+def initialize_from(
+  args: Any = None,
+  environ: Mapping[str, str] | None = None,
+  *,
+  detected: Callable[[], bool] | None = None,
+) -> DistributedConfig | None:
   """`resolve_distributed`, then JAX's own detection, then `initialize`; the config used.
 
   Args:
@@ -368,8 +394,13 @@ def initialize_from(args: Any = None, environ: Mapping[str, str] | None = None, 
   """
   env = os.environ if environ is None else environ
   config = resolve_distributed(args, env)
-  if (config is None and detected is not None and env.get(ENV_MODE, "").strip().lower() != "off"
-      and not _from_slurm_single(env) and detected()):
+  if (
+    config is None
+    and detected is not None
+    and env.get(ENV_MODE, "").strip().lower() != "off"
+    and not _from_slurm_single(env)
+    and detected()
+  ):
     config = DistributedConfig(None, None, None, _local_device_ids(env), source="auto")
   initialize(config)
   return config

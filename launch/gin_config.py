@@ -47,15 +47,31 @@ class GinConfigError(UserError, ValueError):
 
 def add_arguments(parser, required: bool = False, files_help: str = "gin file") -> None:
   """The gin flags every command that reads gin files takes (t5x's names)."""
-  parser.add_argument("--gin_file", action="append", default=[], required=required,
-                      help=f"{files_help} (repeatable; later files win)")
-  parser.add_argument("--gin_bindings", "--gin_param", dest="gin_param", action="append",
-                      default=[], metavar="BINDING",
-                      help="a gin binding such as 'core.train.loop.train.num_steps = 50' "
-                           "(repeatable, applied after the files; --gin.NAME=VALUE is shorthand)")
-  parser.add_argument("--gin_search_paths", action="append", default=[], metavar="DIRS",
-                      help="folders (comma-separated, repeatable) searched for gin files and "
-                           "includes after the working directory and before the ablax checkout")
+  parser.add_argument(
+    "--gin_file",
+    action="append",
+    default=[],
+    required=required,
+    help=f"{files_help} (repeatable; later files win)",
+  )
+  parser.add_argument(
+    "--gin_bindings",
+    "--gin_param",
+    dest="gin_param",
+    action="append",
+    default=[],
+    metavar="BINDING",
+    help="a gin binding such as 'core.train.loop.train.num_steps = 50' "
+    "(repeatable, applied after the files; --gin.NAME=VALUE is shorthand)",
+  )
+  parser.add_argument(
+    "--gin_search_paths",
+    action="append",
+    default=[],
+    metavar="DIRS",
+    help="folders (comma-separated, repeatable) searched for gin files and "
+    "includes after the working directory and before the ablax checkout",
+  )
 
 
 def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
@@ -63,7 +79,7 @@ def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
   out: list[str] = []
   for arg in argv:
     if arg.startswith("--gin.") and not arg.startswith("--gin.-"):
-      name, eq, value = arg[len("--gin."):].partition("=")
+      name, eq, value = arg[len("--gin.") :].partition("=")
       if not eq or not name:
         raise GinConfigError(f"{arg}: the shorthand is --gin.NAME=VALUE, e.g. --gin.NUM_STEPS=50")
       out += ["--gin_bindings", f"{name} = {value}"]
@@ -108,8 +124,9 @@ def resolve_gin_file(path: str | os.PathLike) -> Path:
   known = [str(p.relative_to(REPO_ROOT)) for p in all_gin_files()]
   close = difflib.get_close_matches(str(path), known, n=3, cutoff=0.5)
   hint = f"; did you mean {', '.join(close)}?" if close else ""
-  raise GinConfigError(f"gin file not found: {path} (looked in {Path.cwd()}, "
-                       f"{', '.join(folders)}){hint}")
+  raise GinConfigError(
+    f"gin file not found: {path} (looked in {Path.cwd()}, {', '.join(folders)}){hint}"
+  )
 
 
 class _QuietIncludeProbe(logging.Filter):
@@ -118,12 +135,15 @@ class _QuietIncludeProbe(logging.Filter):
   the checkout printed an ERROR per include although nothing was wrong."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.pathname.endswith("resource_reader.py")
-                and str(record.msg).startswith("Path not found"))
+    return not (
+      record.pathname.endswith("resource_reader.py")
+      and str(record.msg).startswith("Path not found")
+    )
 
 
-def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str] = (),
-          finalize: bool = True) -> list[Path]:
+def parse(
+  gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str] = (), finalize: bool = True
+) -> list[Path]:
   """Parses files (later ones win) then bindings; returns the resolved file paths."""
   resolved = [resolve_gin_file(f) for f in gin_files]
   for folder in (*search_paths(), str(REPO_ROOT)):
@@ -149,8 +169,7 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
     # Python's tokenizer ran to the end of the text inside a bracket or a string.
     what = e.args[0] if e.args else str(e)
     raise GinConfigError(f"{what} in {where}: a bracket or a string is left open") from None
-  except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError,
-          AttributeError) as e:
+  except (ValueError, OSError, SyntaxError, ImportError, TypeError, NameError, AttributeError) as e:
     message = str(e)
     if "Unable to open file" in message:
       message = message.replace("Unable to open file", "gin include not found")
@@ -171,19 +190,26 @@ def _check_macros() -> None:
     if selector == _MACRO:
       continue
     for name, value in params.items():
-      if (isinstance(value, gin.config.ConfigurableReference) and value.selector == _MACRO
-          and "value" not in gin.config._CONFIG.get((_macro_name(value), _MACRO), {})):  # noqa: SLF001
+      if (
+        isinstance(value, gin.config.ConfigurableReference)
+        and value.selector == _MACRO
+        and "value" not in gin.config._CONFIG.get((_macro_name(value), _MACRO), {})
+      ):  # noqa: SLF001
         macro = _macro_name(value)
         where = f"{scope}/{selector}" if scope else selector
-        raise GinConfigError(f"{where}.{name} = %{macro}, and nothing sets {macro}: bind it, "
-                             f"e.g. --gin.{macro}=... or --gin_bindings '{macro} = ...'")
+        raise GinConfigError(
+          f"{where}.{name} = %{macro}, and nothing sets {macro}: bind it, "
+          f"e.g. --gin.{macro}=... or --gin_bindings '{macro} = ...'"
+        )
 
 
 def _macro_name(reference) -> str:
-  return reference.scoped_selector[:-len("/" + _MACRO)]
+  return reference.scoped_selector[: -len("/" + _MACRO)]
 
 
-def build(cls_or_fn: Any, gin_files_hint: Sequence[str | os.PathLike] = (), **overrides: Any) -> Any:
+def build(
+  cls_or_fn: Any, gin_files_hint: Sequence[str | os.PathLike] = (), **overrides: Any
+) -> Any:
   """Calls the gin-configured `cls_or_fn`, turning missing values into a clear error."""
   configurable = gin.get_configurable(cls_or_fn)
   try:
@@ -194,20 +220,26 @@ def build(cls_or_fn: Any, gin_files_hint: Sequence[str | os.PathLike] = (), **ov
       raise
     files = ", ".join(str(f) for f in gin_files_hint) or "(no gin files)"
     raise GinConfigError(
-        f"{cls_or_fn.__name__} is missing required values {missing}: none of the gin files "
-        f"[{files}] or --gin_param bindings set them, e.g. "
-        f"--gin_param '{cls_or_fn.__name__}.{missing[0]} = ...'") from e
+      f"{cls_or_fn.__name__} is missing required values {missing}: none of the gin files "
+      f"[{files}] or --gin_param bindings set them, e.g. "
+      f"--gin_param '{cls_or_fn.__name__}.{missing[0]} = ...'"
+    ) from e
 
 
 def _missing_required(cls_or_fn: Any, overrides: dict[str, Any]) -> list[str]:
   bound = dict(gin.get_bindings(cls_or_fn)) if _has_bindings(cls_or_fn) else {}
   if dataclasses.is_dataclass(cls_or_fn):
-    required = [f.name for f in dataclasses.fields(cls_or_fn)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+      f.name
+      for f in dataclasses.fields(cls_or_fn)
+      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
   else:
-    required = [n for n, p in inspect.signature(cls_or_fn).parameters.items()
-                if p.default is inspect.Parameter.empty
-                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [
+      n
+      for n, p in inspect.signature(cls_or_fn).parameters.items()
+      if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
   return [n for n in required if n not in bound and n not in overrides]
 
 
@@ -278,7 +310,7 @@ def _plain(value: Any) -> Any:
   if isinstance(value, (os.PathLike, str)):
     text = os.fspath(value)
     root = str(REPO_ROOT) + os.sep
-    return text[len(root):] if text.startswith(root) else text
+    return text[len(root) :] if text.startswith(root) else text
   if isinstance(value, dict):
     return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
   if isinstance(value, (list, tuple)):
@@ -290,8 +322,11 @@ def _plain(value: Any) -> Any:
 
 def binding_params(bindings: dict[str, Any]) -> dict[str, str]:
   """MLflow params of the bindings; ModelConfig's are left out (the trainer logs `model.*`)."""
-  return {key: value if isinstance(value, str) else json.dumps(value)
-          for key, value in bindings.items() if not key.startswith(MODEL_SELECTOR + ".")}
+  return {
+    key: value if isinstance(value, str) else json.dumps(value)
+    for key, value in bindings.items()
+    if not key.startswith(MODEL_SELECTOR + ".")
+  }
 
 
 def bindings_hash(bindings: dict[str, Any]) -> str:

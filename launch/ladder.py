@@ -80,8 +80,10 @@ def check_shape(sweep: sweep_lib.Sweep) -> sweep_lib.Axis | None:
     return None
   where = f"sweep {sweep.name}: ladder"
   if not isinstance(spec, Mapping):
-    raise sweep_lib.SweepError(f"{where} must be a dict with 'sizes' and a budget "
-                               f"('tokens_per_param' or 'tokens'), got {type(spec).__name__}")
+    raise sweep_lib.SweepError(
+      f"{where} must be a dict with 'sizes' and a budget "
+      f"('tokens_per_param' or 'tokens'), got {type(spec).__name__}"
+    )
   unknown = sorted(set(spec) - set(KEYS))
   if unknown:
     raise sweep_lib.SweepError(f"{where}: unknown key(s) {unknown}; it takes {list(KEYS)}")
@@ -89,25 +91,32 @@ def check_shape(sweep: sweep_lib.Sweep) -> sweep_lib.Axis | None:
     raise sweep_lib.SweepError(f"sweep {sweep.name}: axis '{AXIS}' is the ladder's; rename it")
   sizes = spec.get("sizes")
   if not isinstance(sizes, Mapping) or not sizes:
-    raise sweep_lib.SweepError(f"{where}: 'sizes' must name the sizes, {{label: [bindings or "
-                               f".gin files]}}")
+    raise sweep_lib.SweepError(
+      f"{where}: 'sizes' must name the sizes, {{label: [bindings or .gin files]}}"
+    )
   if ("tokens_per_param" in spec) == ("tokens" in spec):
-    raise sweep_lib.SweepError(f"{where}: give exactly one budget, 'tokens_per_param' (e.g. 20, "
-                               f"Chinchilla) or 'tokens' ({{size: tokens}})")
+    raise sweep_lib.SweepError(
+      f"{where}: give exactly one budget, 'tokens_per_param' (e.g. 20, "
+      f"Chinchilla) or 'tokens' ({{size: tokens}})"
+    )
   if "tokens_per_param" in spec:
     rule = spec["tokens_per_param"]
     if not isinstance(rule, (int, float)) or isinstance(rule, bool) or not rule > 0:
-      raise sweep_lib.SweepError(f"{where}: tokens_per_param must be a positive number, got "
-                                 f"{rule!r}")
+      raise sweep_lib.SweepError(
+        f"{where}: tokens_per_param must be a positive number, got {rule!r}"
+      )
   else:
     tokens = spec["tokens"]
     if not isinstance(tokens, Mapping) or set(map(str, tokens)) != set(map(str, sizes)):
-      raise sweep_lib.SweepError(f"{where}: 'tokens' must give every size its budget: sizes "
-                                 f"{list(sizes)}, got {list(tokens) if isinstance(tokens, Mapping) else tokens!r}")
+      raise sweep_lib.SweepError(
+        f"{where}: 'tokens' must give every size its budget: sizes "
+        f"{list(sizes)}, got {list(tokens) if isinstance(tokens, Mapping) else tokens!r}"
+      )
     for label, n in tokens.items():
       if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0:
-        raise sweep_lib.SweepError(f"{where}: tokens[{label!r}] must be a positive number, got "
-                                   f"{n!r}")
+        raise sweep_lib.SweepError(
+          f"{where}: tokens[{label!r}] must be a positive number, got {n!r}"
+        )
   fraction = spec.get("warmup_fraction")
   if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 <= fraction < 1):
     raise sweep_lib.SweepError(f"{where}: warmup_fraction must be in [0, 1), got {fraction!r}")
@@ -116,6 +125,7 @@ def check_shape(sweep: sweep_lib.Sweep) -> sweep_lib.Axis | None:
 
 def _query(name: str, where: str):
   import gin  # pylint: disable=g-import-not-at-top
+
   try:
     return gin_config.resolve_macro(gin.query_parameter(name))
   except ValueError:
@@ -130,6 +140,7 @@ def _configure(files: Sequence[str], params: Sequence[str], where: str):
   import gin  # pylint: disable=g-import-not-at-top
   from core.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   logging.getLogger().addFilter(sweep_lib.QUIET)
   try:
@@ -142,8 +153,10 @@ def _configure(files: Sequence[str], params: Sequence[str], where: str):
   optimizer = _query(OPTIMIZER_BINDING, where)
   selector = getattr(getattr(optimizer, "configurable", None), "selector", None)
   if selector is None:
-    raise sweep_lib.SweepError(f"{where}: {OPTIMIZER_BINDING} is not a configurable recipe "
-                               f"(core/train/optimizer.py); the ladder cannot scale its schedule")
+    raise sweep_lib.SweepError(
+      f"{where}: {OPTIMIZER_BINDING} is not a configurable recipe "
+      f"(core/train/optimizer.py); the ladder cannot scale its schedule"
+    )
   return model, int(_query(BATCH_BINDING, where)), int(_query(SEQ_LEN_BINDING, where)), selector
 
 
@@ -151,6 +164,7 @@ def sizes(sweep: sweep_lib.Sweep, axes: Sequence[sweep_lib.Axis]) -> list[Size]:
   """Every size's parameters and budget, from the baseline variant's configuration there."""
   import gin  # pylint: disable=g-import-not-at-top
   from core.model.flops import param_counts  # pylint: disable=g-import-not-at-top
+
   ladder = check_shape(sweep)
   if ladder is None:
     return []
@@ -164,8 +178,9 @@ def sizes(sweep: sweep_lib.Sweep, axes: Sequence[sweep_lib.Axis]) -> list[Size]:
     for label, entries in zip(ladder.labels, ladder.entries):
       where = f"sweep {sweep.name}: ladder size {label!r}"
       files, params = sweep_lib.split_entries(list(entries) + base_entries)
-      model, batch, seq_len, selector = _configure(list(sweep.base) + files,
-                                                   list(sweep.params) + params, where)
+      model, batch, seq_len, selector = _configure(
+        list(sweep.base) + files, list(sweep.params) + params, where
+      )
       warmup_binding = f"{selector}.warmup_steps"
       fraction = spec.get("warmup_fraction")
       if fraction is None:
@@ -177,9 +192,20 @@ def sizes(sweep: sweep_lib.Sweep, axes: Sequence[sweep_lib.Axis]) -> list[Size]:
       else:
         budget = float({str(k): v for k, v in spec["tokens"].items()}[label])
       steps = max(1, round(budget / (batch * seq_len)))
-      out.append(Size(label, tuple(entries), counts["non_embedding"], counts["total"], batch,
-                      seq_len, steps * batch * seq_len, steps, int(round(fraction * steps)),
-                      warmup_binding))
+      out.append(
+        Size(
+          label,
+          tuple(entries),
+          counts["non_embedding"],
+          counts["total"],
+          batch,
+          seq_len,
+          steps * batch * seq_len,
+          steps,
+          int(round(fraction * steps)),
+          warmup_binding,
+        )
+      )
   finally:
     gin.clear_config()
   return out
@@ -206,6 +232,7 @@ def estimate(point, size: Size) -> Estimate:
   """The point's FLOPs from its configuration (core/model/flops.py) and its CPU time on one core."""
   import gin  # pylint: disable=g-import-not-at-top
   from core.model.flops import flops_per_token, param_counts  # pylint: disable=g-import-not-at-top
+
   where = f"point {point.variant} seed {point.seed}"
   try:
     model, batch, seq_len, _ = _configure(point.gin_files, point.gin_params, where)
@@ -216,13 +243,15 @@ def estimate(point, size: Size) -> Estimate:
   fpt = flops_per_token(model, seq_len)
   flops = size.steps * batch * seq_len * fpt
   evals = (len(range(every, size.steps, every)) if every else 0) + (1 if eval_batches else 0)
-  eval_flops = evals * eval_batches * batch * seq_len * flops_per_token(model, seq_len,
-                                                                       training=False)
+  eval_flops = (
+    evals * eval_batches * batch * seq_len * flops_per_token(model, seq_len, training=False)
+  )
   tokens = (size.steps + evals * eval_batches) * batch * seq_len
   cpu_s = CPU_START_S + tokens * CPU_S_PER_TOKEN + (flops + eval_flops) / CPU_FLOPS_PER_CORE_S
   counts = param_counts(model)
-  return Estimate(point, size, counts["non_embedding"], counts["total"], fpt, flops, eval_flops,
-                  cpu_s)
+  return Estimate(
+    point, size, counts["non_embedding"], counts["total"], fpt, flops, eval_flops, cpu_s
+  )
 
 
 def estimates(sweep: sweep_lib.Sweep, points: Sequence) -> list[Estimate]:
@@ -249,27 +278,57 @@ def print_ladder(sweep: sweep_lib.Sweep, points: Sequence, workers: int, cores: 
   """The ladder table of `--dry-run`: parameters, tokens, FLOPs and CPU time per point."""
   rows = estimates(sweep, points)
   flops = [r.flops for r in rows]
-  print(f"ladder: {len({r.size.label for r in rows})} sizes, budget "
-        + (f"{sweep.ladder['tokens_per_param']:g} tokens per non-embedding parameter (of the "
-           f"baseline variant at each size)" if "tokens_per_param" in sweep.ladder
-           else "explicit tokens per size")
-        + f"; training FLOPs span {max(flops) / min(flops):.1f}x")
-  head = ["#", "variant", "seed", "non-emb params", "total params", "tokens", "steps", "warmup",
-          "FLOPs/token", "train FLOPs", "est. CPU s (1 core)"]
-  body = [[str(r.point.index), r.point.variant, str(r.point.seed), f"{r.non_embedding:,}",
-           f"{r.total:,}", _si(r.size.tokens), str(r.size.steps),
-           str(r.size.warmup_steps), _si(r.flops_per_token), f"{r.flops:.3e}",
-           f"{r.cpu_s:.0f}"] for r in rows]
+  print(
+    f"ladder: {len({r.size.label for r in rows})} sizes, budget "
+    + (
+      f"{sweep.ladder['tokens_per_param']:g} tokens per non-embedding parameter (of the "
+      f"baseline variant at each size)"
+      if "tokens_per_param" in sweep.ladder
+      else "explicit tokens per size"
+    )
+    + f"; training FLOPs span {max(flops) / min(flops):.1f}x"
+  )
+  head = [
+    "#",
+    "variant",
+    "seed",
+    "non-emb params",
+    "total params",
+    "tokens",
+    "steps",
+    "warmup",
+    "FLOPs/token",
+    "train FLOPs",
+    "est. CPU s (1 core)",
+  ]
+  body = [
+    [
+      str(r.point.index),
+      r.point.variant,
+      str(r.point.seed),
+      f"{r.non_embedding:,}",
+      f"{r.total:,}",
+      _si(r.size.tokens),
+      str(r.size.steps),
+      str(r.size.warmup_steps),
+      _si(r.flops_per_token),
+      f"{r.flops:.3e}",
+      f"{r.cpu_s:.0f}",
+    ]
+    for r in rows
+  ]
   widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
   print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
   for b in body:
     print("  " + "  ".join(c.ljust(w) for c, w in zip(b, widths)))
   total = sum(r.cpu_s for r in rows)
   wall = _makespan([r.cpu_s for r in rows], workers) * max(1.0, workers / max(cores, 1))
-  print(f"estimated CPU time: {total / 60:.1f} core-minutes in all; about {wall / 60:.1f} min "
-        f"wall on {cores} core(s) with {workers} worker(s) (one core per worker; model "
-        f"{CPU_START_S:g} s start + {CPU_S_PER_TOKEN * 1e6:g} us per token + FLOPs at "
-        f"{CPU_FLOPS_PER_CORE_S / 1e9:g} GFLOP/s per core, training and evaluation)")
+  print(
+    f"estimated CPU time: {total / 60:.1f} core-minutes in all; about {wall / 60:.1f} min "
+    f"wall on {cores} core(s) with {workers} worker(s) (one core per worker; model "
+    f"{CPU_START_S:g} s start + {CPU_S_PER_TOKEN * 1e6:g} us per token + FLOPs at "
+    f"{CPU_FLOPS_PER_CORE_S / 1e9:g} GFLOP/s per core, training and evaluation)"
+  )
 
 
 def _makespan(seconds: Sequence[float], workers: int) -> float:
@@ -285,7 +344,6 @@ def size_of(point) -> str | None:
   return dict(point.choices).get(AXIS)
 
 
-
 def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
   """SweepError when a variant's configuration at some size is the baseline's.
 
@@ -293,11 +351,13 @@ def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
   a size that binds what a variant's .gin file sets silently undoes the variant.
   """
   import gin  # pylint: disable=g-import-not-at-top
+
   baseline = sweep_lib.baseline_variant(sweep)
   base_parts = [p for p in baseline.split(",") if not p.startswith(f"{AXIS}=")]
   first_seed = list(sweep.seeds)[0]
   configs: dict[tuple[str, str], str] = {}
   import logging  # pylint: disable=g-import-not-at-top
+
   logging.getLogger().addFilter(sweep_lib.QUIET)
   try:
     for p in points:
@@ -313,7 +373,7 @@ def check_distinct(sweep: sweep_lib.Sweep, points: Sequence) -> None:
   for (variant, size), text in configs.items():
     if variant != base_key and configs.get((base_key, size)) == text:
       raise sweep_lib.SweepError(
-          f"sweep {sweep.name}: variant {variant} is the baseline's configuration at ladder size "
-          f"{size!r}: the size's bindings override it (bindings apply after .gin files); give the "
-          f"variant as bindings, or leave that setting out of the size")
-
+        f"sweep {sweep.name}: variant {variant} is the baseline's configuration at ladder size "
+        f"{size!r}: the size's bindings override it (bindings apply after .gin files); give the "
+        f"variant as bindings, or leave that setting out of the size"
+      )

@@ -39,8 +39,21 @@ SCRIPT_TAG = schema.SLURM_SCRIPT
 STATE_FILE = "slurm.json"
 
 # SLURM states after which a task will not run again by itself.
-DONE_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+DONE_STATES = frozenset(
+  {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+    "SPECIAL_EXIT",
+  }
+)
 
 
 class SlurmError(RuntimeError):
@@ -104,14 +117,14 @@ class SlurmResources:
       raise ValueError(f"SlurmResources.mem {self.mem!r}: use e.g. 64G or 4000M")
 
 
-def load_resources(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()
-                   ) -> SlurmResources:
+def load_resources(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> SlurmResources:
   """`SlurmResources` as bound in gin files (a sweep file, a cluster file); defaults if unbound.
 
   Leaves gin's global configuration clean, like `launch.sweep.load`.
   """
   import gin
   from launch import gin_config
+
   if not gin_files and not gin_params:
     return SlurmResources()
   gin.clear_config()
@@ -130,13 +143,19 @@ def load_resources(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()
 
 # flag -> (SlurmResources field, type)
 _FLAGS = {
-    "slurm_partition": ("partition", str), "slurm_nodes": ("nodes", int),
-    "slurm_ntasks_per_node": ("ntasks_per_node", int),
-    "slurm_gpus_per_node": ("gpus_per_node", int), "slurm_gpus_per_task": ("gpus_per_task", int),
-    "slurm_cpus_per_task": ("cpus_per_task", int), "slurm_mem": ("mem", str),
-    "slurm_time": ("time", str), "slurm_account": ("account", str), "slurm_qos": ("qos", str),
-    "slurm_constraint": ("constraint", str), "slurm_max_parallel": ("max_parallel", int),
-    "slurm_job_name": ("job_name", str),
+  "slurm_partition": ("partition", str),
+  "slurm_nodes": ("nodes", int),
+  "slurm_ntasks_per_node": ("ntasks_per_node", int),
+  "slurm_gpus_per_node": ("gpus_per_node", int),
+  "slurm_gpus_per_task": ("gpus_per_task", int),
+  "slurm_cpus_per_task": ("cpus_per_task", int),
+  "slurm_mem": ("mem", str),
+  "slurm_time": ("time", str),
+  "slurm_account": ("account", str),
+  "slurm_qos": ("qos", str),
+  "slurm_constraint": ("constraint", str),
+  "slurm_max_parallel": ("max_parallel", int),
+  "slurm_job_name": ("job_name", str),
 }
 
 
@@ -144,14 +163,25 @@ def add_arguments(parser: Any) -> None:
   """The `--slurm_*` flags (each overrides the gin binding of the same field)."""
   group = parser.add_argument_group("SLURM (with --launcher slurm)")
   for flag, (field, kind) in _FLAGS.items():
-    group.add_argument(f"--{flag}", type=kind, default=None,
-                       help=f"SlurmResources.{field}")
-  group.add_argument("--slurm_gin", action="append", default=[],
-                     help="gin file binding launch.slurm.SlurmResources (repeatable)")
-  group.add_argument("--slurm_setup", action="append", default=[],
-                     help="shell line run before each point, e.g. 'module load cuda' (repeatable)")
-  group.add_argument("--slurm_option", action="append", default=[],
-                     help="raw sbatch option, e.g. --slurm_option=--exclusive (repeatable)")
+    group.add_argument(f"--{flag}", type=kind, default=None, help=f"SlurmResources.{field}")
+  group.add_argument(
+    "--slurm_gin",
+    action="append",
+    default=[],
+    help="gin file binding launch.slurm.SlurmResources (repeatable)",
+  )
+  group.add_argument(
+    "--slurm_setup",
+    action="append",
+    default=[],
+    help="shell line run before each point, e.g. 'module load cuda' (repeatable)",
+  )
+  group.add_argument(
+    "--slurm_option",
+    action="append",
+    default=[],
+    help="raw sbatch option, e.g. --slurm_option=--exclusive (repeatable)",
+  )
 
 
 def resources_from_args(args: Any, base: SlurmResources | None = None) -> SlurmResources:
@@ -162,8 +192,9 @@ def resources_from_args(args: Any, base: SlurmResources | None = None) -> SlurmR
     if value is not None:
       setattr(resources, field, value)
   resources.setup = tuple(resources.setup) + tuple(getattr(args, "slurm_setup", None) or ())
-  resources.sbatch_options = (tuple(resources.sbatch_options)
-                              + tuple(getattr(args, "slurm_option", None) or ()))
+  resources.sbatch_options = tuple(resources.sbatch_options) + tuple(
+    getattr(args, "slurm_option", None) or ()
+  )
   resources.check()
   return resources
 
@@ -187,21 +218,37 @@ def format_indices(indices: Iterable[int]) -> str:
   return ",".join(parts)
 
 
-def sbatch_directives(resources: SlurmResources, *, job_name: str, indices: Sequence[int],
-                      log_dir: Path, chdir: Path | None) -> list[str]:
+def sbatch_directives(
+  resources: SlurmResources,
+  *,
+  job_name: str,
+  indices: Sequence[int],
+  log_dir: Path,
+  chdir: Path | None,
+) -> list[str]:
   r = resources
   array = format_indices(indices) + (f"%{r.max_parallel}" if r.max_parallel else "")
-  lines = [f"--job-name={r.job_name or job_name}", f"--array={array}",
-           f"--output={log_dir}/%x-%A_%a.log", f"--nodes={r.nodes}",
-           f"--ntasks-per-node={r.ntasks_per_node}"]
+  lines = [
+    f"--job-name={r.job_name or job_name}",
+    f"--array={array}",
+    f"--output={log_dir}/%x-%A_%a.log",
+    f"--nodes={r.nodes}",
+    f"--ntasks-per-node={r.ntasks_per_node}",
+  ]
   if chdir is not None:
     lines.append(f"--chdir={chdir}")
-  optional = [("partition", "--partition"), ("gpus_per_node", "--gpus-per-node"),
-              ("gpus_per_task", "--gpus-per-task"), ("cpus_per_task", "--cpus-per-task"),
-              ("mem", "--mem"), ("time", "--time"), ("account", "--account"), ("qos", "--qos"),
-              ("constraint", "--constraint")]
-  lines += [f"{flag}={getattr(r, name)}" for name, flag in optional
-            if getattr(r, name) is not None]
+  optional = [
+    ("partition", "--partition"),
+    ("gpus_per_node", "--gpus-per-node"),
+    ("gpus_per_task", "--gpus-per-task"),
+    ("cpus_per_task", "--cpus-per-task"),
+    ("mem", "--mem"),
+    ("time", "--time"),
+    ("account", "--account"),
+    ("qos", "--qos"),
+    ("constraint", "--constraint"),
+  ]
+  lines += [f"{flag}={getattr(r, name)}" for name, flag in optional if getattr(r, name) is not None]
   if r.signal_seconds:
     # B: signal the batch shell, which forwards it to the running command.
     lines.append(f"--signal=B:TERM@{int(r.signal_seconds)}")
@@ -212,11 +259,16 @@ def sbatch_directives(resources: SlurmResources, *, job_name: str, indices: Sequ
   return lines
 
 
-def render_array_script(commands: Mapping[int, Sequence[str]], resources: SlurmResources, *,
-                        job_name: str, log_dir: str | os.PathLike,
-                        chdir: str | os.PathLike | None = None,
-                        env: Mapping[str, str] | None = None,
-                        labels: Mapping[int, str] | None = None) -> str:
+def render_array_script(
+  commands: Mapping[int, Sequence[str]],
+  resources: SlurmResources,
+  *,
+  job_name: str,
+  log_dir: str | os.PathLike,
+  chdir: str | os.PathLike | None = None,
+  env: Mapping[str, str] | None = None,
+  labels: Mapping[int, str] | None = None,
+) -> str:
   """An sbatch script running `commands[i]` as array task i.
 
   Args:
@@ -233,9 +285,16 @@ def render_array_script(commands: Mapping[int, Sequence[str]], resources: SlurmR
     raise ValueError("no commands to submit")
   log_dir = Path(log_dir)
   lines = ["#!/bin/bash", f"# ablax sweep as a SLURM job array ({len(commands)} tasks)."]
-  lines += [f"#SBATCH {d}" for d in sbatch_directives(
-      resources, job_name=job_name, indices=list(commands), log_dir=log_dir,
-      chdir=Path(chdir) if chdir is not None else None)]
+  lines += [
+    f"#SBATCH {d}"
+    for d in sbatch_directives(
+      resources,
+      job_name=job_name,
+      indices=list(commands),
+      log_dir=log_dir,
+      chdir=Path(chdir) if chdir is not None else None,
+    )
+  ]
   lines += ["", "set -eo pipefail"]
   for key, value in (env or {}).items():
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -249,25 +308,32 @@ def render_array_script(commands: Mapping[int, Sequence[str]], resources: SlurmR
     # One process per task; a failing process ends the step instead of leaving
     # its peers waiting on collectives until the time limit.
     launcher = "srun --kill-on-bad-exit=1 "
-  lines += ["", 'echo "ablax: array task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID} '
-            'on $(hostname)"', 'case "${SLURM_ARRAY_TASK_ID}" in']
+  lines += [
+    "",
+    'echo "ablax: array task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID} on $(hostname)"',
+    'case "${SLURM_ARRAY_TASK_ID}" in',
+  ]
   for index in sorted(commands):
     if labels and index in labels:
       lines.append(f"  # {_one_line(labels[index])}")
     # Not `exec`: the batch shell stays to forward the time-limit SIGTERM
     # (--signal=B:...) to the command, which runs in the background below.
     lines.append(f"  {int(index)}) cmd=({launcher}{shlex.join(commands[index])}) ;;")
-  lines += ['  *) echo "ablax: no command for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
-            "esac", "",
-            '"${cmd[@]}" &',
-            "child=$!",
-            "trap 'terminated=1; kill -TERM \"$child\" 2>/dev/null' TERM",
-            "status=0",
-            'wait "$child" || status=$?',
-            "# The first wait returns early when the trap fires; the second gets the",
-            "# command's own exit status once it has saved its checkpoint.",
-            'if [ -n "${terminated:-}" ]; then status=0; wait "$child" || status=$?; fi',
-            'exit "$status"', ""]
+  lines += [
+    '  *) echo "ablax: no command for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
+    "esac",
+    "",
+    '"${cmd[@]}" &',
+    "child=$!",
+    "trap 'terminated=1; kill -TERM \"$child\" 2>/dev/null' TERM",
+    "status=0",
+    'wait "$child" || status=$?',
+    "# The first wait returns early when the trap fires; the second gets the",
+    "# command's own exit status once it has saved its checkpoint.",
+    'if [ -n "${terminated:-}" ]; then status=0; wait "$child" || status=$?; fi',
+    'exit "$status"',
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -282,8 +348,9 @@ def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProces
   try:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
   except FileNotFoundError:
-    raise SlurmError(f"{argv[0]} not found: run on a SLURM login node (or install slurm-client)") \
-        from None
+    raise SlurmError(
+      f"{argv[0]} not found: run on a SLURM login node (or install slurm-client)"
+    ) from None
   except subprocess.TimeoutExpired:
     raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s") from None
 
@@ -343,7 +410,9 @@ def parse_squeue(text: str) -> list[TaskState]:
     if "_" not in job:
       continue
     array_id, spec = job.split("_", 1)
-    tasks += [TaskState(array_id, i, _state_word(state), "", reason.strip()) for i in _indices(spec)]
+    tasks += [
+      TaskState(array_id, i, _state_word(state), "", reason.strip()) for i in _indices(spec)
+    ]
   return tasks
 
 
@@ -355,8 +424,9 @@ def parse_sacct(text: str) -> list[TaskState]:
     if len(parts) < 3 or "_" not in parts[0]:
       continue
     array_id, spec = parts[0].split("_", 1)
-    tasks += [TaskState(array_id, i, _state_word(parts[1]), parts[2].strip())
-              for i in _indices(spec)]
+    tasks += [
+      TaskState(array_id, i, _state_word(parts[1]), parts[2].strip()) for i in _indices(spec)
+    ]
   return tasks
 
 
@@ -367,9 +437,16 @@ def parse_scontrol(text: str) -> list[TaskState]:
     fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
     if "ArrayJobId" not in fields or "ArrayTaskId" not in fields:
       continue
-    tasks += [TaskState(fields["ArrayJobId"], i, _state_word(fields.get("JobState", "")),
-                        fields.get("ExitCode", ""), fields.get("Reason", ""))
-              for i in _indices(fields["ArrayTaskId"])]
+    tasks += [
+      TaskState(
+        fields["ArrayJobId"],
+        i,
+        _state_word(fields.get("JobState", "")),
+        fields.get("ExitCode", ""),
+        fields.get("Reason", ""),
+      )
+      for i in _indices(fields["ArrayTaskId"])
+    ]
   return tasks
 
 
@@ -403,8 +480,9 @@ def job_states(job_ids: Sequence[str]) -> dict[tuple[str, int], TaskState]:
   return states
 
 
-def wait(job_ids: Sequence[str], *, timeout_s: float = 3600, poll_s: float = 2.0
-         ) -> dict[tuple[str, int], TaskState]:
+def wait(
+  job_ids: Sequence[str], *, timeout_s: float = 3600, poll_s: float = 2.0
+) -> dict[tuple[str, int], TaskState]:
   """Polls until every task of the jobs is done; returns their final states."""
   deadline = time.monotonic() + timeout_s
   while True:
@@ -412,6 +490,8 @@ def wait(job_ids: Sequence[str], *, timeout_s: float = 3600, poll_s: float = 2.0
     if states and all(t.done for t in states.values()):
       return states
     if time.monotonic() > deadline:
-      raise SlurmError(f"jobs {','.join(job_ids)} not done after {timeout_s:.0f}s: "
-                       + ", ".join(f"{k[0]}_{k[1]}={t.state}" for k, t in sorted(states.items())))
+      raise SlurmError(
+        f"jobs {','.join(job_ids)} not done after {timeout_s:.0f}s: "
+        + ", ".join(f"{k[0]}_{k[1]}={t.state}" for k, t in sorted(states.items()))
+      )
     time.sleep(poll_s)

@@ -25,9 +25,21 @@ from typing import Any, Mapping, Sequence
 
 from core.tracking import schema
 
-from launch.slurm import (ARRAY_TAG, DONE_STATES, JOB_IDS_TAG, STATE_FILE, SlurmError,
-                          SlurmResources, TaskState, format_indices, job_states, load_resources,
-                          render_array_script, resources_from_args, submit)
+from launch.slurm import (
+  ARRAY_TAG,
+  DONE_STATES,
+  JOB_IDS_TAG,
+  STATE_FILE,
+  SlurmError,
+  SlurmResources,
+  TaskState,
+  format_indices,
+  job_states,
+  load_resources,
+  render_array_script,
+  resources_from_args,
+  submit,
+)
 
 
 @dataclasses.dataclass
@@ -49,34 +61,64 @@ def _save_state(workdir: Path, state: Mapping[str, Any]) -> None:
   tmp.replace(path)
 
 
-def _commands(sweep: Any, points: Sequence[Any], *, workdir: Path, tracking_uri: str,
-              train_command: Sequence[str] | None) -> dict[int, list[str]]:
+def _commands(
+  sweep: Any,
+  points: Sequence[Any],
+  *,
+  workdir: Path,
+  tracking_uri: str,
+  train_command: Sequence[str] | None,
+) -> dict[int, list[str]]:
   from launch import sweep_runner
+
   prefix = tuple(train_command or sweep_runner.TRAIN_COMMAND)
-  return {p.index: sweep_runner.child_command(p, sweep, workdir=workdir,
-                                              tracking_uri=tracking_uri, prefix=prefix)
-          for p in points}
+  return {
+    p.index: sweep_runner.child_command(
+      p, sweep, workdir=workdir, tracking_uri=tracking_uri, prefix=prefix
+    )
+    for p in points
+  }
 
 
-def render_sweep_script(sweep: Any, points: Sequence[Any], *, tracking_uri: str,
-                        workdir: str | os.PathLike, resources: SlurmResources,
-                        train_command: Sequence[str] | None = None,
-                        env: Mapping[str, str] | None = None) -> str:
+def render_sweep_script(
+  sweep: Any,
+  points: Sequence[Any],
+  *,
+  tracking_uri: str,
+  workdir: str | os.PathLike,
+  resources: SlurmResources,
+  train_command: Sequence[str] | None = None,
+  env: Mapping[str, str] | None = None,
+) -> str:
   """The sbatch script for `points` of `sweep` (no MLflow writes, nothing submitted)."""
   workdir = Path(workdir).resolve()
-  commands = _commands(sweep, points, workdir=workdir, tracking_uri=tracking_uri,
-                       train_command=train_command)
+  commands = _commands(
+    sweep, points, workdir=workdir, tracking_uri=tracking_uri, train_command=train_command
+  )
   run_env = {"MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-  return render_array_script(commands, resources, job_name=f"ablax-{sweep.name}",
-                             log_dir=workdir / "slurm" / "logs", chdir=Path.cwd(), env=run_env,
-                             labels={p.index: f"{p.key} ({p.variant})" for p in points})
+  return render_array_script(
+    commands,
+    resources,
+    job_name=f"ablax-{sweep.name}",
+    log_dir=workdir / "slurm" / "logs",
+    chdir=Path.cwd(),
+    env=run_env,
+    labels={p.index: f"{p.key} ({p.variant})" for p in points},
+  )
 
 
-def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
-                 workdir: str | os.PathLike, resources: SlurmResources,
-                 train_command: Sequence[str] | None = None,
-                 env: Mapping[str, str] | None = None, sbatch: str = "sbatch"
-                 ) -> Submission | None:
+def submit_sweep(
+  sweep: Any,
+  points: Sequence[Any],
+  *,
+  tracking_uri: str,
+  parent_run_id: str,
+  workdir: str | os.PathLike,
+  resources: SlurmResources,
+  train_command: Sequence[str] | None = None,
+  env: Mapping[str, str] | None = None,
+  sbatch: str = "sbatch",
+) -> Submission | None:
   """Submits the sweep's unfinished points as one job array; None when nothing is left.
 
   Points whose child run is FINISHED, and points still queued or running from
@@ -85,6 +127,7 @@ def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent
   as the local runner does, and the trainer continues it from `run.json`.
   """
   from launch import sweep_runner
+
   workdir = Path(workdir).resolve()
   slurm_dir = workdir / "slurm"
   (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -98,16 +141,25 @@ def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent
   if not todo:
     return None
   for p in todo:
-    sweep_runner.prepare_child(sweep, p, workdir=workdir, tracking_uri=tracking_uri,
-                               parent_run_id=parent_run_id)
-  script = render_sweep_script(sweep, todo, tracking_uri=tracking_uri, workdir=workdir,
-                               resources=resources, train_command=train_command, env=env)
+    sweep_runner.prepare_child(
+      sweep, p, workdir=workdir, tracking_uri=tracking_uri, parent_run_id=parent_run_id
+    )
+  script = render_sweep_script(
+    sweep,
+    todo,
+    tracking_uri=tracking_uri,
+    workdir=workdir,
+    resources=resources,
+    train_command=train_command,
+    env=env,
+  )
   script_path = slurm_dir / f"array-{len(state['submissions']):03d}.sbatch"
   script_path.write_text(script)
   job_id = submit(script_path, sbatch=sbatch)
   submission = Submission(job_id, [p.index for p in todo], str(script_path))
-  state["submissions"].append({**dataclasses.asdict(submission), "submitted_at": time.time(),
-                               "parent_run_id": parent_run_id})
+  state["submissions"].append(
+    {**dataclasses.asdict(submission), "submitted_at": time.time(), "parent_run_id": parent_run_id}
+  )
   _save_state(workdir, state)
   record_submission(tracking_uri, parent_run_id, submission)
   return submission
@@ -116,6 +168,7 @@ def submit_sweep(sweep: Any, points: Sequence[Any], *, tracking_uri: str, parent
 def record_submission(tracking_uri: str, parent_run_id: str, submission: Submission) -> None:
   """Appends the job id to the parent run's tags and keeps the script as an artifact."""
   from launch import sweep_runner
+
   client = sweep_runner.client(tracking_uri)
   tags = client.get_run(parent_run_id).data.tags
   ids = [i for i in tags.get(JOB_IDS_TAG, "").split(",") if i]
@@ -138,9 +191,14 @@ class PointStatus:
   job: str = ""
 
 
-def sweep_status(points: Sequence[Any], *, tracking_uri: str, parent_run_id: str,
-                 workdir: str | os.PathLike | None = None,
-                 settle: bool = True) -> list[PointStatus]:
+def sweep_status(
+  points: Sequence[Any],
+  *,
+  tracking_uri: str,
+  parent_run_id: str,
+  workdir: str | os.PathLike | None = None,
+  settle: bool = True,
+) -> list[PointStatus]:
   """Per point: the SLURM state of its newest task and the status of its MLflow run.
 
   With `settle`, a run left RUNNING by a task SLURM reports ended (killed at
@@ -148,6 +206,7 @@ def sweep_status(points: Sequence[Any], *, tracking_uri: str, parent_run_id: str
   the local runner does when a child process exits.
   """
   from launch import sweep_runner
+
   state = load_state(Path(workdir)) if workdir else {"submissions": []}
   job_ids = [s["job_id"] for s in state["submissions"]]
   if not job_ids:
@@ -172,21 +231,28 @@ def sweep_status(points: Sequence[Any], *, tracking_uri: str, parent_run_id: str
     status = run.info.status if run else "-"
     if settle and task is not None and task.done and status == "RUNNING":
       status = sweep_runner.settle_child(tracking_uri, run.info.run_id, 1)
-    out.append(PointStatus(p.index, p.key, task.state if task else "-", status,
-                           task.job_id if task else ""))
+    out.append(
+      PointStatus(p.index, p.key, task.state if task else "-", status, task.job_id if task else "")
+    )
   return out
 
 
 def format_status(rows: Sequence[PointStatus]) -> str:
   counts: dict[str, int] = {}
   for r in rows:
-    label = "finished" if r.mlflow == "FINISHED" else (
-        r.slurm.lower() if r.slurm != "-" else "not submitted")
+    label = (
+      "finished"
+      if r.mlflow == "FINISHED"
+      else (r.slurm.lower() if r.slurm != "-" else "not submitted")
+    )
     counts[label] = counts.get(label, 0) + 1
   width = max([len(r.key) for r in rows] + [5])
   lines = [f"{'#':>3}  {'point':<{width}}  {'slurm':<13} {'mlflow':<9} job"]
-  lines += [f"{r.index:>3}  {r.key:<{width}}  {r.slurm:<13} {r.mlflow:<9} "
-            f"{r.job + '_' + str(r.index) if r.job else ''}" for r in rows]
+  lines += [
+    f"{r.index:>3}  {r.key:<{width}}  {r.slurm:<13} {r.mlflow:<9} "
+    f"{r.job + '_' + str(r.index) if r.job else ''}"
+    for r in rows
+  ]
   lines.append(f"{len(rows)} points: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
   return "\n".join(lines)
 
@@ -198,8 +264,10 @@ def settle_parent(rows: Sequence[PointStatus], *, tracking_uri: str, parent_run_
   submission of the same sweep reopens it).
   """
   from launch import sweep_runner
-  active = [r for r in rows if r.slurm not in DONE_STATES and r.slurm != "-"
-            and r.mlflow != "FINISHED"]
+
+  active = [
+    r for r in rows if r.slurm not in DONE_STATES and r.slurm != "-" and r.mlflow != "FINISHED"
+  ]
   if active:
     return "RUNNING"
   status = "FINISHED" if all(r.mlflow == "FINISHED" for r in rows) else "FAILED"
@@ -219,6 +287,7 @@ def sweep_main(args: Any, sweep: Any, points: Sequence[Any]) -> int:
   """
   from launch import gin_config, sweep_runner
   from analysis import runs as runs_lib
+
   tracking_uri = args.tracking_uri or runs_lib.default_tracking_uri()
   workdir = Path(args.workdir or Path("runs") / sweep.name).resolve()
   train_command = args.train_command.split() if getattr(args, "train_command", None) else None
@@ -226,22 +295,41 @@ def sweep_main(args: Any, sweep: Any, points: Sequence[Any]) -> int:
     return _print_status(points, workdir, tracking_uri if args.tracking_uri else None)
   try:
     resources = resources_from_args(
-        args, load_resources([args.sweep_file, *getattr(args, "slurm_gin", [])], args.gin_param))
+      args, load_resources([args.sweep_file, *getattr(args, "slurm_gin", [])], args.gin_param)
+    )
   except (ValueError, gin_config.GinConfigError) as e:
     print(f"ablax sweep: SLURM resources: {e}", file=sys.stderr)
     return 2
   if args.dry_run:
-    print(render_sweep_script(sweep, points, tracking_uri=tracking_uri, workdir=workdir,
-                              resources=resources, train_command=train_command))
+    print(
+      render_sweep_script(
+        sweep,
+        points,
+        tracking_uri=tracking_uri,
+        workdir=workdir,
+        resources=resources,
+        train_command=train_command,
+      )
+    )
     return 0
   if tracking_uri.startswith("sqlite:"):
-    print("ablax sweep: note: tasks on several nodes writing one sqlite file over a network "
-          "filesystem can lose records; a shared `mlflow server` is safer "
-          "(deploy/mlflow_postgres/README.md)", file=sys.stderr)
+    print(
+      "ablax sweep: note: tasks on several nodes writing one sqlite file over a network "
+      "filesystem can lose records; a shared `mlflow server` is safer "
+      "(deploy/mlflow_postgres/README.md)",
+      file=sys.stderr,
+    )
   try:
     parent_id = sweep_runner.open_parent(sweep, points, tracking_uri, workdir)
-    submission = submit_sweep(sweep, points, tracking_uri=tracking_uri, parent_run_id=parent_id,
-                              workdir=workdir, resources=resources, train_command=train_command)
+    submission = submit_sweep(
+      sweep,
+      points,
+      tracking_uri=tracking_uri,
+      parent_run_id=parent_id,
+      workdir=workdir,
+      resources=resources,
+      train_command=train_command,
+    )
   except SlurmError as e:
     print(f"ablax sweep: {e}", file=sys.stderr)
     return 1
@@ -251,10 +339,12 @@ def sweep_main(args: Any, sweep: Any, points: Sequence[Any]) -> int:
   if submission is None:
     print(f"parent run {parent_id}: nothing to submit (every point finished, queued or running)")
   else:
-    print(f"parent run {parent_id} in {tracking_uri}: submitted SLURM job array "
-          f"{submission.job_id} ({len(submission.indices)} points, indices "
-          f"{format_indices(submission.indices)}); script {submission.script}; logs in "
-          f"{workdir / 'slurm' / 'logs'}")
+    print(
+      f"parent run {parent_id} in {tracking_uri}: submitted SLURM job array "
+      f"{submission.job_id} ({len(submission.indices)} points, indices "
+      f"{format_indices(submission.indices)}); script {submission.script}; logs in "
+      f"{workdir / 'slurm' / 'logs'}"
+    )
   flags = "" if args.workdir is None else f" --workdir {shlex.quote(str(args.workdir))}"
   print(f"Progress:  ablax sweep {shlex.quote(args.sweep_file)}{flags} --status")
   return 0
@@ -262,10 +352,12 @@ def sweep_main(args: Any, sweep: Any, points: Sequence[Any]) -> int:
 
 def _print_status(points: Sequence[Any], workdir: Path, tracking_uri: str | None) -> int:
   from launch import sweep_runner
+
   state_path = workdir / sweep_runner.STATE_FILE
   if not state_path.is_file():
-    print(f"ablax sweep: no sweep has run in {workdir} (pass the --workdir it used)",
-          file=sys.stderr)
+    print(
+      f"ablax sweep: no sweep has run in {workdir} (pass the --workdir it used)", file=sys.stderr
+    )
     return 2
   recorded = json.loads(state_path.read_text())
   uri = tracking_uri or recorded["tracking_uri"]

@@ -145,6 +145,7 @@ def literal(value: Any) -> str:
 def load(path: str, overrides: Sequence[str] = ()) -> Sweep:
   """Parses a sweep file (plus `launch.sweep.Sweep.x = ...` overrides) into a Sweep; leaves gin clean."""
   import gin
+
   gin.clear_config()
   try:
     resolved = gin_config.parse([path], overrides, finalize=False)
@@ -184,12 +185,17 @@ def check_shape(sweep: Sweep) -> list[Axis]:
   for name, label in (sweep.baseline or {}).items():
     axis = next((a for a in axes if a.name == name), None)
     if axis is None:
-      raise SweepError(f"sweep {sweep.name}: baseline names axis {name!r}, which is not one of "
-                       f"{[a.name for a in axes]}")
+      raise SweepError(
+        f"sweep {sweep.name}: baseline names axis {name!r}, which is not one of "
+        f"{[a.name for a in axes]}"
+      )
     if str(label) not in axis.labels:
-      raise SweepError(f"sweep {sweep.name}: baseline {name}={label!r} is not one of {list(axis.labels)}")
+      raise SweepError(
+        f"sweep {sweep.name}: baseline {name}={label!r} is not one of {list(axis.labels)}"
+      )
   if sweep.ladder is not None:
     from launch import ladder  # pylint: disable=g-import-not-at-top
+
     axes.append(ladder.check_shape(sweep))
   return axes
 
@@ -200,8 +206,10 @@ def parse_axis(sweep_name: str, name: str, spec: Any) -> Axis:
   if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
     raise SweepError(f"{where}: axis names are short identifiers (letters, digits, _ and -)")
   if not isinstance(spec, Mapping):
-    raise SweepError(f"{where}: expected {{'binding': ..., 'values': [...]}} or named variants "
-                     f"{{name: [bindings or .gin files]}}, got {type(spec).__name__}")
+    raise SweepError(
+      f"{where}: expected {{'binding': ..., 'values': [...]}} or named variants "
+      f"{{name: [bindings or .gin files]}}, got {type(spec).__name__}"
+    )
   if "binding" in spec or "values" in spec:
     binding, values = spec.get("binding"), spec.get("values")
     if set(spec) != {"binding", "values"} or not isinstance(binding, str):
@@ -244,6 +252,7 @@ def expand(sweep: Sweep) -> list[Point]:
   sizes = {}
   if sweep.ladder is not None:
     from launch import ladder  # pylint: disable=g-import-not-at-top
+
     sizes = {s.label: s for s in ladder.sizes(sweep, axes[:-1])}
   points = []
   combos = itertools.product(*[range(len(a.labels)) for a in axes])
@@ -277,14 +286,24 @@ def baseline_variant(sweep: Sweep) -> str:
 
 def definition(sweep: Sweep) -> dict[str, Any]:
   """The sweep as JSON-able data (logged to the parent run and hashed)."""
-  return {"name": sweep.name, "base": list(sweep.base), "params": list(sweep.params),
-          "axes": json.loads(json.dumps(sweep.axes, default=str)), "seeds": list(sweep.seeds),
-          "baseline": dict(sweep.baseline or {}), "seed_binding": sweep.seed_binding,
-          "vary_data_seed": sweep.vary_data_seed, "experiment": sweep.experiment_name,
-          "metric": sweep.metric,
-          # Only when set, so the hash of a sweep without a ladder is what it was before ladders.
-          **({"ladder": json.loads(json.dumps(sweep.ladder, default=str))}
-             if sweep.ladder is not None else {})}
+  return {
+    "name": sweep.name,
+    "base": list(sweep.base),
+    "params": list(sweep.params),
+    "axes": json.loads(json.dumps(sweep.axes, default=str)),
+    "seeds": list(sweep.seeds),
+    "baseline": dict(sweep.baseline or {}),
+    "seed_binding": sweep.seed_binding,
+    "vary_data_seed": sweep.vary_data_seed,
+    "experiment": sweep.experiment_name,
+    "metric": sweep.metric,
+    # Only when set, so the hash of a sweep without a ladder is what it was before ladders.
+    **(
+      {"ladder": json.loads(json.dumps(sweep.ladder, default=str))}
+      if sweep.ladder is not None
+      else {}
+    ),
+  }
 
 
 def definition_hash(sweep: Sweep) -> str:
@@ -309,6 +328,7 @@ def _check(files: Sequence[str], params: Sequence[str], where: str) -> None:
   """Parses, finalizes and builds the ModelConfig of one configuration; SweepError if it fails."""
   import gin
   from core.model.config import ModelConfig
+
   gin.clear_config()
   logging.getLogger().addFilter(QUIET)
   try:
@@ -338,19 +358,29 @@ def validate(sweep: Sweep, points: Sequence[Point] | None = None) -> None:
   base_files, base_params = list(sweep.base), list(sweep.params)
   _check(base_files, base_params, f"sweep {sweep.name}: base {base_files} with params")
   seed0 = f"{sweep.seed_binding} = {sweep.seeds[0]}"
-  _check(base_files, base_params + [seed0],
-         f"sweep {sweep.name}: seed_binding {sweep.seed_binding!r} (set it to the trainer's seed "
-         f"argument)")
+  _check(
+    base_files,
+    base_params + [seed0],
+    f"sweep {sweep.name}: seed_binding {sweep.seed_binding!r} (set it to the trainer's seed "
+    f"argument)",
+  )
   for axis in axes:
     for label, entries in zip(axis.labels, axis.entries):
       files, params = split_entries(entries)
-      _check(base_files + files, base_params + params,
-             f"sweep {sweep.name}: axis {axis.name!r} value {label!r}")
+      _check(
+        base_files + files,
+        base_params + params,
+        f"sweep {sweep.name}: axis {axis.name!r} value {label!r}",
+      )
   for point in points:
-    _check(point.gin_files, point.gin_params, f"sweep {sweep.name}: point {point.variant} "
-           f"seed {point.seed}")
+    _check(
+      point.gin_files,
+      point.gin_params,
+      f"sweep {sweep.name}: point {point.variant} seed {point.seed}",
+    )
   if sweep.ladder is not None:
     from launch import ladder  # pylint: disable=g-import-not-at-top
+
     ladder.check_distinct(sweep, points)
 
 

@@ -39,8 +39,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from analysis.runs import (BASELINE_TAG, HASH_TAG, INDEX_TAG, METRIC_TAG, PARENT_TAG, POINT_TAG, ROLE_TAG,
-                           SEED_TAG, SWEEP_TAG, VARIANT_TAG)
+from analysis.runs import (
+  BASELINE_TAG,
+  HASH_TAG,
+  INDEX_TAG,
+  METRIC_TAG,
+  PARENT_TAG,
+  POINT_TAG,
+  ROLE_TAG,
+  SEED_TAG,
+  SWEEP_TAG,
+  VARIANT_TAG,
+)
 from core.paths import REPO_ROOT
 from core.tracking import schema
 from core.tracking.store import public_uri
@@ -54,8 +64,15 @@ TRAINER_RUN_FILE = schema.RUN_FILE  # the run a workdir continues (core.train.tr
 EXPERIMENT_BINDING = "core.train.loop.train.experiment"
 ENV_TAG_PREFIX = schema.ENV
 # What a worker's environment sets that can change numerics or placement.
-ENV_VARS = ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
-            "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+ENV_VARS = (
+  "XLA_FLAGS",
+  "CUDA_VISIBLE_DEVICES",
+  "XLA_PYTHON_CLIENT_MEM_FRACTION",
+  "JAX_PLATFORMS",
+  "OMP_NUM_THREADS",
+  "MKL_NUM_THREADS",
+  "OPENBLAS_NUM_THREADS",
+)
 CPU_COUNT_TAG = schema.CPUS  # cores a pinned worker had
 
 TRAIN_COMMAND = (sys.executable, "-m", "launch.cli", "train")
@@ -97,9 +114,13 @@ def available_cpus() -> list[int]:
 _THREAD_FLAGS = re.compile(r"--xla_cpu_multi_thread_eigen=\S+|intra_op_parallelism_threads=\S+")
 
 
-def worker_env(slot: int, workers: int, base_env: dict[str, str] | None = None,
-               cpus: Sequence[int] | None = None,
-               gpus: Sequence[str] | None = None) -> tuple[dict[str, str], list[int]]:
+def worker_env(
+  slot: int,
+  workers: int,
+  base_env: dict[str, str] | None = None,
+  cpus: Sequence[int] | None = None,
+  gpus: Sequence[str] | None = None,
+) -> tuple[dict[str, str], list[int]]:
   """Environment and CPU set of worker `slot` of `workers` sharing this machine.
 
   Returns:
@@ -113,19 +134,21 @@ def worker_env(slot: int, workers: int, base_env: dict[str, str] | None = None,
     return env, []
   per = max(1, len(cpus) // workers)
   start = (slot * per) % max(1, len(cpus))
-  mine = cpus[start:start + per] or cpus[:per]
+  mine = cpus[start : start + per] or cpus[:per]
   # One thread per core: XLA's CPU backend otherwise sizes its Eigen pool to
   # every core of the machine in every worker, and N workers oversubscribe.
   flags = _THREAD_FLAGS.sub("", env.get("XLA_FLAGS", "")).split()
-  flags += [f"--xla_cpu_multi_thread_eigen={'false' if per == 1 else 'true'}",
-            f"intra_op_parallelism_threads={per}"]
+  flags += [
+    f"--xla_cpu_multi_thread_eigen={'false' if per == 1 else 'true'}",
+    f"intra_op_parallelism_threads={per}",
+  ]
   env["XLA_FLAGS"] = " ".join(flags)
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     env[var] = str(per)
   if gpus:
     if len(gpus) >= workers:
       share = len(gpus) // workers
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * share:(slot + 1) * share])
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * share : (slot + 1) * share])
     else:
       # Several workers per GPU: split its memory instead of letting the first
       # process preallocate 75% of it.
@@ -146,6 +169,7 @@ def machine_cpu_peak() -> float | None:
   if visible_gpus():
     return None
   from core.train import throughput  # pylint: disable=g-import-not-at-top
+
   if os.environ.get(throughput.PEAK_ENV):
     return float(os.environ[throughput.PEAK_ENV])
   return throughput.measured_cpu_peak()
@@ -170,6 +194,7 @@ def pin_command(cmd: Sequence[str], cpus: Sequence[int]) -> list[str]:
 
 def client(tracking_uri: str):
   from mlflow.tracking import MlflowClient
+
   os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
   return MlflowClient(tracking_uri)
 
@@ -177,6 +202,7 @@ def client(tracking_uri: str):
 def ensure_experiment(tracking_uri: str, name: str) -> str:
   from core.tracking.store import TrackingStoreError  # pylint: disable=g-import-not-at-top
   from core.tracking.store import ensure_experiment as ensure  # pylint: disable=g-import-not-at-top
+
   try:
     return ensure(client(tracking_uri), tracking_uri, name)
   except TrackingStoreError as e:
@@ -189,9 +215,12 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list:
   parent = c.get_run(parent_run_id)
   runs, token = [], None
   while True:
-    page = c.search_runs([parent.info.experiment_id],
-                         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                         order_by=["attributes.start_time DESC"], page_token=token)
+    page = c.search_runs(
+      [parent.info.experiment_id],
+      filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+      order_by=["attributes.start_time DESC"],
+      page_token=token,
+    )
     runs.extend(page)
     token = page.token
     if not token:
@@ -221,10 +250,12 @@ def running_points(points: Sequence[sweep_lib.Point], workdir: Path) -> dict[str
 # ------------------------------------------------------------ parent run
 
 
-def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], tracking_uri: str,
-                workdir: Path) -> str:
+def open_parent(
+  sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], tracking_uri: str, workdir: Path
+) -> str:
   """Creates the sweep's parent run, or reopens the one recorded in `workdir`."""
   from mlflow.exceptions import MlflowException
+
   digest = sweep_lib.definition_hash(sweep)
   state_path = workdir / STATE_FILE
   c = client(tracking_uri)
@@ -232,54 +263,79 @@ def open_parent(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point], track
     state = json.loads(state_path.read_text())
     if state.get("hash") != digest:
       raise sweep_lib.SweepError(
-          f"{workdir} holds another definition of sweep {state.get('name')!r} (the file or its "
-          f"overrides changed); use another --workdir, or delete {workdir} to start over")
+        f"{workdir} holds another definition of sweep {state.get('name')!r} (the file or its "
+        f"overrides changed); use another --workdir, or delete {workdir} to start over"
+      )
     if public_uri(state.get("tracking_uri")) != public_uri(tracking_uri):
       raise sweep_lib.SweepError(
-          f"{workdir} was run against {state.get('tracking_uri')}, not {tracking_uri}; pass "
-          f"--tracking_uri {state.get('tracking_uri')} to resume it")
+        f"{workdir} was run against {state.get('tracking_uri')}, not {tracking_uri}; pass "
+        f"--tracking_uri {state.get('tracking_uri')} to resume it"
+      )
     try:
       c.get_run(state["parent_run_id"])
       c.update_run(state["parent_run_id"], status="RUNNING")
       return state["parent_run_id"]
     except MlflowException:
-      print(f"ablax sweep: parent run {state['parent_run_id']} is gone from {tracking_uri}; "
-            f"starting a new one", file=sys.stderr)
+      print(
+        f"ablax sweep: parent run {state['parent_run_id']} is gone from {tracking_uri}; "
+        f"starting a new one",
+        file=sys.stderr,
+      )
   experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
-  tags = {SWEEP_TAG: sweep.name, ROLE_TAG: "parent", HASH_TAG: digest,
-          schema.SWEEP_FILE: sweep_lib.relative_to_repo(sweep.source or ""),
-          BASELINE_TAG: sweep_lib.baseline_variant(sweep),
-          METRIC_TAG: sweep.metric,
-          schema.NOTE: _note(sweep, points)}
+  tags = {
+    SWEEP_TAG: sweep.name,
+    ROLE_TAG: "parent",
+    HASH_TAG: digest,
+    schema.SWEEP_FILE: sweep_lib.relative_to_repo(sweep.source or ""),
+    BASELINE_TAG: sweep_lib.baseline_variant(sweep),
+    METRIC_TAG: sweep.metric,
+    schema.NOTE: _note(sweep, points),
+  }
   tags.update(_record_tags())
   run = c.create_run(experiment_id, tags=tags, run_name=sweep.name)
   run_id = run.info.run_id
   from mlflow.entities import Param
+
   axes = sweep_lib.check_shape(sweep)
-  params = [Param(schema.SWEEP_NAME_PARAM, sweep.name),
-            Param(schema.SWEEP_POINTS_PARAM, str(len(points))),
-            Param(schema.SWEEP_SEEDS_PARAM, json.dumps(list(sweep.seeds))),
-            Param(schema.SWEEP_BASE_PARAM, json.dumps(list(sweep.base))[:6000])]
-  params += [Param(f"{schema.AXIS_PARAM}{a.name}", json.dumps(list(a.labels))[:6000])
-             for a in axes]
+  params = [
+    Param(schema.SWEEP_NAME_PARAM, sweep.name),
+    Param(schema.SWEEP_POINTS_PARAM, str(len(points))),
+    Param(schema.SWEEP_SEEDS_PARAM, json.dumps(list(sweep.seeds))),
+    Param(schema.SWEEP_BASE_PARAM, json.dumps(list(sweep.base))[:6000]),
+  ]
+  params += [Param(f"{schema.AXIS_PARAM}{a.name}", json.dumps(list(a.labels))[:6000]) for a in axes]
   c.log_batch(run_id, params=params, synchronous=True)
-  c.log_text(run_id, json.dumps({**sweep_lib.definition(sweep),
-                                 "points": [_point_record(p) for p in points]}, indent=2),
-             schema.SWEEP_ARTIFACT)
+  c.log_text(
+    run_id,
+    json.dumps(
+      {**sweep_lib.definition(sweep), "points": [_point_record(p) for p in points]}, indent=2
+    ),
+    schema.SWEEP_ARTIFACT,
+  )
   if sweep.source and Path(sweep.source).is_file():
     c.log_artifact(run_id, sweep.source, "sweep")
   workdir.mkdir(parents=True, exist_ok=True)
-  state_path.write_text(json.dumps({"name": sweep.name, "hash": digest,
-                                    schema.TRACKING_URI_KEY: public_uri(tracking_uri),
-                                    schema.PARENT_RUN_ID_KEY: run_id,
-                                    schema.EXPERIMENT_KEY: sweep.experiment_name}, indent=2))
+  state_path.write_text(
+    json.dumps(
+      {
+        "name": sweep.name,
+        "hash": digest,
+        schema.TRACKING_URI_KEY: public_uri(tracking_uri),
+        schema.PARENT_RUN_ID_KEY: run_id,
+        schema.EXPERIMENT_KEY: sweep.experiment_name,
+      },
+      indent=2,
+    )
+  )
   return run_id
 
 
 def _note(sweep: sweep_lib.Sweep, points: Sequence[sweep_lib.Point]) -> str:
   axes = ", ".join(f"{a.name} ({len(a.labels)})" for a in sweep_lib.check_shape(sweep))
-  return (f"Sweep `{sweep.name}`: {len(points)} runs = axes {axes} x {len(sweep.seeds)} seeds. "
-          f"Compare: `ablax compare --sweep {sweep.name}`.")
+  return (
+    f"Sweep `{sweep.name}`: {len(points)} runs = axes {axes} x {len(sweep.seeds)} seeds. "
+    f"Compare: `ablax compare --sweep {sweep.name}`."
+  )
 
 
 def _record_tags() -> dict[str, str]:
@@ -287,19 +343,27 @@ def _record_tags() -> dict[str, str]:
   them here would make this process hold GPU memory the children need)."""
   try:
     from core.tracking import record  # pylint: disable=g-import-not-at-top
+
     code = record.code_version(REPO_ROOT)
   except Exception:  # noqa: BLE001  a record is a courtesy, never a reason to fail
     return {}
-  tags = {schema.GIT_COMMIT: str(code.get("commit")),
-          schema.GIT_DIRTY: str(code.get("dirty")).lower()}
+  tags = {
+    schema.GIT_COMMIT: str(code.get("commit")),
+    schema.GIT_DIRTY: str(code.get("dirty")).lower(),
+  }
   if code.get("commit"):
     tags[schema.MLFLOW_GIT_COMMIT] = code["commit"]
   return tags
 
 
 def _point_record(point: sweep_lib.Point) -> dict:
-  return {"key": point.key, "variant": point.variant, "seed": point.seed,
-          "gin_files": list(point.gin_files), "gin_params": list(point.gin_params)}
+  return {
+    "key": point.key,
+    "variant": point.variant,
+    "seed": point.seed,
+    "gin_files": list(point.gin_files),
+    "gin_params": list(point.gin_params),
+  }
 
 
 def close_parent(tracking_uri: str, parent_run_id: str, status: str) -> None:
@@ -313,8 +377,14 @@ def child_workdir(workdir: Path, point: sweep_lib.Point) -> Path:
   return workdir / point.key
 
 
-def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Path,
-                  tracking_uri: str, parent_run_id: str) -> str:
+def prepare_child(
+  sweep: sweep_lib.Sweep,
+  point: sweep_lib.Point,
+  *,
+  workdir: Path,
+  tracking_uri: str,
+  parent_run_id: str,
+) -> str:
   """The point's MLflow run, created (nested, tagged, axis params logged) before it trains.
 
   The run id goes into the child's `run.json`, which the trainer reads to
@@ -325,21 +395,29 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   """
   from mlflow.entities import Param
   from mlflow.exceptions import MlflowException
+
   c = client(tracking_uri)
   run_file = child_workdir(workdir, point) / TRAINER_RUN_FILE
   if run_file.is_file():
     record = json.loads(run_file.read_text())
-    if (public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(tracking_uri)
-        and record.get(schema.RUN_ID_KEY)):
+    if public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(tracking_uri) and record.get(
+      schema.RUN_ID_KEY
+    ):
       try:
         c.get_run(record[schema.RUN_ID_KEY])
         return record[schema.RUN_ID_KEY]
       except MlflowException:
         pass  # the store lost it: start the point's record afresh
   experiment_id = ensure_experiment(tracking_uri, sweep.experiment_name)
-  tags = {PARENT_TAG: parent_run_id, POINT_TAG: point.key, VARIANT_TAG: point.variant,
-          SWEEP_TAG: sweep.name, ROLE_TAG: "child", SEED_TAG: str(point.seed),
-          INDEX_TAG: str(point.index)}
+  tags = {
+    PARENT_TAG: parent_run_id,
+    POINT_TAG: point.key,
+    VARIANT_TAG: point.variant,
+    SWEEP_TAG: sweep.name,
+    ROLE_TAG: "child",
+    SEED_TAG: str(point.seed),
+    INDEX_TAG: str(point.index),
+  }
   run = c.create_run(experiment_id, tags=tags, run_name=f"{sweep.name}/{point.key}")
   run_id = run.info.run_id
   c.log_batch(run_id, params=[Param(k, v) for k, v in point.params.items()], synchronous=True)
@@ -347,8 +425,14 @@ def prepare_child(sweep: sweep_lib.Sweep, point: sweep_lib.Point, *, workdir: Pa
   return run_id
 
 
-def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Path,
-                  tracking_uri: str, prefix: Sequence[str] = TRAIN_COMMAND) -> list[str]:
+def child_command(
+  point: sweep_lib.Point,
+  sweep: sweep_lib.Sweep,
+  *,
+  workdir: Path,
+  tracking_uri: str,
+  prefix: Sequence[str] = TRAIN_COMMAND,
+) -> list[str]:
   """`ablax train` for the point, in its own workdir, logging to the sweep's store."""
   cmd = list(prefix)
   for f in sweep_lib.resolve_files(point):
@@ -361,8 +445,9 @@ def child_command(point: sweep_lib.Point, sweep: sweep_lib.Sweep, *, workdir: Pa
   return cmd
 
 
-def record_env(tracking_uri: str, run_id: str, env: dict[str, str],
-               cpus: Sequence[int] = ()) -> None:
+def record_env(
+  tracking_uri: str, run_id: str, env: dict[str, str], cpus: Sequence[int] = ()
+) -> None:
   """Tags the run with the thread, core and device settings its worker gave it.
 
   `ablax reproduce` applies them again: XLA's CPU thread pools follow the cores
@@ -387,13 +472,18 @@ def settle_child(tracking_uri: str, run_id: str, returncode: int) -> str:
   return status
 
 
-def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]], *,
-               workers: int, log_dir: Path,
-               on_done: Callable[[Outcome, int, int], None] | None = None,
-               fail_fast: bool = False,
-               settle: Callable[[sweep_lib.Point, int], str] | None = None,
-               on_start: Callable[[sweep_lib.Point, dict, list], None] | None = None,
-               cpu_peak: float | None = None) -> list[Outcome]:
+def run_points(
+  points: Sequence[sweep_lib.Point],
+  commands: dict[str, list[str]],
+  *,
+  workers: int,
+  log_dir: Path,
+  on_done: Callable[[Outcome, int, int], None] | None = None,
+  fail_fast: bool = False,
+  settle: Callable[[sweep_lib.Point, int], str] | None = None,
+  on_start: Callable[[sweep_lib.Point, dict, list], None] | None = None,
+  cpu_peak: float | None = None,
+) -> list[Outcome]:
   """Runs the commands with `workers` at a time; returns outcomes in point order.
 
   `settle(point, returncode)` gives the point's final status (default:
@@ -419,6 +509,7 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
     env[parent_watch.ENV] = str(os.getpid())  # the child stops when this process is gone
     if cpu_peak:
       from core.train.throughput import PEAK_ENV  # pylint: disable=g-import-not-at-top
+
       env[PEAK_ENV] = repr(worker_peak(cpu_peak, cpus))
     while not stop.is_set():
       with lock:
@@ -434,8 +525,9 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
         if on_start:
           on_start(point, env, cpus)
         # No preexec_fn: it forces a plain fork of this (JAX-importing, threaded) process.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+          cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         with lock:
           procs[point.index] = proc
         rc = proc.wait()
@@ -453,8 +545,10 @@ def run_points(points: Sequence[sweep_lib.Point], commands: dict[str, list[str]]
         if on_done:
           on_done(outcome, len(outcomes), total)
 
-  threads = [threading.Thread(target=worker, args=(i,), daemon=True)
-             for i in range(max(1, min(workers, len(points))))]
+  threads = [
+    threading.Thread(target=worker, args=(i,), daemon=True)
+    for i in range(max(1, min(workers, len(points))))
+  ]
   for t in threads:
     t.start()
   try:

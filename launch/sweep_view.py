@@ -22,8 +22,11 @@ from rich.live import Live
 from rich.table import Table
 
 # What core/train/loop.py prints (its progress and held-out lines).
-_STEP = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.naninf]+) \| ([^|]+) tok/s \| "
-                   r"MFU ([0-9.]+)% \| ETA (.+?)\s*$", re.M)
+_STEP = re.compile(
+  r"^step (\d+)/(\d+) \| loss ([0-9.naninf]+) \| ([^|]+) tok/s \| "
+  r"MFU ([0-9.]+)% \| ETA (.+?)\s*$",
+  re.M,
+)
 _EVAL = re.compile(r"^step (\d+) \| held-out loss ([0-9.]+)", re.M)
 # Only the end of a log is read each time: progress lines are short and come last.
 _TAIL_BYTES = 16384
@@ -70,8 +73,13 @@ class _Running:
 class SweepView:
   """Call started()/finished() as points start and end; stop() at the end of the sweep."""
 
-  def __init__(self, total: int, console: Console | None = None, interval_s: float = 30.0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    total: int,
+    console: Console | None = None,
+    interval_s: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.total, self.interval_s, self.clock = total, interval_s, clock
     self.console = console or Console(stderr=True)
     self._running: dict[str, _Running] = {}
@@ -113,8 +121,16 @@ class SweepView:
     for r in running:
       p = read_progress(r.log)
       step = f"{p.step}/{p.num_steps}" if p.num_steps else "starting"
-      table.add_row(r.label, step, p.loss, p.eval_loss, p.tokens_per_s,
-                    f"{p.mfu}%" if p.mfu else "", p.eta, f"{self.clock() - r.started:.0f} s")
+      table.add_row(
+        r.label,
+        step,
+        p.loss,
+        p.eval_loss,
+        p.tokens_per_s,
+        f"{p.mfu}%" if p.mfu else "",
+        p.eta,
+        f"{self.clock() - r.started:.0f} s",
+      )
     return table
 
   def lines(self) -> list[str]:
@@ -125,8 +141,11 @@ class SweepView:
     for r in running:
       p = read_progress(r.log)
       where = f"step {p.step}/{p.num_steps}" if p.num_steps else "starting"
-      extra = "".join(f" | {name} {value}" for name, value in (
-          ("loss", p.loss), ("held-out", p.eval_loss), ("ETA", p.eta)) if value)
+      extra = "".join(
+        f" | {name} {value}"
+        for name, value in (("loss", p.loss), ("held-out", p.eval_loss), ("ETA", p.eta))
+        if value
+      )
       out.append(f"  running {r.label}: {where}{extra} | {self.clock() - r.started:.0f} s")
     return out
 

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from core.paths import REPO_ROOT
+
 LOCAL, ALL_WORKERS = "local", "all workers"
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One command of a launch: where it runs, what it is for, and its argv."""
+
   where: str
   purpose: str
   argv: tuple[str, ...]
@@ -34,8 +36,16 @@ class TpuVm:
   internal_ip: bool = False
 
   def gcloud(self, verb: str, *args: str, worker: str = "all") -> tuple[str, ...]:
-    argv = ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, f"--zone={self.zone}",
-            f"--worker={worker}"]
+    argv = [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      verb,
+      *args,
+      f"--zone={self.zone}",
+      f"--worker={worker}",
+    ]
     if self.project:
       argv.append(f"--project={self.project}")
     if self.internal_ip:
@@ -46,18 +56,28 @@ class TpuVm:
 def jax_tpu_requirement() -> str:
   """The `jax[tpu]` pin matching the local jax, so workers run what was tested."""
   from importlib.metadata import PackageNotFoundError, version
+
   try:
     return f"jax[tpu]=={version('jax')}"
   except PackageNotFoundError:
     return "jax[tpu]"
 
 
-def build_steps(tpu: TpuVm, train_args: Sequence[str], *, commit: str | None = None,
-                git_url: str | None = None, remote_dir: str = "ablax",
-                env: Mapping[str, str] | None = None, setup: bool = True,
-                pip_extra: Sequence[str] = (), jax_requirement: str = "jax[tpu]",
-                log_file: str | None = None, repo_root: Path = REPO_ROOT,
-                python: str = "python3") -> list[Step]:
+def build_steps(
+  tpu: TpuVm,
+  train_args: Sequence[str],
+  *,
+  commit: str | None = None,
+  git_url: str | None = None,
+  remote_dir: str = "ablax",
+  env: Mapping[str, str] | None = None,
+  setup: bool = True,
+  pip_extra: Sequence[str] = (),
+  jax_requirement: str = "jax[tpu]",
+  log_file: str | None = None,
+  repo_root: Path = REPO_ROOT,
+  python: str = "python3",
+) -> list[Step]:
   """The commands that start `ablax train TRAIN_ARGS` on every worker of `tpu`.
 
   Args:
@@ -83,34 +103,65 @@ def build_steps(tpu: TpuVm, train_args: Sequence[str], *, commit: str | None = N
   if git_url:
     prepare.append(f"(test -d {q(remote_dir)}/.git || git clone {q(git_url)} {q(remote_dir)})")
     if commit:
-      prepare.append(f"git -C {q(remote_dir)} fetch -q origin && git -C {q(remote_dir)} "
-                     f"checkout -q {q(commit)}")
+      prepare.append(
+        f"git -C {q(remote_dir)} fetch -q origin && git -C {q(remote_dir)} checkout -q {q(commit)}"
+      )
   elif commit:
     tarball = f"ablax-{commit[:12]}.tar.gz"
     local_tarball = str(Path(os.environ.get("TMPDIR", "/tmp")) / tarball)
-    steps.append(Step(LOCAL, f"archive commit {commit[:12]}",
-                      ("git", "-C", str(repo_root), "archive", "--format=tar.gz",
-                       f"--output={local_tarball}", commit)))
-    steps.append(Step(LOCAL, "copy the code to every worker",
-                      tpu.gcloud("scp", local_tarball, f"{tpu.name}:{tarball}")))
+    steps.append(
+      Step(
+        LOCAL,
+        f"archive commit {commit[:12]}",
+        (
+          "git",
+          "-C",
+          str(repo_root),
+          "archive",
+          "--format=tar.gz",
+          f"--output={local_tarball}",
+          commit,
+        ),
+      )
+    )
+    steps.append(
+      Step(
+        LOCAL,
+        "copy the code to every worker",
+        tpu.gcloud("scp", local_tarball, f"{tpu.name}:{tarball}"),
+      )
+    )
     prepare.append(f"mkdir -p {q(remote_dir)} && tar -xzf {q(tarball)} -C {q(remote_dir)}")
   if setup:
     requirements = " ".join(q(r) for r in ("-e", ".", jax_requirement, *pip_extra))
-    prepare.append(f"cd {q(remote_dir)} && (test -d .venv || {q(python)} -m venv .venv) && "
-                   f".venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q "
-                   f"{requirements}")
+    prepare.append(
+      f"cd {q(remote_dir)} && (test -d .venv || {q(python)} -m venv .venv) && "
+      f".venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q "
+      f"{requirements}"
+    )
   if prepare:
-    steps.append(Step(ALL_WORKERS, "unpack and install on every worker",
-                      tpu.gcloud("ssh", tpu.name, "--command=" + "set -e; " + "; ".join(
-                          f"cd && {p}" for p in prepare))))
+    steps.append(
+      Step(
+        ALL_WORKERS,
+        "unpack and install on every worker",
+        tpu.gcloud(
+          "ssh", tpu.name, "--command=" + "set -e; " + "; ".join(f"cd && {p}" for p in prepare)
+        ),
+      )
+    )
 
   run_env = {"ABLAX_DISTRIBUTED": "auto", **(env or {})}
   assignments = " ".join(f"{k}={q(v)}" for k, v in run_env.items())
   train = f"{assignments} .venv/bin/ablax train {shlex.join(train_args)}"
   if log_file:
     train = f"nohup env {train} > {q(log_file)} 2>&1 < /dev/null &"
-  steps.append(Step(ALL_WORKERS, "start the run on every worker",
-                    tpu.gcloud("ssh", tpu.name, f"--command=cd {q(remote_dir)} && {train}")))
+  steps.append(
+    Step(
+      ALL_WORKERS,
+      "start the run on every worker",
+      tpu.gcloud("ssh", tpu.name, f"--command=cd {q(remote_dir)} && {train}"),
+    )
+  )
   return steps
 
 

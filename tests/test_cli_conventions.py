@@ -58,10 +58,16 @@ def test_version(capsys):
 
 
 def test_shorthand_is_rewritten_to_a_binding():
-  assert gin_config.rewrite_shorthand(["--gin.NUM_STEPS=50", "--workdir", "w",
-                                       "--gin.core.train.loop.train.seed=3"]) == [
-      "--gin_bindings", "NUM_STEPS = 50", "--workdir", "w",
-      "--gin_bindings", "core.train.loop.train.seed = 3"]
+  assert gin_config.rewrite_shorthand(
+    ["--gin.NUM_STEPS=50", "--workdir", "w", "--gin.core.train.loop.train.seed=3"]
+  ) == [
+    "--gin_bindings",
+    "NUM_STEPS = 50",
+    "--workdir",
+    "w",
+    "--gin_bindings",
+    "core.train.loop.train.seed = 3",
+  ]
   with pytest.raises(gin_config.GinConfigError, match="--gin.NAME=VALUE"):
     gin_config.rewrite_shorthand(["--gin.NUM_STEPS"])
 
@@ -77,9 +83,11 @@ def test_gin_bindings_alias_and_shorthand_reach_the_config(capsys):
   rc, out = _params(base, capsys)
   assert rc == 0, out.err
   total = json.loads(out.out)["total"]
-  for extra in (["--gin_bindings", "core.model.config.ModelConfig.num_layers = 1"],
-                ["--gin_param", "core.model.config.ModelConfig.num_layers = 1"],
-                ["--gin.core.model.config.ModelConfig.num_layers=1"]):
+  for extra in (
+    ["--gin_bindings", "core.model.config.ModelConfig.num_layers = 1"],
+    ["--gin_param", "core.model.config.ModelConfig.num_layers = 1"],
+    ["--gin.core.model.config.ModelConfig.num_layers=1"],
+  ):
     rc, out = _params(base + extra, capsys)
     assert rc == 0, out.err
     assert json.loads(out.out)["total"] < total
@@ -93,8 +101,11 @@ def test_gin_bindings_alias_and_shorthand_reach_the_config(capsys):
 def test_macros_set_steps_and_batch_and_log_under_the_trainer_keys():
   gin.clear_config()
   try:
-    gin_config.parse(["gin/experiments/tiny_llama.gin"],
-                     gin_config.rewrite_shorthand(["--gin.NUM_STEPS=7"])[1::2], finalize=False)
+    gin_config.parse(
+      ["gin/experiments/tiny_llama.gin"],
+      gin_config.rewrite_shorthand(["--gin.NUM_STEPS=7"])[1::2],
+      finalize=False,
+    )
     steps = gin.query_parameter("core.train.loop.train.num_steps")
     assert gin_config.resolve_macro(steps) == 7
     assert gin_config.resolve_macro(gin.query_parameter("core.train.loop.train.batch_size")) == 8
@@ -120,18 +131,25 @@ def test_macros_set_steps_and_batch_and_log_under_the_trainer_keys():
 def test_search_paths_find_files_and_includes_outside_the_checkout(tmp_path):
   lib = tmp_path / "mine"
   lib.mkdir()
-  (lib / "shallow.gin").write_text("include 'gin/models/tiny_llama.gin'\n"
-                                   "include 'layers.gin'\n")
-  (lib / "layers.gin").write_text("from __gin__ import dynamic_registration\n"
-                                  "import core.model.config\n"
-                                  "core.model.config.ModelConfig.num_layers = 1\n")
+  (lib / "shallow.gin").write_text("include 'gin/models/tiny_llama.gin'\ninclude 'layers.gin'\n")
+  (lib / "layers.gin").write_text(
+    "from __gin__ import dynamic_registration\n"
+    "import core.model.config\n"
+    "core.model.config.ModelConfig.num_layers = 1\n"
+  )
   elsewhere = tmp_path / "cwd"
   elsewhere.mkdir()
   env = {k: v for k, v in os.environ.items() if k != gin_config.SEARCH_PATHS_ENV}
   ablax = [sys.executable, "-m", "launch.cli"]
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-  run = lambda *a: subprocess.run([*ablax, "params", *a, "--json"], cwd=elsewhere, env=env,  # noqa: E731
-                                  capture_output=True, text=True, timeout=120)
+  run = lambda *a: subprocess.run(
+    [*ablax, "params", *a, "--json"],
+    cwd=elsewhere,
+    env=env,  # noqa: E731
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   found = run("--gin_search_paths", str(lib), "--gin_file", "shallow.gin")
   assert found.returncode == 0, found.stderr
   assert "Path not found" not in found.stderr  # gin's probe of each search folder is quiet
@@ -146,17 +164,29 @@ def test_search_paths_find_files_and_includes_outside_the_checkout(tmp_path):
 
 def test_an_unset_macro_is_named_and_a_direct_binding_needs_none(tmp_path, capsys):
   run = tmp_path / "run.gin"
-  run.write_text("include 'gin/models/tiny_llama.gin'\ninclude 'gin/data/embedded.gin'\n"
-                 "include 'gin/train/base.gin'\ninclude 'gin/train/llama_adamw.gin'\n")
-  rc = cli.main(["train", "--gin_file", str(run), "--workdir", str(tmp_path / "w"),
-                 "--no_tracking", "--gin.BATCH_SIZE=2"])
+  run.write_text(
+    "include 'gin/models/tiny_llama.gin'\ninclude 'gin/data/embedded.gin'\n"
+    "include 'gin/train/base.gin'\ninclude 'gin/train/llama_adamw.gin'\n"
+  )
+  rc = cli.main(
+    [
+      "train",
+      "--gin_file",
+      str(run),
+      "--workdir",
+      str(tmp_path / "w"),
+      "--no_tracking",
+      "--gin.BATCH_SIZE=2",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and "nothing sets NUM_STEPS" in err and "--gin.NUM_STEPS=" in err
   assert len(err.strip().splitlines()) == 1
   # Binding the parameter itself overrides the macro reference: nothing else is needed.
   gin.clear_config()
   try:
-    gin_config.parse([str(run)], ["core.train.loop.train.num_steps = 3",
-                                  "core.train.loop.train.batch_size = 2"])
+    gin_config.parse(
+      [str(run)], ["core.train.loop.train.num_steps = 3", "core.train.loop.train.batch_size = 2"]
+    )
   finally:
     gin.clear_config()

@@ -53,25 +53,28 @@ def _one_line(err: str) -> str:
 
 
 CASES = {
-    "open bracket": ([f"{P}.num_steps = (1,"], "a bracket or a string is left open"),
-    "unset REQUIRED": ([f"{P}.num_steps = %gin.REQUIRED"], "num_steps set to `%gin.REQUIRED`"),
-    "log_every 0": ([f"{P}.log_every = 0"], "train.log_every must be an int >= 1, got 0"),
-    "grad_accum 0": ([f"{P}.grad_accum_steps = 0"], "train.grad_accum_steps must be an int >= 1"),
-    "num_steps 0": ([f"{P}.num_steps = 0"], "train.num_steps must be an int >= 1, got 0"),
-    "num_steps < 0": ([f"{P}.num_steps = -5"], "train.num_steps must be an int >= 1, got -5"),
-    "checkpoint_every < 0": ([f"{P}.checkpoint_every = -1"],
-                             "train.checkpoint_every must be an int >= 0, got -1"),
-    "window > max_seq_len": ([f"{M}.attention_pattern = ('local', 'global')", f"{M}.window = 64"],
-                             "window 64 is longer than max_seq_len 32"),
-    "learned, seq_len > max_seq_len": (
-        [f"{M}.position_embedding = 'learned'",
-         "core.train.synthetic.synthetic_batches.seq_len = 64"],
-        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 "
-        "(position_embedding='learned')"),
-    "rope, seq_len > max_seq_len": (
-        ["core.train.synthetic.synthetic_batches.seq_len = 64"],
-        "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 "
-        "(position_embedding='rope')"),
+  "open bracket": ([f"{P}.num_steps = (1,"], "a bracket or a string is left open"),
+  "unset REQUIRED": ([f"{P}.num_steps = %gin.REQUIRED"], "num_steps set to `%gin.REQUIRED`"),
+  "log_every 0": ([f"{P}.log_every = 0"], "train.log_every must be an int >= 1, got 0"),
+  "grad_accum 0": ([f"{P}.grad_accum_steps = 0"], "train.grad_accum_steps must be an int >= 1"),
+  "num_steps 0": ([f"{P}.num_steps = 0"], "train.num_steps must be an int >= 1, got 0"),
+  "num_steps < 0": ([f"{P}.num_steps = -5"], "train.num_steps must be an int >= 1, got -5"),
+  "checkpoint_every < 0": (
+    [f"{P}.checkpoint_every = -1"],
+    "train.checkpoint_every must be an int >= 0, got -1",
+  ),
+  "window > max_seq_len": (
+    [f"{M}.attention_pattern = ('local', 'global')", f"{M}.window = 64"],
+    "window 64 is longer than max_seq_len 32",
+  ),
+  "learned, seq_len > max_seq_len": (
+    [f"{M}.position_embedding = 'learned'", "core.train.synthetic.synthetic_batches.seq_len = 64"],
+    "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 (position_embedding='learned')",
+  ),
+  "rope, seq_len > max_seq_len": (
+    ["core.train.synthetic.synthetic_batches.seq_len = 64"],
+    "rows are 64 tokens, longer than ModelConfig.max_seq_len 32 (position_embedding='rope')",
+  ),
 }
 
 
@@ -85,7 +88,8 @@ def test_bad_train_input_is_one_line_and_exit_2(tmp_path, capsys, case):
   # Nothing was trained or exported.
   assert not (tmp_path / "w" / "model").exists()
   assert not (tmp_path / "w" / "checkpoints").exists() or not any(
-      (tmp_path / "w" / "checkpoints").iterdir())
+    (tmp_path / "w" / "checkpoints").iterdir()
+  )
 
 
 def test_workdir_under_a_file_is_one_line(tmp_path, capsys):
@@ -95,9 +99,13 @@ def test_workdir_under_a_file_is_one_line(tmp_path, capsys):
   assert "cannot be written (Not a directory)" in _one_line(err)
 
 
-@pytest.mark.parametrize("command", [["params", "--gin_file", "gin/models/tiny_llama.gin"],
-                                     ["data", "inspect", "--gin_file",
-                                      "gin/experiments/tiny_llama.gin"]])
+@pytest.mark.parametrize(
+  "command",
+  [
+    ["params", "--gin_file", "gin/models/tiny_llama.gin"],
+    ["data", "inspect", "--gin_file", "gin/experiments/tiny_llama.gin"],
+  ],
+)
 def test_open_bracket_in_other_commands(capsys, command):
   code = cli.main(command + ["--gin_param", f"{M}.embed_dim = (1,"])
   err = capsys.readouterr().err
@@ -121,8 +129,10 @@ def test_debug_env_keeps_the_traceback(tmp_path, capsys, monkeypatch):
 
 
 def test_one_line_drops_gin_call_notes_and_joins_locations():
-  error = ValueError("No configurable matching 'X'.\n  In file \"a.gin\", line 3\n    X.y = 1\n"
-                     "    ^\n  In call to configurable 'train' (<function train at 0x7f>)")
+  error = ValueError(
+    "No configurable matching 'X'.\n  In file \"a.gin\", line 3\n    X.y = 1\n"
+    "    ^\n  In call to configurable 'train' (<function train at 0x7f>)"
+  )
   assert one_line(error) == "No configurable matching 'X'. (In file \"a.gin\", line 3: X.y = 1)"
 
 
@@ -132,7 +142,8 @@ def test_unreadable_checkpoints_are_one_line_and_the_run_failed(tmp_path, capsys
   for step in (2, 4):
     (workdir / "checkpoints" / str(step)).mkdir(parents=True)
     (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_text(
-        '{"item_handlers": {}}')
+      '{"item_handlers": {}}'
+    )
   code, _, err = _train(tmp_path, capsys, workdir=workdir, tracking=True)
   assert code == 2, err[-3000:]
   lines = _own_lines(err)
@@ -145,13 +156,16 @@ def test_unreadable_checkpoints_are_one_line_and_the_run_failed(tmp_path, capsys
 
 
 def test_short_reason_keeps_tensorstore_code_and_cause():
-  message = ('OUT_OF_RANGE: Error opening "zarr" driver: Error reading "step/.zarray" in OCDBT '
-             'database at local file "/w/checkpoints/2/state/": Error reading Byte range [0, 3084) '
-             'of local file "/w/checkpoints/2/state/d/8b30": Requested byte range [0, 3084) is not '
-             'valid for value of size 100 [tensorstore_spec[1]=\'{"context":{"cache_pool":{}},'
-             '"driver":"zarr"}\']')
+  message = (
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error reading "step/.zarray" in OCDBT '
+    'database at local file "/w/checkpoints/2/state/": Error reading Byte range [0, 3084) '
+    'of local file "/w/checkpoints/2/state/d/8b30": Requested byte range [0, 3084) is not '
+    'valid for value of size 100 [tensorstore_spec[1]=\'{"context":{"cache_pool":{}},'
+    '"driver":"zarr"}\']'
+  )
   assert short_reason(ValueError(message)) == (
-      "ValueError: OUT_OF_RANGE: Requested byte range [0, 3084) is not valid for value of size 100")
+    "ValueError: OUT_OF_RANGE: Requested byte range [0, 3084) is not valid for value of size 100"
+  )
   assert short_reason(KeyError("x")) == "KeyError: 'x'"
 
 
@@ -159,12 +173,21 @@ def test_short_reason_keeps_tensorstore_code_and_cause():
 def test_cut_array_data_is_one_line_without_tensorstore_noise(tmp_path, capsys):
   # Step 2 of RUN_GIN's model, written in this process (one device).
   workdir = tmp_path / "w"
-  loop.train(model=_tiny(), data=functools.partial(synthetic.synthetic_batches, vocab_size=256,
-                                                   seq_len=32),
-             optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
-             num_steps=2, batch_size=8, workdir=workdir, mesh=MeshConfig(1, 1, 1),
-             devices=jax.devices()[:1], eval_batches=0, track=False,
-             export_model=False, progress=False, async_checkpoints=False)
+  loop.train(
+    model=_tiny(),
+    data=functools.partial(synthetic.synthetic_batches, vocab_size=256, seq_len=32),
+    optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
+    num_steps=2,
+    batch_size=8,
+    workdir=workdir,
+    mesh=MeshConfig(1, 1, 1),
+    devices=jax.devices()[:1],
+    eval_batches=0,
+    track=False,
+    export_model=False,
+    progress=False,
+    async_checkpoints=False,
+  )
   cut = 0
   for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d" and path.stat().st_size > 1000:
@@ -185,34 +208,56 @@ def test_cut_array_data_is_one_line_without_tensorstore_noise(tmp_path, capsys):
 
 
 def _env(tmp_path: Path) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", ABLAX_CPU_PEAK_FLOPS="1e11",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  env = dict(
+    os.environ,
+    PYTHONPATH=str(REPO),
+    XLA_FLAGS="",
+    ABLAX_CPU_PEAK_FLOPS="1e11",
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+  )
   env.pop(cli.DEBUG_ENV, None)
   return env
 
 
-def _ablax_train(tmp_path: Path, workdir: Path, *params: str, prefix=(),
-                 tracking=False) -> subprocess.CompletedProcess:
-  cmd = [*prefix, sys.executable, "-m", "launch.cli", "train", "--gin_file", _gin(tmp_path),
-         "--workdir", str(workdir)] + ([] if tracking else ["--no_tracking"])
+def _ablax_train(
+  tmp_path: Path, workdir: Path, *params: str, prefix=(), tracking=False
+) -> subprocess.CompletedProcess:
+  cmd = [
+    *prefix,
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "train",
+    "--gin_file",
+    _gin(tmp_path),
+    "--workdir",
+    str(workdir),
+  ] + ([] if tracking else ["--no_tracking"])
   for p in params:
     cmd += ["--gin_param", p]
-  return subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+  )
 
 
 def _own_lines(stderr: str) -> list[str]:
   # jax's C++ start-up notes (cudart_stub, absl) and MLflow's INFO log are not ours.
-  return [l for l in stderr.splitlines()
-          if l.strip() and "cudart_stub" not in l and "absl::InitializeLog" not in l
-          and " INFO mlflow." not in l]
+  return [
+    l
+    for l in stderr.splitlines()
+    if l.strip()
+    and "cudart_stub" not in l
+    and "absl::InitializeLog" not in l
+    and " INFO mlflow." not in l
+  ]
 
 
 def _can_mount_read_only(path: Path) -> bool:
   if shutil.which("unshare") is None:
     return False
-  probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro none {path}"],
-                         capture_output=True)
+  probe = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro none {path}"], capture_output=True
+  )
   return probe.returncode == 0
 
 

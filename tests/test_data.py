@@ -31,8 +31,9 @@ def corpus(tmp_path_factory):
   for i in range(24):
     body = "\n".join(f"def f{i}_{k}(x):\n    return x * {k} + {i}" for k in range(1 + i % 7))
     (root / "a" / f"mod{i}.py.txt").write_text(f"# module {i}\n{body}\n")
-  lines = [json.dumps({"text": f"Document {i}. " + _words(5 + (i * 7) % 40), "id": i})
-           for i in range(60)]
+  lines = [
+    json.dumps({"text": f"Document {i}. " + _words(5 + (i * 7) % 40), "id": i}) for i in range(60)
+  ]
   (root / "b.jsonl").write_text("\n".join(lines) + "\n")
   return root
 
@@ -52,8 +53,10 @@ def tok(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sources(corpus, cache):
-  return {"a": LocalFiles(paths=(str(corpus / "a"),), validation_percent=25, cache_dir=cache),
-          "b": LocalFiles(paths=(str(corpus / "b.jsonl"),), validation_percent=25, cache_dir=cache)}
+  return {
+    "a": LocalFiles(paths=(str(corpus / "a"),), validation_percent=25, cache_dir=cache),
+    "b": LocalFiles(paths=(str(corpus / "b.jsonl"),), validation_percent=25, cache_dir=cache),
+  }
 
 
 @pytest.fixture
@@ -62,6 +65,7 @@ def make(sources, tok):
     args = dict(sources=sources, tokenizer=tok, seq_len=32, batch_size=4, seed=0)
     args.update(kwargs)
     return lm_batches(**args)
+
   return make_batches
 
 
@@ -84,7 +88,7 @@ def _check_packed(batch):
     s = seg[r]
     real = s > 0
     # Padding only at the end of a row; segment ids count up from 1 without gaps.
-    assert not np.any(real[np.argmin(real):]) or real.all()
+    assert not np.any(real[np.argmin(real) :]) or real.all()
     ids = s[real]
     if not len(ids):  # a whole padding row (the end of a finite read)
       assert np.all(mask[r] == 0) and np.all(inp[r] == 0)
@@ -114,8 +118,10 @@ def test_pack_documents_literal():
 
 
 @settings(max_examples=60, deadline=None)
-@given(docs=st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=20), min_size=1, max_size=12),
-       seq_len=st.integers(2, 16))
+@given(
+  docs=st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=20), min_size=1, max_size=12),
+  seq_len=st.integers(2, 16),
+)
 def test_packing_invariants(docs, seq_len):
   rows = packing.pack_documents(docs, seq_len)
   _check_packed(rows)
@@ -137,14 +143,17 @@ def test_schedule_normalizes_and_finds_stages():
   assert mixture.Schedule(["a", "b"], weights={"a": 1}).weights_at(0) == {"a": 1.0, "b": 0.0}
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     ({"weights": {"c": 1}}, "not sources"),
     ({"weights": {"a": -1, "b": 2}}, ">= 0"),
     ({"weights": {"a": 0, "b": 0}}, "all zero"),
     ({"stages": ((5, {"a": 1}),)}, "step 0"),
     ({"stages": ((0, {"a": 1}), (0, {"b": 1}))}, "same step"),
     ({"weights": {"a": 1}, "stages": ((0, {"a": 1}),)}, "not both"),
-])
+  ],
+)
 def test_schedule_errors(kwargs, match):
   with pytest.raises(DataError, match=match):
     mixture.Schedule(["a", "b"], **kwargs)
@@ -206,12 +215,25 @@ def test_resume_gives_the_uninterrupted_batches(make, k):
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.integers(0, 12), seq_len=st.integers(2, 70),
-       batch_size=st.integers(1, 5), share=st.floats(0.05, 0.95))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  k=st.integers(0, 12),
+  seq_len=st.integers(2, 70),
+  batch_size=st.integers(1, 5),
+  share=st.floats(0.05, 0.95),
+)
 def test_resume_property(sources, tok, seed, k, seq_len, batch_size, share):
   def make_it(**kwargs):
-    return lm_batches(sources=sources, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-                      seed=seed, weights={"a": share, "b": 1 - share}, **kwargs)
+    return lm_batches(
+      sources=sources,
+      tokenizer=tok,
+      seq_len=seq_len,
+      batch_size=batch_size,
+      seed=seed,
+      weights={"a": share, "b": 1 - share},
+      **kwargs,
+    )
+
   straight = _take(make_it(), k + 3)
   first = make_it()
   _take(first, k)
@@ -239,12 +261,16 @@ def test_interleave_spreads_a_long_document_over_rows(tok, cache, tmp_path):
   (tmp_path / "long.txt").write_text(_words(1500))
   lines = [json.dumps({"text": _words(2 + i % 4)}) for i in range(1200)]
   (tmp_path / "short.jsonl").write_text("\n".join(lines) + "\n")
-  source = LocalFiles(paths=(str(tmp_path / "long.txt"), str(tmp_path / "short.jsonl")),
-                      validation_percent=0, cache_dir=cache)
+  source = LocalFiles(
+    paths=(str(tmp_path / "long.txt"), str(tmp_path / "short.jsonl")),
+    validation_percent=0,
+    cache_dir=cache,
+  )
 
   def long_rows(interleave):
-    it = lm_batches(sources={"s": source}, tokenizer=tok, seq_len=32, batch_size=8, seed=1,
-                    interleave=interleave)
+    it = lm_batches(
+      sources={"s": source}, tokenizer=tok, seq_len=32, batch_size=8, seed=1, interleave=interleave
+    )
     return [_long_document_rows(b, tok.bos_id) for b in _take(it, 100)]
 
   assert max(long_rows(1)) == 8  # whole batches of one document
@@ -257,6 +283,7 @@ def test_interleaved_finite_read_reads_every_token_once(make):
   def tokens(interleave):
     bs = list(make(split="validation", num_epochs=1, seq_len=40, interleave=interleave))
     return np.sort(np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in bs]))
+
   np.testing.assert_array_equal(tokens(16), tokens(1))
   np.testing.assert_array_equal(tokens(3), tokens(1))
 
@@ -292,6 +319,7 @@ def test_weights_choose_sources(make):
 def test_evaluation_terminates_and_pads(make):
   def run():
     return list(make(split="validation", num_epochs=1, batch_size=3, seq_len=48))
+
   batches = run()
   assert batches and all(b["inputs"].shape == (3, 48) for b in batches)
   last = batches[-1]
@@ -310,6 +338,7 @@ def test_shards_are_disjoint_and_cover_the_split(make):
   def tokens(**kwargs):
     bs = list(make(split="validation", num_epochs=1, seq_len=40, **kwargs))
     return np.sort(np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in bs]))
+
   whole = tokens()
   s0, s1 = tokens(shard_index=0, shard_count=2), tokens(shard_index=1, shard_count=2)
   np.testing.assert_array_equal(np.sort(np.concatenate([s0, s1])), whole)
@@ -326,7 +355,9 @@ def test_manifest_records_what_was_read(make, tok):
   json.dumps(manifest)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     ({"seq_len": 1}, "seq_len"),
     ({"batch_size": 0}, "batch_size"),
     ({"split": "test"}, "split"),
@@ -338,7 +369,8 @@ def test_manifest_records_what_was_read(make, tok):
     ({"sources": {"x": "webdata:foo"}}, "unknown kind"),
     ({"sources": {"x": "nocolon"}}, "embedded:code"),
     ({"shard_count": 1000, "shard_index": 0}, "fewer than"),
-])
+  ],
+)
 def test_bad_arguments(make, kwargs, match):
   with pytest.raises(DataError, match=match):
     make(**kwargs)

@@ -23,8 +23,15 @@ from launch import cli, gin_config
 from launch.commands import data as data_cmd
 
 # A few small library files: the builder is tested on these, the whole library in a slow test.
-STDLIB_FILES = ("colorsys.py", "keyword.py", "bisect.py", "this.py", "json/__init__.py",
-                "json/scanner.py", "pydoc_data/topics.py")
+STDLIB_FILES = (
+  "colorsys.py",
+  "keyword.py",
+  "bisect.py",
+  "this.py",
+  "json/__init__.py",
+  "json/scanner.py",
+  "pydoc_data/topics.py",
+)
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +42,10 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
   rng = np.random.default_rng(1)
-  texts = [" ".join("".join(rng.choice(list("etaoinshrdlu"), rng.integers(2, 8)))
-                    for _ in range(12)) for _ in range(300)]
+  texts = [
+    " ".join("".join(rng.choice(list("etaoinshrdlu"), rng.integers(2, 8))) for _ in range(12))
+    for _ in range(300)
+  ]
   texts += ["def f(x):\n    return x + 1\n", "Return the value. 12345\n"] * 20
   return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=360)
 
@@ -66,8 +75,10 @@ class Thing:
 
 def test_extract_prose_keeps_docstrings_and_comments_in_order():
   prose = embedded.extract_prose(SAMPLE)
-  assert prose == ("Module docstring.\n\nSecond paragraph.\n\nA comment block\non two lines.\n\n"
-                   "A thing.\n\nRuns it.\n\nthe answer, almost")
+  assert prose == (
+    "Module docstring.\n\nSecond paragraph.\n\nA comment block\non two lines.\n\n"
+    "A thing.\n\nRuns it.\n\nthe answer, almost"
+  )
   assert embedded.extract_prose("x = 1\n") == ""
   # A file that does not parse still gives its comments.
   assert "kept" in embedded.extract_prose("# kept\ndef broken(:\n")
@@ -91,7 +102,8 @@ def test_scan_and_collect_a_fake_library(tmp_path):
   (root / "broken.py").write_bytes(b"# caf\xe9 without a cookie\n")
   (root / "test" / "test_x.py").write_text("# excluded\n")
   (root / "pydoc_data" / "topics.py").write_text(
-      "topics = {'assert': 'The assert statement...', 'if': 'The if statement...'}\n")
+    "topics = {'assert': 'The assert statement...', 'if': 'The if statement...'}\n"
+  )
   files = embedded.default_files(root)
   assert files == ["broken.py", "good.py", "latin.py", "pydoc_data/topics.py"]
   manifest = embedded.scan(files, root, validation_percent=0)
@@ -140,9 +152,14 @@ def test_embedded_corpus_builds_once_into_tfds(cache):
 
 def test_embedded_source_in_a_pipeline(cache, tok):
   files = STDLIB_FILES
-  it = lm_batches(sources={"code": Embedded("code", cache, files), "prose": Embedded("prose", cache, files)},
-                  weights={"code": 0.5, "prose": 0.5}, tokenizer=tok, seq_len=64, batch_size=2,
-                  seed=0)
+  it = lm_batches(
+    sources={"code": Embedded("code", cache, files), "prose": Embedded("prose", cache, files)},
+    weights={"code": 0.5, "prose": 0.5},
+    tokenizer=tok,
+    seq_len=64,
+    batch_size=2,
+    seed=0,
+  )
   batch = next(it)
   assert batch["inputs"].shape == (2, 64)
   assert it.manifest["sources"]["code"]["python_version"]
@@ -159,16 +176,27 @@ class TinyWeb(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, description="test", features=tfds.features.FeaturesDict(
-        {"content": tfds.features.Text(), "url": tfds.features.Text(), "rank": np.int32}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="test",
+      features=tfds.features.FeaturesDict(
+        {"content": tfds.features.Text(), "url": tfds.features.Text(), "rank": np.int32}
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(40), "test": self._generate_examples(8)}
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"content": f"page {i}: " + "words and more words " * (1 + i % 5),
-                "url": f"https://example.org/{i}", "rank": i}
+      yield (
+        i,
+        {
+          "content": f"page {i}: " + "words and more words " * (1 + i % 5),
+          "url": f"https://example.org/{i}",
+          "rank": i,
+        },
+      )
 
 
 @pytest.fixture(scope="session")
@@ -182,11 +210,25 @@ def tiny_web(tmp_path_factory):
 def test_prepared_tfds_dataset_by_name(tiny_web, tok):
   source = Tfds(name="ablax_test_tiny_web", feature="content", data_dir=tiny_web).open("train")
   assert len(source) == 40 and source[0].startswith("page ")
-  assert source.manifest["version"] == "1.0.0" and source.manifest["fingerprint"]["num_examples"] == 40
-  spec = Tfds(name="ablax_test_tiny_web", feature="content", data_dir=tiny_web,
-              split_names={"validation": "test"})
-  batches = list(lm_batches(sources={"web": spec}, tokenizer=tok, seq_len=32, batch_size=4,
-                            split="validation", num_epochs=1))
+  assert (
+    source.manifest["version"] == "1.0.0" and source.manifest["fingerprint"]["num_examples"] == 40
+  )
+  spec = Tfds(
+    name="ablax_test_tiny_web",
+    feature="content",
+    data_dir=tiny_web,
+    split_names={"validation": "test"},
+  )
+  batches = list(
+    lm_batches(
+      sources={"web": spec},
+      tokenizer=tok,
+      seq_len=32,
+      batch_size=4,
+      split="validation",
+      num_epochs=1,
+    )
+  )
   tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
   texts = [spec.open("validation")[i] for i in range(8)]
   assert tokens == sum(len(tok.encode(t)) + 2 for t in texts)
@@ -195,11 +237,18 @@ def test_prepared_tfds_dataset_by_name(tiny_web, tok):
 def test_prepared_tfds_dataset_is_read_without_its_builder_code(tiny_web):
   # A fresh interpreter has no TinyWeb class: TFDS reads the prepared files by name alone,
   # as it does for a catalogue dataset prepared elsewhere.
-  code = ("from core.data.sources import Tfds; "
-          f"s = Tfds(name='ablax_test_tiny_web', feature='content', data_dir={tiny_web!r})"
-          ".open('train'); print(len(s), s[3])")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  code = (
+    "from core.data.sources import Tfds; "
+    f"s = Tfds(name='ablax_test_tiny_web', feature='content', data_dir={tiny_web!r})"
+    ".open('train'); print(len(s), s[3])"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert re.match(r"40 page \d+: words", out.stdout.strip())
 
@@ -252,8 +301,12 @@ def test_local_files_errors(tmp_path, cache):
   (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
   with pytest.raises(DataError, match=r"latin.txt: bytes 3..4 are not valid UTF-8.*iconv"):
     LocalFiles(paths=(str(tmp_path / "latin.txt"),), cache_dir=cache).open("train")
-  replaced = LocalFiles(paths=(str(tmp_path / "latin.txt"),), cache_dir=cache,
-                        encoding_errors="replace", validation_percent=0).open("train")
+  replaced = LocalFiles(
+    paths=(str(tmp_path / "latin.txt"),),
+    cache_dir=cache,
+    encoding_errors="replace",
+    validation_percent=0,
+  ).open("train")
   assert replaced[0] == "caf\ufffd"
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
   with pytest.raises(DataError, match=r"bad.jsonl:2: not a JSON object"):
@@ -261,13 +314,30 @@ def test_local_files_errors(tmp_path, cache):
   (tmp_path / "field.jsonl").write_text('{"body": "ok"}\n')
   with pytest.raises(DataError, match=r"no field 'text' \(found \['body'\]\)"):
     LocalFiles(paths=(str(tmp_path / "field.jsonl"),), cache_dir=cache).open("train")
-  assert LocalFiles(paths=(str(tmp_path / "field.jsonl"),), cache_dir=cache, text_field="body",
-                    validation_percent=0).open("train")[0] == "ok"
+  assert (
+    LocalFiles(
+      paths=(str(tmp_path / "field.jsonl"),),
+      cache_dir=cache,
+      text_field="body",
+      validation_percent=0,
+    ).open("train")[0]
+    == "ok"
+  )
   with pytest.raises(DataError, match="no documents in split .validation..*validation_percent"):
-    lm_batches(sources={"x": LocalFiles(paths=(str(tmp_path / "field.jsonl"),), cache_dir=cache,
-                                        text_field="body", validation_percent=0)},
-               tokenizer=_tiny_tok_path(tmp_path), seq_len=8, batch_size=1,
-               split="validation")
+    lm_batches(
+      sources={
+        "x": LocalFiles(
+          paths=(str(tmp_path / "field.jsonl"),),
+          cache_dir=cache,
+          text_field="body",
+          validation_percent=0,
+        )
+      },
+      tokenizer=_tiny_tok_path(tmp_path),
+      seq_len=8,
+      batch_size=1,
+      split="validation",
+    )
 
 
 def _tiny_tok_path(tmp_path):
@@ -282,8 +352,10 @@ def _tiny_tok_path(tmp_path):
 
 @pytest.mark.parametrize("name", ["embedded", "embedded_staged", "tfds", "local_files"])
 def test_gin_files_parse(name):
-  params = {"tfds": ["core.data.sources.Tfds.name = 'lm1b'"],
-            "local_files": ["core.data.sources.LocalFiles.paths = ('x/*.txt',)"]}.get(name, [])
+  params = {
+    "tfds": ["core.data.sources.Tfds.name = 'lm1b'"],
+    "local_files": ["core.data.sources.LocalFiles.paths = ('x/*.txt',)"],
+  }.get(name, [])
   gin_config.parse([f"gin/data/{name}.gin"], params)
   assert gin.query_parameter("core.data.pipeline.lm_batches.seq_len") > 0
 
@@ -293,18 +365,25 @@ def test_local_files_gin_builds_a_pipeline(tmp_path, cache, tok, monkeypatch):
   (tmp_path / "docs").mkdir()
   for i in range(6):
     (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i} " * 30)
-  gin_config.parse(["gin/data/local_files.gin"], [
+  gin_config.parse(
+    ["gin/data/local_files.gin"],
+    [
       f"core.data.sources.LocalFiles.paths = ('{tmp_path / 'docs'}',)",
       "core.data.sources.LocalFiles.validation_percent = 50",
       f"core.data.pipeline.lm_batches.tokenizer = '{tok.path}'",
-      "core.data.pipeline.lm_batches.seq_len = 16"])
+      "core.data.pipeline.lm_batches.seq_len = 16",
+    ],
+  )
   from core.data import pipeline
+
   batches = gin_config.build(pipeline.lm_batches, batch_size=2, seed=0)
   assert next(batches)["inputs"].shape == (2, 16)
+
   # The bound lm_batches is the one entry point: the trainer calls it with the run's own
   # values (batch size, seed, shard, split, where to resume), and each call gives the same.
   def data(**kwargs):
     return gin_config.build(pipeline.lm_batches, **kwargs)
+
   _assert_same_batches(data(batch_size=2, seed=0), data(batch_size=2, seed=0))
   state = data(batch_size=2, seed=0).get_state()
   assert data(batch_size=2, seed=0, start_state=state).step == 0
@@ -326,19 +405,42 @@ def test_data_inspect_cli(tmp_path, cache, tok, monkeypatch, capsys):
     (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i} " * 30)
   parser = argparse.ArgumentParser()
   data_cmd.add_arguments(parser)
-  args = parser.parse_args([
-      "inspect", "--gin_file", "gin/data/local_files.gin",
-      "--gin_param", f"core.data.sources.LocalFiles.paths = ('{tmp_path / 'docs'}',)",
-      "--gin_param", "core.data.sources.LocalFiles.validation_percent = 0",
-      "--gin_param", f"core.data.pipeline.lm_batches.tokenizer = '{tok.path}'",
-      "--gin_param", "core.data.pipeline.lm_batches.seq_len = 32", "--batches", "2", "--json"])
+  args = parser.parse_args(
+    [
+      "inspect",
+      "--gin_file",
+      "gin/data/local_files.gin",
+      "--gin_param",
+      f"core.data.sources.LocalFiles.paths = ('{tmp_path / 'docs'}',)",
+      "--gin_param",
+      "core.data.sources.LocalFiles.validation_percent = 0",
+      "--gin_param",
+      f"core.data.pipeline.lm_batches.tokenizer = '{tok.path}'",
+      "--gin_param",
+      "core.data.pipeline.lm_batches.seq_len = 32",
+      "--batches",
+      "2",
+      "--json",
+    ]
+  )
   assert data_cmd.run(args) == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary["documents"] == {"files": 6} and summary["tokens"] == 2 * 8 * 32
   assert summary["token_share"] == {"files": 1.0} and "document" in summary["rows"][0]["text"]
   # Bad input is reported by the entry point: one line, exit 2.
-  assert cli.main(["data", "inspect", "--gin_file", "gin/data/local_files.gin", "--gin_param",
-                   "core.data.sources.LocalFiles.paths = ('/nonexistent/*.txt',)"]) == 2
+  assert (
+    cli.main(
+      [
+        "data",
+        "inspect",
+        "--gin_file",
+        "gin/data/local_files.gin",
+        "--gin_param",
+        "core.data.sources.LocalFiles.paths = ('/nonexistent/*.txt',)",
+      ]
+    )
+    == 2
+  )
   assert "no files match" in capsys.readouterr().err
 
 
@@ -349,6 +451,7 @@ def test_data_inspect_cli(tmp_path, cache, tok, monkeypatch, capsys):
 def test_default_embedded_path(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("ABLAX_CACHE", str(tmp_path / "cache"))
   from core.data.default_tokenizer import default_tokenizer
+
   tok = default_tokenizer()
   assert tok.vocab_size == 4096 and os.path.dirname(tok.path).startswith(str(tmp_path))
   assert default_tokenizer().sha256 == tok.sha256  # cached

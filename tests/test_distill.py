@@ -25,19 +25,22 @@ def np_soft_ce(student, teacher, mask, temperature, top_k=None):
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
   log_q = log_softmax(student.astype(np.float64) / temperature)
   log_p = log_softmax(teacher.astype(np.float64) / temperature)
   if top_k is not None:
     # The teacher's top k classes, plus one class for the rest of the vocabulary.
     ids = np.argsort(-log_p, axis=-1)[..., :top_k]
+
     def coarsen(log_x):
       top = np.take_along_axis(log_x, ids, -1)
       return np.concatenate([top, np.log1p(-np.exp(top).sum(-1, keepdims=True))], -1)
+
     log_p, log_q = coarsen(log_p), coarsen(log_q)
   p = np.exp(log_p)
   ce = -(p * log_q).sum(-1)
   kl = (p * (log_p - log_q)).sum(-1)
-  return (temperature ** 2 * (ce * mask).sum(), temperature ** 2 * (kl * mask).sum())
+  return (temperature**2 * (ce * mask).sum(), temperature**2 * (kl * mask).sum())
 
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (2.0, None), (1.0, 3), (0.5, 5)])
@@ -46,8 +49,13 @@ def test_soft_cross_entropy_matches_the_definition(temperature, top_k):
   student = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
   teacher = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
   mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  ce, kl, n = distill._soft_cross_entropy(jnp.asarray(student), jnp.asarray(teacher),
-                                         jnp.asarray(mask), temperature=temperature, top_k=top_k)
+  ce, kl, n = distill._soft_cross_entropy(
+    jnp.asarray(student),
+    jnp.asarray(teacher),
+    jnp.asarray(mask),
+    temperature=temperature,
+    top_k=top_k,
+  )
   want_ce, want_kl = np_soft_ce(student, teacher, mask, temperature, top_k)
   assert float(n) == mask.sum()
   assert float(ce) == pytest.approx(want_ce, rel=1e-5)
@@ -92,15 +100,24 @@ def test_top_k_student_keeps_the_teachers_tail_mass():
     student = step(student)
   p, q = jax.nn.softmax(teacher), jax.nn.softmax(student)
   top = jax.lax.top_k(teacher, 4)[1]
-  np.testing.assert_allclose(np.take_along_axis(q, top, -1), np.take_along_axis(p, top, -1),
-                             atol=1e-3)
+  np.testing.assert_allclose(
+    np.take_along_axis(q, top, -1), np.take_along_axis(p, top, -1), atol=1e-3
+  )
   tail = 1.0 - np.take_along_axis(p, top, -1).sum(-1)
   assert tail.min() > 0.3  # the comparison below is about real mass
   np.testing.assert_allclose(1.0 - np.take_along_axis(q, top, -1).sum(-1), tail, atol=1e-3)
 
 
-TEACHER = tiny_config(vocab_size=128, embed_dim=48, head_dim=12, mlp_dim=96, max_seq_len=32,
-                      norm_placement="pre_post", attention_pattern=("local", "global"), window=8)
+TEACHER = tiny_config(
+  vocab_size=128,
+  embed_dim=48,
+  head_dim=12,
+  mlp_dim=96,
+  max_seq_len=32,
+  norm_placement="pre_post",
+  attention_pattern=("local", "global"),
+  window=8,
+)
 STUDENT = TEACHER.replace(embed_dim=32, num_layers=1, head_dim=8, mlp_dim=64)
 
 
@@ -109,8 +126,11 @@ def teacher_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("teacher")
   tok = root / "tok.model"
   tok.write_bytes(b"not read: only its hash matters here")
-  return str(io.save_model(root / "model", Transformer(TEACHER, rngs=nnx.Rngs(0)), TEACHER,
-                           tokenizer_path=tok))
+  return str(
+    io.save_model(
+      root / "model", Transformer(TEACHER, rngs=nnx.Rngs(0)), TEACHER, tokenizer_path=tok
+    )
+  )
 
 
 def test_teacher_weights_are_a_step_argument_not_program_constants(teacher_dir):
@@ -119,14 +139,16 @@ def test_teacher_weights_are_a_step_argument_not_program_constants(teacher_dir):
   mesh = meshlib.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
   b = distill._DistillStepBuilder(STUDENT, optax.sgd(0.1), mesh, {}, teacher_dir=teacher_dir)
   shape = (2, 16)
-  batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32)
-           for k in BATCH_KEYS}
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS
+  }
   text = b.build(shape).lower(b.init(0), batch, b.step_inputs()).as_text()
   constants = re.findall(r'dense<"0x([0-9A-Fa-f]+)">', text)
   largest = max((len(c) // 2 for c in constants), default=0)
   assert largest < 1024, f"a {largest}-byte constant in the step: the teacher was closed over"
-  assert len(jax.tree.leaves(b.step_inputs())) == len(jax.tree.leaves(
-      nnx.state(Transformer(TEACHER, rngs=nnx.Rngs(0)), nnx.Param)))
+  assert len(jax.tree.leaves(b.step_inputs())) == len(
+    jax.tree.leaves(nnx.state(Transformer(TEACHER, rngs=nnx.Rngs(0)), nnx.Param))
+  )
 
 
 def test_teacher_must_share_the_tokenizer(teacher_dir):
@@ -143,23 +165,36 @@ def test_teacher_must_share_the_tokenizer(teacher_dir):
 
 def _run(workdir, steps, evals=None, eval_every=0, **distill_options):
   kwargs = dict(
-      model=STUDENT,
-      data=functools.partial(synthetic.synthetic_batches, vocab_size=128, seq_len=32),
-      optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=2),
-      num_steps=steps, batch_size=4, workdir=workdir, mesh=MeshConfig(1, 1, 1),
-      devices=jax.devices()[:1], log_every=1, eval_every=eval_every, eval_batches=1,
-      checkpoint_every=0, track=False, export_model=False, progress=False, evals=evals)
+    model=STUDENT,
+    data=functools.partial(synthetic.synthetic_batches, vocab_size=128, seq_len=32),
+    optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=2),
+    num_steps=steps,
+    batch_size=4,
+    workdir=workdir,
+    mesh=MeshConfig(1, 1, 1),
+    devices=jax.devices()[:1],
+    log_every=1,
+    eval_every=eval_every,
+    eval_batches=1,
+    checkpoint_every=0,
+    track=False,
+    export_model=False,
+    progress=False,
+    evals=evals,
+  )
   make = distill.step_builder(**distill_options, data=kwargs["data"])
   return loop.train(step_builder=make, **kwargs)
 
 
 def test_distilled_run_learns_the_teacher_and_runs_evaluations(teacher_dir, tmp_path):
   from core.eval.suite import EvalSuite
+
   seen = []
 
   def validation():
-    return synthetic.synthetic_batches(vocab_size=128, seq_len=32, batch_size=2, seed=0,
-                                       split="validation")
+    return synthetic.synthetic_batches(
+      vocab_size=128, seq_len=32, batch_size=2, seed=0, split="validation"
+    )
 
   suite = EvalSuite(heldout_batches={"synthetic": validation}, heldout_max_batches=1)
 
@@ -167,8 +202,15 @@ def test_distilled_run_learns_the_teacher_and_runs_evaluations(teacher_dir, tmp_
     seen.append(step)
     return suite(model, step)
 
-  result = _run(tmp_path / "kl", 12, evals=evals, eval_every=6, teacher_dir=teacher_dir,
-                objective="kl", top_k=16)
+  result = _run(
+    tmp_path / "kl",
+    12,
+    evals=evals,
+    eval_every=6,
+    teacher_dir=teacher_dir,
+    objective="kl",
+    top_k=16,
+  )
   losses = [result.losses[s] for s in sorted(result.losses)]
   assert losses[-1] < 0.9 * losses[0]  # KL to the teacher falls
   # The held-out loss is the plain next-token loss (comparable with a run from scratch),
@@ -184,6 +226,7 @@ def test_distilled_run_learns_the_teacher_and_runs_evaluations(teacher_dir, tmp_
 def test_distill_step_builder_options_are_checked(teacher_dir):
   from core.train.mesh import make_mesh
   import optax
+
   mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
   make = functools.partial(distill._DistillStepBuilder, STUDENT, optax.identity(), mesh, {})
   with pytest.raises(distill.DistillationError, match="teacher_dir"):
@@ -193,8 +236,9 @@ def test_distill_step_builder_options_are_checked(teacher_dir):
   with pytest.raises(distill.DistillationError, match="alpha"):
     make(teacher_dir=teacher_dir, alpha=2.0)
   with pytest.raises(distill.DistillationError, match="vocab_size"):
-    distill._DistillStepBuilder(STUDENT.replace(vocab_size=64), optax.identity(), mesh, {},
-                               teacher_dir=teacher_dir)
+    distill._DistillStepBuilder(
+      STUDENT.replace(vocab_size=64), optax.identity(), mesh, {}, teacher_dir=teacher_dir
+    )
 
 
 def test_gin_distill_file_builds_the_distillation_step(teacher_dir):
@@ -202,10 +246,16 @@ def test_gin_distill_file_builds_the_distillation_step(teacher_dir):
   import optax
   from core.train.mesh import make_mesh
   from launch import gin_config
-  gin_config.parse(["gin/train/base.gin", "gin/train/distill.gin"],
-                   [f"core.train.distill.step_builder.teacher_dir = '{teacher_dir}'",
-                    "core.train.distill.step_builder.top_k = 4",
-                    "core.train.distill.step_builder.data = None"], finalize=False)
+
+  gin_config.parse(
+    ["gin/train/base.gin", "gin/train/distill.gin"],
+    [
+      f"core.train.distill.step_builder.teacher_dir = '{teacher_dir}'",
+      "core.train.distill.step_builder.top_k = 4",
+      "core.train.distill.step_builder.data = None",
+    ],
+    finalize=False,
+  )
   make = gin.get_configurable(distill.step_builder)()
   mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
   builder = make(STUDENT, optax.identity(), mesh, {})

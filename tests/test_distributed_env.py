@@ -4,28 +4,36 @@ import argparse
 
 import pytest
 
-from launch.distributed import (DistributedConfig, DistributedConfigError, expand_hostlist,
-                                resolve_distributed, slurm_port)
+from launch.distributed import (
+  DistributedConfig,
+  DistributedConfigError,
+  expand_hostlist,
+  resolve_distributed,
+  slurm_port,
+)
 
 # What `srun --ntasks=4 --nodes=2` exports to task 3 (the variables we read).
 SLURM_STEP = {
-    "SLURM_JOB_ID": "4242",
-    "SLURM_STEP_ID": "0",
-    "SLURM_PROCID": "3",
-    "SLURM_LOCALID": "1",
-    "SLURM_NTASKS": "4",
-    "SLURM_STEP_NUM_TASKS": "4",
-    "SLURM_JOB_NODELIST": "gpu[07-08]",
-    "SLURM_STEP_NODELIST": "gpu[07-08]",
+  "SLURM_JOB_ID": "4242",
+  "SLURM_STEP_ID": "0",
+  "SLURM_PROCID": "3",
+  "SLURM_LOCALID": "1",
+  "SLURM_NTASKS": "4",
+  "SLURM_STEP_NUM_TASKS": "4",
+  "SLURM_JOB_NODELIST": "gpu[07-08]",
+  "SLURM_STEP_NODELIST": "gpu[07-08]",
 }
 
 
 def _args(**kw):
-  return argparse.Namespace(**{"coordinator_address": None, "num_processes": None,
-                               "process_id": None, **kw})
+  return argparse.Namespace(
+    **{"coordinator_address": None, "num_processes": None, "process_id": None, **kw}
+  )
 
 
-@pytest.mark.parametrize("hostlist,expected", [
+@pytest.mark.parametrize(
+  "hostlist,expected",
+  [
     ("node001", ["node001"]),
     ("node001,host2", ["node001", "host2"]),
     ("node[001-003],host2", ["node001", "node002", "node003", "host2"]),
@@ -34,7 +42,8 @@ def _args(**kw):
     ("r[1-2]n[08-09]", ["r1n08", "r1n09", "r2n08", "r2n09"]),
     ("a[1-2],b,c[3]", ["a1", "a2", "b", "c3"]),
     ("localhost", ["localhost"]),
-])
+  ],
+)
 def test_expand_hostlist(hostlist, expected):
   assert expand_hostlist(hostlist) == expected
 
@@ -51,19 +60,25 @@ def test_no_settings_is_single_process():
 
 
 def test_flags():
-  cfg = resolve_distributed(_args(coordinator_address="10.0.0.1:1234", num_processes=2,
-                                  process_id=1), {})
+  cfg = resolve_distributed(
+    _args(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1), {}
+  )
   assert tuple(cfg) == ("10.0.0.1:1234", 2, 1)
   assert cfg.source == "flags" and not cfg.is_primary
   assert cfg.initialize_kwargs() == {
-      "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
-      "cluster_detection_method": "deactivate", "coordinator_bind_address": "10.0.0.1:1234"}
+    "coordinator_address": "10.0.0.1:1234",
+    "num_processes": 2,
+    "process_id": 1,
+    "cluster_detection_method": "deactivate",
+    "coordinator_bind_address": "10.0.0.1:1234",
+  }
 
 
 def test_coordinator_binds_to_its_address_and_jax_variable_wins(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
-  cfg = resolve_distributed(_args(coordinator_address="localhost:1234", num_processes=2,
-                                  process_id=0), {})
+  cfg = resolve_distributed(
+    _args(coordinator_address="localhost:1234", num_processes=2, process_id=0), {}
+  )
   assert cfg.initialize_kwargs()["coordinator_bind_address"] == "127.0.0.1:1234"
   monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "[::]:1234")
   assert cfg.initialize_kwargs()["coordinator_bind_address"] == "[::]:1234"
@@ -78,7 +93,8 @@ def test_one_node_slurm_step_coordinates_over_loopback():
 
 def test_tuple_unpacking():
   coordinator, num, pid = resolve_distributed(
-      _args(coordinator_address="h:1", num_processes=3, process_id=0), {})
+    _args(coordinator_address="h:1", num_processes=3, process_id=0), {}
+  )
   assert (coordinator, num, pid) == ("h:1", 3, 0)
 
 
@@ -137,18 +153,31 @@ def test_flags_and_env_win_over_slurm():
 
 
 def test_single_task_slurm_job_is_single_process():
-  env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
-         "SLURM_JOB_NODELIST": "localhost"}
+  env = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NODELIST": "localhost",
+  }
   assert resolve_distributed(_args(), env) is None
   # An array task of a sweep: one task, no step variables.
-  env = {"SLURM_JOB_ID": "8", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1",
-         "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "localhost"}
+  env = {
+    "SLURM_JOB_ID": "8",
+    "SLURM_ARRAY_JOB_ID": "7",
+    "SLURM_ARRAY_TASK_ID": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_JOB_NODELIST": "localhost",
+  }
   assert resolve_distributed(_args(), env) is None
 
 
 def test_batch_script_with_several_tasks_needs_srun():
-  env = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
-         "SLURM_JOB_NODELIST": "n[1-2]"}
+  env = {
+    "SLURM_JOB_ID": "9",
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "2",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+  }
   with pytest.raises(DistributedConfigError, match="srun"):
     resolve_distributed(_args(), env)
   # Complete flags need nothing from SLURM (another launcher inside the job).
@@ -167,11 +196,14 @@ def test_one_process_needs_no_coordinator():
   assert resolve_distributed(_args(num_processes=1, process_id=0), {}) is None
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     dict(coordinator_address="h:1", num_processes=2, process_id=2),
     dict(coordinator_address="h:1", num_processes=2, process_id=-1),
     dict(coordinator_address="no-port", num_processes=2, process_id=0),
-])
+  ],
+)
 def test_invalid_values(kw):
   with pytest.raises(DistributedConfigError):
     resolve_distributed(_args(**kw), {})
@@ -187,8 +219,9 @@ def test_auto_mode_defers_to_jax_detection():
   assert cfg == DistributedConfig(None, None, None, None, source="auto")
   assert cfg.initialize_kwargs() == {}
   # Explicit values still win over detection.
-  cfg = resolve_distributed(_args(coordinator_address="h:1", num_processes=2, process_id=0),
-                            {"ABLAX_DISTRIBUTED": "auto"})
+  cfg = resolve_distributed(
+    _args(coordinator_address="h:1", num_processes=2, process_id=0), {"ABLAX_DISTRIBUTED": "auto"}
+  )
   assert cfg.source == "flags"
 
 
@@ -222,6 +255,7 @@ def test_jax_env_names_are_accepted():
 
 def test_initialize_from(monkeypatch):
   from launch import distributed
+
   calls = []
   monkeypatch.setattr(distributed, "initialize", lambda config: calls.append(config))
   assert distributed.initialize_from(_args(), {}, detected=lambda: False) is None
@@ -230,8 +264,10 @@ def test_initialize_from(monkeypatch):
   cfg = distributed.initialize_from(_args(), {}, detected=lambda: True)
   assert cfg.source == "auto" and calls[-1] is cfg
   # ... unless switched off, or a one-task SLURM job (nothing to join).
-  assert distributed.initialize_from(_args(), {"ABLAX_DISTRIBUTED": "off"},
-                                     detected=lambda: True) is None
+  assert (
+    distributed.initialize_from(_args(), {"ABLAX_DISTRIBUTED": "off"}, detected=lambda: True)
+    is None
+  )
   single = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
   assert distributed.initialize_from(_args(), single, detected=lambda: True) is None
   cfg = distributed.initialize_from(_args(), SLURM_STEP, detected=lambda: True)

@@ -17,11 +17,14 @@ from core.model.transformer import Transformer
 from core.tokenizer import train_tokenizer
 from tests.tiny_model import tiny_config
 
-TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
+TEXT = (
+  """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 Paris is the capital of France. Berlin is the capital of Germany. Rome is in Italy.
 Water boils at one hundred degrees. The sun rises in the east and sets in the west.
 def add(a, b):\n\treturn a + b\nprint(add(2, 3))  # 5, café, naïve, 東京
-""" * 4
+"""
+  * 4
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,8 @@ def model(tok):
 def reference_logprobs(model, ids, width=64):
   """token_logprobs of `ids` alone, right-padded to one width (one compilation)."""
   padded = np.zeros(width, np.int32)
-  padded[:len(ids)] = ids
-  return token_logprobs(model, padded)[:len(ids) - 1]
+  padded[: len(ids)] = ids
+  return token_logprobs(model, padded)[: len(ids) - 1]
 
 
 # -- held-out -----------------------------------------------------------------------------
@@ -65,8 +68,7 @@ def test_heldout_matches_token_logprobs_and_counts_bytes(tok, model):
   # loses the prediction across it.
   per_doc = [pack_documents([d], seq_len=32) for d in ids]
   rows = {k: np.concatenate([r[k] for r in per_doc]) for k in per_doc[0]}
-  out = heldout.evaluate(model, {"mixed": [rows]}, tokenizer=tok,
-                         domains={"mixed": "everything"})
+  out = heldout.evaluate(model, {"mixed": [rows]}, tokenizer=tok, domains={"mixed": "everything"})
   # Reference: each document scored alone; bos predicts the first token, and
   # the last token (eos) predicts nothing.
   nll = -sum(float(reference_logprobs(model, d).sum()) for d in ids)
@@ -76,8 +78,9 @@ def test_heldout_matches_token_logprobs_and_counts_bytes(tok, model):
   assert out["eval/heldout/mixed/perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
   nbytes = sum(len(d.encode("utf-8")) for d in docs)
   assert out["eval/heldout/mixed/bytes"] == nbytes
-  assert out["eval/heldout/mixed/bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes,
-                                                             rel=1e-5)
+  assert out["eval/heldout/mixed/bits_per_byte"] == pytest.approx(
+    nll / math.log(2) / nbytes, rel=1e-5
+  )
   assert out["eval/heldout/domain/everything/loss"] == out["eval/heldout/loss"]
 
 
@@ -85,10 +88,14 @@ def test_heldout_per_source_and_domain_totals(tok, model):
   def rows(texts):
     return pack_documents([[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts], 16)
 
-  batches = {"a": [rows(["Rome is in Italy."])], "b": [rows(["print(add(2, 3))"])],
-             "c": [rows(["The sun rises in the east."])]}
-  out = heldout.evaluate(model, batches, tokenizer=tok, domains={"a": "prose", "c": "prose",
-                                                                 "b": "code"})
+  batches = {
+    "a": [rows(["Rome is in Italy."])],
+    "b": [rows(["print(add(2, 3))"])],
+    "c": [rows(["The sun rises in the east."])],
+  }
+  out = heldout.evaluate(
+    model, batches, tokenizer=tok, domains={"a": "prose", "c": "prose", "b": "code"}
+  )
   for group, names in {"domain/prose": "ac", "domain/code": "b", "": "abc"}.items():
     key = f"eval/heldout/{group}/" if group else "eval/heldout/"
     tokens = sum(out[f"eval/heldout/{n}/tokens"] for n in names)
@@ -104,16 +111,17 @@ def test_heldout_per_source_and_domain_totals(tok, model):
 
 
 def test_completion_logprobs_equal_unpadded_scoring(tok, model):
-  requests = [([tok.bos_id] + tok.encode("Paris is the capital of"), tok.encode(" France")),
-              ([tok.bos_id] + tok.encode("x"), tok.encode(" a much longer completion here")),
-              ([tok.bos_id] + tok.encode("The sun rises in the east and sets in the"),
-               tok.encode(" west."))]
+  requests = [
+    ([tok.bos_id] + tok.encode("Paris is the capital of"), tok.encode(" France")),
+    ([tok.bos_id] + tok.encode("x"), tok.encode(" a much longer completion here")),
+    ([tok.bos_id] + tok.encode("The sun rises in the east and sets in the"), tok.encode(" west.")),
+  ]
   got, greedy = mc.completion_logprobs(model, requests, batch_size=2)
   for (ctx, comp), value, g in zip(requests, got, greedy):
-    want = reference_logprobs(model, ctx + comp)[len(ctx) - 1:].sum()
+    want = reference_logprobs(model, ctx + comp)[len(ctx) - 1 :].sum()
     assert value == pytest.approx(float(want), abs=1e-4)
     # is_greedy: each completion token is the argmax of the logits before it.
-    logits = np.asarray(model(np.asarray([ctx + comp[:-1]], np.int32)))[0, len(ctx) - 1:]
+    logits = np.asarray(model(np.asarray([ctx + comp[:-1]], np.int32)))[0, len(ctx) - 1 :]
     assert g == bool(np.all(np.argmax(logits, axis=-1) == np.asarray(comp)))
   # The model's own greedy continuation is greedy.
   ctx = requests[0][0]
@@ -142,21 +150,36 @@ def test_completion_logprobs_equal_unpadded_scoring(tok, model):
 # Accuracies (labels 1, 0, 1): acc 1/3, acc_norm 2/3, acc_char 2/3, acc_mutual_info 1/3,
 # acc_unconditional 1/3.
 HAND = {  # continuation -> (ll, ll after BOS, ll after "Answer:")
-    (0, " ab"): (-2.0, -1.0, -1.5), (0, " abcd"): (-3.8, -1.0, -3.0),
-    (1, " x"): (-1.0, -3.0, -0.5), (1, " yyy"): (-2.5, -0.5, -2.5),
-    (2, " no"): (-1.2, -2.0, -1.0), (2, " yes"): (-1.5, -0.5, -2.0)}
-HAND_ACC = {"acc": 1 / 3, "acc_norm": 2 / 3, "acc_char": 2 / 3, "acc_mutual_info": 1 / 3,
-            "acc_unconditional": 1 / 3}
+  (0, " ab"): (-2.0, -1.0, -1.5),
+  (0, " abcd"): (-3.8, -1.0, -3.0),
+  (1, " x"): (-1.0, -3.0, -0.5),
+  (1, " yyy"): (-2.5, -0.5, -2.5),
+  (2, " no"): (-1.2, -2.0, -1.0),
+  (2, " yes"): (-1.5, -0.5, -2.0),
+}
+HAND_ACC = {
+  "acc": 1 / 3,
+  "acc_norm": 2 / 3,
+  "acc_char": 2 / 3,
+  "acc_mutual_info": 1 / 3,
+  "acc_unconditional": 1 / 3,
+}
 
 
 def hand_task():
-  return mc.Task("hand", (mc.Example.shared("Q0?", [" ab", " abcd"], label=1),
-                          mc.Example.shared("Q1?", [" x", " yyy"], label=0),
-                          mc.Example.shared("Q2: ", ["no", "yes"], label=1, choices=["no", "yes"])))
+  return mc.Task(
+    "hand",
+    (
+      mc.Example.shared("Q0?", [" ab", " abcd"], label=1),
+      mc.Example.shared("Q1?", [" x", " yyy"], label=0),
+      mc.Example.shared("Q2: ", ["no", "yes"], label=1, choices=["no", "yes"]),
+    ),
+  )
 
 
 def fake_scorer(tok, seen):
   """A completion_logprobs that answers from HAND, recognising each request by its text."""
+
   def fake(model, requests, batch_size=16, max_len=None):
     out = []
     for ctx, comp in requests:
@@ -164,27 +187,30 @@ def fake_scorer(tok, seen):
       ctx_text, comp_text = tok.decode(ctx), tok.decode(comp)
       if ctx_text in ("", mc.UNCONDITIONAL_PROMPT):
         # Anchored: which example is known from the completion alone.
-        (ex, _), values = next((k, v) for k, v in HAND.items()
-                               if k[1] == comp_text or k[1] == " " + comp_text)
+        (ex, _), values = next(
+          (k, v) for k, v in HAND.items() if k[1] == comp_text or k[1] == " " + comp_text
+        )
         out.append(values[1] if ctx_text == "" else values[2])
       else:
         ex = int(ctx_text[1])
         out.append(HAND[ex, comp_text][0])
     return np.asarray(out), np.zeros(len(out), bool)
+
   return fake
 
 
 def test_lm_eval_and_llama_metrics_on_a_hand_checked_task(tok, model, monkeypatch):
   seen = []
   monkeypatch.setattr(mc, "completion_logprobs", fake_scorer(tok, seen))
-  out = mc.evaluate(model, tok, hand_task(), metrics=list(mc_metrics.METRICS),
-                    return_details=True)
+  out = mc.evaluate(model, tok, hand_task(), metrics=list(mc_metrics.METRICS), return_details=True)
   for metric, want in HAND_ACC.items():
     assert out[f"eval/mc/hand/0shot/{metric}"] == pytest.approx(want), metric
   # acc_token depends on how the tokenizer splits the continuations: from the records.
   picks = mc_metrics.picks(out["details"], "acc_token")
   assert out["eval/mc/hand/0shot/acc_token"] == np.mean(np.asarray(picks) == [1, 0, 1])
-  assert out["eval/mc/hand/0shot/acc_primary"] == out["eval/mc/hand/0shot/acc_norm"]  # Task's default
+  assert (
+    out["eval/mc/hand/0shot/acc_primary"] == out["eval/mc/hand/0shot/acc_norm"]
+  )  # Task's default
   assert out["eval/mc/hand/0shot/num_examples"] == 3
   # The trailing space of 'Q2: ' was moved: context 'Q2:', continuation ' no'.
   rec = [r for r in out["details"] if r["example"] == 2]
@@ -197,6 +223,7 @@ def test_lm_eval_and_llama_metrics_on_a_hand_checked_task(tok, model, monkeypatc
 
 def test_stderr_is_lm_evals_mean_stderr():
   from scipy import stats
+
   outcomes = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
   assert mc_metrics.mean_stderr(outcomes) == pytest.approx(stats.sem(outcomes, ddof=1))
   n, p = len(outcomes), np.mean(outcomes)
@@ -206,6 +233,7 @@ def test_stderr_is_lm_evals_mean_stderr():
 
 def test_reported_stderr_matches_scipy(tok, model, monkeypatch):
   from scipy import stats
+
   monkeypatch.setattr(mc, "completion_logprobs", fake_scorer(tok, []))
   out = mc.evaluate(model, tok, hand_task(), metrics=["acc", "acc_norm"])
   # acc: right on example 1 only; acc_norm: on examples 0 and 2.
@@ -225,12 +253,16 @@ def test_encode_pair_is_lm_evals(tok):
 
 
 def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
-  rows = [{"context": "Paris is the capital of", "choices": ["France", "Germany", "Italy"],
-           "label": 0},
-          {"context": "Water boils at one hundred", "choices": ["degrees", "dogs"], "label": 0},
-          {"contexts": ["The fox jumps over the", "The dog jumps over the"],
-           "completion": "lazy dog.", "label": 0},
-          {"context": "A stitch in time saves", "choices": ["nine", "ten"], "label": 0}]
+  rows = [
+    {"context": "Paris is the capital of", "choices": ["France", "Germany", "Italy"], "label": 0},
+    {"context": "Water boils at one hundred", "choices": ["degrees", "dogs"], "label": 0},
+    {
+      "contexts": ["The fox jumps over the", "The dog jumps over the"],
+      "completion": "lazy dog.",
+      "label": 0,
+    },
+    {"context": "A stitch in time saves", "choices": ["nine", "ten"], "label": 0},
+  ]
   path = tmp_path / "task.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   examples = mc.read_jsonl(path)
@@ -250,14 +282,15 @@ def test_multiple_choice_end_to_end_on_jsonl(tok, model, tmp_path):
     assert r["continuation"] == ex.completions[r["choice"]]
     ctx_ids = [tok.bos_id] + tok.encode(r["context"])
     comp = tok.encode(r["continuation"])
-    lp = reference_logprobs(model, ctx_ids + comp, 128)[len(ctx_ids) - 1:].sum()
+    lp = reference_logprobs(model, ctx_ids + comp, 128)[len(ctx_ids) - 1 :].sum()
     assert r["loglikelihood"] == pytest.approx(float(lp), abs=1e-4)
     assert r["num_tokens"] == len(comp)
   # The reported accuracies are the argmax picks of the records' scores.
   for metric in mc_metrics.DEFAULT_METRICS:
     picks = mc_metrics.picks(records, metric)
-    assert out[f"eval/mc/toy/2shot/{metric}"] == np.mean([p == ex.label
-                                                     for p, ex in zip(picks, examples)])
+    assert out[f"eval/mc/toy/2shot/{metric}"] == np.mean(
+      [p == ex.label for p, ex in zip(picks, examples)]
+    )
 
 
 def test_fewshot_prefix_is_seeded_and_never_includes_the_example():
@@ -274,15 +307,18 @@ def test_fewshot_prefix_is_seeded_and_never_includes_the_example():
     mc.fewshot_prefix(shots, 0, 2, 0)
 
 
-@pytest.mark.parametrize("line,message", [
+@pytest.mark.parametrize(
+  "line,message",
+  [
     ('{"context": "c", "choices": ["a", "b"], "label": 2}', "not an index"),
     ('{"context": "c", "choices": ["a", "b"], "label": "0"}', "'label' must be an int"),
     ('{"context": "c", "choices": "ab", "label": 0}', "'choices' must be a list"),
     ('{"context": 3, "choices": ["a", "b"], "label": 0}', "'context' must hold strings"),
     ('{"context": "c", "choices": ["a"], "label": 0}', ">= 2 choices"),
-    ('[1, 2]', "expected a JSON object"),
+    ("[1, 2]", "expected a JSON object"),
     ('{"context": "c", "choices": ["a", "b"], "label": 0', "not JSON"),
-])
+  ],
+)
 def test_jsonl_errors_name_the_line(tmp_path, line, message):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"context": "ok", "choices": ["a", "b"], "label": 1}\n' + line + "\n")
@@ -291,23 +327,46 @@ def test_jsonl_errors_name_the_line(tmp_path, line, message):
 
 
 def test_tfds_records_become_llama_style_examples():
-  ex = mc_tasks.piqa({"goal": b"Open a jar", "sol1": b"Twist the lid", "sol2": b"Eat it",
-                      "label": 0, "id": b"x"})
+  ex = mc_tasks.piqa(
+    {"goal": b"Open a jar", "sol1": b"Twist the lid", "sol2": b"Eat it", "label": 0, "id": b"x"}
+  )
   assert ex.contexts[0] == "Question: Open a jar\nAnswer:" and ex.completions[1] == " Eat it"
-  ex = mc_tasks.arc({"question": b"Q", "answerKey": 2,
-                     "choices": {"text": np.array([b"a", b"b", b"c"]), "label": np.array([0, 1, 2])}})
+  ex = mc_tasks.arc(
+    {
+      "question": b"Q",
+      "answerKey": 2,
+      "choices": {"text": np.array([b"a", b"b", b"c"]), "label": np.array([0, 1, 2])},
+    }
+  )
   assert ex.label == 2 and ex.completions == (" a", " b", " c")
   assert ex.choices == ("a", "b", "c")  # what acc_norm divides by, as lm-eval's doc_to_choice
   ex = mc_tasks.bool_q({"question": b"is it", "passage": b"P.", "answer": True, "title": b""})
   assert ex.contexts[0] == "P.\nQuestion: is it?\nAnswer:" and ex.label == 1
-  ex = mc_tasks.hellaswag({"context": "A man", "activity_label": "Cooking", "label": 1,
-                           "endings": ["cooks.", "sleeps."]})
+  ex = mc_tasks.hellaswag(
+    {"context": "A man", "activity_label": "Cooking", "label": 1, "endings": ["cooks.", "sleeps."]}
+  )
   assert ex.contexts[0] == "Cooking: A man" and ex.completions == (" cooks.", " sleeps.")
-  ex = mc_tasks.openbookqa({"question": {"stem": b"S", "choice_A": b"a", "choice_B": b"b",
-                                         "choice_C": b"c", "choice_D": b"d"}, "answerKey": 3})
+  ex = mc_tasks.openbookqa(
+    {
+      "question": {
+        "stem": b"S",
+        "choice_A": b"a",
+        "choice_B": b"b",
+        "choice_C": b"c",
+        "choice_D": b"d",
+      },
+      "answerKey": 3,
+    }
+  )
   assert ex.label == 3 and ex.completions[3] == " d"
-  ex = mc_tasks.winogrande({"sentence": b"Ann lent Beth money because _ was rich.",
-                            "option1": b"Ann", "option2": b"Beth", "label": 0})
+  ex = mc_tasks.winogrande(
+    {
+      "sentence": b"Ann lent Beth money because _ was rich.",
+      "option1": b"Ann",
+      "option2": b"Beth",
+      "label": 0,
+    }
+  )
   assert ex.contexts == ("Ann lent Beth money because Ann", "Ann lent Beth money because Beth")
   assert ex.completions == (" was rich.", " was rich.")
   assert ex.choices == ex.contexts

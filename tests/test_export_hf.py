@@ -31,38 +31,79 @@ TOL = 1e-4
 VOCAB = 400  # the ablax tokenizer below: 4 specials, 256 bytes, user symbols, learned pieces
 BASE = dict(vocab_size=VOCAB, embed_dim=64, head_dim=16, mlp_dim=96)
 GEMMA = dict(activation="geglu", scale_embeddings=True, rms_scale_plus_one=True)
-LLAMA = dict(activation="swiglu", scale_embeddings=False, rms_scale_plus_one=False,
-             norm_placement="pre")
+LLAMA = dict(
+  activation="swiglu", scale_embeddings=False, rms_scale_plus_one=False, norm_placement="pre"
+)
 CONFIGS = {
-    "gemma_mqa": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
-                             norm_placement="pre", tie_embeddings=True),
-    "gemma_untied_mha": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=4,
-                                    norm_placement="pre", tie_embeddings=False,
-                                    rope_base=20_000.0),
-    # Window 6 < sequence length, soft-caps that bind at these logit sizes,
-    # query_pre_attn_scalar != head_dim, 3 layers (local, global, local).
-    "gemma2": tiny_config(**BASE, **GEMMA, num_layers=3, num_kv_heads=2,
-                          norm_placement="pre_post", tie_embeddings=True,
-                          attention_pattern=("local", "global"), window=6, attn_softcap=2.0,
-                          final_softcap=5.0, query_pre_attn_scalar=24.0),
-    "gemma2_global_untied": tiny_config(**BASE, **GEMMA, num_layers=2, num_kv_heads=1,
-                                        norm_placement="pre_post", tie_embeddings=False,
-                                        final_softcap=5.0),
-    "llama_gqa": tiny_config(**BASE, **LLAMA, num_layers=2, num_kv_heads=2,
-                             tie_embeddings=False, rope_base=500_000.0, norm_eps=1e-5),
-    # LLaMA's 2/3 * 4d MLP rule, tied, another RoPE base.
-    "llama_mqa_tied": tiny_config(**dict(BASE, mlp_dim=0), **LLAMA, mlp_multiple_of=32,
-                                  num_layers=2, num_kv_heads=1, tie_embeddings=True,
-                                  rope_base=1_000_000.0),
+  "gemma_mqa": tiny_config(
+    **BASE, **GEMMA, num_layers=2, num_kv_heads=1, norm_placement="pre", tie_embeddings=True
+  ),
+  "gemma_untied_mha": tiny_config(
+    **BASE,
+    **GEMMA,
+    num_layers=2,
+    num_kv_heads=4,
+    norm_placement="pre",
+    tie_embeddings=False,
+    rope_base=20_000.0,
+  ),
+  # Window 6 < sequence length, soft-caps that bind at these logit sizes,
+  # query_pre_attn_scalar != head_dim, 3 layers (local, global, local).
+  "gemma2": tiny_config(
+    **BASE,
+    **GEMMA,
+    num_layers=3,
+    num_kv_heads=2,
+    norm_placement="pre_post",
+    tie_embeddings=True,
+    attention_pattern=("local", "global"),
+    window=6,
+    attn_softcap=2.0,
+    final_softcap=5.0,
+    query_pre_attn_scalar=24.0,
+  ),
+  "gemma2_global_untied": tiny_config(
+    **BASE,
+    **GEMMA,
+    num_layers=2,
+    num_kv_heads=1,
+    norm_placement="pre_post",
+    tie_embeddings=False,
+    final_softcap=5.0,
+  ),
+  "llama_gqa": tiny_config(
+    **BASE,
+    **LLAMA,
+    num_layers=2,
+    num_kv_heads=2,
+    tie_embeddings=False,
+    rope_base=500_000.0,
+    norm_eps=1e-5,
+  ),
+  # LLaMA's 2/3 * 4d MLP rule, tied, another RoPE base.
+  "llama_mqa_tied": tiny_config(
+    **dict(BASE, mlp_dim=0),
+    **LLAMA,
+    mlp_multiple_of=32,
+    num_layers=2,
+    num_kv_heads=1,
+    tie_embeddings=True,
+    rope_base=1_000_000.0,
+  ),
 }
-HF_CLASSES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-              "llama": "LlamaForCausalLM"}
+HF_CLASSES = {
+  "gemma": "GemmaForCausalLM",
+  "gemma2": "Gemma2ForCausalLM",
+  "llama": "LlamaForCausalLM",
+}
 
 
 def random_params(config, seed=0, std=0.3):
   rng = np.random.default_rng(seed)
-  return {name: rng.normal(0.0, std, shape).astype(np.float32)
-          for name, (shape, _) in io.expected_shapes(config).items()}
+  return {
+    name: rng.normal(0.0, std, shape).astype(np.float32)
+    for name, (shape, _) in io.expected_shapes(config).items()
+  }
 
 
 def sample_ids(seed=2, length=24):
@@ -72,7 +113,8 @@ def sample_ids(seed=2, length=24):
 def load_hf(out):
   # Eager attention: the only transformers path that applies Gemma 2's attention soft-cap.
   return transformers.AutoModelForCausalLM.from_pretrained(
-      str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    str(out), dtype=torch.float32, attn_implementation="eager"
+  ).eval()
 
 
 def max_logprob_diff(model, hf_model, ids):
@@ -125,6 +167,7 @@ def test_scanned_layers_export_the_same_checkpoint(tmp_path):
 def _train(config, params, steps=10):
   """A few Adam steps on a fixed batch: weights no random draw produces."""
   import optax
+
   model = io.model_from_params(config, params)
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   batch = jnp.asarray(np.random.default_rng(7).integers(0, VOCAB, (4, 17)))
@@ -136,6 +179,7 @@ def _train(config, params, steps=10):
       logits = nnx.merge(graphdef, state, rest)(batch[:, :-1])
       logp = jax.nn.log_softmax(logits)
       return -jnp.take_along_axis(logp, batch[:, 1:, None], -1).mean()
+
     value, grads = jax.value_and_grad(loss)(state)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(state, updates), opt_state, value
@@ -150,16 +194,19 @@ def _train(config, params, steps=10):
 
 def test_trained_llama_matches_transformers(tmp_path):
   config = CONFIGS["llama_gqa"]
-  init = {n: np.ones_like(a) if n.endswith("/scale") else a
-          for n, a in random_params(config, seed=4, std=0.1).items()}
+  init = {
+    n: np.ones_like(a) if n.endswith("/scale") else a
+    for n, a in random_params(config, seed=4, std=0.1).items()
+  }
   trained, losses = _train(config, init)
   assert losses[-1] < losses[0] - 0.5, losses
   params = {n: np.asarray(a) for n, a in io.flat_params(trained).items()}
   model, out, _ = export_dir(tmp_path, config, params)
   ids = sample_ids(seed=7, length=17)
   diff = max_logprob_diff(model, load_hf(out), ids)
-  print(f"trained llama_gqa: max |delta log-prob| {diff:.3g} (loss {losses[0]:.3f} -> "
-        f"{losses[-1]:.3f})")
+  print(
+    f"trained llama_gqa: max |delta log-prob| {diff:.3g} (loss {losses[0]:.3f} -> {losses[-1]:.3f})"
+  )
   assert diff < TOL
 
 
@@ -169,9 +216,11 @@ def test_trained_llama_matches_transformers(tmp_path):
 @pytest.fixture(scope="module")
 def ablax_tokenizer(tmp_path_factory):
   from core.tokenizer.train import train_tokenizer
+
   rng = np.random.default_rng(0)
-  lines = [" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))) + f" {i}."
-           for i in range(400)]
+  lines = [
+    " ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))) + f" {i}." for i in range(400)
+  ]
   root = tmp_path_factory.mktemp("tok")
   tokenizer = train_tokenizer(lines, root / "ablax.model", vocab_size=VOCAB, num_threads=1)
   assert tokenizer.vocab_size == VOCAB
@@ -188,8 +237,14 @@ def gemma2_dir(tmp_path_factory, ablax_tokenizer):
   return root / "model", model
 
 
-TEXTS = ["the model attention layer window", " a leading space", "two  spaces\nand a newline",
-         "trailing space ", "ünïcödé 数字 123 digits", ""]
+TEXTS = [
+  "the model attention layer window",
+  " a leading space",
+  "two  spaces\nand a newline",
+  "trailing space ",
+  "ünïcödé 数字 123 digits",
+  "",
+]
 
 
 def test_cli_exports_model_and_tokenizer(gemma2_dir, ablax_tokenizer, tmp_path, capsys):
@@ -199,11 +254,18 @@ def test_cli_exports_model_and_tokenizer(gemma2_dir, ablax_tokenizer, tmp_path, 
   printed = capsys.readouterr().out
   assert "exported Gemma2ForCausalLM" in printed and "tokenizer: GemmaTokenizer" in printed
   assert sorted(p.name for p in out.iterdir()) == [
-      "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.model",
-      "tokenizer_config.json"]
+    "config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+  ]
   hf_config = json.loads((out / "config.json").read_text())
   assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (
-      ablax_tokenizer.bos_id, ablax_tokenizer.eos_id, ablax_tokenizer.pad_id)
+    ablax_tokenizer.bos_id,
+    ablax_tokenizer.eos_id,
+    ablax_tokenizer.pad_id,
+  )
 
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
   assert type(hf_tok).__name__ == "GemmaTokenizer" and len(hf_tok) == VOCAB
@@ -212,8 +274,11 @@ def test_cli_exports_model_and_tokenizer(gemma2_dir, ablax_tokenizer, tmp_path, 
   # transformers, like SentencePiece itself, reads a literal '\u2581' as a space; ablax's
   # Tokenizer keeps it (as bytes). The one known difference, documented in hf_export.
   meta = "a literal \u2581 here"
-  assert hf_tok(meta, add_special_tokens=False)["input_ids"] == \
-      ablax_tokenizer.processor.encode(meta) != ablax_tokenizer.encode(meta)
+  assert (
+    hf_tok(meta, add_special_tokens=False)["input_ids"]
+    == ablax_tokenizer.processor.encode(meta)
+    != ablax_tokenizer.encode(meta)
+  )
   # With special tokens, transformers prepends BOS as `ablax score` does.
   text = TEXTS[0]
   ids = hf_tok(text)["input_ids"]
@@ -232,6 +297,7 @@ def test_dummy_prefix_tokenizer_exports_as_llama_tokenizer(tmp_path):
   # SentencePiece's defaults (what tests/tiny_spm.py trains): a dummy prefix and NFKC.
   tokenizer = train_spm(tmp_path)
   import sentencepiece as spm
+
   sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
   config = CONFIGS["llama_gqa"].replace(vocab_size=sp.get_piece_size())
   params = random_params(config)
@@ -248,6 +314,7 @@ def test_dummy_prefix_tokenizer_exports_as_llama_tokenizer(tmp_path):
 
 def _tensors(hf_dir):
   from safetensors import safe_open
+
   out = {}
   for path in sorted(hf_dir.glob("*.safetensors")):
     with safe_open(str(path), framework="pt") as f:
@@ -255,14 +322,18 @@ def _tensors(hf_dir):
   return out
 
 
-@pytest.mark.parametrize("family,dtype", [("gemma", "float32"), ("gemma2", "float32"),
-                                          ("llama", "float32"), ("llama", "bfloat16")])
+@pytest.mark.parametrize(
+  "family,dtype",
+  [("gemma", "float32"), ("gemma2", "float32"), ("llama", "float32"), ("llama", "bfloat16")],
+)
 def test_import_then_export_is_byte_identical(family, dtype, tmp_path, capsys):
   hf_dir = tmp_path / "hf"
   hf_model = parity.build_hf(family, tmp_path / "built")
   hf_model.to(getattr(torch, dtype)).save_pretrained(hf_dir)
-  assert cli.main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ablax"),
-                   "--param_dtype", dtype]) == 0
+  assert (
+    cli.main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ablax"), "--param_dtype", dtype])
+    == 0
+  )
   assert cli.main(["export-hf", str(tmp_path / "ablax"), "--out", str(tmp_path / "back")]) == 0
   capsys.readouterr()
   original, back = _tensors(hf_dir), _tensors(tmp_path / "back")
@@ -270,8 +341,10 @@ def test_import_then_export_is_byte_identical(family, dtype, tmp_path, capsys):
   for name, tensor in original.items():
     assert back[name].dtype == tensor.dtype == getattr(torch, dtype), name
     assert back[name].shape == tensor.shape, name
-    assert back[name].contiguous().view(torch.uint8).numpy().tobytes() == \
-        tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
+    assert (
+      back[name].contiguous().view(torch.uint8).numpy().tobytes()
+      == tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    ), name
   # Every config.json key we write says what transformers wrote.
   want = json.loads((hf_dir / "config.json").read_text())
   got = json.loads((tmp_path / "back" / "config.json").read_text())
@@ -283,24 +356,33 @@ def test_import_then_export_is_byte_identical(family, dtype, tmp_path, capsys):
 # -- what the exporter refuses ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base,change,match", [
+@pytest.mark.parametrize(
+  "base,change,match",
+  [
     ("gemma_mqa", dict(norm_placement="post"), "norm_placement='post'"),
     ("llama_gqa", dict(position_embedding="learned"), "position_embedding='learned'"),
     ("llama_gqa", dict(position_embedding="none"), "position_embedding='none'"),
     ("gemma_mqa", dict(norm="layernorm"), "norm='layernorm'"),
     ("llama_gqa", dict(activation="relu"), "activation='relu'"),
     ("llama_gqa", dict(activation="reglu"), "activation='reglu'"),
-    ("llama_gqa", dict(activation="geglu"), "activation='geglu'.*LlamaForCausalLM, needs "
-                                            "activation='swiglu'"),
+    (
+      "llama_gqa",
+      dict(activation="geglu"),
+      "activation='geglu'.*LlamaForCausalLM, needs activation='swiglu'",
+    ),
     ("gemma_mqa", dict(scale_embeddings=False), "scale_embeddings=False.*GemmaForCausalLM"),
     ("gemma2", dict(rms_scale_plus_one=False), "rms_scale_plus_one=False.*Gemma2ForCausalLM"),
     ("llama_gqa", dict(attn_softcap=50.0), "attn_softcap=50.0: only Gemma 2"),
     ("gemma_mqa", dict(final_softcap=30.0), "final_softcap=30.0: only Gemma 2"),
-    ("llama_gqa", dict(attention_pattern=("local", "global"), window=4),
-     r"attention_pattern=\('local', 'global'\).*sliding-window"),
+    (
+      "llama_gqa",
+      dict(attention_pattern=("local", "global"), window=4),
+      r"attention_pattern=\('local', 'global'\).*sliding-window",
+    ),
     ("gemma_mqa", dict(query_pre_attn_scalar=24.0), "query_pre_attn_scalar=24.0"),
     ("gemma2", dict(query_pre_attn_scalar=24.5), "integer query_pre_attn_scalar"),
-])
+  ],
+)
 def test_unrepresentable_configs_name_the_field(base, change, match):
   config = CONFIGS[base].replace(**change)
   with pytest.raises(hf_export.HFExportError, match=match):
@@ -308,14 +390,19 @@ def test_unrepresentable_configs_name_the_field(base, change, match):
 
 
 def test_every_problem_is_named_at_once():
-  config = CONFIGS["gemma_mqa"].replace(norm="layernorm", position_embedding="learned",
-                                        norm_placement="post", activation="relu")
+  config = CONFIGS["gemma_mqa"].replace(
+    norm="layernorm", position_embedding="learned", norm_placement="post", activation="relu"
+  )
   with pytest.raises(hf_export.HFExportError) as e:
     hf_export.family_of(config)
   message = str(e.value)
   assert "\n" not in message
-  for field in ("norm='layernorm'", "position_embedding='learned'", "norm_placement='post'",
-                "activation='relu'"):
+  for field in (
+    "norm='layernorm'",
+    "position_embedding='learned'",
+    "norm_placement='post'",
+    "activation='relu'",
+  ):
     assert field in message
 
 
@@ -330,8 +417,7 @@ def _fails(capsys, *argv):
 def test_cli_errors_are_one_line(gemma2_dir, tmp_path, capsys):
   model_dir, _ = gemma2_dir
   out = tmp_path / "out"
-  assert "model directory not found" in _fails(capsys, str(tmp_path / "nowhere"), "--out",
-                                               str(out))
+  assert "model directory not found" in _fails(capsys, str(tmp_path / "nowhere"), "--out", str(out))
   empty = tmp_path / "empty"
   empty.mkdir()
   assert "no ablax_model.json" in _fails(capsys, str(empty), "--out", str(out))
@@ -375,6 +461,7 @@ def test_cli_errors_are_one_line(gemma2_dir, tmp_path, capsys):
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "notes.txt").write_text("keep")
-  assert "not a Hugging Face checkpoint" in _fails(capsys, str(model_dir), "--out", str(mine),
-                                                   "--overwrite")
+  assert "not a Hugging Face checkpoint" in _fails(
+    capsys, str(model_dir), "--out", str(mine), "--overwrite"
+  )
   assert (mine / "notes.txt").read_text() == "keep"

@@ -60,8 +60,20 @@ def test_missing_required_value_names_parameter_and_files():
 
 
 def test_cli_reports_bad_gin_without_traceback():
-  out = subprocess.run([sys.executable, "-m", "launch.cli", "params", "--gin_file",
-                        "gin/models/tiny_llama.gin", "--gin_param", "ModelConfig.embd_dim = 3"],
-                       cwd=REPO, capture_output=True, text=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.cli",
+      "params",
+      "--gin_file",
+      "gin/models/tiny_llama.gin",
+      "--gin_param",
+      "ModelConfig.embd_dim = 3",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 2
   assert "embd_dim" in out.stderr and "Traceback" not in out.stderr

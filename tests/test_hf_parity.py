@@ -22,22 +22,48 @@ from tests.tiny_spm import train_spm  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 320
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-              attn_implementation="eager", dtype="float32")
+COMMON = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=96,
+  num_attention_heads=4,
+  attn_implementation="eager",
+  dtype="float32",
+)
 FAMILIES = {
-    # Gemma 2B's choice: multi-query attention.
-    "gemma": ("GemmaConfig", "GemmaForCausalLM",
-              dict(COMMON, num_hidden_layers=2, num_key_value_heads=1, head_dim=16), 0.1),
-    # Window 6 < sequence length; soft-caps small enough to bind at these logit
-    # sizes; query_pre_attn_scalar != head_dim; 3 layers (local, global, local).
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
-                    sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
-                    query_pre_attn_scalar=24), 0.2),
-    # Grouped-query attention (4 query heads over 2 kv heads), LLaMA 3's theta and eps.
-    "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, rope_theta=500000.0,
-                   rms_norm_eps=1e-5), 0.3),
+  # Gemma 2B's choice: multi-query attention.
+  "gemma": (
+    "GemmaConfig",
+    "GemmaForCausalLM",
+    dict(COMMON, num_hidden_layers=2, num_key_value_heads=1, head_dim=16),
+    0.1,
+  ),
+  # Window 6 < sequence length; soft-caps small enough to bind at these logit
+  # sizes; query_pre_attn_scalar != head_dim; 3 layers (local, global, local).
+  "gemma2": (
+    "Gemma2Config",
+    "Gemma2ForCausalLM",
+    dict(
+      COMMON,
+      num_hidden_layers=3,
+      num_key_value_heads=2,
+      head_dim=16,
+      sliding_window=6,
+      attn_logit_softcapping=2.0,
+      final_logit_softcapping=5.0,
+      query_pre_attn_scalar=24,
+    ),
+    0.2,
+  ),
+  # Grouped-query attention (4 query heads over 2 kv heads), LLaMA 3's theta and eps.
+  "llama": (
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    dict(
+      COMMON, num_hidden_layers=2, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5
+    ),
+    0.3,
+  ),
 }
 LENGTH = 24
 
@@ -78,8 +104,14 @@ def test_gemma_multi_query_matches_transformers(tmp_path):
   hf_model = build_hf("gemma", tmp_path / "hf")
   model, config, info = hf_import.import_hf(tmp_path / "hf")
   assert info["family"] == "gemma"
-  assert (config.num_kv_heads, config.activation, config.tie_embeddings, config.scale_embeddings,
-          config.rms_scale_plus_one, config.norm_placement) == (1, "geglu", True, True, True, "pre")
+  assert (
+    config.num_kv_heads,
+    config.activation,
+    config.tie_embeddings,
+    config.scale_embeddings,
+    config.rms_scale_plus_one,
+    config.norm_placement,
+  ) == (1, "geglu", True, True, True, "pre")
   ids = sample_ids()
   diff = np.abs(token_logprobs(model, ids) - hf_logprobs(hf_model, ids)).max()
   assert diff < TOL, f"gemma: max |log-prob difference| {diff:.3g}"
@@ -100,18 +132,30 @@ def test_gemma2_window_softcaps_and_query_scalar_match_transformers(gemma2):
   _, hf_model, model, config = gemma2
   assert config.attention_pattern == ("local", "global")  # HF: even layers slide
   assert config.layer_kinds == ("local", "global", "local")
-  assert (config.window, config.attn_softcap, config.final_softcap,
-          config.query_pre_attn_scalar, config.norm_placement) == (6, 2.0, 5.0, 24.0, "pre_post")
+  assert (
+    config.window,
+    config.attn_softcap,
+    config.final_softcap,
+    config.query_pre_attn_scalar,
+    config.norm_placement,
+  ) == (6, 2.0, 5.0, 24.0, "pre_post")
   ids = sample_ids()
   assert len(ids) > 2 * config.window
   diff = np.abs(token_logprobs(model, ids) - hf_logprobs(hf_model, ids)).max()
   assert diff < TOL, f"gemma2: max |log-prob difference| {diff:.3g}"
 
 
-@pytest.mark.parametrize("change", [
-    dict(window=7), dict(window=5), dict(attn_softcap=None), dict(final_softcap=None),
-    dict(query_pre_attn_scalar=None), dict(attention_pattern=("global", "local")),
-])
+@pytest.mark.parametrize(
+  "change",
+  [
+    dict(window=7),
+    dict(window=5),
+    dict(attn_softcap=None),
+    dict(final_softcap=None),
+    dict(query_pre_attn_scalar=None),
+    dict(attention_pattern=("global", "local")),
+  ],
+)
 def test_gemma2_parity_test_detects_each_detail(gemma2, change):
   """Each Gemma 2 detail changes the result: the parity above is not vacuous."""
   _, hf_model, model, config = gemma2
@@ -125,8 +169,12 @@ def test_gemma2_parity_test_detects_each_detail(gemma2, change):
 def test_dot_product_attention_impl_matches_transformers(tmp_path):
   """The jax.nn.dot_product_attention path (cuDNN on GPU) with a sliding window, on CPU here."""
   config_cls, model_cls, kwargs, std = FAMILIES["gemma2"]
-  FAMILIES["no_attn_softcap"] = (config_cls, model_cls, dict(kwargs, attn_logit_softcapping=None),
-                                 std)
+  FAMILIES["no_attn_softcap"] = (
+    config_cls,
+    model_cls,
+    dict(kwargs, attn_logit_softcapping=None),
+    std,
+  )
   try:
     hf_model = build_hf("no_attn_softcap", tmp_path / "hf")
   finally:
@@ -152,8 +200,14 @@ def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):
   assert cli.main(["import-hf", str(hf_dir), "--out", str(out)]) == 0
   assert "LlamaForCausalLM" in capsys.readouterr().out
   model, config, meta = io.load_model(out)
-  assert (config.num_heads, config.num_kv_heads, config.tie_embeddings, config.activation,
-          config.rope_base, config.norm_eps) == (4, 2, False, "swiglu", 500000.0, 1e-5)
+  assert (
+    config.num_heads,
+    config.num_kv_heads,
+    config.tie_embeddings,
+    config.activation,
+    config.rope_base,
+    config.norm_eps,
+  ) == (4, 2, False, "swiglu", 500000.0, 1e-5)
   assert meta["source"] == f"hf:{hf_dir.resolve()}"
   assert meta["tokenizer_sha256"] == io.file_sha256(tokenizer)
   ids = sample_ids()
@@ -163,11 +217,11 @@ def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):
   # Text through the stored tokenizer, BOS prepended, against transformers.
   text_file = tmp_path / "text.txt"
   text_file.write_text("the attention window of the local layer scales the rotary query")
-  assert cli.main(["score", "--model_dir", str(out), "--text-file", str(text_file),
-                   "--json"]) == 0
+  assert cli.main(["score", "--model_dir", str(out), "--text-file", str(text_file), "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   ids = [t["id"] for t in result["tokens"]]
   import sentencepiece as spm
+
   sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
   assert result["bos_prepended"] and ids == [sp.bos_id()] + sp.encode(text_file.read_text())
   ours = np.array([t["logprob"] for t in result["tokens"][1:]])
@@ -182,6 +236,7 @@ def test_llama_gqa_sharded_through_cli_and_score(tmp_path, capsys):
 
 def _resave_tensors(hf_dir, edit):
   from safetensors.numpy import save_file
+
   tensors = dict(hf_import.load_safetensors(hf_dir))
   edit(tensors)
   for f in hf_dir.glob("*.safetensors"):
@@ -198,6 +253,7 @@ def gemma_dir(tmp_path_factory):
 
 def _copy(src, dst):
   import shutil
+
   shutil.copytree(src, dst)
   return dst
 
@@ -209,29 +265,35 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(gemma_dir, tmp_path)
     del t["model.layers.1.mlp.up_proj.weight"]
     t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"]
     t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+
   _resave_tensors(hf_dir, edit)
   with pytest.raises(hf_import.HFImportError) as e:
     hf_import.import_hf(hf_dir)
   message = str(e.value)
   assert "missing (1): model.layers.1.mlp.up_proj.weight" in message
   assert "unexpected (1): model.layers.0.self_attn.q_proj.bias" in message
-  assert "model.layers.0.self_attn.k_proj.weight: shape (64, 64), config.json implies (16, 64)" \
-      in message
+  assert (
+    "model.layers.0.self_attn.k_proj.weight: shape (64, 64), config.json implies (16, 64)"
+    in message
+  )
 
 
 def test_bfloat16_checkpoint_imports_exactly(gemma_dir, tmp_path):
   import ml_dtypes
+
   hf_dir = _copy(gemma_dir, tmp_path / "hf")
-  _resave_tensors(hf_dir, lambda t: t.update(
-      {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+  _resave_tensors(
+    hf_dir, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+  )
   ref = {n: np.asarray(a) for n, a in io.flat_params(hf_import.import_hf(gemma_dir)[0]).items()}
   for param_dtype, want in (("float32", np.float32), ("bfloat16", ml_dtypes.bfloat16)):
     model, config, _ = hf_import.import_hf(hf_dir, param_dtype=param_dtype)
     assert config.param_dtype == param_dtype
     for name, value in io.flat_params(model).items():
       assert value.dtype == want, name
-      np.testing.assert_array_equal(np.asarray(value, np.float32),
-                                    ref[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+      np.testing.assert_array_equal(
+        np.asarray(value, np.float32), ref[name].astype(ml_dtypes.bfloat16).astype(np.float32)
+      )
 
 
 def test_head_dim_mismatch_is_named(gemma_dir, tmp_path):
@@ -239,15 +301,18 @@ def test_head_dim_mismatch_is_named(gemma_dir, tmp_path):
   config = json.loads((hf_dir / "config.json").read_text())
   config["head_dim"] = 8
   (hf_dir / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf_import.HFImportError, match="config.json gives head_dim 8 but q_proj "
-                     "has 64 rows for 4 heads, i.e. head_dim 16"):
+  with pytest.raises(
+    hf_import.HFImportError,
+    match="config.json gives head_dim 8 but q_proj has 64 rows for 4 heads, i.e. head_dim 16",
+  ):
     hf_import.import_hf(hf_dir)
 
 
 def test_tied_lm_head_must_equal_the_embedding(gemma_dir, tmp_path):
   hf_dir = _copy(gemma_dir, tmp_path / "hf")
-  _resave_tensors(hf_dir, lambda t: t.update(
-      {"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+  _resave_tensors(
+    hf_dir, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1})
+  )
   with pytest.raises(hf_import.HFImportError, match="lm_head.weight differs"):
     hf_import.import_hf(hf_dir)
 
@@ -270,25 +335,42 @@ def _hf_config(family, **changes):
   return config
 
 
-@pytest.mark.parametrize("family,changes,match", [
-    ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     "rope_type 'llama3'"),
+@pytest.mark.parametrize(
+  "family,changes,match",
+  [
+    (
+      "llama",
+      dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+      "rope_type 'llama3'",
+    ),
     ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_type 'linear'"),
     ("llama", dict(attention_bias=True), "attention_bias"),
     ("llama", dict(mlp_bias=True), "mlp_bias"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     ("gemma2", dict(hidden_activation="gelu"), "activation 'gelu'"),
-    ("gemma2", dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]),
-     "chunked_attention"),
+    (
+      "gemma2",
+      dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]),
+      "chunked_attention",
+    ),
     ("gemma2", dict(sliding_window=None), "sliding_window"),
-    ("gemma", dict(model_type="mistral", architectures=["MistralForCausalLM"]),
-     "unsupported model_type 'mistral'"),
+    (
+      "gemma",
+      dict(model_type="mistral", architectures=["MistralForCausalLM"]),
+      "unsupported model_type 'mistral'",
+    ),
     ("gemma", dict(architectures=["GemmaForSequenceClassification"]), "GemmaForCausalLM"),
     ("gemma", dict(num_attention_heads=3, num_key_value_heads=2), "multiple of num_kv_heads"),
     ("gemma", dict(head_dim=15), "even head_dim"),
-    ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                    "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
-])
+    (
+      "llama",
+      dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+      ),
+      "partial_rotary_factor",
+    ),
+  ],
+)
 def test_unsupported_configs_are_refused(family, changes, match):
   with pytest.raises(hf_import.HFImportError, match=match):
     hf_import.config_from_hf(_hf_config(family, **changes))

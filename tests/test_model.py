@@ -21,16 +21,29 @@ def model_and_tokens(config, length=24, batch=2, seed=0):
 
 
 VARIANTS = {
-    "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
-    "gemma2": dict(norm_placement="pre_post", attention_pattern=("local", "global"), window=5,
-                   attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0),
-    "llama": dict(activation="swiglu", mlp_dim=0, mlp_multiple_of=16, tie_embeddings=False,
-                  scale_embeddings=False, num_kv_heads=4),
-    "post_layernorm_learned": dict(norm="layernorm", norm_placement="post",
-                                   position_embedding="learned", activation="relu"),
-    "no_norm_no_positions": dict(norm="none", position_embedding="none", activation="relu2"),
-    "gelu_reglu_mix": dict(activation="reglu"),
-    "gelu": dict(activation="gelu"),
+  "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
+  "gemma2": dict(
+    norm_placement="pre_post",
+    attention_pattern=("local", "global"),
+    window=5,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    query_pre_attn_scalar=12.0,
+  ),
+  "llama": dict(
+    activation="swiglu",
+    mlp_dim=0,
+    mlp_multiple_of=16,
+    tie_embeddings=False,
+    scale_embeddings=False,
+    num_kv_heads=4,
+  ),
+  "post_layernorm_learned": dict(
+    norm="layernorm", norm_placement="post", position_embedding="learned", activation="relu"
+  ),
+  "no_norm_no_positions": dict(norm="none", position_embedding="none", activation="relu2"),
+  "gelu_reglu_mix": dict(activation="reglu"),
+  "gelu": dict(activation="gelu"),
 }
 
 
@@ -50,8 +63,9 @@ def test_local_layer_with_window_at_least_length_equals_global():
   length = 16
   local = tiny_config(attention_pattern=("local",), window=length)
   model, tokens = model_and_tokens(local, length=length)
-  as_global = Transformer(local.replace(attention_pattern=("global",), window=None),
-                          rngs=nnx.Rngs(0))
+  as_global = Transformer(
+    local.replace(attention_pattern=("global",), window=None), rngs=nnx.Rngs(0)
+  )
   np.testing.assert_allclose(model(tokens), as_global(tokens), atol=1e-6)
   short = Transformer(local.replace(window=4), rngs=nnx.Rngs(0))
   assert not np.allclose(short(tokens), model(tokens))
@@ -89,8 +103,9 @@ def test_attention_implementations_agree():
   b = Transformer(windowed.replace(attention_impl="dot_product_attention"), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(a(tokens), b(tokens), atol=1e-5)
   segments = jnp.array([[1] * 10 + [2] * 14] * 2)
-  np.testing.assert_allclose(a(tokens, segment_ids=segments), b(tokens, segment_ids=segments),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    a(tokens, segment_ids=segments), b(tokens, segment_ids=segments), atol=1e-5
+  )
 
 
 def test_kv_head_counts_select_mha_gqa_mqa():
@@ -111,8 +126,11 @@ def test_norm_placements_have_the_right_norms():
   for placement in ("pre", "post", "pre_post"):
     model = Transformer(tiny_config(norm_placement=placement), rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    counts[placement] = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(state)
-                            if "norm" in jax.tree_util.keystr(path))
+    counts[placement] = sum(
+      1
+      for path, _ in jax.tree_util.tree_leaves_with_path(state)
+      if "norm" in jax.tree_util.keystr(path)
+    )
   assert counts == {"pre": 2 * 2 + 1, "post": 2 * 2 + 1, "pre_post": 4 * 2 + 1}
 
 
@@ -130,10 +148,12 @@ def test_rope_is_relative():
   """Scores of rotated q, k depend only on the distance between their positions."""
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+
   def score(pq, pk):
     rq = apply_rope(q, jnp.array([[pq]]), 10_000.0)
     rk = apply_rope(k, jnp.array([[pk]]), 10_000.0)
     return float(jnp.sum(rq * rk))
+
   assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
   assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
 
@@ -170,14 +190,19 @@ def test_bfloat16_compute_keeps_float32_logits():
   assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     (dict(num_heads=3), "multiple of num_kv_heads"),
     (dict(activation="swish"), "activation must be one of"),
     (dict(norm_placement="middle"), "norm_placement must be one of"),
     (dict(attention_pattern=("local",)), "need a positive window"),
     (dict(attention_pattern=("global", "sliding")), "attention_pattern entry"),
     (dict(attn_softcap=50.0, attention_impl="dot_product_attention"), "soft-capping"),
-    (dict(attn_softcap=50.0, attention_impl="cudnn", dtype="bfloat16"), "soft-capping.*'blockwise'"),
+    (
+      dict(attn_softcap=50.0, attention_impl="cudnn", dtype="bfloat16"),
+      "soft-capping.*'blockwise'",
+    ),
     (dict(attention_impl="cudnn"), "bfloat16 or float16"),
     (dict(attention_impl="splash"), "head_dim a multiple of 128"),
     (dict(attention_impl="splash", head_dim=128, attention_block_q=100), "multiples of 128"),
@@ -187,14 +212,16 @@ def test_bfloat16_compute_keeps_float32_logits():
     (dict(mlp_dim=-1), "mlp_dim must be a positive int, or 0 for LLaMA's"),
     (dict(mlp_dim=0, mlp_multiple_of=0), "mlp_multiple_of must be a positive int"),
     (dict(head_dim=7), "even head_dim"),
-])
+  ],
+)
 def test_invalid_configs_are_clear_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
     tiny_config(**changes)
 
 
 def test_learned_positions_reject_sequences_beyond_the_table():
-  model, tokens = model_and_tokens(tiny_config(position_embedding="learned", max_seq_len=16),
-                                   length=20)
+  model, tokens = model_and_tokens(
+    tiny_config(position_embedding="learned", max_seq_len=16), length=20
+  )
   with pytest.raises(ValueError, match="exceeds max_seq_len"):
     model(tokens)

@@ -16,10 +16,18 @@ from launch import cli, gin_config
 from tests.tiny_spm import train_spm
 from tests.tiny_model import tiny_config
 
-CONFIG = tiny_config(vocab_size=320, norm_placement="pre_post", tie_embeddings=False,
-                     rms_scale_plus_one=True, attention_pattern=("local", "global"), window=5,
-                     attn_softcap=20.0, final_softcap=15.0, query_pre_attn_scalar=12.0,
-                     norm_eps=1e-5)
+CONFIG = tiny_config(
+  vocab_size=320,
+  norm_placement="pre_post",
+  tie_embeddings=False,
+  rms_scale_plus_one=True,
+  attention_pattern=("local", "global"),
+  window=5,
+  attn_softcap=20.0,
+  final_softcap=15.0,
+  query_pre_attn_scalar=12.0,
+  norm_eps=1e-5,
+)
 
 
 def random_model(config, seed=0):
@@ -29,8 +37,10 @@ def random_model(config, seed=0):
   compiles every op and costs seconds per model on a small CPU.
   """
   rng = np.random.default_rng(seed)
-  params = {name: rng.normal(0.0, 0.3, shape).astype(np.float32)
-            for name, (shape, _) in io.expected_shapes(config).items()}
+  params = {
+    name: rng.normal(0.0, 0.3, shape).astype(np.float32)
+    for name, (shape, _) in io.expected_shapes(config).items()
+  }
   return io.model_from_params(config, params)
 
 
@@ -40,8 +50,13 @@ def saved(tmp_path_factory):
   root = tmp_path_factory.mktemp("io")
   tokenizer = train_spm(root)
   model = random_model(CONFIG)
-  out = io.save_model(root / "model", model, CONFIG, tokenizer_path=tokenizer,
-                      metadata={"source": "test:random", "step": 0})
+  out = io.save_model(
+    root / "model",
+    model,
+    CONFIG,
+    tokenizer_path=tokenizer,
+    metadata={"source": "test:random", "step": 0},
+  )
   return out, model, tokenizer
 
 
@@ -72,10 +87,13 @@ def test_round_trip_gives_identical_logits(saved):
   assert meta["source"] == "test:random" and meta["metadata"] == {"step": 0}
   assert meta["tokenizer_sha256"] == io.file_sha256(tokenizer)
   assert meta["tokenizer_path"] == str(out / "tokenizer.model")
-  assert meta["param_counts"]["total"] == sum(
-      np.size(a) for a in io.flat_params(model).values())
+  assert meta["param_counts"]["total"] == sum(np.size(a) for a in io.flat_params(model).values())
   assert sorted(p.name for p in out.iterdir()) == [
-      "ablax_model.json", "model.gin", "params", "tokenizer.model"]
+    "ablax_model.json",
+    "model.gin",
+    "params",
+    "tokenizer.model",
+  ]
 
 
 def test_model_gin_rebuilds_the_same_config(saved):
@@ -181,8 +199,9 @@ def test_bfloat16_params_round_trip(tmp_path):
   loaded, _, _ = io.load_model(tmp_path / "bf16")
   for name, value in io.flat_params(loaded).items():
     assert value.dtype == jax.numpy.bfloat16, name
-    np.testing.assert_array_equal(np.asarray(value, np.float32),
-                                  np.asarray(io.flat_params(model)[name], np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(value, np.float32), np.asarray(io.flat_params(model)[name], np.float32)
+    )
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -192,8 +211,11 @@ def test_token_logprobs_convention(saved):
   _, model, _ = saved
   ids = tokens()
   logits = logits_of(model, [ids])[0]
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  logp = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   want = np.array([logp[i, ids[i + 1]] for i in range(len(ids) - 1)])
   got = score.token_logprobs(model, ids)
   assert got.shape == (len(ids) - 1,)
@@ -210,11 +232,14 @@ def test_token_logprobs_convention(saved):
 def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
   out, model, tokenizer = saved
   import sentencepiece as spm
+
   sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
   text = "the model reads a window of tokens\nand predicts the next one"
   (tmp_path / "t.txt").write_text(text)
-  assert cli.main(["score", "--model_dir", str(out), "--text-file",
-                   str(tmp_path / "t.txt"), "--json"]) == 0
+  assert (
+    cli.main(["score", "--model_dir", str(out), "--text-file", str(tmp_path / "t.txt"), "--json"])
+    == 0
+  )
   result = json.loads(capsys.readouterr().out)
   ids = [t["id"] for t in result["tokens"]]
   assert ids == [sp.bos_id()] + sp.encode(text) and result["bos_prepended"]
@@ -226,8 +251,10 @@ def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
   assert result["total_logprob"] == pytest.approx(values.sum(), abs=1e-5)
 
   # The table form prints every token and the total; --no_bos scores one fewer.
-  assert cli.main(["score", "--model_dir", str(out), "--text-file", str(tmp_path / "t.txt"),
-                   "--no_bos"]) == 0
+  assert (
+    cli.main(["score", "--model_dir", str(out), "--text-file", str(tmp_path / "t.txt"), "--no_bos"])
+    == 0
+  )
   table = capsys.readouterr().out.splitlines()
   assert table[0].split() == ["index", "id", "logprob", "piece"]
   assert len(table) == 1 + (len(ids) - 1) + 1 and table[1].split()[2] == "-"
@@ -237,16 +264,20 @@ def test_score_cli_text_with_stored_tokenizer(saved, tmp_path, capsys):
 def test_score_cli_ids_file(saved, tmp_path, capsys):
   out, model, _ = saved
   ids = tokens(12, seed=5)
-  (tmp_path / "ids.txt").write_text(", ".join(map(str, ids[:6])) + "\n" +
-                                    " ".join(map(str, ids[6:])) + "\n")
+  (tmp_path / "ids.txt").write_text(
+    ", ".join(map(str, ids[:6])) + "\n" + " ".join(map(str, ids[6:])) + "\n"
+  )
   (tmp_path / "ids.json").write_text(json.dumps(ids))
   for name in ("ids.txt", "ids.json"):
-    assert cli.main(["score", "--model_dir", str(out), "--ids-file", str(tmp_path / name),
-                     "--json"]) == 0
+    assert (
+      cli.main(["score", "--model_dir", str(out), "--ids-file", str(tmp_path / name), "--json"])
+      == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [t["id"] for t in result["tokens"]] == ids and not result["bos_prepended"]
-    np.testing.assert_allclose([t["logprob"] for t in result["tokens"][1:]],
-                               score.token_logprobs(model, ids), atol=1e-6)
+    np.testing.assert_allclose(
+      [t["logprob"] for t in result["tokens"][1:]], score.token_logprobs(model, ids), atol=1e-6
+    )
 
 
 def test_score_cli_errors(saved, tmp_path, capsys):
@@ -261,16 +292,26 @@ def test_score_cli_errors(saved, tmp_path, capsys):
     assert err.startswith("ablax score: ")
     return err
 
-  assert "has no tokenizer" in fails("--model_dir", str(tmp_path / "small"),
-                                     "--text-file", str(tmp_path / "t.txt"))
-  err = fails("--model_dir", str(tmp_path / "small"), "--text-file", str(tmp_path / "t.txt"),
-              "--tokenizer", str(tokenizer))
+  assert "has no tokenizer" in fails(
+    "--model_dir", str(tmp_path / "small"), "--text-file", str(tmp_path / "t.txt")
+  )
+  err = fails(
+    "--model_dir",
+    str(tmp_path / "small"),
+    "--text-file",
+    str(tmp_path / "t.txt"),
+    "--tokenizer",
+    str(tokenizer),
+  )
   assert "300 ids" in err and "vocab_size is 200" in err
   (tmp_path / "ids.txt").write_text("1 2 999")
-  assert "outside the model's vocabulary" in fails("--model_dir", str(out), "--ids-file",
-                                                   str(tmp_path / "ids.txt"))
+  assert "outside the model's vocabulary" in fails(
+    "--model_dir", str(out), "--ids-file", str(tmp_path / "ids.txt")
+  )
   (tmp_path / "bad.txt").write_text("1 two 3")
-  assert "expected integers" in fails("--model_dir", str(out), "--ids-file",
-                                      str(tmp_path / "bad.txt"))
-  assert "not an ablax model directory" in fails("--model_dir", str(tmp_path), "--ids-file",
-                                                 str(tmp_path / "ids.txt"))
+  assert "expected integers" in fails(
+    "--model_dir", str(out), "--ids-file", str(tmp_path / "bad.txt")
+  )
+  assert "not an ablax model directory" in fails(
+    "--model_dir", str(tmp_path), "--ids-file", str(tmp_path / "ids.txt")
+  )

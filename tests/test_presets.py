@@ -21,17 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 # LLaMA (Table 2) rounds to 6.7B .. 65.2B; the exact totals are those of the
 # released checkpoints, which the paper's sizes round.
 PUBLISHED = {
-    "gemma_2b": (524_550_144, 1_981_884_416),
-    "gemma_7b": (786_825_216, 7_751_248_896),
-    "gemma2_2b": (590_118_912, 2_024_517_888),
-    "gemma2_9b": (917_962_752, 8_324_201_984),
-    "gemma2_27b": (1_180_237_824, 26_047_480_320),
+  "gemma_2b": (524_550_144, 1_981_884_416),
+  "gemma_7b": (786_825_216, 7_751_248_896),
+  "gemma2_2b": (590_118_912, 2_024_517_888),
+  "gemma2_9b": (917_962_752, 8_324_201_984),
+  "gemma2_27b": (1_180_237_824, 26_047_480_320),
 }
 LLAMA_TOTALS = {
-    "llama_7b": (6_738_415_616, "6.7B"),
-    "llama_13b": (13_015_864_320, "13.0B"),
-    "llama_33b": (32_528_943_616, "32.5B"),
-    "llama_65b": (65_285_660_672, "65.2B"),
+  "llama_7b": (6_738_415_616, "6.7B"),
+  "llama_13b": (13_015_864_320, "13.0B"),
+  "llama_33b": (32_528_943_616, "32.5B"),
+  "llama_65b": (65_285_660_672, "65.2B"),
 }
 
 
@@ -62,23 +62,44 @@ def test_llama_presets_equal_released_totals(name):
 @pytest.mark.parametrize("name", ["tiny_gemma", "tiny_gemma2", "tiny_llama"])
 def test_abstract_model_has_the_initialized_models_parameters(name):
   """param_counts reads the abstract model: its leaves are the real model's, path for path."""
+
   def shapes(model):
     state = nnx.state(model, nnx.Param)
-    return {jax.tree_util.keystr(path): (tuple(x.shape), x.dtype)
-            for path, x in jax.tree_util.tree_leaves_with_path(state)}
+    return {
+      jax.tree_util.keystr(path): (tuple(x.shape), x.dtype)
+      for path, x in jax.tree_util.tree_leaves_with_path(state)
+    }
+
   config = build_preset(name)
   abstract = abstract_model(config)
-  assert all(isinstance(x, jax.ShapeDtypeStruct)
-             for x in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param)))
+  assert all(
+    isinstance(x, jax.ShapeDtypeStruct)
+    for x in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param))
+  )
   assert shapes(abstract) == shapes(Transformer(config, rngs=nnx.Rngs(0)))
 
 
 def test_params_cli_prints_json():
   out = subprocess.run(
-      [sys.executable, "-m", "launch.cli", "params", "--gin_file", "gin/models/gemma_7b.gin",
-       "--json"], cwd=REPO, capture_output=True, text=True, check=True)
-  assert json.loads(out.stdout) == {"embedding": 786_825_216, "non_embedding": 7_751_248_896,
-                                    "total": 786_825_216 + 7_751_248_896}
+    [
+      sys.executable,
+      "-m",
+      "launch.cli",
+      "params",
+      "--gin_file",
+      "gin/models/gemma_7b.gin",
+      "--json",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert json.loads(out.stdout) == {
+    "embedding": 786_825_216,
+    "non_embedding": 7_751_248_896,
+    "total": 786_825_216 + 7_751_248_896,
+  }
 
 
 def test_gin_param_overrides_preset():
@@ -89,10 +110,23 @@ def test_gin_param_overrides_preset():
 
 
 def test_tiny_presets_differ_from_big_sibling_only_in_sizes():
-  size_fields = {"vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "max_seq_len", "window", "mlp_multiple_of"}
-  for tiny, big in [("tiny_gemma", "gemma_2b"), ("tiny_gemma2", "gemma2_2b"),
-                    ("tiny_llama", "llama_7b")]:
+  size_fields = {
+    "vocab_size",
+    "embed_dim",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "max_seq_len",
+    "window",
+    "mlp_multiple_of",
+  }
+  for tiny, big in [
+    ("tiny_gemma", "gemma_2b"),
+    ("tiny_gemma2", "gemma2_2b"),
+    ("tiny_llama", "llama_7b"),
+  ]:
     gin.clear_config()
     a = build_preset(tiny).to_dict()
     gin.clear_config()

@@ -22,7 +22,7 @@ include 'gin/models/tiny_llama.gin'
 config.ModelConfig.num_layers = 2
 """
 
-FAKE_TRAIN = r'''
+FAKE_TRAIN = r"""
 import argparse, json, os
 from pathlib import Path
 from mlflow.tracking import MlflowClient
@@ -48,7 +48,7 @@ metrics = [Metric(k, m.value * (scale if k == "train/loss" else 1), 0, m.step)
 c.log_batch(run_id, metrics=metrics, synchronous=True)
 c.log_artifact(run_id, os.environ["FAKE_MANIFEST"], "data")
 c.set_terminated(run_id, "FINISHED")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +61,20 @@ def store(tmp_path_factory):
 def original(tmp_path, store, monkeypatch):
   """A finished run with a config artifact, a data manifest and loss/throughput curves."""
   from mlflow.entities import Metric
+
   monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
   c = runs_lib.client(store)
   exp = c.create_experiment(f"repro-{tmp_path.name}", artifact_location=(tmp_path / "art").as_uri())
-  run = c.create_run(exp, run_name="orig", tags={"git.commit": "abc", "pkg.jax": "0.0.1",
-                                                  "ablax.env.XLA_FLAGS": "--xla_test_flag=1",
-                                                  "ablax.cpus": "1"})
+  run = c.create_run(
+    exp,
+    run_name="orig",
+    tags={
+      "git.commit": "abc",
+      "pkg.jax": "0.0.1",
+      "ablax.env.XLA_FLAGS": "--xla_test_flag=1",
+      "ablax.cpus": "1",
+    },
+  )
   run_id = run.info.run_id
   (tmp_path / "config").mkdir()
   (tmp_path / "config" / "operative_config.gin").write_text(CONFIG)
@@ -75,9 +83,12 @@ def original(tmp_path, store, monkeypatch):
   manifest = tmp_path / "data" / "manifest.json"
   manifest.write_text(json.dumps({"fingerprint": "f1", "python": "3.11"}))
   c.log_artifact(run_id, str(manifest), "data")
-  c.log_batch(run_id, metrics=[Metric("train/loss", 5.0 - 0.1 * s, 0, s) for s in range(1, 6)]
-              + [Metric("train/tokens_per_s", 1000.0 + s, 0, s) for s in range(1, 6)],
-              synchronous=True)
+  c.log_batch(
+    run_id,
+    metrics=[Metric("train/loss", 5.0 - 0.1 * s, 0, s) for s in range(1, 6)]
+    + [Metric("train/tokens_per_s", 1000.0 + s, 0, s) for s in range(1, 6)],
+    synchronous=True,
+  )
   c.set_terminated(run_id, "FINISHED")
   return c, run_id
 
@@ -91,8 +102,17 @@ def reproduce(tmp_path, monkeypatch, run_id, scale="1", extra=()):
   monkeypatch.setenv("FAKE_SOURCE", run_id)
   monkeypatch.setenv("FAKE_SCALE", scale)
   monkeypatch.setenv("FAKE_MANIFEST", str(manifest))
-  return cli.main(["reproduce", run_id, "--workdir", str(tmp_path / f"w{scale}"),
-                   "--train_command", f"{sys.executable} {script}", *extra])
+  return cli.main(
+    [
+      "reproduce",
+      run_id,
+      "--workdir",
+      str(tmp_path / f"w{scale}"),
+      "--train_command",
+      f"{sys.executable} {script}",
+      *extra,
+    ]
+  )
 
 
 def test_identical_rerun_is_linked_and_reported(tmp_path, monkeypatch, capsys, original):
@@ -102,13 +122,15 @@ def test_identical_rerun_is_linked_and_reported(tmp_path, monkeypatch, capsys, o
   assert "IDENTICAL: 1 metric curves, 5 values" in out  # tokens/s is not compared
   assert "code differs now: git.commit: 'abc'" in err
   assert "environment differs now: pkg.jax: '0.0.1'" in err
-  reruns = c.search_runs([c.get_run(run_id).info.experiment_id],
-                         f"tags.`{runs_lib.REPRODUCES_TAG}` = '{run_id}'")
+  reruns = c.search_runs(
+    [c.get_run(run_id).info.experiment_id], f"tags.`{runs_lib.REPRODUCES_TAG}` = '{run_id}'"
+  )
   assert len(reruns) == 1
   new = reruns[0]
   assert new.info.status == "FINISHED" and new.data.tags["ablax.reproduce.result"] == "identical"
   assert {f.path for f in c.list_artifacts(new.info.run_id, "reproduce")} == {
-      "reproduce/report.json"}
+    "reproduce/report.json"
+  }
 
 
 def test_different_curves_give_max_relative_difference(tmp_path, monkeypatch, capsys, original):
@@ -137,24 +159,57 @@ def test_missing_run_or_config_fails_before_training(tmp_path, capsys, store, mo
 def test_history_comparison_units():
   assert repro.rel_diff(2.0, 2.0) == 0.0 and repro.rel_diff(1.0, 1.1) == pytest.approx(0.1 / 1.1)
   assert repro.dict_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "d": 3}) == [
-      "a.b: 1 -> 2", "c only in the original", "d only in the re-run"]
-  diffs = repro.tag_differences({"git.commit": "a", "python": "3.11", "mlflow.user": "x"},
-                                {"git.commit": "b", "python": "3.12", "mlflow.user": "y"})
+    "a.b: 1 -> 2",
+    "c only in the original",
+    "d only in the re-run",
+  ]
+  diffs = repro.tag_differences(
+    {"git.commit": "a", "python": "3.11", "mlflow.user": "x"},
+    {"git.commit": "b", "python": "3.12", "mlflow.user": "y"},
+  )
   assert diffs == {"code": [("git.commit", "a", "b")], "environment": [("python", "3.11", "3.12")]}
 
 
 @pytest.mark.slow
 def test_real_tiny_run_reproduces_identically(tmp_path, _mlflow_store):
-  train = [sys.executable, "-m", "launch.cli", "train", "--gin_file",
-           "gin/experiments/tiny_llama.gin", "--workdir", str(tmp_path / "orig"),
-           "--tracking_uri", _mlflow_store]
-  for p in ("num_steps = 4", "log_every = 1", "eval_every = 0", "eval_batches = 1",
-            "checkpoint_every = 0", "export_model = False"):
+  train = [
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "train",
+    "--gin_file",
+    "gin/experiments/tiny_llama.gin",
+    "--workdir",
+    str(tmp_path / "orig"),
+    "--tracking_uri",
+    _mlflow_store,
+  ]
+  for p in (
+    "num_steps = 4",
+    "log_every = 1",
+    "eval_every = 0",
+    "eval_batches = 1",
+    "checkpoint_every = 0",
+    "export_model = False",
+  ):
     train += ["--gin_param", f"core.train.loop.train.{p}"]
   subprocess.run(train, check=True, capture_output=True, cwd=cli.__file__.rsplit("/launch", 1)[0])
   run_id = json.loads((tmp_path / "orig" / "run.json").read_text())["mlflow_run_id"]
-  out = subprocess.run([sys.executable, "-m", "launch.cli", "reproduce", run_id, "--workdir",
-                        str(tmp_path / "again"), "--tracking_uri", _mlflow_store],
-                       capture_output=True, text=True, cwd=cli.__file__.rsplit("/launch", 1)[0])
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.cli",
+      "reproduce",
+      run_id,
+      "--workdir",
+      str(tmp_path / "again"),
+      "--tracking_uri",
+      _mlflow_store,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=cli.__file__.rsplit("/launch", 1)[0],
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "IDENTICAL" in out.stdout and "train/loss" in out.stdout

@@ -12,13 +12,26 @@ from core.model.transformer import Transformer
 from tests.tiny_model import tiny_config
 
 VARIANTS = {
-    "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
-    # window 4 < sequence length: local layers must forget what left the window.
-    "gemma2": dict(norm_placement="pre_post", attention_pattern=("local", "global"), window=4,
-                   attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0),
-    "llama": dict(activation="swiglu", mlp_dim=0, mlp_multiple_of=16, tie_embeddings=False,
-                  scale_embeddings=False, num_kv_heads=4, rms_scale_plus_one=False),
-    "learned_positions": dict(position_embedding="learned", norm="layernorm", activation="relu"),
+  "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
+  # window 4 < sequence length: local layers must forget what left the window.
+  "gemma2": dict(
+    norm_placement="pre_post",
+    attention_pattern=("local", "global"),
+    window=4,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    query_pre_attn_scalar=12.0,
+  ),
+  "llama": dict(
+    activation="swiglu",
+    mlp_dim=0,
+    mlp_multiple_of=16,
+    tie_embeddings=False,
+    scale_embeddings=False,
+    num_kv_heads=4,
+    rms_scale_plus_one=False,
+  ),
+  "learned_positions": dict(position_embedding="learned", norm="layernorm", activation="relu"),
 }
 
 
@@ -45,15 +58,15 @@ def full_logits(model, sequences, width: int = 32, rows: int = 4) -> list[np.nda
   """
   tokens = np.zeros((rows, width), np.int32)
   for r, seq in enumerate(sequences):
-    tokens[r, :len(seq)] = seq
+    tokens[r, : len(seq)] = seq
   graphdef, state = nnx.split(model)
   logits = np.asarray(_forward(graphdef, state, jnp.asarray(tokens)))
-  return [logits[r, :len(seq)] for r, seq in enumerate(sequences)]
+  return [logits[r, : len(seq)] for r, seq in enumerate(sequences)]
 
 
-@pytest.mark.parametrize("variant", [
-    "gemma", "gemma2", "llama",
-    pytest.param("learned_positions", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "variant", ["gemma", "gemma2", "llama", pytest.param("learned_positions", marks=pytest.mark.slow)]
+)
 def test_cached_greedy_decoding_equals_full_recomputation(variant):
   model = tiny_model(variant)
   prompt = random_prompt(7, seed=1)
@@ -63,7 +76,7 @@ def test_cached_greedy_decoding_equals_full_recomputation(variant):
   # Logits are causal: one forward pass over prompt + generated text gives, at
   # position len(prompt) - 1 + t, what step t should have seen.
   full = full_logits(model, [prompt + new])[0]
-  steps = full[len(prompt) - 1:len(prompt) - 1 + len(new)]
+  steps = full[len(prompt) - 1 : len(prompt) - 1 + len(new)]
   np.testing.assert_allclose(gen.logits[0], steps, atol=1e-5, rtol=0)
   assert new == np.argmax(steps, axis=-1).tolist()
 
@@ -72,8 +85,7 @@ def test_cached_greedy_decoding_equals_full_recomputation(variant):
 def test_cached_and_uncached_generation_agree(variant):
   model = tiny_model(variant)
   prompts = [random_prompt(5, seed=2), random_prompt(9, seed=3)]
-  kwargs = dict(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=4,
-                return_logits=True)
+  kwargs = dict(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=4, return_logits=True)
   cached = generate(model, prompts, **kwargs)
   uncached = generate(model, prompts, use_cache=False, **kwargs)
   assert cached.tokens == uncached.tokens
@@ -86,7 +98,7 @@ def test_left_padded_batch_equals_one_prompt_at_a_time():
   batch = generate(model, prompts, max_new_tokens=10, return_logits=True)
   fulls = full_logits(model, [p + t for p, t in zip(prompts, batch.tokens)])
   for r, prompt in enumerate(prompts):
-    steps = fulls[r][len(prompt) - 1:len(prompt) - 1 + 10]
+    steps = fulls[r][len(prompt) - 1 : len(prompt) - 1 + 10]
     np.testing.assert_allclose(batch.logits[r], steps, atol=1e-5, rtol=0)
     assert batch.tokens[r] == np.argmax(steps, axis=-1).tolist()
 
@@ -105,7 +117,7 @@ def test_prefill_in_chunks_equals_one_forward_pass():
   cache = init_cache(model.config, batch=2, max_len=24)
   pieces = []
   for start in range(0, 20, 5):
-    logits, cache = chunk(state, tokens[:, start:start + 5], cache)
+    logits, cache = chunk(state, tokens[:, start : start + 5], cache)
     pieces.append(logits)
   assert int(cache.index) == 20
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
@@ -117,7 +129,7 @@ def test_eos_stops_a_row_and_the_rest_go_on():
   free = generate(model, prompts, max_new_tokens=6)
   eos = free.tokens[0][2]  # the third token row 0 produces
   stopped = generate(model, prompts, max_new_tokens=6, eos_id=eos)
-  assert stopped.stopped[0] and stopped.tokens[0] == free.tokens[0][:free.tokens[0].index(eos)]
+  assert stopped.stopped[0] and stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(eos)]
   if eos not in free.tokens[1]:
     assert stopped.tokens[1] == free.tokens[1] and not stopped.stopped[1]
 

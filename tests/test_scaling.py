@@ -18,9 +18,16 @@ SIZES = np.geomspace(1e12, 3e13, 5)
 
 
 def _points(rng, sigma, seeds, sizes=SIZES, truth=TRUTH):
-  return [scaling.Run(f"s{i}", str(j), float(c),
-                      truth["E"] + truth["A"] * c ** -truth["alpha"] + rng.normal(0, sigma))
-          for i, c in enumerate(sizes) for j in range(seeds)]
+  return [
+    scaling.Run(
+      f"s{i}",
+      str(j),
+      float(c),
+      truth["E"] + truth["A"] * c ** -truth["alpha"] + rng.normal(0, sigma),
+    )
+    for i, c in enumerate(sizes)
+    for j in range(seeds)
+  ]
 
 
 def test_fit_recovers_known_parameters():
@@ -46,11 +53,12 @@ def test_fit_agrees_with_scipy_curve_fit():
   y = np.array([p.loss for p in pts])
   ours = scaling.fit(c, y)
   c0 = float(np.exp(np.mean(np.log(c))))
-  (e, a, al), _ = curve_fit(lambda x, e, a, al: e + a * (x / c0) ** -al, c, y, p0=[1.0, 1.0, 0.5],
-                            maxfev=20000)
+  (e, a, al), _ = curve_fit(
+    lambda x, e, a, al: e + a * (x / c0) ** -al, c, y, p0=[1.0, 1.0, 0.5], maxfev=20000
+  )
   assert ours.E == pytest.approx(e, rel=1e-5)
   assert ours.alpha == pytest.approx(al, rel=1e-5)
-  assert ours.A == pytest.approx(a * c0 ** al, rel=1e-4)
+  assert ours.A == pytest.approx(a * c0**al, rel=1e-4)
   assert ours.rss <= float(((e + a * (c / c0) ** -al - y) ** 2).sum()) * (1 + 1e-9)
 
 
@@ -80,7 +88,7 @@ def test_multiplier_inverts_the_baseline_curve():
   base = scaling.Fit(E=2.0, A=100.0, alpha=0.2, rss=0.0, n=0)
   better = scaling.Fit(E=2.0, A=80.0, alpha=0.2, rss=0.0, n=0)
   # 80 C^-0.2 = 100 (kC)^-0.2  ->  k = (100 / 80)^(1 / 0.2)
-  assert scaling.multiplier(base, better, 1e21) == pytest.approx(1.25 ** 5, rel=1e-9)
+  assert scaling.multiplier(base, better, 1e21) == pytest.approx(1.25**5, rel=1e-9)
   floor = scaling.Fit(E=1.0, A=1.0, alpha=0.2, rss=0.0, n=0)
   assert math.isinf(scaling.multiplier(base, floor, 1e21))  # below the baseline's floor
 
@@ -97,14 +105,29 @@ def test_ladders_too_small_or_too_narrow_are_refused():
 # ------------------------------------------------------------------ MLflow and the CLI
 
 
-def make_ladder(uri, tmp_path, sizes=SIZES[:4], name="lad", variants=(("relu", 0.05), ("swiglu", 0.0)),
-                seeds=(0, 1)):
+def make_ladder(
+  uri,
+  tmp_path,
+  sizes=SIZES[:4],
+  name="lad",
+  variants=(("relu", 0.05), ("swiglu", 0.0)),
+  seeds=(0, 1),
+):
   """A ladder sweep's records: variants x sizes x seeds; relu is 0.05 worse everywhere."""
   runs_lib.client(uri).create_experiment("lad", artifact_location=(tmp_path / "a").as_uri())
   baseline = "activation=relu,size=s0"
-  parent = RunTracker(uri, "lad", run_name=name, workdir=tmp_path / "sp",
-                      tags={runs_lib.SWEEP_TAG: name, runs_lib.ROLE_TAG: "parent",
-                            runs_lib.BASELINE_TAG: baseline, runs_lib.METRIC_TAG: "eval/loss"})
+  parent = RunTracker(
+    uri,
+    "lad",
+    run_name=name,
+    workdir=tmp_path / "sp",
+    tags={
+      runs_lib.SWEEP_TAG: name,
+      runs_lib.ROLE_TAG: "parent",
+      runs_lib.BASELINE_TAG: baseline,
+      runs_lib.METRIC_TAG: "eval/loss",
+    },
+  )
   parent_id = parent.start()
   parent.end()
   rng = np.random.default_rng(4)
@@ -115,23 +138,46 @@ def make_ladder(uri, tmp_path, sizes=SIZES[:4], name="lad", variants=(("relu", 0
         loss = TRUTH["E"] + shift + TRUTH["A"] * c ** -TRUTH["alpha"] + rng.normal(0, 0.003)
         variant = f"activation={act},size=s{i}"
         key = f"{variant}__seed-{seed}"
-        t = RunTracker(uri, "lad", run_name=key, workdir=tmp_path / f"sp-{key}",
-                       tags={runs_lib.PARENT_TAG: parent_id, runs_lib.POINT_TAG: key,
-                             runs_lib.VARIANT_TAG: variant, runs_lib.SEED_TAG: str(seed), runs_lib.SWEEP_TAG: name,
-                             runs_lib.INDEX_TAG: str(index)})
+        t = RunTracker(
+          uri,
+          "lad",
+          run_name=key,
+          workdir=tmp_path / f"sp-{key}",
+          tags={
+            runs_lib.PARENT_TAG: parent_id,
+            runs_lib.POINT_TAG: key,
+            runs_lib.VARIANT_TAG: variant,
+            runs_lib.SEED_TAG: str(seed),
+            runs_lib.SWEEP_TAG: name,
+            runs_lib.INDEX_TAG: str(index),
+          },
+        )
         index += 1
         with t:
           t.log_params({"activation": act, "size": f"s{i}", "seed": seed})
-          t.log_metrics({"train/flops": float(c), "eval/loss": loss,
-                         "energy/energy_kwh": c * 1e-17}, 1)
+          t.log_metrics(
+            {"train/flops": float(c), "eval/loss": loss, "energy/energy_kwh": c * 1e-17}, 1
+          )
   return parent_id
 
 
 def test_compare_scaling_cli(tmp_path, capsys):
   uri = f"sqlite:///{tmp_path / 'm.db'}"
   parent_id = make_ladder(uri, tmp_path)
-  rc = cli.main(["compare", "--sweep", "lad", "--scaling", "--tracking_uri", uri, "--n_boot", "200",
-                 "--plots_dir", str(tmp_path / "p")])
+  rc = cli.main(
+    [
+      "compare",
+      "--sweep",
+      "lad",
+      "--scaling",
+      "--tracking_uri",
+      uri,
+      "--n_boot",
+      "200",
+      "--plots_dir",
+      str(tmp_path / "p"),
+    ]
+  )
   out = capsys.readouterr().out
   assert rc == 0, out
   assert "activation=relu (baseline)" in out and "the same sign at every size" in out
@@ -140,18 +186,38 @@ def test_compare_scaling_cli(tmp_path, capsys):
   c = runs_lib.client(uri)
   m = c.get_run(parent_id).data.metrics
   assert m["scaling/activation_swiglu/delta_at"] == pytest.approx(-0.05, abs=0.01)
-  assert m["scaling/activation_swiglu/delta_at_low"] <= m["scaling/activation_swiglu/delta_at"] \
-      <= m["scaling/activation_swiglu/delta_at_high"]
+  assert (
+    m["scaling/activation_swiglu/delta_at_low"]
+    <= m["scaling/activation_swiglu/delta_at"]
+    <= m["scaling/activation_swiglu/delta_at_high"]
+  )
   assert m["scaling/activation_swiglu/sign_stable"] == 1.0
   # swiglu's predicted loss at 1e21 is under relu's floor E: no relu compute matches it.
   assert "activation=swiglu is worth infx compute" in out
   assert "scaling/activation_swiglu/multiplier" not in m  # inf is not logged
-  assert m["scaling/activation_relu/E_low"] <= m["scaling/activation_relu/E"] <= \
-      m["scaling/activation_relu/E_high"]
+  assert (
+    m["scaling/activation_relu/E_low"]
+    <= m["scaling/activation_relu/E"]
+    <= m["scaling/activation_relu/E_high"]
+  )
   artifacts = {a.path for a in c.list_artifacts(parent_id, "scaling")}
   assert {"scaling/scaling.png", "scaling/scaling.tex", "scaling/table.json"} <= artifacts
-  rc = cli.main(["compare", "--sweep", "lad", "--scaling", "--tracking_uri", uri, "--n_boot", "50",
-                 "--format", "latex", "--no_plots", "--no_log"])
+  rc = cli.main(
+    [
+      "compare",
+      "--sweep",
+      "lad",
+      "--scaling",
+      "--tracking_uri",
+      uri,
+      "--n_boot",
+      "50",
+      "--format",
+      "latex",
+      "--no_plots",
+      "--no_log",
+    ]
+  )
   tex = capsys.readouterr().out
   assert rc == 0 and r"\begin{tabular}" in tex and "train FLOPs" in tex and "energy kWh" in tex
 

@@ -18,22 +18,31 @@ from tests.tiny_model import tiny_config
 
 BASE = dict(num_layers=4)
 VARIANTS = {
-    # Gemma 2's (local, global) period with every soft-cap, scanned as 2 repeats of a pair.
-    "gemma2": dict(norm_placement="pre_post", attention_pattern=("local", "global"), window=5,
-                   attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=12.0,
-                   remat="full"),
-    # LLaMA: one global layer per period, GQA, untied, blocks saving matmul outputs.
-    "llama": dict(activation="swiglu", tie_embeddings=False, scale_embeddings=False,
-                  remat="save_dots"),
-    # A period of three, no remat.
-    "three": dict(num_layers=6, attention_pattern=("local", "local", "global"), window=3),
+  # Gemma 2's (local, global) period with every soft-cap, scanned as 2 repeats of a pair.
+  "gemma2": dict(
+    norm_placement="pre_post",
+    attention_pattern=("local", "global"),
+    window=5,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    query_pre_attn_scalar=12.0,
+    remat="full",
+  ),
+  # LLaMA: one global layer per period, GQA, untied, blocks saving matmul outputs.
+  "llama": dict(
+    activation="swiglu", tie_embeddings=False, scale_embeddings=False, remat="save_dots"
+  ),
+  # A period of three, no remat.
+  "three": dict(num_layers=6, attention_pattern=("local", "local", "global"), window=3),
 }
 
 
 def pair(variant):
   config = tiny_config(**{**BASE, **VARIANTS[variant]})
-  return (Transformer(config, rngs=nnx.Rngs(0)),
-          Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+  return (
+    Transformer(config, rngs=nnx.Rngs(0)),
+    Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)),
+  )
 
 
 def tokens(config, length=24, batch=2):
@@ -48,8 +57,7 @@ def close(a, b, what):
   # by about the scale itself (measured: swapped layers 1.3x, a window off by one 0.87x);
   # test_scan_tolerance_catches_a_swapped_layer checks that this margin still fails it.
   a, b = np.asarray(a), np.asarray(b)
-  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5 * max(np.abs(a).max(), 1e-30),
-                             err_msg=what)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5 * max(np.abs(a).max(), 1e-30), err_msg=what)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -71,8 +79,9 @@ def test_scanned_equals_unrolled_in_weights_logits_and_gradients(variant):
   close(nnx.jit(lambda m: m(ids))(unrolled), nnx.jit(lambda m: m(ids))(scanned), "logits")
   close(loss_u, loss_s, "loss")
   gu = {io._path_name(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads_u)}
-  gs = io.unstack_layers({io._path_name(p): g for p, g in jax.tree_util.tree_leaves_with_path(
-      grads_s)}, scanned.config)
+  gs = io.unstack_layers(
+    {io._path_name(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads_s)}, scanned.config
+  )
   assert gu.keys() == gs.keys()
   for name in gu:
     close(gu[name], gs[name], f"gradient of {name}")
@@ -117,10 +126,13 @@ def test_a_train_step_of_the_scanned_model_equals_the_unrolled_one():
   rules = partition.merged_rules()
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (4, 17))
-  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-           "segment_ids": np.ones((4, 16), np.int32),
-           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)),
-           "loss_mask": np.ones((4, 16), np.float32)}
+  batch = {
+    "inputs": ids[:, :-1],
+    "targets": ids[:, 1:],
+    "segment_ids": np.ones((4, 16), np.int32),
+    "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)),
+    "loss_mask": np.ones((4, 16), np.float32),
+  }
   # SGD: the update is proportional to the gradient (Adam would amplify last-bit
   # differences of near-zero gradients to whole steps).
   results = []
@@ -130,16 +142,16 @@ def test_a_train_step_of_the_scanned_model_equals_the_unrolled_one():
     step = builder.build((4, 16))
     for _ in range(2):
       state, metrics = step(state, batch, builder.step_inputs())
-    flat = {io._path_name(p): np.asarray(a)
-            for p, a in jax.tree_util.tree_leaves_with_path(state.params)}
+    flat = {
+      io._path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(state.params)
+    }
     if scan:
       flat = io.unstack_layers(flat, builder.config)
     results.append((float(metrics["loss"]), flat))
   (loss_u, params_u), (loss_s, params_s) = results
   close(loss_u, loss_s, "loss after 2 steps")
   for name in params_u:
-    np.testing.assert_allclose(params_u[name], params_s[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(params_u[name], params_s[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_scan_needs_whole_periods():

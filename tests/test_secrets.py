@@ -56,9 +56,9 @@ def server(tmp_path):
   srv.stop()
 
 
-def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(server, tmp_path, capsys,
-                                                                    monkeypatch,
-                                                                    clean_credentials):
+def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(
+  server, tmp_path, capsys, monkeypatch, clean_credentials
+):
   monkeypatch.setenv("XLA_FLAGS", "")  # one device per child process
   uri = server.uri.replace("http://", f"http://{USER}:{PASSWORD}@")
   # A train that opens its MLflow run, then fails on an unreadable checkpoint (before compiling).
@@ -67,8 +67,9 @@ def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(server, tmp_
   step = tmp_path / "t" / "checkpoints" / "2"
   step.mkdir(parents=True)
   (step / "_CHECKPOINT_METADATA").write_text('{"item_handlers": {}}')
-  code = cli.main(["train", "--gin_file", str(gin_file), "--workdir", str(tmp_path / "t"),
-                   "--tracking_uri", uri])
+  code = cli.main(
+    ["train", "--gin_file", str(gin_file), "--workdir", str(tmp_path / "t"), "--tracking_uri", uri]
+  )
   train_out = capsys.readouterr()
   assert code == 2, train_out.err[-2000:]
   record = json.loads((tmp_path / "t" / "run.json").read_text())
@@ -79,7 +80,8 @@ def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(server, tmp_
   # A sweep of one point whose child fails at once: sweep.json, the child's run.json and
   # its command line (the sweep's log names it) are written all the same.
   sweep = tmp_path / "s.gin"
-  sweep.write_text(textwrap.dedent(f"""\
+  sweep.write_text(
+    textwrap.dedent(f"""\
       from __gin__ import dynamic_registration
       import launch.sweep
       launch.sweep.Sweep:
@@ -88,9 +90,11 @@ def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(server, tmp_
         params = ['core.train.loop.train.num_steps = 0']
         axes = {{'lr': {{'a': ['core.train.optimizer.llama_adamw.peak_lr = 1e-2']}}}}
         seeds = [0]
-      """))
-  code = cli.main(["sweep", str(sweep), "--workdir", str(tmp_path / "s"), "--tracking_uri", uri,
-                   "--workers", "1"])
+      """)
+  )
+  code = cli.main(
+    ["sweep", str(sweep), "--workdir", str(tmp_path / "s"), "--tracking_uri", uri, "--workers", "1"]
+  )
   sweep_out = capsys.readouterr()
   assert code == 1, sweep_out.out[-2000:] + sweep_out.err[-2000:]  # its one point failed
   state = json.loads((tmp_path / "s" / "sweep.json").read_text())
@@ -100,8 +104,11 @@ def test_credentials_never_reach_run_json_sweep_json_argv_or_stdout(server, tmp_
   # The point's log starts with the child's command line: the URI is there, its password not.
   logs = [p.read_text() for p in (tmp_path / "s" / "logs").glob("*.log")]
   assert logs and all(f"--tracking_uri {server.uri}" in log for log in logs), logs
-  written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".log",
-                                                                           ".gin", ".sh", "")]
+  written = [
+    p
+    for p in tmp_path.rglob("*")
+    if p.is_file() and p.suffix in (".json", ".log", ".gin", ".sh", "")
+  ]
   for path in written:
     assert PASSWORD not in path.read_text(errors="replace"), path
   for text in (train_out.out, train_out.err, sweep_out.out, sweep_out.err):
@@ -149,8 +156,12 @@ def test_coordinator_listens_on_loopback_only(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   env.pop("JAX_COORDINATOR_BIND_ADDRESS", None)
   proc = subprocess.Popen(
-      [sys.executable, "-c", _COORDINATOR.format(repo=str(REPO), address=f"localhost:{port}")],
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    [sys.executable, "-c", _COORDINATOR.format(repo=str(REPO), address=f"localhost:{port}")],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.monotonic() + 120
     addresses: set[str] = set()
@@ -174,12 +185,18 @@ def test_create_database_gives_psql_no_password_in_argv(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   fake = bin_dir / "psql"
-  fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n'
-                  f'cat > {tmp_path}/script\n')
+  fake.write_text(
+    f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\ncat > {tmp_path}/script\n'
+  )
   fake.chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", MLFLOW_DB_PASSWORD=PASSWORD)
-  out = subprocess.run(["bash", str(REPO / "deploy" / "mlflow_postgres" / "create_database.sh"),
-                        "-h", "db.internal"], env=env, capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    ["bash", str(REPO / "deploy" / "mlflow_postgres" / "create_database.sh"), "-h", "db.internal"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   argv = (tmp_path / "argv").read_text()
   assert "db.internal" in argv and PASSWORD not in argv
@@ -189,17 +206,29 @@ def test_create_database_gives_psql_no_password_in_argv(tmp_path):
 def test_start_server_gives_mlflow_no_store_uri_in_argv(tmp_path):
   """`mlflow server` gets the store URI (with its password) from MLFLOW_BACKEND_STORE_URI."""
   fake = tmp_path / "mlflow"
-  fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n'
-                  f'printf "%s" "$MLFLOW_BACKEND_STORE_URI" > {tmp_path}/env_uri\n')
+  fake.write_text(
+    f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n'
+    f'printf "%s" "$MLFLOW_BACKEND_STORE_URI" > {tmp_path}/env_uri\n'
+  )
   fake.chmod(0o755)
   # The script checks the PostgreSQL driver with the python beside MLFLOW_BIN: say it is there.
   (tmp_path / "python").write_text("#!/bin/sh\nexit 0\n")
   (tmp_path / "python").chmod(0o755)
   store = f"postgresql://mlflow:{PASSWORD}@127.0.0.1:5432/mlflow"
-  env = dict(os.environ, MLFLOW_BIN=str(fake), MLFLOW_BACKEND_STORE_URI=store,
-             MLFLOW_FOREGROUND="1", MLFLOW_SERVER_DIR=str(tmp_path / "server"))
-  out = subprocess.run(["bash", str(REPO / "deploy" / "mlflow_postgres" / "start_server.sh")],
-                       env=env, capture_output=True, text=True, timeout=60)
+  env = dict(
+    os.environ,
+    MLFLOW_BIN=str(fake),
+    MLFLOW_BACKEND_STORE_URI=store,
+    MLFLOW_FOREGROUND="1",
+    MLFLOW_SERVER_DIR=str(tmp_path / "server"),
+  )
+  out = subprocess.run(
+    ["bash", str(REPO / "deploy" / "mlflow_postgres" / "start_server.sh")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   argv = (tmp_path / "argv").read_text().split("\n")
   assert argv[0] == "server" and "--host" in argv

@@ -34,8 +34,9 @@ def test_real_sweep_two_points(tmp_path, capsys, monkeypatch):
   path = tmp_path / "e2e.gin"
   path.write_text(textwrap.dedent(SWEEP))
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-  rc = cli.main(["sweep", str(path), "--workdir", str(tmp_path / "w"), "--tracking_uri", uri,
-                 "--workers", "2"])
+  rc = cli.main(
+    ["sweep", str(path), "--workdir", str(tmp_path / "w"), "--tracking_uri", uri, "--workers", "2"]
+  )
   out = capsys.readouterr().out
   logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "w" / "logs").glob("*.log"))
   assert rc == 0, out + logs
@@ -51,11 +52,13 @@ def test_real_sweep_two_points(tmp_path, capsys, monkeypatch):
     assert len(c.get_metric_history(run.info.run_id, "train/loss")) == 3
     assert "eval/loss" in run.data.metrics
     # The child ran in the sweep's run: the trainer continued the run the sweep created.
-    record = json.loads((tmp_path / "w" / run.data.tags[runs_lib.POINT_TAG] / "run.json").read_text())
+    record = json.loads(
+      (tmp_path / "w" / run.data.tags[runs_lib.POINT_TAG] / "run.json").read_text()
+    )
     assert record["mlflow_run_id"] == run.info.run_id
   mqa = next(r for r in children if r.data.params["attention"] == "mqa")
   assert mqa.data.params["model.num_kv_heads"] == "1"
   # The table came from MLflow: both variants, the baseline first, run ids cited.
-  table = out[out.index("sweep e2e (parent run"):]
+  table = out[out.index("sweep e2e (parent run") :]
   assert table.index("attention=mha") < table.index("attention=mqa")
   assert mqa.info.run_id[:8] in table

@@ -57,10 +57,21 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path):
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "w"
   # One worker: the first point finishes, the second is cut mid-run.
-  command = [sys.executable, "-m", "launch.cli", "sweep", str(path), "--workdir", str(workdir),
-             "--tracking_uri", uri, "--workers", "1", "--no_compare"]
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO),
-         "ABLAX_CPU_PEAK_FLOPS": "1e11"}
+  command = [
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "sweep",
+    str(path),
+    "--workdir",
+    str(workdir),
+    "--tracking_uri",
+    uri,
+    "--workers",
+    "1",
+    "--no_compare",
+  ]
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "ABLAX_CPU_PEAK_FLOPS": "1e11"}
   log = tmp_path / "sweep.out"
   with open(log, "w") as out:
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -69,8 +80,9 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     # A point directory with a checkpoint but not the last one (the finished point keeps
     # its last few, so only a directory without step 120 is the running point's).
     return "[1/2]" in log.read_text() and any(
-        any(p.name.isdigit() for p in d.iterdir()) and not (d / "120").exists()
-        for d in workdir.glob("*/checkpoints"))
+      any(p.name.isdigit() for p in d.iterdir()) and not (d / "120").exists()
+      for d in workdir.glob("*/checkpoints")
+    )
 
   try:
     _wait_for(second_point_checkpointed, proc, "the second point's first checkpoint")
@@ -138,8 +150,9 @@ time.sleep(120)
 
 def test_a_child_in_its_own_session_stops_when_its_parent_is_killed(tmp_path):
   marker = tmp_path / "stopped"
-  parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker), str(REPO)],
-                            stdout=subprocess.PIPE, text=True)
+  parent = subprocess.Popen(
+    [sys.executable, "-c", PARENT, CHILD, str(marker), str(REPO)], stdout=subprocess.PIPE, text=True
+  )
   child_pid = int(parent.stdout.readline())
   assert not marker.exists()
   parent.send_signal(signal.SIGKILL)
@@ -158,14 +171,17 @@ def test_a_child_in_its_own_session_stops_when_its_parent_is_killed(tmp_path):
   raise AssertionError("the child did not exit")
 
 
-HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); "
-             "from core.train import workdir_lock; "
-             "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
-             "time.sleep(600)")
+HOLD_LOCK = (
+  "import sys, time; sys.path.insert(0, sys.argv[2]); "
+  "from core.train import workdir_lock; "
+  "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+  "time.sleep(600)"
+)
 
 
 def test_a_rerun_leaves_a_point_whose_workdir_is_held_alone(tmp_path):
   from launch import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "held.gin"
   path.write_text(textwrap.dedent(SWEEP).replace("'interrupted'", "'held'"))
   points = sweep_lib.expand(sweep_lib.load(str(path), []))
@@ -173,16 +189,37 @@ def test_a_rerun_leaves_a_point_whose_workdir_is_held_alone(tmp_path):
   point_dirs = [workdir / p.key for p in points]
   for d in point_dirs:
     d.mkdir(parents=True)
-  holders = [subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(d), str(REPO)],
-                              stdout=subprocess.PIPE, text=True) for d in point_dirs]
+  holders = [
+    subprocess.Popen(
+      [sys.executable, "-c", HOLD_LOCK, str(d), str(REPO)], stdout=subprocess.PIPE, text=True
+    )
+    for d in point_dirs
+  ]
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   try:
     for h in holders:
       assert h.stdout.readline().strip() == "held"
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "sweep", str(path), "--workdir", str(workdir),
-         "--tracking_uri", uri, "--workers", "1", "--no_compare"], cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+      [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "sweep",
+        str(path),
+        "--workdir",
+        str(workdir),
+        "--tracking_uri",
+        uri,
+        "--workers",
+        "1",
+        "--no_compare",
+      ],
+      cwd=REPO,
+      env={**os.environ, "PYTHONPATH": str(REPO)},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
   finally:
     for h in holders:
       h.send_signal(signal.SIGKILL)
@@ -200,15 +237,29 @@ def test_a_rerun_leaves_a_point_whose_workdir_is_held_alone(tmp_path):
 @pytest.mark.slow  # ~2 min: two points train, the sweep is killed, the rerun finishes them
 def test_a_sweep_killed_outright_leaves_no_orphans_and_its_rerun_resumes_them(tmp_path):
   from core.train import workdir_lock  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "interrupted.gin"
   path.write_text(textwrap.dedent(SWEEP))
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "w"
-  command = [sys.executable, "-m", "launch.cli", "sweep", str(path), "--workdir", str(workdir),
-             "--tracking_uri", uri, "--workers", "2", "--no_compare"]
+  command = [
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "sweep",
+    str(path),
+    "--workdir",
+    str(workdir),
+    "--tracking_uri",
+    uri,
+    "--workers",
+    "2",
+    "--no_compare",
+  ]
   env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "ABLAX_CPU_PEAK_FLOPS": "1e11"}
-  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
 
   def both_checkpointed() -> bool:
     dirs = list(workdir.glob("*/checkpoints"))

@@ -9,34 +9,47 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.tokenizer import (Tokenizer, TokenizerError, VocabMismatchError, check_vocab_matches,
-                            gather_embedding_rows, load_id_map, load_tokenizer, subset_tokenizer,
-                            train_tokenizer)
+from core.tokenizer import (
+  Tokenizer,
+  TokenizerError,
+  VocabMismatchError,
+  check_vocab_matches,
+  gather_embedding_rows,
+  load_id_map,
+  load_tokenizer,
+  subset_tokenizer,
+  train_tokenizer,
+)
 from core.tokenizer import subset as subset_lib
 from core.tokenizer import train as train_lib
 from launch import cli
 
 # A small corpus with code, prose, digits, tabs and a few non-Latin scripts.
 CORPUS = [
-    "def add(a, b):\n\t\"\"\"Returns the sum of a and b.\"\"\"\n\treturn a + b\n",
-    "The quick brown fox jumps over the lazy dog 1234 times in 2024.\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
-    "        self.items.append(x)\n",
-    "Grüße aus Köln! Ça va? Niño, señor, façade, naïve café.\n",
-    "日本語のテキストも少し含めます。中文也有一点。\n",
-    "for i in range(10):\n    print(i * i, end=' ')\n# squares of the first ten numbers\n",
-    "Tokenizers split digits: 3.14159 and 2.71828 are constants; 42 is an answer.\n",
-    "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
+  'def add(a, b):\n\t"""Returns the sum of a and b."""\n\treturn a + b\n',
+  "The quick brown fox jumps over the lazy dog 1234 times in 2024.\n",
+  "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
+  "        self.items.append(x)\n",
+  "Grüße aus Köln! Ça va? Niño, señor, façade, naïve café.\n",
+  "日本語のテキストも少し含めます。中文也有一点。\n",
+  "for i in range(10):\n    print(i * i, end=' ')\n# squares of the first ten numbers\n",
+  "Tokenizers split digits: 3.14159 and 2.71828 are constants; 42 is an answer.\n",
+  "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
 ] * 3 + [f"line {i}: value = {i * 37 % 101} # comment number {i}\n" for i in range(60)]
-_WORDS = ("data model token layer train batch value return import number string list dict "
-          "attention window sequence packing mixture stage weight shard seed state resume "
-          "corpus document segment position loss mask padding vocabulary subset merge piece "
-          "unigram byte fallback digit whitespace normalization control symbol turn").split()
+_WORDS = (
+  "data model token layer train batch value return import number string list dict "
+  "attention window sequence packing mixture stage weight shard seed state resume "
+  "corpus document segment position loss mask padding vocabulary subset merge piece "
+  "unigram byte fallback digit whitespace normalization control symbol turn"
+).split()
 _RNG = np.random.default_rng(0)
 CORPUS += [" ".join(_RNG.choice(_WORDS, 12)) + "\n" for _ in range(300)]
 # Pseudo-words give BPE and unigram enough distinct pairs for a few hundred pieces.
-CORPUS += [" ".join("".join(_RNG.choice(list("etaoinshrdlucmfw"), _RNG.integers(2, 7)))
-                    for _ in range(10)) + "\n" for _ in range(300)]
+CORPUS += [
+  " ".join("".join(_RNG.choice(list("etaoinshrdlucmfw"), _RNG.integers(2, 7))) for _ in range(10))
+  + "\n"
+  for _ in range(300)
+]
 
 VOCAB = 520
 SUB = 440
@@ -57,9 +70,25 @@ def models(tmp_path_factory):
 
 
 MODEL_NAMES = ("bpe", "unigram", "bpe_sub", "unigram_sub")
-TRICKY = ["", " ", "  leading and trailing  ", "\n\n\t\t", "a\u2581b", "\u2581", "\u2581\u2581 x",
-          "\x00\r\n\x7f", "12345", "ß ẞ ﬁ Å Å", "😀👍🏽", "<start_of_turn>", "<end_of_turn>x",
-          "<pad><eos><bos><unk>", "\ufeffBOM", "tab\there", "mixed 日本 ١٢٣ עברית"]
+TRICKY = [
+  "",
+  " ",
+  "  leading and trailing  ",
+  "\n\n\t\t",
+  "a\u2581b",
+  "\u2581",
+  "\u2581\u2581 x",
+  "\x00\r\n\x7f",
+  "12345",
+  "ß ẞ ﬁ Å Å",
+  "😀👍🏽",
+  "<start_of_turn>",
+  "<end_of_turn>x",
+  "<pad><eos><bos><unk>",
+  "\ufeffBOM",
+  "tab\there",
+  "mixed 日本 ١٢٣ עברית",
+]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -70,7 +99,9 @@ def test_round_trip_tricky_strings(models, name, text):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+  max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.text(max_size=80))
 def test_round_trip_any_unicode(models, name, text):
   tok = models[name]
@@ -85,7 +116,15 @@ def test_special_ids_are_fixed(models, name):
   assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
   assert (tok.start_of_turn_id, tok.end_of_turn_id) == (4, 5)
   assert [tok.id_to_piece(i) for i in range(8)] == [
-      "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\t"]
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "\n",
+    "\t",
+  ]
   # Turn tokens are whole pieces in text; newline and tab are single tokens.
   turn = tok.encode(tok.format_turn("user", "hi"))
   assert turn[0] == 4 and 5 in turn and turn[-1] == 6
@@ -117,6 +156,7 @@ def test_subset_keeps_mandatory_pieces_and_maps_ids(models, kind):
 
 def test_subset_of_bpe_keeps_best_scored_merges(models, tmp_path):
   from sentencepiece import sentencepiece_model_pb2 as pb2
+
   proto = pb2.ModelProto()
   proto.ParseFromString(open(models["bpe"].path, "rb").read())
   kept = subset_lib.select_ids(proto, 400)
@@ -163,8 +203,11 @@ def test_sample_lines_is_seeded_and_ordered():
 
 def test_check_vocab_matches():
   check_vocab_matches(4096, 4096)
-  with pytest.raises(VocabMismatchError, match=r"train: the tokenizer has 4000 ids but the model's "
-                     r"vocab_size is 4096.*ModelConfig.vocab_size = 4000"):
+  with pytest.raises(
+    VocabMismatchError,
+    match=r"train: the tokenizer has 4000 ids but the model's "
+    r"vocab_size is 4096.*ModelConfig.vocab_size = 4000",
+  ):
     check_vocab_matches(4000, 4096, where="train")
   check_vocab_matches(4000, 4096, allow_padding=True)
   with pytest.raises(VocabMismatchError):
@@ -211,8 +254,10 @@ def test_cli_train_subset_show(tmp_path, capsys):
   (corpus / "more.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CORPUS[8:]))
   model = tmp_path / "cli.model"
   assert _run(["train", "--input", str(corpus), "--vocab_size", "480", "--out", str(model)]) == 0
-  assert _run(["subset", "--base", str(model), "--size", "400", "--out",
-               str(tmp_path / "cli400.model")]) == 0
+  assert (
+    _run(["subset", "--base", str(model), "--size", "400", "--out", str(tmp_path / "cli400.model")])
+    == 0
+  )
   assert (tmp_path / "cli400.model.idmap.json").is_file()
   capsys.readouterr()
   assert _run(["show", str(tmp_path / "cli400.model"), "--text", "a\\tb 12", "--json"]) == 0
@@ -220,6 +265,18 @@ def test_cli_train_subset_show(tmp_path, capsys):
   assert shown["vocab_size"] == 400 and shown["round_trip"] and shown["model_type"] == "bpe"
   assert _run(["subset", "--base", str(model), "--size", "10", "--out", str(tmp_path / "x")]) == 2
   assert "at least" in capsys.readouterr().err
-  assert _run(["train", "--input", str(tmp_path / "nothing*"), "--vocab_size", "300", "--out",
-               str(tmp_path / "x")]) == 2
+  assert (
+    _run(
+      [
+        "train",
+        "--input",
+        str(tmp_path / "nothing*"),
+        "--vocab_size",
+        "300",
+        "--out",
+        str(tmp_path / "x"),
+      ]
+    )
+    == 2
+  )
   assert "no files match" in capsys.readouterr().err

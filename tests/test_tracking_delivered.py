@@ -76,8 +76,14 @@ def test_journaled_points_not_yet_delivered_count_as_logged(tmp_path, _mlflow_st
 
 def _sync(workdir, *extra):
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  return subprocess.run([sys.executable, "-m", "launch.cli", "tracking", "sync", str(workdir),
-                         *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "launch.cli", "tracking", "sync", str(workdir), *extra],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_tracking_sync_delivers_a_run_whose_store_was_down(tmp_path):
@@ -87,8 +93,9 @@ def test_tracking_sync_delivers_a_run_whose_store_was_down(tmp_path):
   workdir.mkdir()
   try:
     # What train() does: the tracker of the workdir, run.json naming its run and store.
-    tracker = trk.start_tracker(workdir, tracking_uri=server.uri, experiment="sync",
-                                run_name="r", enabled=True)
+    tracker = trk.start_tracker(
+      workdir, tracking_uri=server.uri, experiment="sync", run_name="r", enabled=True
+    )
     tracker.retry_interval_s = 0.2
     for step in range(1, 6):
       tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
@@ -132,4 +139,5 @@ def test_tracking_sync_of_a_directory_without_runs_is_a_one_line_error(tmp_path)
   result = _sync(tmp_path)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      f"ablax tracking sync: {tmp_path} holds no run (no run.json in it or in its subdirectories)"]
+    f"ablax tracking sync: {tmp_path} holds no run (no run.json in it or in its subdirectories)"
+  ]

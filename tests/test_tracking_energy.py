@@ -36,8 +36,9 @@ def _powercap(root, energy_uj, limit_uw=150_000_000, wrap=262_143_328_850):
 
 def test_gpu_estimate_and_carbon_by_hand():
   clock = FakeClock()
-  meter = EnergyMeter("NVIDIA A100-SXM4-80GB", 8, pue=1.1, region="us-average-llama",
-                      measure=False, clock=clock).start()
+  meter = EnergyMeter(
+    "NVIDIA A100-SXM4-80GB", 8, pue=1.1, region="us-average-llama", measure=False, clock=clock
+  ).start()
   clock.advance(10)
   r = meter.read()
   assert r["energy_kwh_measured"] is None
@@ -48,9 +49,11 @@ def test_gpu_estimate_and_carbon_by_hand():
   inputs = meter.inputs()
   # Everything needed to recompute the figure is in the inputs.
   assert inputs["power_w"] * inputs["device_count"] * inputs["elapsed_h"] / 1000 == pytest.approx(
-      r["energy_kwh_estimated"])
+    r["energy_kwh_estimated"]
+  )
   assert r["energy_kwh"] * inputs["pue"] * inputs["intensity_g_per_kwh"] / 1000 == pytest.approx(
-      r["co2_kg"])
+    r["co2_kg"]
+  )
   assert "A100" in inputs["power_source"] and "LLaMA" in inputs["intensity_source"]
   assert inputs["energy_source"] == "estimated" and inputs["power_user_supplied"] is False
 
@@ -65,8 +68,9 @@ def test_tpu_v5e_needs_a_user_power_and_says_it_was_supplied():
   with pytest.raises(carbon.CarbonInputError, match="power_w"):
     EnergyMeter("TPU v5 lite", 256, pue=1.1, intensity_g_per_kwh=100)
   clock = FakeClock()
-  meter = EnergyMeter("TPU v5 lite", 256, pue=1.1, intensity_g_per_kwh=100, power_w=250,
-                      clock=clock).start()
+  meter = EnergyMeter(
+    "TPU v5 lite", 256, pue=1.1, intensity_g_per_kwh=100, power_w=250, clock=clock
+  ).start()
   clock.advance(2)
   assert meter.read()["energy_kwh_estimated"] == pytest.approx(0.25 * 256 * 2)
   inputs = meter.inputs()
@@ -77,8 +81,9 @@ def test_tpu_v5e_needs_a_user_power_and_says_it_was_supplied():
 def test_cpu_measured_by_rapl_apart_from_the_estimate(tmp_path):
   pkg = _powercap(tmp_path, energy_uj=1_000_000)
   clock = FakeClock()
-  meter = EnergyMeter("cpu", 8, pue=1.2, intensity_g_per_kwh=300, clock=clock,
-                      powercap_root=tmp_path).start()
+  meter = EnergyMeter(
+    "cpu", 8, pue=1.2, intensity_g_per_kwh=300, clock=clock, powercap_root=tmp_path
+  ).start()
   clock.advance(1)
   (pkg / "energy_uj").write_text(f"{1_000_000 + 360_000_000_000}\n")  # +360 kJ = 0.1 kWh
   r = meter.read()
@@ -112,14 +117,17 @@ def test_cpu_without_powercap_uses_the_documented_default(tmp_path):
 def test_nvml_measurement_scaled_to_the_job(monkeypatch):
   energy_mj = {0: 1_000_000, 1: 2_000_000}
   fake = types.SimpleNamespace(
-      nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2,
-      nvmlDeviceGetHandleByIndex=lambda i: i,
-      nvmlDeviceGetTotalEnergyConsumption=lambda h: energy_mj[h])
+    nvmlInit=lambda: None,
+    nvmlDeviceGetCount=lambda: 2,
+    nvmlDeviceGetHandleByIndex=lambda i: i,
+    nvmlDeviceGetTotalEnergyConsumption=lambda h: energy_mj[h],
+  )
   monkeypatch.setitem(sys.modules, "pynvml", fake)
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   clock = FakeClock()
-  meter = EnergyMeter("NVIDIA H100 80GB HBM3", 4, pue=1.1, region="europe-west4",
-                      local_device_count=2, clock=clock).start()
+  meter = EnergyMeter(
+    "NVIDIA H100 80GB HBM3", 4, pue=1.1, region="europe-west4", local_device_count=2, clock=clock
+  ).start()
   clock.advance(1)
   energy_mj[0] += 1_800_000_000  # 1.8 MJ = 0.5 kWh per GPU
   energy_mj[1] += 1_800_000_000
@@ -151,16 +159,21 @@ def test_resume_keeps_figures_cumulative():
   assert r["energy_kwh_estimated"] == pytest.approx(0.4 * 2 * 4)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(device_kind="Graphcore IPU", device_count=1), "unknown device"),
     (dict(device_kind="a100", device_count=0), "count"),
     (dict(device_kind="a100", device_count=1, pue=0.5), "PUE"),
     (dict(device_kind="a100", device_count=1, power_w=-5), "positive"),
     (dict(device_kind="a100", device_count=1, region="mars-north1"), "unknown region"),
     (dict(device_kind="a100", device_count=1, intensity_g_per_kwh=-1), "non-negative"),
-    (dict(device_kind="a100", device_count=1, region="us-east1", intensity_g_per_kwh=300),
-     "not both"),
-])
+    (
+      dict(device_kind="a100", device_count=1, region="us-east1", intensity_g_per_kwh=300),
+      "not both",
+    ),
+  ],
+)
 def test_bad_input(kwargs, match):
   with pytest.raises(carbon.CarbonInputError, match=match):
     EnergyMeter(**kwargs)

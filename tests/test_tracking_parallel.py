@@ -18,15 +18,24 @@ def _worker(uri: str, workdir: str, index: int, out) -> None:
 
 def _log(uri: str, workdir: str, index: int, out) -> None:
   import os
+
   os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
   from core.tracking.run import RunTracker
-  tracker = RunTracker(uri, "parallel", run_name=f"worker-{index}", workdir=workdir,
-                       retry_interval_s=0.2, start_timeout_s=180)
+
+  tracker = RunTracker(
+    uri,
+    "parallel",
+    run_name=f"worker-{index}",
+    workdir=workdir,
+    retry_interval_s=0.2,
+    start_timeout_s=180,
+  )
   tracker.start()
   tracker.log_params({"index": index})
   for step in range(STEPS):
     tracker.log_metrics({k: index * 1000 + step + i / 10 for i, k in enumerate(KEYS)}, step)
   import time
+
   deadline = time.monotonic() + 180
   while not tracker.flush(10) and time.monotonic() < deadline:
     pass
@@ -38,8 +47,9 @@ def test_parallel_processes_one_sqlite_store(tmp_path):
   uri = f"sqlite:///{tmp_path / 'shared.db'}"
   ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax threads
   out = ctx.Queue()
-  procs = [ctx.Process(target=_worker, args=(uri, str(tmp_path / f"run{i}"), i, out))
-           for i in range(3)]
+  procs = [
+    ctx.Process(target=_worker, args=(uri, str(tmp_path / f"run{i}"), i, out)) for i in range(3)
+  ]
   for p in procs:
     p.start()
   results = [out.get(timeout=400) for _ in procs]

@@ -51,17 +51,31 @@ def test_config_hash_ignores_comments_and_layout():
 
 
 def test_flatten_params():
-  flat = record.flatten_params({"model": {"dim": 64, "pattern": ("local", "global")},
-                                "lr": 3e-4, "name": "x", "empty": {}})
-  assert flat == {"model.dim": "64", "model.pattern": "('local', 'global')", "lr": "0.0003",
-                  "name": "x", "empty": "{}"}
+  flat = record.flatten_params(
+    {"model": {"dim": 64, "pattern": ("local", "global")}, "lr": 3e-4, "name": "x", "empty": {}}
+  )
+  assert flat == {
+    "model.dim": "64",
+    "model.pattern": "('local', 'global')",
+    "lr": "0.0003",
+    "name": "x",
+    "empty": "{}",
+  }
 
 
 def test_short_axis_names():
-  axes = {"ModelConfig.num_kv_heads": 8, "train/ModelConfig.window": 4096,
-          "Teacher.window": 512, "OptConfig.lr": 1e-3}
+  axes = {
+    "ModelConfig.num_kv_heads": 8,
+    "train/ModelConfig.window": 4096,
+    "Teacher.window": 512,
+    "OptConfig.lr": 1e-3,
+  }
   assert record.short_axis_names(axes) == {
-      "num_kv_heads": "8", "ModelConfig.window": "4096", "Teacher.window": "512", "lr": "0.001"}
+    "num_kv_heads": "8",
+    "ModelConfig.window": "4096",
+    "Teacher.window": "512",
+    "lr": "0.001",
+  }
 
 
 def test_run_tags():
@@ -82,24 +96,35 @@ def test_write_run_record(_mlflow_store, tmp_path):
   from mlflow.tracking import MlflowClient
 
   from core.tracking.run import RunTracker
+
   gin_file = tmp_path / "tiny.gin"
   gin_file.write_text("ModelConfig.embed_dim = 64\n")
-  operative = "# Parameters for ModelConfig:\nModelConfig.embed_dim = 64\nModelConfig.num_kv_heads = 1\n"
+  operative = (
+    "# Parameters for ModelConfig:\nModelConfig.embed_dim = 64\nModelConfig.num_kv_heads = 1\n"
+  )
   repo = tmp_path / "repo"
   repo.mkdir()
   _git(repo, "init", "-q")
   (repo / "untracked.py").write_text("")
   with RunTracker(_mlflow_store, "record", workdir=tmp_path / "run") as t:
     tags = record.write_run_record(
-        t, repo_dir=repo, operative_config=operative, bound_config="ModelConfig.embed_dim = 64\n",
-        gin_files=[gin_file], flat_params={"ModelConfig.embed_dim": "64"},
-        swept_axes={"ModelConfig.num_kv_heads": 1}, mesh_shape={"data": 8},
-        param_counts={"embedding": 10, "non_embedding": 20, "total": 30},
-        dataset_manifest={"files": 3})
+      t,
+      repo_dir=repo,
+      operative_config=operative,
+      bound_config="ModelConfig.embed_dim = 64\n",
+      gin_files=[gin_file],
+      flat_params={"ModelConfig.embed_dim": "64"},
+      swept_axes={"ModelConfig.num_kv_heads": 1},
+      mesh_shape={"data": 8},
+      param_counts={"embedding": 10, "non_embedding": 20, "total": 30},
+      dataset_manifest={"files": 3},
+    )
   client = MlflowClient(_mlflow_store)
   run = client.get_run(t.run_id)
   assert run.data.params == {"ModelConfig.embed_dim": "64", "num_kv_heads": "1"}
-  assert run.data.tags["ablax.config_hash"] == record.config_hash(operative) == tags["ablax.config_hash"]
+  assert (
+    run.data.tags["ablax.config_hash"] == record.config_hash(operative) == tags["ablax.config_hash"]
+  )
   assert run.data.tags["ablax.swept"] == "num_kv_heads" and run.data.tags["mesh"] == "data=8"
   listed = {a.path for a in client.list_artifacts(t.run_id, "config")}
   assert listed == {"config/config.gin", "config/operative_config.gin", "config/gin_files"}

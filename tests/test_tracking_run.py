@@ -14,8 +14,11 @@ from mlflow.tracking import MlflowClient
 from core.tracking import journal, local, sync
 from core.tracking.run import NullTracker, RunTracker, TrackingStoreError
 
-_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+_HTTP_VARS = (
+  "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+  "MLFLOW_HTTP_REQUEST_TIMEOUT",
+  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +43,7 @@ def _template_db(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _migrated_store(_mlflow_store, _template_db):
-  shutil.copyfile(_template_db, _mlflow_store[len("sqlite:///"):])
+  shutil.copyfile(_template_db, _mlflow_store[len("sqlite:///") :])
 
 
 def _tracker(uri, tmp_path, **kw):
@@ -56,8 +59,9 @@ def _steps(client, run_id, key):
 def test_run_record(_mlflow_store, tmp_path):
   config = tmp_path / "operative_config.gin"
   config.write_text("ModelConfig.embed_dim = 64\n")
-  with _tracker(_mlflow_store, tmp_path, run_name="baseline",
-                tags={"ablax.config_hash": "abc"}) as t:
+  with _tracker(
+    _mlflow_store, tmp_path, run_name="baseline", tags={"ablax.config_hash": "abc"}
+  ) as t:
     t.log_params({"ModelConfig.embed_dim": 64, "long": "x" * 7000, "odd key!": 1})
     t.set_tags({"git.dirty": "false"})
     for step in range(50):
@@ -144,6 +148,7 @@ class _Store:
       if self.down.is_set():
         raise ConnectionError("store unreachable")
       return real(*args, **kwargs)
+
     return call
 
 
@@ -190,7 +195,8 @@ class _SlowValue:
 
 
 def test_log_metrics_reads_values_and_writes_the_journal_off_the_calling_thread(
-    _mlflow_store, tmp_path):
+  _mlflow_store, tmp_path
+):
   t = _tracker(_mlflow_store, tmp_path)
   t.start()
   t0 = time.perf_counter()
@@ -199,13 +205,15 @@ def test_log_metrics_reads_values_and_writes_the_journal_off_the_calling_thread(
   assert time.perf_counter() - t0 < 0.5  # reading them takes 1 s
   t.end()  # everything queued is journaled, in order, before the last upload
   path = tmp_path / "run" / journal.METRICS_FILE
-  assert [(line["step"], line["loss"]) for _, line in journal.read(path)] == \
-      [(step, 1.5) for step in range(20)]
+  assert [(line["step"], line["loss"]) for _, line in journal.read(path)] == [
+    (step, 1.5) for step in range(20)
+  ]
   assert _steps(MlflowClient(_mlflow_store), t.run_id, "loss") == list(range(20))
 
 
 def test_jax_values_are_converted(_mlflow_store, tmp_path):
   import jax.numpy as jnp
+
   with _tracker(_mlflow_store, tmp_path) as t:
     t.log_metrics({"loss": jnp.float32(2.5), "gnorm": jnp.array(0.5), "bad": "n/a"}, 3)
   client = MlflowClient(_mlflow_store)
@@ -238,8 +246,11 @@ def test_outage_keeps_the_journal_and_the_status_for_a_later_sync(_mlflow_store,
   workdir = tmp_path / "run"
   offset = json.loads((workdir / sync.STATE_FILE).read_text())["metrics_offset"]
   # Nothing past the offset reached the store, in order; the status waits in run.json.
-  assert [line["step"] for _, line in journal.read(workdir / journal.METRICS_FILE, offset)] == \
-      [1, 2, 3]
+  assert [line["step"] for _, line in journal.read(workdir / journal.METRICS_FILE, offset)] == [
+    1,
+    2,
+    3,
+  ]
   assert local.read_run_file(workdir)[local.STATUS] == "FINISHED"
   client = MlflowClient(_mlflow_store)
   assert client.get_run(t.run_id).info.status == "RUNNING"
@@ -271,6 +282,7 @@ def test_unwritable_workdir_fails_at_start(_mlflow_store, tmp_path):
 
 def test_unreachable_server_fails_at_start(tmp_path, monkeypatch):
   import socket
+
   with socket.socket() as s:  # a port nobody listens on
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -371,8 +383,7 @@ def test_an_upload_repeated_after_a_lost_offset_records_each_point_once(_mlflow_
   assert t.flush(30)
   t.end()
   state = tmp_path / "run" / sync.STATE_FILE
-  state.write_text(json.dumps({**json.loads(state.read_text()), "metrics_offset": 0,
-                               "record": {}}))
+  state.write_text(json.dumps({**json.loads(state.read_text()), "metrics_offset": 0, "record": {}}))
   client = MlflowClient(_mlflow_store)
   assert sync.Syncer(tmp_path / "run", t.run_id, client).sync() >= 2
   history = client.get_metric_history(t.run_id, "loss")
@@ -383,17 +394,24 @@ def test_an_upload_repeated_after_a_lost_offset_records_each_point_once(_mlflow_
 def test_exit_without_end_delivers_and_marks_killed(_mlflow_store, tmp_path):
   import subprocess
   import sys
+
   script = (
-      "import sys\n"
-      "from core.tracking.run import RunTracker\n"
-      "t = RunTracker(sys.argv[1], 'x', workdir=sys.argv[2], batch_interval_s=30)\n"
-      "t.start()\n"
-      "for s in range(20): t.log_metrics({'loss': float(s)}, s)\n"
-      "print(t.run_id)\n")  # and exit with records still queued, end() never called
+    "import sys\n"
+    "from core.tracking.run import RunTracker\n"
+    "t = RunTracker(sys.argv[1], 'x', workdir=sys.argv[2], batch_interval_s=30)\n"
+    "t.start()\n"
+    "for s in range(20): t.log_metrics({'loss': float(s)}, s)\n"
+    "print(t.run_id)\n"
+  )  # and exit with records still queued, end() never called
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", script, _mlflow_store, str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=120, cwd=repo,
-                       env=dict(os.environ, PYTHONPATH=repo))
+  out = subprocess.run(
+    [sys.executable, "-c", script, _mlflow_store, str(tmp_path / "run")],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=repo,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
   assert out.returncode == 0, out.stderr
   run_id = out.stdout.strip().splitlines()[-1]
   client = MlflowClient(_mlflow_store)

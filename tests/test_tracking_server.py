@@ -15,8 +15,11 @@ from mlflow.tracking import MlflowClient
 
 from core.tracking.run import RunTracker
 
-_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+_HTTP_VARS = (
+  "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+  "MLFLOW_HTTP_REQUEST_TIMEOUT",
+  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+)
 
 
 def _free_port() -> int:
@@ -35,19 +38,38 @@ class MlflowServer:
   def start(self, timeout: float = 120.0) -> None:
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     # Background job runners are not needed and would outlive a plain kill.
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-               MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+      os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(self.root / "server.log", "a")
     self.proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-         "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(self.port), "--workers", "1"],
-        cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+      [
+        str(mlflow_bin),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{self.root / 'server.db'}",
+        "--artifacts-destination",
+        str(self.root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(self.port),
+        "--workers",
+        "1",
+      ],
+      cwd=self.root,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       if self.proc.poll() is not None:
-        raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+        raise RuntimeError(
+          f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}"
+        )
       try:
         with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
           if r.status == 200:
@@ -92,8 +114,9 @@ def _wait(predicate, timeout: float) -> bool:
 
 def test_server_stopped_and_restarted_mid_run(server, tmp_path):
   keys = ("train/loss", "train/lr", "perf/tokens_per_s")
-  tracker = RunTracker(server.uri, "outage", run_name="r", workdir=tmp_path / "run",
-                       retry_interval_s=0.3)
+  tracker = RunTracker(
+    server.uri, "outage", run_name="r", workdir=tmp_path / "run", retry_interval_s=0.3
+  )
   tracker.start()
   tracker.log_params({"ModelConfig.num_layers": 2})
 
@@ -113,8 +136,10 @@ def test_server_stopped_and_restarted_mid_run(server, tmp_path):
   # The uploader found the server gone and keeps the rest in the workdir; training was never told.
   assert _wait(lambda: not tracker.reachable and tracker.pending > 0, 30)
   tracker.set_tags({"during": "outage"})
-  print(f"\nlog_metrics while the server is down: median "
-        f"{statistics.median(durations) * 1e6:.0f} us, max {max(durations) * 1e6:.0f} us")
+  print(
+    f"\nlog_metrics while the server is down: median "
+    f"{statistics.median(durations) * 1e6:.0f} us, max {max(durations) * 1e6:.0f} us"
+  )
 
   server.start()
   for step in range(200, 300):
@@ -136,8 +161,10 @@ def test_server_stopped_and_restarted_mid_run(server, tmp_path):
 @pytest.mark.slow  # ~20 s; test_tracking_run covers the same path with a simulated outage
 def test_outage_at_the_end_keeps_the_records_for_a_later_sync(server, tmp_path):
   from core.tracking.sync import Syncer
-  tracker = RunTracker(server.uri, "outage", workdir=tmp_path / "run", retry_interval_s=0.3,
-                       end_timeout_s=10)
+
+  tracker = RunTracker(
+    server.uri, "outage", workdir=tmp_path / "run", retry_interval_s=0.3, end_timeout_s=10
+  )
   tracker.start()
   tracker.log_metrics({"loss": 1.0}, 0)
   assert tracker.flush(30)

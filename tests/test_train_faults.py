@@ -65,8 +65,17 @@ core.train.optimizer.llama_adamw:
 def _command(tmp_path: Path, workdir: Path) -> list[str]:
   gin_file = tmp_path / "run.gin"
   gin_file.write_text(RUN_GIN)
-  return [sys.executable, "-m", "launch.cli", "train", "--gin_file", str(gin_file),
-          "--workdir", str(workdir), "--no_tracking"]
+  return [
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "train",
+    "--gin_file",
+    str(gin_file),
+    "--workdir",
+    str(workdir),
+    "--no_tracking",
+  ]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -104,22 +113,31 @@ def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: fl
 def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
   env = _env(tmp_path)
   reference = tmp_path / "reference"
-  subprocess.run(_command(tmp_path, reference), env=env, cwd=REPO, check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _command(tmp_path, reference), env=env, cwd=REPO, check=True, capture_output=True, timeout=600
+  )
   expected = _losses(reference)
   assert sorted(expected) == list(range(1, 13))
 
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_command(tmp_path, workdir), env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    _command(tmp_path, workdir), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+  )
   killed_after = _wait_for_step(workdir, proc, 5)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert killed_after < 12
 
-  resumed = subprocess.run(_command(tmp_path, workdir), env=env, cwd=REPO, check=True,
-                           capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _command(tmp_path, workdir),
+    env=env,
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert "resuming" in resumed.stdout
   got = _losses(workdir)
   assert sorted(got) == list(range(1, 13))
@@ -129,8 +147,14 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_command(tmp_path, workdir), env=_env(tmp_path), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    _command(tmp_path, workdir),
+    env=_env(tmp_path),
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   _wait_for_step(workdir, proc, 3)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
@@ -143,17 +167,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 
 def _tiny():
-  return tiny_config(vocab_size=256, mlp_dim=64, max_seq_len=32, activation="swiglu",
-                     tie_embeddings=False, scale_embeddings=False)
+  return tiny_config(
+    vocab_size=256,
+    mlp_dim=64,
+    max_seq_len=32,
+    activation="swiglu",
+    tie_embeddings=False,
+    scale_embeddings=False,
+  )
 
 
 def _train_in_process(workdir, data, steps):
   return loop.train(
-      model=_tiny(), data=data,
-      optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
-      num_steps=steps, batch_size=8, workdir=workdir, mesh=MeshConfig(1, 1, 1),
-      devices=jax.devices()[:1], log_every=1, eval_batches=0, checkpoint_every=2, track=False,
-      export_model=False, progress=False, async_checkpoints=False)
+    model=_tiny(),
+    data=data,
+    optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
+    num_steps=steps,
+    batch_size=8,
+    workdir=workdir,
+    mesh=MeshConfig(1, 1, 1),
+    devices=jax.devices()[:1],
+    log_every=1,
+    eval_batches=0,
+    checkpoint_every=2,
+    track=False,
+    export_model=False,
+    progress=False,
+    async_checkpoints=False,
+  )
 
 
 class _PoisonedBatches(synthetic.SyntheticBatches):
@@ -173,8 +214,11 @@ class _PoisonedBatches(synthetic.SyntheticBatches):
 def test_non_finite_stop_then_unreadable_latest_checkpoint_falls_back(tmp_path):
   # A NaN in the batch of step 5 stops the run naming the step; steps 2 and 4 stay saved.
   poisoned = functools.partial(_PoisonedBatches, 5, vocab_size=256, seq_len=32)
-  with pytest.raises(loop.NonFiniteError, match=r"non-finite loss at step 5 .*last good "
-                                                r"checkpoint: step 4"):
+  with pytest.raises(
+    loop.NonFiniteError,
+    match=r"non-finite loss at step 5 .*last good "
+    r"checkpoint: step 4",
+  ):
     _train_in_process(tmp_path, poisoned, 8)
   ckpt = tmp_path / "checkpoints"
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4]

@@ -15,18 +15,29 @@ from mlflow.tracking import MlflowClient
 from core.train import workdir_lock
 from tests.test_train_faults import REPO, RUN_GIN, _env
 
-HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); "
-             "from core.train import workdir_lock; "
-             "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
-             "time.sleep(600)")
+HOLD_LOCK = (
+  "import sys, time; sys.path.insert(0, sys.argv[2]); "
+  "from core.train import workdir_lock; "
+  "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+  "time.sleep(600)"
+)
 
 
-def _train(tmp_path: Path, workdir: Path, uri: str | None, *params: str,
-           num_steps: int = 12) -> list[str]:
+def _train(
+  tmp_path: Path, workdir: Path, uri: str | None, *params: str, num_steps: int = 12
+) -> list[str]:
   gin_file = tmp_path / "run.gin"
   gin_file.write_text(RUN_GIN.replace("num_steps = 12", f"num_steps = {num_steps}"))
-  cmd = [sys.executable, "-m", "launch.cli", "train", "--gin_file", str(gin_file),
-         "--workdir", str(workdir)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.cli",
+    "train",
+    "--gin_file",
+    str(gin_file),
+    "--workdir",
+    str(workdir),
+  ]
   for p in params:
     cmd += ["--gin_param", p]
   return cmd + (["--tracking_uri", uri] if uri else ["--no_tracking"])
@@ -42,8 +53,11 @@ def _ablax_line(stderr: str) -> str:
 
 
 def _jsonl_steps(workdir: Path, key: str) -> list[int]:
-  return [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-          if key in r]
+  return [
+    r["step"]
+    for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    if key in r
+  ]
 
 
 def _run_id(workdir: Path) -> str:
@@ -62,12 +76,19 @@ def _ckpt_steps(workdir: Path) -> list[int]:
 def test_a_second_trainer_on_a_held_workdir_exits_at_once_naming_the_holder(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir), str(REPO)],
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_LOCK, str(workdir), str(REPO)], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
-    second = subprocess.run(_train(tmp_path, workdir, None), env=_env(tmp_path), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+      _train(tmp_path, workdir, None),
+      env=_env(tmp_path),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert second.returncode == 1, second.stderr[-2000:]
     assert "Traceback" not in second.stderr, second.stderr[-2000:]
     assert f"{workdir} is being trained by pid {holder.pid} on " in _ablax_line(second.stderr)
@@ -85,15 +106,26 @@ def test_a_second_trainer_on_a_held_workdir_exits_at_once_naming_the_holder(tmp_
 def test_two_real_trainers_on_one_workdir_the_second_exits(tmp_path):
   workdir = tmp_path / "run"
   env = _env(tmp_path)
-  first = subprocess.Popen(_train(tmp_path, workdir, None, num_steps=100000), env=env, cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = subprocess.Popen(
+    _train(tmp_path, workdir, None, num_steps=100000),
+    env=env,
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.monotonic() + 300
     while not (workdir / "metrics.jsonl").is_file():
       assert first.poll() is None and time.monotonic() < deadline
       time.sleep(0.1)
-    second = subprocess.run(_train(tmp_path, workdir, None, num_steps=100000), env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+      _train(tmp_path, workdir, None, num_steps=100000),
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert second.returncode == 1
     assert f"is being trained by pid {first.pid} on " in second.stderr
     assert first.poll() is None  # the first goes on
@@ -109,11 +141,15 @@ def test_kill_then_resume_logs_each_step_once_and_a_finished_run_is_a_no_op(tmp_
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "run"
   env = _env(tmp_path)
-  params = ("core.train.loop.train.checkpoint_every = 10",
-            "core.train.loop.train.eval_batches = 2", "core.train.loop.train.export_model = True")
+  params = (
+    "core.train.loop.train.checkpoint_every = 10",
+    "core.train.loop.train.eval_batches = 2",
+    "core.train.loop.train.export_model = True",
+  )
   cmd = _train(tmp_path, workdir, uri, *params, num_steps=300)
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   client = MlflowClient(uri)
   # Kill once MLflow holds steps past the newest checkpoint (those are the ones re-run).
   deadline = time.monotonic() + 300
@@ -181,17 +217,23 @@ def _chattr_works(tmp_path: Path) -> bool:
   return ok
 
 
-@pytest.mark.parametrize("how", ["not_a_directory",
-                                 pytest.param("immutable", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "how", ["not_a_directory", pytest.param("immutable", marks=pytest.mark.slow)]
+)
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_within_seconds(tmp_path, how):
   if how == "immutable" and not _chattr_works(tmp_path):
     pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE) on ext2/3/4, xfs or btrfs")
   uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
   workdir = tmp_path / "run"
   # Saves far enough apart that the fault lands between two of them.
-  proc = subprocess.Popen(_train(tmp_path, workdir, uri, "core.train.loop.train.checkpoint_every = 20",
-                                 num_steps=100000), env=_env(tmp_path),
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _train(tmp_path, workdir, uri, "core.train.loop.train.checkpoint_every = 20", num_steps=100000),
+    env=_env(tmp_path),
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   ckpt = workdir / "checkpoints"
   deadline = time.monotonic() + 300
   # Between two saves: step 20 written, no save in flight.
@@ -200,8 +242,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_within_seconds(tmp_pa
     time.sleep(0.01)
   _make_unwritable(ckpt, how)
   t0 = time.monotonic()
-  newest = max(_ckpt_steps(ckpt.with_name("checkpoints.moved")) if how != "immutable"
-               else _ckpt_steps(workdir))
+  newest = max(
+    _ckpt_steps(ckpt.with_name("checkpoints.moved")) if how != "immutable" else _ckpt_steps(workdir)
+  )
   try:
     out, err = proc.communicate(timeout=60)
   finally:

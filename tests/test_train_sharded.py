@@ -13,16 +13,33 @@ from core.train.mesh import MeshConfig
 from core.train.step import StepBuilder, param_axes
 from tests.tiny_model import tiny_config
 
-TINY = tiny_config(vocab_size=256, mlp_dim=64, max_seq_len=32, activation="swiglu",
-                   tie_embeddings=False, scale_embeddings=False)
+TINY = tiny_config(
+  vocab_size=256,
+  mlp_dim=64,
+  max_seq_len=32,
+  activation="swiglu",
+  tie_embeddings=False,
+  scale_embeddings=False,
+)
 
 
 def _train(workdir, mesh, devices=None, steps=20):
   return loop.train(
-      model=TINY, data=functools.partial(synthetic.synthetic_batches, vocab_size=256, seq_len=32),
-      optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
-      num_steps=steps, batch_size=8, workdir=workdir, mesh=mesh, devices=devices, log_every=1,
-      eval_batches=0, checkpoint_every=0, track=False, export_model=False, progress=False)
+    model=TINY,
+    data=functools.partial(synthetic.synthetic_batches, vocab_size=256, seq_len=32),
+    optimizer=functools.partial(optimizer.llama_adamw, peak_lr=1e-2, warmup_steps=3),
+    num_steps=steps,
+    batch_size=8,
+    workdir=workdir,
+    mesh=mesh,
+    devices=devices,
+    log_every=1,
+    eval_batches=0,
+    checkpoint_every=0,
+    track=False,
+    export_model=False,
+    progress=False,
+  )
 
 
 def test_sharded_run_matches_single_device(tmp_path):

@@ -13,8 +13,15 @@ from core.train.loss import cross_entropy
 from core.train.step import StepBuilder, param_axes
 from tests.tiny_model import tiny_config
 
-TINY = tiny_config(vocab_size=64, embed_dim=16, mlp_dim=32, max_seq_len=16, activation="swiglu",
-                   tie_embeddings=False, scale_embeddings=False)
+TINY = tiny_config(
+  vocab_size=64,
+  embed_dim=16,
+  mlp_dim=32,
+  max_seq_len=16,
+  activation="swiglu",
+  tie_embeddings=False,
+  scale_embeddings=False,
+)
 
 
 def test_mesh_rest_axis_and_errors():
@@ -99,8 +106,9 @@ def test_recipes_update_parameters(recipe):
 def test_llama_adamw_decays_matrices_not_norms():
   params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
   axes = {"w": ("embed", "mlp"), "scale": ("norm",)}
-  tx = optimizer.llama_adamw(param_axes=axes, total_steps=10, warmup_steps=1, peak_lr=1.0,
-                             weight_decay=0.5)
+  tx = optimizer.llama_adamw(
+    param_axes=axes, total_steps=10, warmup_steps=1, peak_lr=1.0, weight_decay=0.5
+  )
   zero = jax.tree.map(jnp.zeros_like, params)
   state = tx.init(params)
   tx.update(zero, state, params)
@@ -123,9 +131,13 @@ def test_gradient_accumulation_equals_full_batch():
   toks = rng.integers(0, 64, (4, 9)).astype(np.int32)
   mask = np.ones((4, 8), np.float32)
   mask[1, 3:] = 0  # unequal token counts per micro-batch
-  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": mask,
-           "segment_ids": np.ones((4, 8), np.int32),
-           "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1))}
+  batch = {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "loss_mask": mask,
+    "segment_ids": np.ones((4, 8), np.int32),
+    "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)),
+  }
   grads = {}
   for a in (1, 2):
     b = StepBuilder(TINY, optax.identity(), mesh, {}, grad_accum_steps=a)
@@ -141,12 +153,18 @@ def test_mixed_precision_and_remat_step_matches_float32_loosely():
   mesh = meshlib.make_mesh(meshlib.MeshConfig(1, 1, 1), jax.devices()[:1])
   rng = np.random.default_rng(0)
   toks = rng.integers(0, 64, (2, 9)).astype(np.int32)
-  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((2, 8), np.float32),
-           "segment_ids": np.ones((2, 8), np.int32),
-           "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1))}
+  batch = {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "loss_mask": np.ones((2, 8), np.float32),
+    "segment_ids": np.ones((2, 8), np.int32),
+    "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
+  }
   losses = {}
-  for name, config in (("f32", TINY), ("bf16_remat", TINY.replace(dtype="bfloat16",
-                                                                   remat="save_dots"))):
+  for name, config in (
+    ("f32", TINY),
+    ("bf16_remat", TINY.replace(dtype="bfloat16", remat="save_dots")),
+  ):
     tx = optimizer.llama_adamw(param_axes=param_axes(config), total_steps=4)
     b = StepBuilder(config, tx, mesh, {})
     state = b.init(0)
@@ -161,9 +179,13 @@ def test_mixed_precision_and_remat_step_matches_float32_loosely():
 def test_one_device_table_and_no_mfu_for_an_unknown_device():
   from core.tracking import carbon
   from core.train import throughput
+
   # The table MFU and carbon projections read is one: H100 PCIe is 756 dense bf16 in both.
-  assert throughput.table_peak("NVIDIA H100 PCIe") == carbon.resolve_device("h100-pcie") \
-      .peak_tflops * 1e12 == 756e12
+  assert (
+    throughput.table_peak("NVIDIA H100 PCIe")
+    == carbon.resolve_device("h100-pcie").peak_tflops * 1e12
+    == 756e12
+  )
   assert throughput.table_peak("NVIDIA H100 80GB HBM3", "float32") == 67e12
   # A device the table does not know gets no peak, never another device's.
   assert throughput.table_peak("NVIDIA GH200 480GB") is None

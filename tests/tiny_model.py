@@ -4,9 +4,22 @@ from core.model.config import ModelConfig
 
 # Every size and variant ModelConfig requires, at a size that runs in milliseconds on a CPU:
 # 2 layers of 4 query / 2 key-value heads of width 8 (GQA), Gemma-style tied, scaled embeddings.
-TINY = dict(vocab_size=97, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=48, max_seq_len=64, activation="geglu", norm="rmsnorm", norm_placement="pre",
-            position_embedding="rope", tie_embeddings=True, scale_embeddings=True)
+TINY = dict(
+  vocab_size=97,
+  embed_dim=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=48,
+  max_seq_len=64,
+  activation="geglu",
+  norm="rmsnorm",
+  norm_placement="pre",
+  position_embedding="rope",
+  tie_embeddings=True,
+  scale_embeddings=True,
+)
 
 
 def tiny_config(**overrides) -> ModelConfig:

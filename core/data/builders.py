@@ -61,14 +61,17 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=tfds.features.FeaturesDict(_FEATURES))
+    return tfds.core.DatasetInfo(
+      builder=self, description=self.__doc__, features=tfds.features.FeaturesDict(_FEATURES)
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
     if self._documents is None:
-      raise DataError(f"{self.name} is not built in {self.data_dir}; build it with its prepare "
-                      "function (core.data.builders)")
+      raise DataError(
+        f"{self.name} is not built in {self.data_dir}; build it with its prepare "
+        "function (core.data.builders)"
+      )
     # TFDS refuses an empty split; a split with no documents is simply absent.
     return {split: self._generate_examples(docs) for split, docs in self._documents.items() if docs}
 
@@ -79,8 +82,11 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
 
   # TFDS announces every build as a download of "Unknown size"; nothing is downloaded here.
   def _log_download_bytes(self) -> None:
-    print(f"building the local dataset {self.name} in {self.data_dir} (once; later runs reuse "
-          "it)", file=sys.stderr, flush=True)
+    print(
+      f"building the local dataset {self.name} in {self.data_dir} (once; later runs reuse it)",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def _log_download_done(self) -> None:
     pass
@@ -101,8 +107,9 @@ class EmbeddedCorpus(_TextBuilder):
   """The Python standard library as text: `code` (source files) and `prose` (docstrings, comments, pydoc topics)."""
 
   name = "ablax_stdlib"
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=f"{d} documents")
-                     for d in embedded.DOMAINS]
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name=d, description=f"{d} documents") for d in embedded.DOMAINS
+  ]
 
 
 class LocalTextFiles(_TextBuilder):
@@ -133,8 +140,11 @@ def embedded_data_dir(manifest: dict, cache_dir: str | os.PathLike | None = None
   return cache_root(cache_dir) / "tfds" / f"embedded-{manifest['fingerprint'][:16]}"
 
 
-def prepare_embedded(cache_dir: str | os.PathLike | None = None, files: Sequence[str] | None = None,
-                     root: str | os.PathLike | None = None) -> tuple[Path, dict]:
+def prepare_embedded(
+  cache_dir: str | os.PathLike | None = None,
+  files: Sequence[str] | None = None,
+  root: str | os.PathLike | None = None,
+) -> tuple[Path, dict]:
   """Builds the embedded corpus once (or finds it built); returns (data_dir, manifest).
 
   Args:
@@ -143,8 +153,9 @@ def prepare_embedded(cache_dir: str | os.PathLike | None = None, files: Sequence
       pass a few).
     root: the library folder (default: this interpreter's stdlib).
   """
-  manifest = scan_embedded(None if files is None else tuple(files),
-                           None if root is None else str(root))
+  manifest = scan_embedded(
+    None if files is None else tuple(files), None if root is None else str(root)
+  )
   data_dir = embedded_data_dir(manifest, cache_dir)
   done = data_dir / "manifest.json"
   if done.is_file():
@@ -153,17 +164,25 @@ def prepare_embedded(cache_dir: str | os.PathLike | None = None, files: Sequence
     if done.is_file():
       return data_dir, json.loads(done.read_text())
     documents, skipped = embedded.collect(manifest)
-    manifest = dict(manifest, skipped=skipped,
-                    documents={d: {s: len(v) for s, v in documents[d].items()} for d in documents})
-    builders = [EmbeddedCorpus(documents=documents[d], config=d, data_dir=str(data_dir))
-                for d in embedded.DOMAINS]
+    manifest = dict(
+      manifest,
+      skipped=skipped,
+      documents={d: {s: len(v) for s, v in documents[d].items()} for d in documents},
+    )
+    builders = [
+      EmbeddedCorpus(documents=documents[d], config=d, data_dir=str(data_dir))
+      for d in embedded.DOMAINS
+    ]
     _prepare(builders, data_dir, manifest)
   return data_dir, manifest
 
 
-def open_embedded(domain: str, cache_dir: str | os.PathLike | None = None,
-                  files: Sequence[str] | None = None,
-                  root: str | os.PathLike | None = None) -> tuple[tfds.core.DatasetBuilder, dict]:
+def open_embedded(
+  domain: str,
+  cache_dir: str | os.PathLike | None = None,
+  files: Sequence[str] | None = None,
+  root: str | os.PathLike | None = None,
+) -> tuple[tfds.core.DatasetBuilder, dict]:
   """The prepared builder of one embedded domain and the corpus manifest."""
   if domain not in embedded.DOMAINS:
     raise DataError(f"the embedded corpus has domains {embedded.DOMAINS}, not {domain!r}")
@@ -186,8 +205,10 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
     else:
       found.update(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not found:
-    raise DataError(f"no files match {list(patterns)}; check the paths (globs such as "
-                    "'corpus/*.txt' and folders are accepted)")
+    raise DataError(
+      f"no files match {list(patterns)}; check the paths (globs such as "
+      "'corpus/*.txt' and folders are accepted)"
+    )
   return sorted(p.resolve() for p in found)
 
 
@@ -202,13 +223,18 @@ def _decode(data: bytes, where: str, encoding_errors: str) -> str:
     return data.decode("utf-8", errors=encoding_errors)
   except UnicodeDecodeError as e:
     raise DataError(
-        f"{where}: bytes {e.start}..{e.end} are not valid UTF-8 ({e.reason}). Convert the file to "
-        "UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or read it with encoding_errors='replace'") from None
+      f"{where}: bytes {e.start}..{e.end} are not valid UTF-8 ({e.reason}). Convert the file to "
+      "UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or read it with encoding_errors='replace'"
+    ) from None
 
 
-def read_local_documents(paths: Sequence[Path], file_format: str = "auto", text_field: str = "text",
-                         validation_percent: int = embedded.VALIDATION_PERCENT,
-                         encoding_errors: str = "strict") -> dict[str, list[dict]]:
+def read_local_documents(
+  paths: Sequence[Path],
+  file_format: str = "auto",
+  text_field: str = "text",
+  validation_percent: int = embedded.VALIDATION_PERCENT,
+  encoding_errors: str = "strict",
+) -> dict[str, list[dict]]:
   """Documents of local files by split: a text file is one document, a JSONL line is one.
 
   The split hashes the path relative to the files' common folder (and the line
@@ -231,33 +257,51 @@ def read_local_documents(paths: Sequence[Path], file_format: str = "auto", text_
       try:
         record = json.loads(_decode(line, where, encoding_errors))
       except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not a JSON object ({e.msg}); JSONL files need one JSON object "
-                        "per line") from None
+        raise DataError(
+          f"{where}: not a JSON object ({e.msg}); JSONL files need one JSON object per line"
+        ) from None
       if not isinstance(record, dict) or text_field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{where}: no field {text_field!r} (found {keys}); set text_field to the "
-                        "field that holds the text")
+        raise DataError(
+          f"{where}: no field {text_field!r} (found {keys}); set text_field to the "
+          "field that holds the text"
+        )
       text = record[text_field]
       if not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
       if text.strip():
-        docs[embedded.split_of(f"{key}:{n}", validation_percent)].append({"text": text,
-                                                                          "path": where})
+        docs[embedded.split_of(f"{key}:{n}", validation_percent)].append(
+          {"text": text, "path": where}
+        )
   return docs
 
 
-def prepare_local_files(patterns: Sequence[str], file_format: str = "auto", text_field: str = "text",
-                        cache_dir: str | os.PathLike | None = None,
-                        validation_percent: int = embedded.VALIDATION_PERCENT,
-                        encoding_errors: str = "strict") -> tuple[tfds.core.DatasetBuilder, dict]:
+def prepare_local_files(
+  patterns: Sequence[str],
+  file_format: str = "auto",
+  text_field: str = "text",
+  cache_dir: str | os.PathLike | None = None,
+  validation_percent: int = embedded.VALIDATION_PERCENT,
+  encoding_errors: str = "strict",
+) -> tuple[tfds.core.DatasetBuilder, dict]:
   """Builds (once) a TFDS dataset of local text/JSONL files; returns (builder, manifest)."""
   if file_format not in ("auto", "text", "jsonl"):
     raise DataError(f"file_format must be 'auto', 'text' or 'jsonl', got {file_format!r}")
   paths = expand_paths(patterns)
-  entries = [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-              "format": file_format_of(p, file_format)} for p in paths]
-  key = {"files": entries, "text_field": text_field, "validation_percent": validation_percent,
-         "encoding_errors": encoding_errors}
+  entries = [
+    {
+      "path": str(p),
+      "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+      "format": file_format_of(p, file_format),
+    }
+    for p in paths
+  ]
+  key = {
+    "files": entries,
+    "text_field": text_field,
+    "validation_percent": validation_percent,
+    "encoding_errors": encoding_errors,
+  }
   fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
   manifest = {"kind": "local_files", **key, "fingerprint": fp}
   data_dir = cache_root(cache_dir) / "tfds" / f"local-{fp[:16]}"
@@ -266,13 +310,19 @@ def prepare_local_files(patterns: Sequence[str], file_format: str = "auto", text
   if not done.is_file():
     with file_lock(data_dir.parent / f"{data_dir.name}.lock"):
       if not done.is_file():
-        docs = read_local_documents(paths, file_format, text_field, validation_percent,
-                                    encoding_errors)
+        docs = read_local_documents(
+          paths, file_format, text_field, validation_percent, encoding_errors
+        )
         if not any(docs.values()):
-          raise DataError(f"the files {[str(p) for p in paths][:5]} hold no text (all empty); "
-                          "give files with documents in them")
+          raise DataError(
+            f"the files {[str(p) for p in paths][:5]} hold no text (all empty); "
+            "give files with documents in them"
+          )
         manifest["documents"] = {s: len(v) for s, v in docs.items()}
-        _prepare([LocalTextFiles(documents=docs, config=config, data_dir=str(data_dir))],
-                 data_dir, manifest)
+        _prepare(
+          [LocalTextFiles(documents=docs, config=config, data_dir=str(data_dir))],
+          data_dir,
+          manifest,
+        )
   manifest = json.loads(done.read_text())
   return LocalTextFiles(config=config, data_dir=str(data_dir)), manifest

@@ -22,18 +22,25 @@ DEFAULT_MODEL_TYPE = "bpe"
 DEFAULT_MAX_SENTENCES = 200_000
 
 
-def default_tokenizer_path(cache_dir: str | os.PathLike | None = None,
-                           vocab_size: int = DEFAULT_VOCAB_SIZE,
-                           model_type: str = DEFAULT_MODEL_TYPE) -> str:
+def default_tokenizer_path(
+  cache_dir: str | os.PathLike | None = None,
+  vocab_size: int = DEFAULT_VOCAB_SIZE,
+  model_type: str = DEFAULT_MODEL_TYPE,
+) -> str:
   """Where the default tokenizer is (or will be) cached; scans the corpus, builds nothing."""
   manifest = builders.scan_embedded()
-  return str(builders.cache_root(cache_dir) / "tokenizers"
-             / f"embedded-{manifest['fingerprint'][:16]}-{model_type}{vocab_size}.model")
+  return str(
+    builders.cache_root(cache_dir)
+    / "tokenizers"
+    / f"embedded-{manifest['fingerprint'][:16]}-{model_type}{vocab_size}.model"
+  )
 
 
-def default_tokenizer(cache_dir: str | os.PathLike | None = None,
-                      vocab_size: int = DEFAULT_VOCAB_SIZE,
-                      model_type: str = DEFAULT_MODEL_TYPE) -> Tokenizer:
+def default_tokenizer(
+  cache_dir: str | os.PathLike | None = None,
+  vocab_size: int = DEFAULT_VOCAB_SIZE,
+  model_type: str = DEFAULT_MODEL_TYPE,
+) -> Tokenizer:
   """The embedded-corpus tokenizer; built on first use (also building the corpus) and cached.
 
   Args:
@@ -52,8 +59,18 @@ def default_tokenizer(cache_dir: str | os.PathLike | None = None,
     for domain in ("code", "prose"):
       source = sources.Embedded(domain=domain, cache_dir=cache).open("train")
       texts.extend(source[i] for i in range(len(source)))
-    print(f"training the default tokenizer ({vocab_size} {model_type} pieces, once; later runs "
-          f"reuse {path})", file=sys.stderr, flush=True)
+    print(
+      f"training the default tokenizer ({vocab_size} {model_type} pieces, once; later runs "
+      f"reuse {path})",
+      file=sys.stderr,
+      flush=True,
+    )
     with progress.status(f"training a {vocab_size}-piece {model_type} tokenizer"):
-      return train_tokenizer(texts, path, vocab_size=vocab_size, model_type=model_type,
-                             max_sentences=DEFAULT_MAX_SENTENCES, seed=0)
+      return train_tokenizer(
+        texts,
+        path,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        max_sentences=DEFAULT_MAX_SENTENCES,
+        seed=0,
+      )

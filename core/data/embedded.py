@@ -110,14 +110,19 @@ def _topics(data: bytes) -> dict[str, str]:
   """The topics dict of pydoc_data/topics.py, read without importing it."""
   tree = ast.parse(data)
   for node in tree.body:
-    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+    if isinstance(node, ast.Assign) and any(
+      getattr(t, "id", None) == "topics" for t in node.targets
+    ):
       value = ast.literal_eval(node.value)
       return {str(k): str(v) for k, v in value.items()}
   return {}
 
 
-def scan(files: Sequence[str] | None = None, root: str | Path | None = None,
-         validation_percent: int = VALIDATION_PERCENT) -> dict:
+def scan(
+  files: Sequence[str] | None = None,
+  root: str | Path | None = None,
+  validation_percent: int = VALIDATION_PERCENT,
+) -> dict:
   """The manifest of a file set: Python version, each file's sha256 and split, a fingerprint.
 
   Cheap (it hashes, it does not parse), so it is how a cached dataset is found.
@@ -130,25 +135,33 @@ def scan(files: Sequence[str] | None = None, root: str | Path | None = None,
   root = Path(root).resolve() if root is not None else stdlib_root()
   files = sorted(set(files)) if files is not None else default_files(root)
   if not files:
-    raise DataError(f"the embedded corpus has no files (root {root}); pass files=None for the "
-                    "whole standard library")
+    raise DataError(
+      f"the embedded corpus has no files (root {root}); pass files=None for the "
+      "whole standard library"
+    )
   entries = []
   for rel in files:
     try:
       data = (root / rel).read_bytes()
     except OSError as e:
       raise DataError(f"embedded corpus file {rel} cannot be read under {root}: {e}") from None
-    entries.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                    "split": split_of(rel, validation_percent)})
+    entries.append(
+      {
+        "path": rel,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "split": split_of(rel, validation_percent),
+      }
+    )
   manifest = {
-      "kind": "embedded_stdlib",
-      "python_version": platform.python_version(),
-      "python_implementation": platform.python_implementation(),
-      "python_executable": sys.executable,
-      "stdlib_root": str(root),
-      "extraction_version": EXTRACTION_VERSION,
-      "validation_percent": validation_percent,
-      "files": entries,
+    "kind": "embedded_stdlib",
+    "python_version": platform.python_version(),
+    "python_implementation": platform.python_implementation(),
+    "python_executable": sys.executable,
+    "stdlib_root": str(root),
+    "extraction_version": EXTRACTION_VERSION,
+    "validation_percent": validation_percent,
+    "files": entries,
   }
   manifest["fingerprint"] = fingerprint(manifest)
   return manifest
@@ -169,7 +182,9 @@ def collect(manifest: dict) -> tuple[dict, list[dict]]:
     rel, split = entry["path"], entry["split"]
     data = (root / rel).read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-      raise DataError(f"{root / rel} changed while the embedded corpus was being built; build again")
+      raise DataError(
+        f"{root / rel} changed while the embedded corpus was being built; build again"
+      )
     try:
       source = read_source(data, rel)
     except DataError as e:
@@ -187,15 +202,23 @@ def collect(manifest: dict) -> tuple[dict, list[dict]]:
     if prose:
       docs["prose"][split].append({"text": prose, "path": rel})
   if not any(docs[d][s] for d in DOMAINS for s in SPLITS):
-    raise DataError(f"the embedded corpus is empty: none of the {len(manifest['files'])} files "
-                    f"under {root} had readable text")
+    raise DataError(
+      f"the embedded corpus is empty: none of the {len(manifest['files'])} files "
+      f"under {root} had readable text"
+    )
   return docs, skipped
 
 
 def fingerprint(manifest: dict) -> str:
   """A hash of what the corpus is made of (not of where it was found)."""
-  key = {k: manifest[k] for k in ("python_version", "python_implementation", "extraction_version",
-                                  "validation_percent", "files")}
+  key = {
+    k: manifest[k]
+    for k in (
+      "python_version",
+      "python_implementation",
+      "extraction_version",
+      "validation_percent",
+      "files",
+    )
+  }
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-

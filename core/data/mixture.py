@@ -23,14 +23,19 @@ from core.data.errors import DataError
 class Schedule:
   """Normalized mixture weights by stage."""
 
-  def __init__(self, names: Sequence[str], weights: Mapping[str, float] | None = None,
-               stages: Sequence[tuple[int, Mapping[str, float]]] | None = None):
+  def __init__(
+    self,
+    names: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+    stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
+  ):
     self.names = tuple(names)
     if stages is None:
       stages = [(0, weights if weights is not None else {n: 1.0 for n in self.names})]
     elif weights is not None:
-      raise DataError("give mixture weights or stages, not both (a single stage is "
-                      "stages=((0, weights),))")
+      raise DataError(
+        "give mixture weights or stages, not both (a single stage is stages=((0, weights),))"
+      )
     stages = sorted(((int(step), dict(w)) for step, w in stages), key=lambda s: s[0])
     if not stages or stages[0][0] != 0:
       raise DataError(f"the first mixture stage must start at step 0, got {[s for s, _ in stages]}")
@@ -43,8 +48,10 @@ class Schedule:
   def _normalize(self, weights: Mapping[str, Any], step: int) -> dict[str, float]:
     unknown = sorted(set(weights) - set(self.names))
     if unknown:
-      raise DataError(f"mixture weights (stage at step {step}) name {unknown}, which are not "
-                      f"sources; the sources are {list(self.names)}")
+      raise DataError(
+        f"mixture weights (stage at step {step}) name {unknown}, which are not "
+        f"sources; the sources are {list(self.names)}"
+      )
     values = {n: float(weights.get(n, 0.0)) for n in self.names}
     if any(v < 0 for v in values.values()):
       raise DataError(f"mixture weights must be >= 0, got {values} (stage at step {step})")
@@ -63,8 +70,9 @@ class Schedule:
     return [{"start_step": s, "weights": w} for s, w in zip(self.starts, self.weights)]
 
 
-def pick_source(weights: Mapping[str, float], delivered: Mapping[str, int],
-                available: Sequence[str]) -> str | None:
+def pick_source(
+  weights: Mapping[str, float], delivered: Mapping[str, int], available: Sequence[str]
+) -> str | None:
   """The available source furthest behind its weighted share of the delivered tokens."""
   total = sum(delivered.get(n, 0) for n in available)
   best, best_deficit = None, None

@@ -27,16 +27,17 @@ def empty_rows(num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
   return rows
 
 
-def put_piece(rows: dict[str, np.ndarray], row: int, start: int, segment: int,
-              piece: np.ndarray) -> None:
+def put_piece(
+  rows: dict[str, np.ndarray], row: int, start: int, segment: int, piece: np.ndarray
+) -> None:
   """Writes one segment into rows[..][row, start:start + len(piece)]."""
   n = len(piece)
   end = start + n
   rows["inputs"][row, start:end] = piece
-  rows["targets"][row, start:end - 1] = piece[1:]
+  rows["targets"][row, start : end - 1] = piece[1:]
   rows["segment_ids"][row, start:end] = segment
   rows["positions"][row, start:end] = np.arange(n, dtype=np.int32)
-  rows["loss_mask"][row, start:end - 1] = 1.0
+  rows["loss_mask"][row, start : end - 1] = 1.0
 
 
 def pack_documents(documents: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
@@ -54,7 +55,7 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int) -> dict[str
     offset = 0
     while offset < len(doc):
       take = min(len(doc) - offset, seq_len - start)
-      pieces.append((row, start, doc[offset:offset + take]))
+      pieces.append((row, start, doc[offset : offset + take]))
       offset += take
       start += take
       if start == seq_len:

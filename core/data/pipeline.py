@@ -71,13 +71,25 @@ class LMBatches:
   segment_ids, positions (int32) and loss_mask (float32). See lm_batches.
   """
 
-  def __init__(self, *, sources: Any, tokenizer: Tokenizer | str | None, seq_len: int,
-               batch_size: int, seed: int, split: str = "train", shard_index: int = 0,
-               shard_count: int = 1, num_epochs: int | None = None,
-               weights: Mapping[str, float] | None = None,
-               stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
-               add_bos: bool = True, add_eos: bool = True, shuffle: bool | None = None,
-               interleave: int = DEFAULT_INTERLEAVE):
+  def __init__(
+    self,
+    *,
+    sources: Any,
+    tokenizer: Tokenizer | str | None,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    weights: Mapping[str, float] | None = None,
+    stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    shuffle: bool | None = None,
+    interleave: int = DEFAULT_INTERLEAVE,
+  ):
     _check_args(seq_len, batch_size, split, shard_index, shard_count, num_epochs, interleave)
     self.seq_len, self.batch_size = int(seq_len), int(batch_size)
     self.interleave = int(interleave)
@@ -94,22 +106,33 @@ class LMBatches:
     self._prefix = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id >= 0 else []
     self._suffix = [self.tokenizer.eos_id] if add_eos and self.tokenizer.eos_id >= 0 else []
     self._config = {
-        "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
-        "split": split, "shard_index": self.shard_index, "shard_count": self.shard_count,
-        "num_epochs": self.num_epochs, "shuffle": self.shuffle, "sources": list(self.names),
-        "interleave": self.interleave,
-        "records": {n: len(s) for n, s in self._sources.items()},
-        "schedule": self.schedule.describe(), "tokenizer_sha256": self.tokenizer.sha256,
-        "add_bos": bool(self._prefix), "add_eos": bool(self._suffix)}
+      "seq_len": self.seq_len,
+      "batch_size": self.batch_size,
+      "seed": self.seed,
+      "split": split,
+      "shard_index": self.shard_index,
+      "shard_count": self.shard_count,
+      "num_epochs": self.num_epochs,
+      "shuffle": self.shuffle,
+      "sources": list(self.names),
+      "interleave": self.interleave,
+      "records": {n: len(s) for n, s in self._sources.items()},
+      "schedule": self.schedule.describe(),
+      "tokenizer_sha256": self.tokenizer.sha256,
+      "add_bos": bool(self._prefix),
+      "add_eos": bool(self._suffix),
+    }
     self._reset()
 
   def _dataset(self, name: str, source: Any) -> grain.MapDataset:
     if len(source) == 0:
       raise DataError(f"source {name!r} ({source.name}) has no documents in split {self.split!r}")
     if len(source) < self.shard_count:
-      raise DataError(f"source {name!r} has {len(source)} documents, fewer than the "
-                      f"{self.shard_count} shards (processes) reading it; use fewer processes or "
-                      "a larger dataset")
+      raise DataError(
+        f"source {name!r} has {len(source)} documents, fewer than the "
+        f"{self.shard_count} shards (processes) reading it; use fewer processes or "
+        "a larger dataset"
+      )
     ds = grain.MapDataset.source(source)
     if self.shard_count > 1:
       ds = ds.slice(slice(self.shard_index, None, self.shard_count))
@@ -143,11 +166,14 @@ class LMBatches:
   def manifest(self) -> dict:
     """What this pipeline reads, for the run record."""
     return {
-        "sources": {n: s.manifest for n, s in self._sources.items()},
-        "tokenizer": {"path": self.tokenizer.path, "sha256": self.tokenizer.sha256,
-                      "vocab_size": self.tokenizer.vocab_size},
-        "python_version": platform.python_version(),
-        "config": self._config,
+      "sources": {n: s.manifest for n, s in self._sources.items()},
+      "tokenizer": {
+        "path": self.tokenizer.path,
+        "sha256": self.tokenizer.sha256,
+        "vocab_size": self.tokenizer.vocab_size,
+      },
+      "python_version": platform.python_version(),
+      "config": self._config,
     }
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -176,7 +202,7 @@ class LMBatches:
         tokens, offset = doc[0], doc[1]
         take = min(len(tokens) - offset, self.seq_len - start)
         segment += 1
-        packing.put_piece(rows, r, start, segment, tokens[offset:offset + take])
+        packing.put_piece(rows, r, start, segment, tokens[offset : offset + take])
         doc[1] = offset + take
         if doc[1] >= len(tokens):
           del self._open[name][used_lane]
@@ -194,23 +220,37 @@ class LMBatches:
   def get_state(self) -> dict:
     """The iterator position: small and JSON-serializable."""
     # Per source, [lane, record index, offset] of each document in progress.
-    current = {name: [[lane, doc[2], doc[1]] for lane, doc in sorted(lanes.items())]
-               for name, lanes in self._open.items() if lanes}
-    return {"version": STATE_VERSION, "step": self._step, "cursors": dict(self._cursors),
-            "stage": self._stage, "delivered": dict(self._delivered),
-            "tokens": dict(self._total), "current": current,
-            "done": self._done, "config_hash": self.config_hash()}
+    current = {
+      name: [[lane, doc[2], doc[1]] for lane, doc in sorted(lanes.items())]
+      for name, lanes in self._open.items()
+      if lanes
+    }
+    return {
+      "version": STATE_VERSION,
+      "step": self._step,
+      "cursors": dict(self._cursors),
+      "stage": self._stage,
+      "delivered": dict(self._delivered),
+      "tokens": dict(self._total),
+      "current": current,
+      "done": self._done,
+      "config_hash": self.config_hash(),
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a get_state() of an iterator with the same configuration."""
     if state.get("version") != STATE_VERSION:
-      raise DataError(f"data iterator state version {state.get('version')!r} is not "
-                      f"{STATE_VERSION}; it was saved by another ablax version")
+      raise DataError(
+        f"data iterator state version {state.get('version')!r} is not "
+        f"{STATE_VERSION}; it was saved by another ablax version"
+      )
     if state.get("config_hash") != self.config_hash():
-      raise DataError("the data iterator state was saved by a pipeline with another "
-                      "configuration (sources, seed, seq_len, batch_size, shard, tokenizer or "
-                      "schedule differ); resume with the configuration of the saved run. "
-                      f"This pipeline: {json.dumps(self._config)[:600]}")
+      raise DataError(
+        "the data iterator state was saved by a pipeline with another "
+        "configuration (sources, seed, seq_len, batch_size, shard, tokenizer or "
+        "schedule differ); resume with the configuration of the saved run. "
+        f"This pipeline: {json.dumps(self._config)[:600]}"
+      )
     self._reset()
     self._step = int(state["step"])
     self._cursors = {n: int(state["cursors"][n]) for n in self.names}
@@ -241,8 +281,9 @@ class LMBatches:
     an evaluation pass still reads every document exactly once.
     """
     while True:
-      available = [n for n in self.names
-                   if self._open[n] or self._cursors[n] < len(self._datasets[n])]
+      available = [
+        n for n in self.names if self._open[n] or self._cursors[n] < len(self._datasets[n])
+      ]
       if not available:
         return None
       name = mixture.pick_source(weights, self._delivered, available)
@@ -264,8 +305,9 @@ class LMBatches:
         return name, lane
 
 
-def _check_args(seq_len, batch_size, split, shard_index, shard_count, num_epochs,
-                interleave) -> None:
+def _check_args(
+  seq_len, batch_size, split, shard_index, shard_count, num_epochs, interleave
+) -> None:
   if not isinstance(seq_len, int) or seq_len < 2:
     raise DataError(f"seq_len must be an int >= 2, got {seq_len!r}")
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -277,18 +319,30 @@ def _check_args(seq_len, batch_size, split, shard_index, shard_count, num_epochs
   if num_epochs is not None and num_epochs < 1:
     raise DataError(f"num_epochs must be None (repeat forever) or >= 1, got {num_epochs}")
   if not isinstance(interleave, int) or interleave < 1:
-    raise DataError(f"interleave (documents in progress per source) must be an int >= 1, "
-                    f"got {interleave!r}")
+    raise DataError(
+      f"interleave (documents in progress per source) must be an int >= 1, got {interleave!r}"
+    )
 
 
-def lm_batches(*, sources: Any, seq_len: int, batch_size: int, seed: int = 0,
-               tokenizer: Tokenizer | str | None = None, split: str = "train",
-               shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-               weights: Mapping[str, float] | None = None,
-               stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
-               add_bos: bool = True, add_eos: bool = True, shuffle: bool | None = None,
-               interleave: int = DEFAULT_INTERLEAVE,
-               start_state: Mapping[str, Any] | None = None) -> LMBatches:
+def lm_batches(
+  *,
+  sources: Any,
+  seq_len: int,
+  batch_size: int,
+  seed: int = 0,
+  tokenizer: Tokenizer | str | None = None,
+  split: str = "train",
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  weights: Mapping[str, float] | None = None,
+  stages: Sequence[tuple[int, Mapping[str, float]]] | None = None,
+  add_bos: bool = True,
+  add_eos: bool = True,
+  shuffle: bool | None = None,
+  interleave: int = DEFAULT_INTERLEAVE,
+  start_state: Mapping[str, Any] | None = None,
+) -> LMBatches:
   """Packed LM batches from a mixture of text sources.
 
   Args:
@@ -312,11 +366,23 @@ def lm_batches(*, sources: Any, seq_len: int, batch_size: int, seed: int = 0,
       document of lane k mod interleave (1: documents strictly in order).
     start_state: a get_state() to resume from.
   """
-  batches = LMBatches(sources=sources, tokenizer=tokenizer, seq_len=seq_len,
-                      batch_size=batch_size, seed=seed, split=split, shard_index=shard_index,
-                      shard_count=shard_count, num_epochs=num_epochs, weights=weights,
-                      stages=stages, add_bos=add_bos, add_eos=add_eos, shuffle=shuffle,
-                      interleave=interleave)
+  batches = LMBatches(
+    sources=sources,
+    tokenizer=tokenizer,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=seed,
+    split=split,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    weights=weights,
+    stages=stages,
+    add_bos=add_bos,
+    add_eos=add_eos,
+    shuffle=shuffle,
+    interleave=interleave,
+  )
   if start_state is not None:
     batches.set_state(start_state)
   return batches

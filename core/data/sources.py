@@ -43,37 +43,55 @@ class TextSource:
     if isinstance(value, str):  # tfds.testing.mock_data hands str, real data bytes.
       return value
     if not isinstance(value, (bytes, np.bytes_)):
-      raise DataError(f"{self.name}: feature {self._feature!r} holds {type(value).__name__}, "
-                      "not text; set feature to a text feature")
+      raise DataError(
+        f"{self.name}: feature {self._feature!r} holds {type(value).__name__}, "
+        "not text; set feature to a text feature"
+      )
     try:
       return bytes(value).decode("utf-8")
     except UnicodeDecodeError as e:
-      raise DataError(f"{self.name}[{index}].{self._feature}: bytes {e.start}..{e.end} are not "
-                      f"valid UTF-8 ({e.reason}); the dataset's text feature must be UTF-8") from None
+      raise DataError(
+        f"{self.name}[{index}].{self._feature}: bytes {e.start}..{e.end} are not "
+        f"valid UTF-8 ({e.reason}); the dataset's text feature must be UTF-8"
+      ) from None
 
 
 def _own_split(builder: tfds.core.DatasetBuilder, split: str, name: str) -> None:
   """Our builders leave out empty splits: say so in the data's terms."""
   if split not in builder.info.splits:
-    raise DataError(f"{name} has no documents in split {split!r} (every file or line was hashed "
-                    "into the other split); add documents or change validation_percent")
+    raise DataError(
+      f"{name} has no documents in split {split!r} (every file or line was hashed "
+      "into the other split); add documents or change validation_percent"
+    )
 
 
-def _split_source(builder: tfds.core.DatasetBuilder, split: str, feature: str, name: str,
-                  manifest: dict, check_split: bool = True) -> TextSource:
+def _split_source(
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  feature: str,
+  name: str,
+  manifest: dict,
+  check_split: bool = True,
+) -> TextSource:
   splits = list(builder.info.splits)
   if check_split and split not in splits:
-    raise DataError(f"{name} has no split {split!r} (it has {splits}); map it with "
-                    f"split_names={{'{split}': '<one of {splits}>'}}")
+    raise DataError(
+      f"{name} has no split {split!r} (it has {splits}); map it with "
+      f"split_names={{'{split}': '<one of {splits}>'}}"
+    )
   features = builder.info.features
   names = list(features.keys()) if hasattr(features, "keys") else []
   text_features = [k for k in names if isinstance(features[k], tfds.features.Text)]
   if feature in names and feature not in text_features:
-    raise DataError(f"{name}: feature {feature!r} is not text ({type(features[feature]).__name__}); "
-                    f"its text features are {text_features}")
+    raise DataError(
+      f"{name}: feature {feature!r} is not text ({type(features[feature]).__name__}); "
+      f"its text features are {text_features}"
+    )
   if feature not in names:
-    raise DataError(f"{name} has no feature {feature!r}; its features are {names} (text: "
-                    f"{text_features}); set feature to one of them")
+    raise DataError(
+      f"{name} has no feature {feature!r}; its features are {names} (text: "
+      f"{text_features}); set feature to one of them"
+    )
   return TextSource(builder.as_data_source(split=split), feature, f"{name}/{split}", manifest)
 
 
@@ -83,6 +101,7 @@ class Embedded:
 
   `files` (relative to the stdlib, or to `root`) restricts the corpus, for tests.
   """
+
   domain: str
   cache_dir: str | None = None
   files: tuple[str, ...] | None = None
@@ -91,8 +110,9 @@ class Embedded:
   def open(self, split: str) -> TextSource:
     builder, manifest = builders.open_embedded(self.domain, self.cache_dir, self.files, self.root)
     _own_split(builder, split, f"embedded:{self.domain}")
-    return _split_source(builder, split, "text", f"embedded:{self.domain}",
-                         dict(manifest, domain=self.domain))
+    return _split_source(
+      builder, split, "text", f"embedded:{self.domain}", dict(manifest, domain=self.domain)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +125,7 @@ class Tfds:
     data_dir: where it was prepared (default: TFDS's, $TFDS_DATA_DIR or ~/tensorflow_datasets).
     split_names: our split -> the dataset's, e.g. {'validation': 'test'} for lm1b.
   """
+
   name: str
   feature: str = "text"
   data_dir: str | None = None
@@ -117,38 +138,52 @@ class Tfds:
       pass
     # Catalogue text datasets (c4, wiki40b...) register only once their module is imported.
     import tensorflow_datasets.text  # noqa: F401  pylint: disable=g-import-not-at-top
+
     try:
       return tfds.builder(self.name, data_dir=self.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise DataError(
-          f"no TFDS dataset named {self.name!r}: it is not a registered builder and not found "
-          f"prepared in data_dir={self.data_dir or '(TFDS default)'}; check the name "
-          "(tfds.list_builders(with_community_datasets=False)) or give the data_dir it was "
-          "prepared in") from None
+        f"no TFDS dataset named {self.name!r}: it is not a registered builder and not found "
+        f"prepared in data_dir={self.data_dir or '(TFDS default)'}; check the name "
+        "(tfds.list_builders(with_community_datasets=False)) or give the data_dir it was "
+        "prepared in"
+      ) from None
 
   def open(self, split: str) -> TextSource:
     builder = self.builder()
     mocked = _tfds_is_mocked()
     if not builder.is_prepared() and not mocked:
       raise DataError(
-          f"TFDS dataset {self.name!r} is not prepared in {builder.data_dir}. ablax never "
-          "downloads during a run; prepare it once (needs the network) with "
-          f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{self.name}', "
-          f"data_dir='{self.data_dir or '...'}').download_and_prepare(file_format='array_record')\"` "
-          "or set data_dir to where it is prepared")
+        f"TFDS dataset {self.name!r} is not prepared in {builder.data_dir}. ablax never "
+        "downloads during a run; prepare it once (needs the network) with "
+        f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{self.name}', "
+        f"data_dir='{self.data_dir or '...'}').download_and_prepare(file_format='array_record')\"` "
+        "or set data_dir to where it is prepared"
+      )
     file_format = getattr(builder.info, "file_format", None)
-    if (not mocked and file_format is not None
-        and str(getattr(file_format, "value", file_format)) != "array_record"):
+    if (
+      not mocked
+      and file_format is not None
+      and str(getattr(file_format, "value", file_format)) != "array_record"
+    ):
       raise DataError(
-          f"TFDS dataset {self.name!r} in {builder.data_dir} is stored as {file_format}, which needs "
-          "TensorFlow to read; re-prepare it with file_format='array_record' (or convert it with "
-          "`tfds convert_format --out_file_format=array_record`)")
+        f"TFDS dataset {self.name!r} in {builder.data_dir} is stored as {file_format}, which needs "
+        "TensorFlow to read; re-prepare it with file_format='array_record' (or convert it with "
+        "`tfds convert_format --out_file_format=array_record`)"
+      )
     dataset_split = dict(self.split_names or {}).get(split, split)
-    manifest = {"kind": "tfds", "name": builder.info.full_name, "version": str(builder.info.version),
-                "data_dir": str(builder.data_dir), "feature": self.feature,
-                "split": dataset_split, "fingerprint": _tfds_fingerprint(builder, dataset_split)}
-    return _split_source(builder, dataset_split, self.feature, f"tfds:{self.name}", manifest,
-                         check_split=not mocked)
+    manifest = {
+      "kind": "tfds",
+      "name": builder.info.full_name,
+      "version": str(builder.info.version),
+      "data_dir": str(builder.data_dir),
+      "feature": self.feature,
+      "split": dataset_split,
+      "fingerprint": _tfds_fingerprint(builder, dataset_split),
+    }
+    return _split_source(
+      builder, dataset_split, self.feature, f"tfds:{self.name}", manifest, check_split=not mocked
+    )
 
 
 def _tfds_is_mocked() -> bool:
@@ -159,9 +194,11 @@ def _tfds_is_mocked() -> bool:
 
 def _tfds_fingerprint(builder: tfds.core.DatasetBuilder, split: str) -> dict:
   info = builder.info.splits[split] if split in builder.info.splits else None
-  return {"num_examples": int(info.num_examples) if info else None,
-          "num_bytes": int(info.num_bytes) if info else None,
-          "shard_lengths": list(info.shard_lengths) if info else None}
+  return {
+    "num_examples": int(info.num_examples) if info else None,
+    "num_bytes": int(info.num_bytes) if info else None,
+    "shard_lengths": list(info.shard_lengths) if info else None,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +213,7 @@ class LocalFiles:
     encoding_errors: 'strict' (undecodable bytes are an error) or 'replace'.
     cache_dir: the ablax cache, where the built dataset is kept.
   """
+
   paths: tuple[str, ...]
   file_format: str = "auto"
   text_field: str = "text"
@@ -186,8 +224,13 @@ class LocalFiles:
   def open(self, split: str) -> TextSource:
     paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else tuple(self.paths)
     builder, manifest = builders.prepare_local_files(
-        paths, self.file_format, self.text_field, self.cache_dir, self.validation_percent,
-        self.encoding_errors)
+      paths,
+      self.file_format,
+      self.text_field,
+      self.cache_dir,
+      self.validation_percent,
+      self.encoding_errors,
+    )
     name = "files:" + ",".join(map(str, paths))
     _own_split(builder, split, name)
     return _split_source(builder, split, "text", name, manifest)
@@ -200,12 +243,16 @@ def parse_source(spec: str | SourceSpec) -> SourceSpec:
   """A source spec from its string shorthand (see the module docstring); specs pass through."""
   if not isinstance(spec, str):
     if not hasattr(spec, "open"):
-      raise DataError(f"a source is a spec object or a string such as 'embedded:code', got {spec!r}")
+      raise DataError(
+        f"a source is a spec object or a string such as 'embedded:code', got {spec!r}"
+      )
     return spec
   kind, sep, rest = spec.partition(":")
   if not sep or not rest:
-    raise DataError(f"source {spec!r}: write 'embedded:code', 'embedded:prose', 'tfds:NAME[#feature]' "
-                    "or 'files:GLOB[,GLOB]'")
+    raise DataError(
+      f"source {spec!r}: write 'embedded:code', 'embedded:prose', 'tfds:NAME[#feature]' "
+      "or 'files:GLOB[,GLOB]'"
+    )
   if kind == "embedded":
     return Embedded(domain=rest)
   if kind == "tfds":
@@ -216,7 +263,9 @@ def parse_source(spec: str | SourceSpec) -> SourceSpec:
   raise DataError(f"source {spec!r}: unknown kind {kind!r}; use embedded:, tfds: or files:")
 
 
-def open_sources(sources: Mapping[str, Any] | Sequence[Any] | str, split: str) -> dict[str, TextSource]:
+def open_sources(
+  sources: Mapping[str, Any] | Sequence[Any] | str, split: str
+) -> dict[str, TextSource]:
   """Opens a name -> spec mapping (a single spec or a list gets names from the specs)."""
   if isinstance(sources, (str, Embedded, Tfds, LocalFiles)):
     sources = [sources]

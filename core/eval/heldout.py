@@ -81,11 +81,16 @@ class _Totals:
     return out
 
 
-def evaluate(model: nnx.Module, batches: Mapping[str, Iterable[Mapping[str, Any]]]
-             | Iterable[Mapping[str, Any]], *, tokenizer: Any = None,
-             byte_lengths: np.ndarray | None = None, domains: Mapping[str, str] | None = None,
-             max_batches: int | None = None, prefix: str = schema.EVAL_HELDOUT
-             ) -> dict[str, float]:
+def evaluate(
+  model: nnx.Module,
+  batches: Mapping[str, Iterable[Mapping[str, Any]]] | Iterable[Mapping[str, Any]],
+  *,
+  tokenizer: Any = None,
+  byte_lengths: np.ndarray | None = None,
+  domains: Mapping[str, str] | None = None,
+  max_batches: int | None = None,
+  prefix: str = schema.EVAL_HELDOUT,
+) -> dict[str, float]:
   """Held-out metrics of `model`.
 
   Args:
@@ -115,8 +120,7 @@ def evaluate(model: nnx.Module, batches: Mapping[str, Iterable[Mapping[str, Any]
     totals = per_source[name] = _Totals()
     read = source if max_batches is None else itertools.islice(source, max_batches)
     for batch in progress.track(read, f"held-out loss: {name}", total=max_batches):
-      arrays = [jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids",
-                                                "positions")]
+      arrays = [jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids", "positions")]
       mask = np.asarray(batch["loss_mask"], np.float32)
       nll, count = _batch_nll(graphdef, state, *arrays, jnp.asarray(mask))
       totals.nll += float(nll)
@@ -124,8 +128,10 @@ def evaluate(model: nnx.Module, batches: Mapping[str, Iterable[Mapping[str, Any]
       if with_bytes:
         targets = np.asarray(batch["targets"])
         if targets.max(initial=0) >= len(byte_lengths):
-          raise ValueError(f"target ids reach {targets.max()} but the byte table has "
-                           f"{len(byte_lengths)} ids: wrong tokenizer for these batches?")
+          raise ValueError(
+            f"target ids reach {targets.max()} but the byte table has "
+            f"{len(byte_lengths)} ids: wrong tokenizer for these batches?"
+          )
         totals.bytes += int(np.sum(byte_lengths[targets] * (mask > 0)))
   metrics: dict[str, float] = {}
   overall = _Totals()

@@ -37,13 +37,13 @@ import numpy as np
 Record = Mapping[str, Any]
 
 METRICS: dict[str, Callable[[Record], float]] = {
-    "acc": lambda r: r["loglikelihood"],
-    # max(.., 1): an empty answer text has nothing to divide by; lm-eval would give inf.
-    "acc_norm": lambda r: r["loglikelihood"] / max(len(r["choice_text"]), 1),
-    "acc_mutual_info": lambda r: r["loglikelihood"] - r["loglikelihood_bos"],
-    "acc_char": lambda r: r["loglikelihood"] / max(r["num_chars"], 1),
-    "acc_unconditional": lambda r: r["loglikelihood"] - r["loglikelihood_answer_prompt"],
-    "acc_token": lambda r: r["loglikelihood"] / r["num_tokens"],
+  "acc": lambda r: r["loglikelihood"],
+  # max(.., 1): an empty answer text has nothing to divide by; lm-eval would give inf.
+  "acc_norm": lambda r: r["loglikelihood"] / max(len(r["choice_text"]), 1),
+  "acc_mutual_info": lambda r: r["loglikelihood"] - r["loglikelihood_bos"],
+  "acc_char": lambda r: r["loglikelihood"] / max(r["num_chars"], 1),
+  "acc_unconditional": lambda r: r["loglikelihood"] - r["loglikelihood_answer_prompt"],
+  "acc_token": lambda r: r["loglikelihood"] / r["num_tokens"],
 }
 # One forward pass over the contexts gives these; the other two need a pass over
 # the continuations after their anchor, and run only when asked for.
@@ -85,8 +85,7 @@ def accuracies(records: Sequence[Record], metrics: Sequence[str]) -> dict[str, f
   return out
 
 
-def write_details(path: str | os.PathLike, records: Iterable[Record], append: bool = False
-                  ) -> None:
+def write_details(path: str | os.PathLike, records: Iterable[Record], append: bool = False) -> None:
   """Per-choice records as JSONL, one object a line."""
   with open(path, "a" if append else "w", encoding="utf-8") as f:
     for r in records:

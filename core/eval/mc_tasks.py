@@ -70,7 +70,7 @@ def winogrande(r: Mapping[str, Any]) -> Example:
   if "_" not in sentence:
     raise TaskError(f"Winogrande record without a blank: {sentence!r}")
   cut = sentence.index("_")
-  before, after = sentence[:cut], sentence[cut + 1:]
+  before, after = sentence[:cut], sentence[cut + 1 :]
   options = [_text(r["option1"]), _text(r["option2"])]
   contexts = tuple(before + o for o in options)
   # lm-eval's partial contexts are its choices (what acc_norm measures).
@@ -80,6 +80,7 @@ def winogrande(r: Mapping[str, Any]) -> Example:
 @dataclasses.dataclass(frozen=True)
 class TfdsTask:
   """How to read one TFDS dataset as a multiple-choice task."""
+
   tfds_name: str
   convert: Callable[[Mapping[str, Any]], Example]
   split: str
@@ -90,19 +91,25 @@ class TfdsTask:
 
 
 TFDS_TASKS: dict[str, TfdsTask] = {
-    "piqa": TfdsTask("piqa", piqa, "validation", "train"),
-    "arc_easy": TfdsTask("ai2_arc/ARC-Easy", arc, "test", "train"),
-    "arc_challenge": TfdsTask("ai2_arc/ARC-Challenge", arc, "test", "train"),
-    "bool_q": TfdsTask("bool_q", bool_q, "validation", "train", "acc_unconditional"),
-    "openbookqa": TfdsTask("openbookqa", openbookqa, "test", "train", "acc_unconditional"),
-    "hellaswag": TfdsTask("hellaswag", hellaswag, "validation", "train",
-                          module="tensorflow_datasets.text"),
-    "winogrande": TfdsTask("winogrande", winogrande, "validation", "train_xl",
-                           module="tensorflow_datasets.text"),
+  "piqa": TfdsTask("piqa", piqa, "validation", "train"),
+  "arc_easy": TfdsTask("ai2_arc/ARC-Easy", arc, "test", "train"),
+  "arc_challenge": TfdsTask("ai2_arc/ARC-Challenge", arc, "test", "train"),
+  "bool_q": TfdsTask("bool_q", bool_q, "validation", "train", "acc_unconditional"),
+  "openbookqa": TfdsTask("openbookqa", openbookqa, "test", "train", "acc_unconditional"),
+  "hellaswag": TfdsTask(
+    "hellaswag", hellaswag, "validation", "train", module="tensorflow_datasets.text"
+  ),
+  "winogrande": TfdsTask(
+    "winogrande", winogrande, "validation", "train_xl", module="tensorflow_datasets.text"
+  ),
 }
 # TFDS spellings work too.
-ALIASES = {"ai2_arc": "arc_easy", "ai2_arc/ARC-Easy": "arc_easy",
-           "ai2_arc/ARC-Challenge": "arc_challenge", "boolq": "bool_q"}
+ALIASES = {
+  "ai2_arc": "arc_easy",
+  "ai2_arc/ARC-Easy": "arc_easy",
+  "ai2_arc/ARC-Challenge": "arc_challenge",
+  "boolq": "bool_q",
+}
 
 
 def _tfds_is_mocked(tfds) -> bool:
@@ -111,9 +118,13 @@ def _tfds_is_mocked(tfds) -> bool:
   return getattr(prepare, "__name__", "").startswith("mock_")
 
 
-def load_tfds_task(name: str, data_dir: str | os.PathLike | None = None,
-                   split: str | None = None, max_examples: int | None = None,
-                   max_shots: int = 1000) -> Task:
+def load_tfds_task(
+  name: str,
+  data_dir: str | os.PathLike | None = None,
+  split: str | None = None,
+  max_examples: int | None = None,
+  max_shots: int = 1000,
+) -> Task:
   """The TFDS task `name` (a key of TFDS_TASKS or an alias), read from `data_dir`.
 
   Records with a negative label (hidden test answers) are skipped.
@@ -121,10 +132,12 @@ def load_tfds_task(name: str, data_dir: str | os.PathLike | None = None,
   import importlib
 
   import tensorflow_datasets as tfds  # local: slow to import, only needed here
+
   key = ALIASES.get(name, name)
   if key not in TFDS_TASKS:
-    raise TaskError(f"unknown TFDS task {name!r}; known: {sorted(TFDS_TASKS)} "
-                    "(or give a local JSONL file)")
+    raise TaskError(
+      f"unknown TFDS task {name!r}; known: {sorted(TFDS_TASKS)} (or give a local JSONL file)"
+    )
   spec = TFDS_TASKS[key]
   if spec.module:
     importlib.import_module(spec.module)
@@ -135,16 +148,18 @@ def load_tfds_task(name: str, data_dir: str | os.PathLike | None = None,
   mocked = _tfds_is_mocked(tfds)
   if not mocked and not builder.is_prepared():
     raise TaskError(
-        f"TFDS dataset {spec.tfds_name!r} (task {key}) is not prepared in {builder.data_dir}. "
-        "Evaluation never downloads; prepare it once where the network is reachable: "
-        f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{spec.tfds_name}'"
-        f"{', data_dir=...' if data_dir else ''}).download_and_prepare("
-        "file_format='array_record')\"`, then pass --tfds_data_dir")
+      f"TFDS dataset {spec.tfds_name!r} (task {key}) is not prepared in {builder.data_dir}. "
+      "Evaluation never downloads; prepare it once where the network is reachable: "
+      f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{spec.tfds_name}'"
+      f"{', data_dir=...' if data_dir else ''}).download_and_prepare("
+      "file_format='array_record')\"`, then pass --tfds_data_dir"
+    )
 
   def read(split_name: str, limit: int | None) -> tuple[Example, ...]:
     if not mocked and split_name not in builder.info.splits:
-      raise TaskError(f"{spec.tfds_name} has no split {split_name!r} "
-                      f"(it has {list(builder.info.splits)})")
+      raise TaskError(
+        f"{spec.tfds_name} has no split {split_name!r} (it has {list(builder.info.splits)})"
+      )
     source = builder.as_data_source(split=split_name)
     out = []
     for i in range(len(source)):

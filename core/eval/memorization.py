@@ -31,17 +31,26 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
   return previous[-1]
 
 
-def documents_from_texts(texts: Iterable[str], tokenizer: Any, add_bos: bool = True
-                         ) -> Iterator[list[int]]:
+def documents_from_texts(
+  texts: Iterable[str], tokenizer: Any, add_bos: bool = True
+) -> Iterator[list[int]]:
   """Token ids of each text, lazily, with BOS in front as in training (core.data frames docs so)."""
   bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
   return (bos + tokenizer.encode(t) for t in texts)
 
 
-def evaluate(model: nnx.Module, documents: Iterable[Sequence[int]], *, prefix_len: int = 50,
-             suffix_len: int = 50, tolerance: float = 0.1, batch_size: int = 16,
-             max_documents: int | None = None, prefix: str = schema.EVAL_MEMORIZATION,
-             return_details: bool = False) -> dict[str, Any]:
+def evaluate(
+  model: nnx.Module,
+  documents: Iterable[Sequence[int]],
+  *,
+  prefix_len: int = 50,
+  suffix_len: int = 50,
+  tolerance: float = 0.1,
+  batch_size: int = 16,
+  max_documents: int | None = None,
+  prefix: str = schema.EVAL_MEMORIZATION,
+  return_details: bool = False,
+) -> dict[str, Any]:
   """Exact and approximate memorization rates of `model` on `documents`.
 
   Args:
@@ -70,25 +79,29 @@ def evaluate(model: nnx.Module, documents: Iterable[Sequence[int]], *, prefix_le
       continue
     prompts.append(doc[:prefix_len])
     truths.append(doc[prefix_len:need])
-  metrics: dict[str, Any] = {f"{prefix}/num_documents": float(len(prompts)),
-                             f"{prefix}/skipped_short": float(skipped)}
+  metrics: dict[str, Any] = {
+    f"{prefix}/num_documents": float(len(prompts)),
+    f"{prefix}/skipped_short": float(skipped),
+  }
   if not prompts:
     return metrics
   limit = tolerance * suffix_len
   distances = []
   for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
+    chunk = prompts[start : start + batch_size]
     # A fixed batch shape compiles once; filler rows are dropped.
     filler = [chunk[0]] * (batch_size - len(chunk))
     gen = generate(model, chunk + filler, suffix_len, eos_id=None)
-    for row, truth in zip(gen.tokens, truths[start:start + batch_size]):
+    for row, truth in zip(gen.tokens, truths[start : start + batch_size]):
       distances.append(edit_distance(row, truth))
   d = np.asarray(distances)
-  metrics.update({
+  metrics.update(
+    {
       f"{prefix}/exact_rate": float(np.mean(d == 0)),
       f"{prefix}/approximate_rate": float(np.mean(d <= limit)),
       f"{prefix}/mean_edit_distance": float(np.mean(d)),
-  })
+    }
+  )
   if return_details:
     metrics["details"] = [int(x) for x in distances]
   return metrics

@@ -57,6 +57,7 @@ class Example:
   space in front (the delimiter of lm-eval and of read_jsonl), or, for
   partial scoring, each context (lm-eval's partial contexts are its choices).
   """
+
   contexts: tuple[str, ...]
   completions: tuple[str, ...]
   label: int
@@ -64,8 +65,10 @@ class Example:
 
   def __post_init__(self):
     if len(self.contexts) != len(self.completions) or len(self.completions) < 2:
-      raise TaskError(f"an example needs >= 2 choices and one context per choice, got "
-                      f"{len(self.contexts)} contexts and {len(self.completions)} completions")
+      raise TaskError(
+        f"an example needs >= 2 choices and one context per choice, got "
+        f"{len(self.contexts)} contexts and {len(self.completions)} completions"
+      )
     if not 0 <= self.label < len(self.completions):
       raise TaskError(f"label {self.label} is not an index of the {len(self.completions)} choices")
     if not self.choices:
@@ -78,10 +81,10 @@ class Example:
       raise TaskError(f"{len(self.choices)} choice texts for {len(self.completions)} completions")
 
   @classmethod
-  def shared(cls, context: str, completions: Sequence[str], label: int,
-             choices: Sequence[str] = ()) -> "Example":
-    return cls(tuple([context] * len(completions)), tuple(completions), int(label),
-               tuple(choices))
+  def shared(
+    cls, context: str, completions: Sequence[str], label: int, choices: Sequence[str] = ()
+  ) -> "Example":
+    return cls(tuple([context] * len(completions)), tuple(completions), int(label), tuple(choices))
 
   def solved(self) -> str:
     """The example with its right answer, as a shot of a k-shot prompt."""
@@ -99,6 +102,7 @@ class Task:
       means the other examples of `examples`.
     primary: the accuracy repeated as 'acc_primary' (a key of mc_metrics.METRICS).
   """
+
   name: str
   examples: tuple[Example, ...]
   shots: tuple[Example, ...] = ()
@@ -111,8 +115,9 @@ class Task:
 def check_metrics(names: Sequence[str]) -> None:
   for n in names:
     if n not in mc_metrics.METRICS:
-      raise TaskError(f"unknown multiple-choice metric {n!r}; choose from "
-                      f"{sorted(mc_metrics.METRICS)}")
+      raise TaskError(
+        f"unknown multiple-choice metric {n!r}; choose from {sorted(mc_metrics.METRICS)}"
+      )
 
 
 # -- local JSONL -----------------------------------------------------------------
@@ -185,8 +190,10 @@ def fewshot_prefix(task: Task, index: int, num_shots: int, seed: int) -> str:
   pool = task.shots or task.examples
   candidates = [i for i in range(len(pool)) if task.shots or i != index]
   if len(candidates) < num_shots:
-    raise TaskError(f"{task.name}: {num_shots}-shot needs {num_shots} shot examples, the pool "
-                    f"has {len(candidates)}")
+    raise TaskError(
+      f"{task.name}: {num_shots}-shot needs {num_shots} shot examples, the pool "
+      f"has {len(candidates)}"
+    )
   rng = np.random.default_rng([seed, index])
   picked = rng.choice(len(candidates), size=num_shots, replace=False)
   return "".join(pool[candidates[i]].solved() + "\n\n" for i in picked)
@@ -195,8 +202,9 @@ def fewshot_prefix(task: Task, index: int, num_shots: int, seed: int) -> str:
 # -- scoring ------------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, bos: Sequence[int]
-                ) -> tuple[str, str, list[int], list[int]]:
+def encode_pair(
+  tokenizer: Any, context: str, continuation: str, bos: Sequence[int]
+) -> tuple[str, str, list[int], list[int]]:
   """(context, continuation, context ids, continuation ids), as lm-eval 0.4.x encodes them.
 
   lm_eval/api/model.py `_encode_pair` (causal models): trailing whitespace of
@@ -210,7 +218,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, bos: Sequence[i
     context, continuation = context[:-n], context[-n:] + continuation
   whole = list(bos) + tokenizer.encode(context + continuation)
   ctx = list(bos) + tokenizer.encode(context)
-  return context, continuation, ctx, whole[len(ctx):]
+  return context, continuation, ctx, whole[len(ctx) :]
 
 
 def _bucket(length: int) -> int:
@@ -221,9 +229,12 @@ def _bucket(length: int) -> int:
   return size
 
 
-def completion_logprobs(model: nnx.Module, requests: Sequence[tuple[list[int], list[int]]],
-                        batch_size: int = 16, max_len: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def completion_logprobs(
+  model: nnx.Module,
+  requests: Sequence[tuple[list[int], list[int]]],
+  batch_size: int = 16,
+  max_len: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(log P(completion | context) float64 (n,), is_greedy bool (n,)) per (context, completion) ids.
 
   is_greedy: every completion token is the model's argmax (lm-eval's is_greedy).
@@ -252,12 +263,15 @@ def completion_logprobs(model: nnx.Module, requests: Sequence[tuple[list[int], l
     if max_len is not None:
       width = min(width, max_len)
     by_width.setdefault(width, []).append(i)
-  chunks = [(width, idx[b:b + batch_size]) for width, idx in sorted(by_width.items())
-            for b in range(0, len(idx), batch_size)]
+  chunks = [
+    (width, idx[b : b + batch_size])
+    for width, idx in sorted(by_width.items())
+    for b in range(0, len(idx), batch_size)
+  ]
   for width, chunk in progress.track(chunks, f"scoring {len(seqs)} choices"):
     rows = np.zeros((batch_size, width), np.int32)
     for r, i in enumerate(chunk):
-      rows[r, :len(seqs[i])] = seqs[i]
+      rows[r, : len(seqs[i])] = seqs[i]
     logp, top = token_scores(model, rows)  # (batch, width - 1): value j predicts id j + 1
     for r, i in enumerate(chunk):
       span = slice(starts[i] - 1, len(seqs[i]) - 1)
@@ -266,10 +280,19 @@ def completion_logprobs(model: nnx.Module, requests: Sequence[tuple[list[int], l
   return out, greedy
 
 
-def evaluate(model: nnx.Module, tokenizer: Any, task: Task, *, num_shots: int = 0, seed: int = 0,
-             max_examples: int | None = None, batch_size: int = 16,
-             metrics: Sequence[str] | None = None, prefix: str = schema.EVAL_MC,
-             return_details: bool = False) -> dict[str, Any]:
+def evaluate(
+  model: nnx.Module,
+  tokenizer: Any,
+  task: Task,
+  *,
+  num_shots: int = 0,
+  seed: int = 0,
+  max_examples: int | None = None,
+  batch_size: int = 16,
+  metrics: Sequence[str] | None = None,
+  prefix: str = schema.EVAL_MC,
+  return_details: bool = False,
+) -> dict[str, Any]:
   """Accuracies of `model` on `task` (definitions in core/eval/mc_metrics.py).
 
   Args:
@@ -311,10 +334,20 @@ def evaluate(model: nnx.Module, tokenizer: Any, task: Task, *, num_shots: int = 
       ctx_text, cont_text, ctx, cont = encode_pair(tokenizer, shots + context, completion, bos)
       requests.append((ctx, cont))
       completions.append(completion)
-      records.append({"task": task.name, "num_shots": num_shots, "example": i, "choice": j,
-                      "label": ex.label, "context": ctx_text, "continuation": cont_text,
-                      "choice_text": ex.choices[j], "num_tokens": len(cont),
-                      "num_chars": len(cont_text)})
+      records.append(
+        {
+          "task": task.name,
+          "num_shots": num_shots,
+          "example": i,
+          "choice": j,
+          "label": ex.label,
+          "context": ctx_text,
+          "continuation": cont_text,
+          "choice_text": ex.choices[j],
+          "num_tokens": len(cont),
+          "num_chars": len(cont_text),
+        }
+      )
   loglikelihood, greedy = completion_logprobs(model, requests, batch_size, max_len)
   for r, ll, g in zip(records, loglikelihood, greedy):
     r["loglikelihood"], r["is_greedy"] = float(ll), bool(g)
@@ -328,7 +361,8 @@ def evaluate(model: nnx.Module, tokenizer: Any, task: Task, *, num_shots: int = 
     anchored["loglikelihood_bos"] = [(list(bos), tokenizer.encode(c)) for c in completions]
   if "acc_unconditional" in wanted:
     anchored["loglikelihood_answer_prompt"] = [
-        encode_pair(tokenizer, UNCONDITIONAL_PROMPT, c, bos)[2:] for c in completions]
+      encode_pair(tokenizer, UNCONDITIONAL_PROMPT, c, bos)[2:] for c in completions
+    ]
   for field, pairs in anchored.items():
     values, _ = completion_logprobs(model, pairs, batch_size, max_len)
     for r, v in zip(records, values):

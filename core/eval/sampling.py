@@ -38,6 +38,7 @@ class Sampler:
   Ids >= vocab_limit are never chosen (a model table padded beyond its
   tokenizer has rows no text maps to).
   """
+
   temperature: float = 0.0
   top_k: int | None = None
   top_p: float | None = None
@@ -92,6 +93,7 @@ class Generation:
       computed for the padding it was fed.
     seconds: wall time of the generation (compilation excluded when warm).
   """
+
   tokens: list[list[int]]
   stopped: list[bool]
   logits: np.ndarray | None = None
@@ -112,9 +114,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   positions = np.zeros((len(prompts), width), np.int32)
   for r, p in enumerate(prompts):
     n = len(p)
-    tokens[r, width - n:] = np.asarray(p, np.int32)
-    segments[r, width - n:] = 1
-    positions[r, width - n:] = np.arange(n)
+    tokens[r, width - n :] = np.asarray(p, np.int32)
+    segments[r, width - n :] = 1
+    positions[r, width - n :] = np.arange(n)
   return tokens, segments, positions
 
 
@@ -127,16 +129,28 @@ def past_context(config, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
   longest = max((len(p) for p in prompts), default=0) + max_new_tokens
   if longest <= config.max_seq_len or config.position_embedding == "learned":
     return None
-  return (f"prompt + max_new_tokens = {longest} tokens runs past max_seq_len "
-          f"{config.max_seq_len}, the context the model was trained for "
-          f"(position_embedding={config.position_embedding!r}); text past it may degrade")
+  return (
+    f"prompt + max_new_tokens = {longest} tokens runs past max_seq_len "
+    f"{config.max_seq_len}, the context the model was trained for "
+    f"(position_embedding={config.position_embedding!r}); text past it may degrade"
+  )
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int],
-             max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-             pad_id: int = 0, use_cache: bool = True, return_logits: bool = False,
-             vocab_limit: int | None = None) -> Generation:
+def generate(
+  model: nnx.Module,
+  prompts: Sequence[Sequence[int]] | Sequence[int],
+  max_new_tokens: int,
+  *,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  eos_id: int | None = None,
+  pad_id: int = 0,
+  use_cache: bool = True,
+  return_logits: bool = False,
+  vocab_limit: int | None = None,
+) -> Generation:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -162,33 +176,49 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | Sequence[int]
   tokens, segments, positions = left_pad(prompts, pad_id)
   bad = tokens[(tokens < 0) | (tokens >= config.vocab_size)]
   if bad.size:
-    raise SamplingError(f"prompt ids {sorted(set(bad.tolist()))[:10]} are outside the model's "
-                        f"vocabulary [0, {config.vocab_size})")
+    raise SamplingError(
+      f"prompt ids {sorted(set(bad.tolist()))[:10]} are outside the model's "
+      f"vocabulary [0, {config.vocab_size})"
+    )
   longest = max(len(p) for p in prompts) + max_new_tokens
   if config.position_embedding == "learned" and longest > config.max_seq_len:
-    raise SamplingError(f"prompt + max_new_tokens = {longest} exceeds max_seq_len "
-                        f"{config.max_seq_len} of the learned position table")
+    raise SamplingError(
+      f"prompt + max_new_tokens = {longest} exceeds max_seq_len "
+      f"{config.max_seq_len} of the learned position table"
+    )
   eos = -1 if eos_id is None else int(eos_id)
   graphdef, state = nnx.split(model)
   key = jax.random.key(seed)
   # eos and pad are traced, not static: changing them needs no recompilation.
-  args = (jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), key,
-          jnp.asarray(eos, jnp.int32), jnp.asarray(pad_id, jnp.int32))
+  args = (
+    jnp.asarray(tokens),
+    jnp.asarray(segments),
+    jnp.asarray(positions),
+    key,
+    jnp.asarray(eos, jnp.int32),
+    jnp.asarray(pad_id, jnp.int32),
+  )
   start = time.perf_counter()
   if use_cache:
-    out, stopped, logits = _generate_cached(graphdef, state, *args, max_new_tokens, sampler,
-                                            return_logits)
+    out, stopped, logits = _generate_cached(
+      graphdef, state, *args, max_new_tokens, sampler, return_logits
+    )
   else:
-    out, stopped, logits = _generate_uncached(graphdef, state, *args, max_new_tokens, sampler,
-                                              return_logits, config.vocab_size)
+    out, stopped, logits = _generate_uncached(
+      graphdef, state, *args, max_new_tokens, sampler, return_logits, config.vocab_size
+    )
   out, stopped = np.asarray(out), np.asarray(stopped)
   seconds = time.perf_counter() - start
   rows = []
   for r in range(len(prompts)):
     row = out[r].tolist()
-    rows.append(row[:row.index(eos)] if stopped[r] else row)
-  return Generation(tokens=rows, stopped=[bool(s) for s in stopped],
-                    logits=None if logits is None else np.asarray(logits), seconds=seconds)
+    rows.append(row[: row.index(eos)] if stopped[r] else row)
+  return Generation(
+    tokens=rows,
+    stopped=[bool(s) for s in stopped],
+    logits=None if logits is None else np.asarray(logits),
+    seconds=seconds,
+  )
 
 
 def _record(buffers, step, tok, logits, done, eos, pad_id):
@@ -201,8 +231,9 @@ def _record(buffers, step, tok, logits, done, eos, pad_id):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _generate_cached(graphdef, state, tokens, segments, positions, key, eos, pad_id, max_new,
-                     sampler, return_logits):
+def _generate_cached(
+  graphdef, state, tokens, segments, positions, key, eos, pad_id, max_new, sampler, return_logits
+):
   model = nnx.merge(graphdef, state)
   batch, width = tokens.shape
   cache = init_cache(model.config, batch, width + max_new)
@@ -230,8 +261,20 @@ def _generate_cached(graphdef, state, tokens, segments, positions, key, eos, pad
   return out, done, kept
 
 
-def _generate_uncached(graphdef, state, tokens, segments, positions, key, eos, pad_id, max_new,
-                       sampler, return_logits, vocab_size):
+def _generate_uncached(
+  graphdef,
+  state,
+  tokens,
+  segments,
+  positions,
+  key,
+  eos,
+  pad_id,
+  max_new,
+  sampler,
+  return_logits,
+  vocab_size,
+):
   batch, width = tokens.shape
   # One buffer of the final length: future slots are masked by causality, so
   # one compiled forward pass serves every step.
@@ -244,17 +287,30 @@ def _generate_uncached(graphdef, state, tokens, segments, positions, key, eos, p
   buffers = (out, kept)
   for step in range(max_new):
     key, sub = jax.random.split(key)
-    buf, buffers, done = _uncached_step(graphdef, state, buf, segs, pos, sub, buffers, done,
-                                        jnp.asarray(step, jnp.int32), eos, pad_id, width,
-                                        sampler)
+    buf, buffers, done = _uncached_step(
+      graphdef,
+      state,
+      buf,
+      segs,
+      pos,
+      sub,
+      buffers,
+      done,
+      jnp.asarray(step, jnp.int32),
+      eos,
+      pad_id,
+      width,
+      sampler,
+    )
     if bool(jnp.all(done)):
       break
   return buffers[0], done, buffers[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 11, 12))
-def _uncached_step(graphdef, state, buf, segs, pos, key, buffers, done, step, eos, pad_id, width,
-                   sampler):
+def _uncached_step(
+  graphdef, state, buf, segs, pos, key, buffers, done, step, eos, pad_id, width, sampler
+):
   model = nnx.merge(graphdef, state)
   logits = model(buf, pos, segs)
   last = jax.lax.dynamic_index_in_dim(logits, width + step - 1, axis=1, keepdims=False)

@@ -34,8 +34,10 @@ def with_bos(ids: Sequence[int], bos_id: int | None) -> list[int]:
 def check_ids(ids: np.ndarray, vocab_size: int) -> None:
   bad = ids[(ids < 0) | (ids >= vocab_size)]
   if bad.size:
-    raise ScoreError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the model's "
-                     f"vocabulary [0, {vocab_size})")
+    raise ScoreError(
+      f"token ids {sorted(set(bad.tolist()))[:10]} are outside the model's "
+      f"vocabulary [0, {vocab_size})"
+    )
 
 
 def token_logprobs(model: nnx.Module, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -46,8 +48,9 @@ def token_logprobs(model: nnx.Module, ids: Sequence[int] | np.ndarray) -> np.nda
   return token_scores(model, ids)[0]
 
 
-def token_scores(model: nnx.Module, ids: Sequence[int] | np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def token_scores(
+  model: nnx.Module, ids: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """(token_logprobs, is_greedy): is_greedy[i] says ids[i+1] is the argmax after ids[:i+1].
 
   is_greedy is what lm-eval reports per continuation (all of its tokens greedy).
@@ -64,8 +67,10 @@ def token_scores(model: nnx.Module, ids: Sequence[int] | np.ndarray
   if config is not None:
     check_ids(tokens, config.vocab_size)
     if config.position_embedding == "learned" and tokens.shape[1] - 1 > config.max_seq_len:
-      raise ScoreError(f"{tokens.shape[1]} ids need {tokens.shape[1] - 1} positions but the "
-                       f"learned position table has max_seq_len {config.max_seq_len}")
+      raise ScoreError(
+        f"{tokens.shape[1]} ids need {tokens.shape[1] - 1} positions but the "
+        f"learned position table has max_seq_len {config.max_seq_len}"
+      )
   graphdef, state = nnx.split(model)
   logp, greedy = (np.asarray(x) for x in _logprobs(graphdef, state, jnp.asarray(tokens)))
   return (logp[0], greedy[0]) if squeeze else (logp, greedy)

@@ -42,9 +42,11 @@ class EvalSuite:
     memorization_max_documents: documents per memorization evaluation.
     seed: the few-shot draw.
   """
+
   tokenizer: Any = None
-  heldout_batches: Mapping[str, Callable[[], Iterable[Mapping[str, Any]]]] = \
-      dataclasses.field(default_factory=dict)
+  heldout_batches: Mapping[str, Callable[[], Iterable[Mapping[str, Any]]]] = dataclasses.field(
+    default_factory=dict
+  )
   heldout_max_batches: int | None = 8
   domains: Mapping[str, str] | None = None
   tasks: Sequence[Any] = ()
@@ -59,6 +61,7 @@ class EvalSuite:
   def __post_init__(self):
     if isinstance(self.tokenizer, (str, os.PathLike)):
       from core.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
       self.tokenizer = load_tokenizer(str(self.tokenizer))
     self._byte_lengths = None
     self._tasks: list[multiple_choice.Task] | None = None
@@ -78,32 +81,54 @@ class EvalSuite:
       if self._byte_lengths is None and self.tokenizer is not None:
         self._byte_lengths = heldout.token_byte_lengths(self.tokenizer)
       batches = {name: factory() for name, factory in self.heldout_batches.items()}
-      metrics.update(heldout.evaluate(model, batches, byte_lengths=self._byte_lengths,
-                                      domains=self.domains,
-                                      max_batches=self.heldout_max_batches))
+      metrics.update(
+        heldout.evaluate(
+          model,
+          batches,
+          byte_lengths=self._byte_lengths,
+          domains=self.domains,
+          max_batches=self.heldout_max_batches,
+        )
+      )
     shots = self.num_shots
     for i, task in enumerate(self.tasks_loaded()):
       k = shots if isinstance(shots, int) else shots[i]
-      metrics.update(multiple_choice.evaluate(model, self.tokenizer, task, num_shots=k,
-                                              seed=self.seed, max_examples=self.max_examples,
-                                              metrics=self.metrics))
+      metrics.update(
+        multiple_choice.evaluate(
+          model,
+          self.tokenizer,
+          task,
+          num_shots=k,
+          seed=self.seed,
+          max_examples=self.max_examples,
+          metrics=self.metrics,
+        )
+      )
     if self.memorization_documents is not None:
       if self._documents is None:
-        self._documents = [list(d) for _, d in zip(range(self.memorization_max_documents * 4),
-                                                   self.memorization_documents())]
-      metrics.update(memorization.evaluate(model, self._documents,
-                                           max_documents=self.memorization_max_documents))
+        self._documents = [
+          list(d)
+          for _, d in zip(range(self.memorization_max_documents * 4), self.memorization_documents())
+        ]
+      metrics.update(
+        memorization.evaluate(model, self._documents, max_documents=self.memorization_max_documents)
+      )
     return metrics
 
 
-def load_task(task: Any, tfds_data_dir: str | None = None, max_examples: int | None = None,
-              shots_file: str | None = None, primary: str | None = None
-              ) -> multiple_choice.Task:
+def load_task(
+  task: Any,
+  tfds_data_dir: str | None = None,
+  max_examples: int | None = None,
+  shots_file: str | None = None,
+  primary: str | None = None,
+) -> multiple_choice.Task:
   """A Task from a Task, a JSONL path ('*.jsonl') or a TFDS task name.
 
   `primary` overrides the task's primary accuracy (JSONL tasks: 'acc_norm').
   """
   from pathlib import Path  # pylint: disable=g-import-not-at-top
+
   if isinstance(task, multiple_choice.Task):
     return task
   name = str(task)
@@ -112,6 +137,7 @@ def load_task(task: Any, tfds_data_dir: str | None = None, max_examples: int | N
     shots = tuple(multiple_choice.read_jsonl(shots_file)) if shots_file else ()
     return multiple_choice.Task(Path(name).stem, examples, shots, primary=primary or "acc_norm")
   from core.eval import mc_tasks  # pylint: disable=g-import-not-at-top
+
   loaded = mc_tasks.load_tfds_task(name, tfds_data_dir, max_examples=max_examples)
   if primary:
     loaded = dataclasses.replace(loaded, primary=primary)

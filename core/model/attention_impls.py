@@ -77,8 +77,15 @@ def block_sizes(config: ModelConfig, platform: str) -> tuple[int, int]:
   return (config.attention_block_q or default, config.attention_block_k or default)
 
 
-def unsupported(impl: str, *, head_dim: int, dtype: str, attn_softcap: float | None,
-                block_q: int | None, block_k: int | None) -> str | None:
+def unsupported(
+  impl: str,
+  *,
+  head_dim: int,
+  dtype: str,
+  attn_softcap: float | None,
+  block_q: int | None,
+  block_k: int | None,
+) -> str | None:
   """Why `impl` cannot serve this variant, or None. Platform-independent facts only."""
   if impl in ("cudnn", "dot_product_attention") and attn_softcap is not None:
     return "attention soft-capping (attn_softcap) is not in jax.nn.dot_product_attention"
@@ -86,14 +93,18 @@ def unsupported(impl: str, *, head_dim: int, dtype: str, attn_softcap: float | N
     if dtype not in ("bfloat16", "float16"):
       return f"cuDNN flash attention takes bfloat16 or float16, not dtype={dtype!r}"
     if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
-      return f"cuDNN flash attention needs head_dim a multiple of 8 up to " \
-             f"{CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+      return (
+        f"cuDNN flash attention needs head_dim a multiple of 8 up to "
+        f"{CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+      )
   if impl == "splash":
     if head_dim % _LANES:
       return f"splash attention needs head_dim a multiple of {_LANES}, got {head_dim}"
     if (block_q or _LANES) % _LANES or (block_k or _LANES) % _LANES:
-      return f"splash attention needs block sizes that are multiples of {_LANES}, " \
-             f"got attention_block_q={block_q}, attention_block_k={block_k}"
+      return (
+        f"splash attention needs block sizes that are multiples of {_LANES}, "
+        f"got attention_block_q={block_q}, attention_block_k={block_k}"
+      )
   return None
 
 
@@ -102,12 +113,14 @@ def check_platform(impl: str, platform: str) -> None:
   need = _PLATFORM_OF.get(impl)
   if need is not None and platform != need:
     raise ValueError(
-        f"attention_impl={impl!r} runs on {need.upper()} only, and this run is on "
-        f"{platform.upper()}; use attention_impl='auto' or 'blockwise'")
+      f"attention_impl={impl!r} runs on {need.upper()} only, and this run is on "
+      f"{platform.upper()}; use attention_impl='auto' or 'blockwise'"
+    )
 
 
-def choose(config: ModelConfig, platform: str, length: int, packed: bool,
-           decoding: bool = False) -> str:
+def choose(
+  config: ModelConfig, platform: str, length: int, packed: bool, decoding: bool = False
+) -> str:
   """The implementation attention layers run for `length` tokens on `platform`.
 
   `packed`: the rows carry segment ids (several documents, or padding).
@@ -124,8 +137,13 @@ def choose(config: ModelConfig, platform: str, length: int, packed: bool,
     check_platform(impl, platform)
     return impl
   block_q, block_k = block_sizes(config, platform)
-  facts = dict(head_dim=config.head_dim, dtype=config.dtype, attn_softcap=config.attn_softcap,
-               block_q=block_q, block_k=block_k)
+  facts = dict(
+    head_dim=config.head_dim,
+    dtype=config.dtype,
+    attn_softcap=config.attn_softcap,
+    block_q=block_q,
+    block_k=block_k,
+  )
   if platform == "tpu":
     if unsupported("splash", **facts) is None and length % max(block_q, block_k) == 0:
       return "splash"

@@ -41,12 +41,20 @@ class _Static(NamedTuple):
   block_k: int
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                        attn_softcap: float | None = None, window: int | None = None,
-                        q_segment_ids: jax.Array | None = None,
-                        kv_segment_ids: jax.Array | None = None,
-                        q_offset: int | jax.Array = 0, block_q: int = 512,
-                        block_k: int = 512) -> jax.Array:
+def blockwise_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  attn_softcap: float | None = None,
+  window: int | None = None,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_offset: int | jax.Array = 0,
+  block_q: int = 512,
+  block_k: int = 512,
+) -> jax.Array:
   """Causal attention of q (B, T, N, H) over k, v (B, S, K, H); returns (B, T, N, H).
 
   Query row t sits at index q_offset + t of the key sequence (0 in training; the
@@ -63,19 +71,21 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   bq, bk = min(block_q, t), min(block_k, s)
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   # Grouped layout, once per call; the blocks then slice contiguous rows.
-  qt = jnp.pad(q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4),
-               ((0, 0),) * 3 + ((0, tp - t), (0, 0)))
+  qt = jnp.pad(
+    q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4),
+    ((0, 0),) * 3 + ((0, tp - t), (0, 0)),
+  )
   kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   if q_segment_ids is None:
     q_seg = kv_seg = None
   else:
     q_seg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)))
-    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
-                     constant_values=-1)
+    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)), constant_values=-1)
   offset = jnp.asarray(q_offset, jnp.int32)
-  out = _flash(_Static(float(scale), attn_softcap, window, bq, bk),
-               qt, kt, vt, q_seg, kv_seg, offset)
+  out = _flash(
+    _Static(float(scale), attn_softcap, window, bq, bk), qt, kt, vt, q_seg, kv_seg, offset
+  )
   return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -98,8 +108,7 @@ def query_block_range(first_key, last_key, offset, static: _Static, num_query_bl
 
 def _scores(static: _Static, qi, kj, rows, cols, q_seg_i, kv_seg_j):
   """Capped scores (B, K, G, bq, bk) in float32 and the visibility mask."""
-  raw = jnp.einsum("bkgth,bksh->bkgts", qi, kj,
-                   preferred_element_type=jnp.float32) * static.scale
+  raw = jnp.einsum("bkgth,bksh->bkgts", qi, kj, preferred_element_type=jnp.float32) * static.scale
   capped = softcap(raw, static.attn_softcap)
   mask = visible(rows, cols, q_seg_i, kv_seg_j, static.window)[:, None, None]
   return capped, mask
@@ -124,19 +133,24 @@ def _forward(static: _Static, qt, kt, vt, q_seg, kv_seg, offset):
     def key_block(j, carry):
       m, l, acc = carry
       kj, vj = _slice(kt, j * bk, bk, 2), _slice(vt, j * bk, bk, 2)
-      s, mask = _scores(static, qi, kj, rows, j * bk + jnp.arange(bk), q_seg_i,
-                        _slice(kv_seg, j * bk, bk, 1))
+      s, mask = _scores(
+        static, qi, kj, rows, j * bk + jnp.arange(bk), q_seg_i, _slice(kv_seg, j * bk, bk, 1)
+      )
       m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _NEG), axis=-1))
       # where(), not just the _NEG fill: in a row with nothing visible yet m_new
       # is _NEG itself and exp(_NEG - m_new) would be 1.
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       acc = acc * corr[..., None] + jnp.einsum(
-          "bkgts,bksh->bkgth", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+        "bkgts,bksh->bkgth", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+      )
       return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
-    init = (jnp.full(stat_shape, _NEG, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
-            jnp.zeros(qi.shape, jnp.float32))
+    init = (
+      jnp.full(stat_shape, _NEG, jnp.float32),
+      jnp.zeros(stat_shape, jnp.float32),
+      jnp.zeros(qi.shape, jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -180,8 +194,9 @@ def _flash_bwd(static, residuals, dout):
       rows = offset + i * bq + jnp.arange(bq)
       s, mask = _scores(static, qi, kj, rows, cols, _slice(q_seg, i * bq, bq, 1), kv_seg_j)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-      dv = dv + jnp.einsum("bkgts,bkgth->bksh", p.astype(doi.dtype), doi,
-                           preferred_element_type=jnp.float32)
+      dv = dv + jnp.einsum(
+        "bkgts,bkgth->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32
+      )
       dp = jnp.einsum("bkgth,bksh->bkgts", doi, vj, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
       if static.attn_softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (capped/c)^2

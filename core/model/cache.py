@@ -35,6 +35,7 @@ class KVCache(NamedTuple):
     valid: (B, S) bool, True where a slot holds a real token (not empty, not padding).
     index: int32 scalar, the number of slots written; the next tokens go there.
   """
+
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
@@ -50,5 +51,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
   dtype = jnp.dtype(config.dtype)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                 valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+  return KVCache(
+    k=zeros,
+    v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+    valid=jnp.zeros((batch, max_len), bool),
+    index=jnp.zeros((), jnp.int32),
+  )

@@ -24,12 +24,12 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # name -> (activation, gated). Gated variants multiply act(x W_gate) by x W_up.
 ACTIVATIONS = {
-    "geglu": ("gelu_tanh", True),
-    "swiglu": ("silu", True),
-    "reglu": ("relu", True),
-    "relu": ("relu", False),
-    "gelu": ("gelu_tanh", False),
-    "relu2": ("squared_relu", False),
+  "geglu": ("gelu_tanh", True),
+  "swiglu": ("silu", True),
+  "reglu": ("relu", True),
+  "relu": ("relu", False),
+  "gelu": ("gelu_tanh", False),
+  "relu2": ("squared_relu", False),
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -177,14 +177,26 @@ class ModelConfig:
       if not cond:
         raise ConfigError(f"ModelConfig: {msg}")
 
-    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "max_seq_len", "mlp_multiple_of"):
+    for name in (
+      "vocab_size",
+      "embed_dim",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "max_seq_len",
+      "mlp_multiple_of",
+    ):
       value = getattr(self, name)
       need(_positive_int(value), f"{name} must be a positive int, got {value!r}")
-    need(_positive_int(self.mlp_dim),
-         f"mlp_dim must be a positive int, or 0 for LLaMA's 2/3*4d rule, got {self.mlp_dim!r}")
-    need(self.num_heads % self.num_kv_heads == 0,
-         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    need(
+      _positive_int(self.mlp_dim),
+      f"mlp_dim must be a positive int, or 0 for LLaMA's 2/3*4d rule, got {self.mlp_dim!r}",
+    )
+    need(
+      self.num_heads % self.num_kv_heads == 0,
+      f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+    )
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
     _check_choice("norm", self.norm, NORMS)
     _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
@@ -197,32 +209,49 @@ class ModelConfig:
     for kind in self.attention_pattern:
       _check_choice("attention_pattern entry", kind, ATTENTION_KINDS)
     if "local" in self.layer_kinds:
-      need(isinstance(self.window, int) and self.window > 0,
-           f"local attention layers need a positive window, got {self.window!r}")
+      need(
+        isinstance(self.window, int) and self.window > 0,
+        f"local attention layers need a positive window, got {self.window!r}",
+      )
     if isinstance(self.window, int):
       # A window of the whole context or more is global attention under another name.
-      need(self.window <= self.max_seq_len,
-           f"window {self.window} is longer than max_seq_len {self.max_seq_len}: local layers "
-           "would attend to the whole context; lower the window or raise max_seq_len")
+      need(
+        self.window <= self.max_seq_len,
+        f"window {self.window} is longer than max_seq_len {self.max_seq_len}: local layers "
+        "would attend to the whole context; lower the window or raise max_seq_len",
+      )
     for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
       value = getattr(self, name)
       need(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
     for name in ("attention_block_q", "attention_block_k"):
       value = getattr(self, name)
-      need(value is None or (isinstance(value, int) and value > 0),
-           f"{name} must be a positive int or None (the platform's default), got {value!r}")
+      need(
+        value is None or (isinstance(value, int) and value > 0),
+        f"{name} must be a positive int or None (the platform's default), got {value!r}",
+      )
     why = attention_impls.unsupported(
-        self.attention_impl, head_dim=self.head_dim, dtype=self.dtype,
-        attn_softcap=self.attn_softcap, block_q=self.attention_block_q,
-        block_k=self.attention_block_k)
-    need(why is None, f"attention_impl={self.attention_impl!r} cannot serve this model: {why}; "
-         "use attention_impl='auto' or 'blockwise'")
-    need(isinstance(self.scan_layers, bool), f"scan_layers must be True or False, got "
-         f"{self.scan_layers!r}")
+      self.attention_impl,
+      head_dim=self.head_dim,
+      dtype=self.dtype,
+      attn_softcap=self.attn_softcap,
+      block_q=self.attention_block_q,
+      block_k=self.attention_block_k,
+    )
+    need(
+      why is None,
+      f"attention_impl={self.attention_impl!r} cannot serve this model: {why}; "
+      "use attention_impl='auto' or 'blockwise'",
+    )
+    need(
+      isinstance(self.scan_layers, bool),
+      f"scan_layers must be True or False, got {self.scan_layers!r}",
+    )
     if self.scan_layers:
-      need(self.num_layers % len(self.attention_pattern) == 0,
-           f"scan_layers scans whole periods of attention_pattern {self.attention_pattern}, but "
-           f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}")
+      need(
+        self.num_layers % len(self.attention_pattern) == 0,
+        f"scan_layers scans whole periods of attention_pattern {self.attention_pattern}, but "
+        f"num_layers={self.num_layers} is not a multiple of {len(self.attention_pattern)}",
+      )
     if self.position_embedding == "rope":
       need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
 

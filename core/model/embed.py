@@ -22,16 +22,23 @@ class Embedder(nnx.Module):
     dtype = jnp.dtype(c.param_dtype)
     # Unit-variance rows when inputs are scaled by sqrt(D) would make them huge;
     # rows of norm ~1 work for both the scaled and unscaled inputs.
-    init = nnx.initializers.normal(stddev=c.embed_dim ** -0.5)
-    self.embedding = param(init, rngs.params(), (c.vocab_size, c.embed_dim), dtype,
-                           ("vocab", "embed"))
+    init = nnx.initializers.normal(stddev=c.embed_dim**-0.5)
+    self.embedding = param(
+      init, rngs.params(), (c.vocab_size, c.embed_dim), dtype, ("vocab", "embed")
+    )
     if not c.tie_embeddings:
-      self.unembed = param(init, rngs.params(), (c.embed_dim, c.vocab_size), dtype,
-                           ("embed", "vocab"))
+      self.unembed = param(
+        init, rngs.params(), (c.embed_dim, c.vocab_size), dtype, ("embed", "vocab")
+      )
     self.learned_positions = c.position_embedding == "learned"
     if self.learned_positions:
-      self.position_embedding = param(nnx.initializers.normal(stddev=0.02), rngs.params(),
-                                      (c.max_seq_len, c.embed_dim), dtype, ("positions", "embed"))
+      self.position_embedding = param(
+        nnx.initializers.normal(stddev=0.02),
+        rngs.params(),
+        (c.max_seq_len, c.embed_dim),
+        dtype,
+        ("positions", "embed"),
+      )
     self.tie_embeddings = c.tie_embeddings
     self.scale_embeddings = c.scale_embeddings
     self.embed_dim = c.embed_dim
@@ -41,7 +48,7 @@ class Embedder(nnx.Module):
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.compute_dtype)
     if self.scale_embeddings:
       # Rounded to the compute dtype first, as the Gemma reference does.
-      x = x * jnp.asarray(self.embed_dim ** 0.5, self.compute_dtype)
+      x = x * jnp.asarray(self.embed_dim**0.5, self.compute_dtype)
     if self.learned_positions:
       x = x + jnp.take(self.position_embedding[...], positions, axis=0).astype(self.compute_dtype)
     return x

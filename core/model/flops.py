@@ -35,6 +35,7 @@ class _ConstantKeys:
 def abstract_model(config: ModelConfig):
   """The model with jax.ShapeDtypeStruct leaves: shapes only, no memory."""
   from core.model.transformer import Transformer  # local: flops is imported by light code
+
   return nnx.eval_shape(lambda: Transformer(config, rngs=_ConstantKeys()))
 
 
@@ -49,8 +50,11 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
       embedding += size
     else:
       non_embedding += size
-  return {"embedding": embedding, "non_embedding": non_embedding,
-          "total": embedding + non_embedding}
+  return {
+    "embedding": embedding,
+    "non_embedding": non_embedding,
+    "total": embedding + non_embedding,
+  }
 
 
 def matmul_params(config: ModelConfig) -> int:

@@ -32,6 +32,7 @@ class MaskSpec(NamedTuple):
       cache slot when decoding (a traced int32 scalar there).
     key_length: S.
   """
+
   q_segment_ids: jax.Array | None
   kv_segment_ids: jax.Array | None
   q_offset: int | jax.Array
@@ -52,12 +53,18 @@ def decode_spec(valid: jax.Array, index: jax.Array, length: int) -> MaskSpec:
   """The spec of `length` new tokens at cache slots index.. over a cache whose
   real tokens are `valid` (B, S): empty and padding slots are a segment apart."""
   batch = valid.shape[0]
-  return MaskSpec(jnp.ones((batch, length), jnp.int32), valid.astype(jnp.int32), index,
-                  valid.shape[1])
+  return MaskSpec(
+    jnp.ones((batch, length), jnp.int32), valid.astype(jnp.int32), index, valid.shape[1]
+  )
 
 
-def visible(rows: jax.Array, cols: jax.Array, q_segment_ids: jax.Array | None,
-            kv_segment_ids: jax.Array | None, window: int | None) -> jax.Array:
+def visible(
+  rows: jax.Array,
+  cols: jax.Array,
+  q_segment_ids: jax.Array | None,
+  kv_segment_ids: jax.Array | None,
+  window: int | None,
+) -> jax.Array:
   """Boolean (B or 1, T, S): query index rows[t] may see key index cols[s]."""
   mask = cols[None, :] <= rows[:, None]
   if window is not None:
@@ -71,5 +78,4 @@ def visible(rows: jax.Array, cols: jax.Array, q_segment_ids: jax.Array | None,
 def dense_mask(spec: MaskSpec, query_length: int, window: int | None) -> jax.Array:
   """The whole (B or 1, T, S) mask, for the einsum reference and explicit-mask backends."""
   rows = spec.q_offset + jnp.arange(query_length)
-  return visible(rows, jnp.arange(spec.key_length), spec.q_segment_ids, spec.kv_segment_ids,
-                 window)
+  return visible(rows, jnp.arange(spec.key_length), spec.q_segment_ids, spec.kv_segment_ids, window)

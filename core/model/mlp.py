@@ -11,11 +11,11 @@ from core.model.sharding import constrain, param
 
 # The one registry of activation functions; ModelConfig.ACTIVATIONS names them.
 ACTIVATION_FNS = {
-    # tanh approximation: what Gemma's reference and checkpoints use.
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+  # tanh approximation: what Gemma's reference and checkpoints use.
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "silu": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
 }
 
 

@@ -59,8 +59,13 @@ def make_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The normalizer config.norm names, over the model width (embed_dim)."""
   dtype = jnp.dtype(config.param_dtype)
   if config.norm == "rmsnorm":
-    return RMSNorm(config.embed_dim, eps=config.norm_eps, plus_one=config.rms_scale_plus_one,
-                   param_dtype=dtype, rngs=rngs)
+    return RMSNorm(
+      config.embed_dim,
+      eps=config.norm_eps,
+      plus_one=config.rms_scale_plus_one,
+      param_dtype=dtype,
+      rngs=rngs,
+    )
   if config.norm == "layernorm":
     return LayerNorm(config.embed_dim, eps=config.norm_eps, param_dtype=dtype, rngs=rngs)
   return Identity()

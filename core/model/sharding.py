@@ -22,8 +22,9 @@ _ACTIVE = contextvars.ContextVar("ablax_activation_sharding", default=None)
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: jax.sharding.Mesh,
-                        rules: Mapping[str, str | Sequence[str] | None]) -> Iterator[None]:
+def activation_sharding(
+  mesh: jax.sharding.Mesh, rules: Mapping[str, str | Sequence[str] | None]
+) -> Iterator[None]:
   """Makes `constrain` apply `rules` on `mesh` while tracing inside the block."""
   token = _ACTIVE.set((mesh, dict(rules)))
   try:
@@ -40,8 +41,9 @@ def active() -> tuple[jax.sharding.Mesh, dict] | None:
   return _ACTIVE.get()
 
 
-def logical_to_spec(axes: Sequence[str | None],
-                    rules: Mapping[str, str | Sequence[str] | None]) -> PartitionSpec:
+def logical_to_spec(
+  axes: Sequence[str | None], rules: Mapping[str, str | Sequence[str] | None]
+) -> PartitionSpec:
   """PartitionSpec for logical `axes`; an axis without a rule is replicated."""
   used: set[str] = set()
   spec = []

@@ -25,33 +25,69 @@ from core.model.masking import MaskSpec
 
 
 @functools.lru_cache(maxsize=None)  # one kernel (and block-mask analysis) per shape, not per layer
-def _kernel(length: int, heads_per_kv: int, window: int | None, attn_softcap: float | None,
-            block_q: int, block_k: int, interpret: bool):
+def _kernel(
+  length: int,
+  heads_per_kv: int,
+  window: int | None,
+  attn_softcap: float | None,
+  block_q: int,
+  block_k: int,
+  interpret: bool,
+):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+    splash_attention_kernel as kernel_lib,
+    splash_attention_mask as mask_lib,
+  )
+
   shape = (length, length)
-  base = (mask_lib.CausalMask(shape) if window is None
-          else mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+  base = (
+    mask_lib.CausalMask(shape)
+    if window is None
+    else mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  )
   bq, bk = min(block_q, length), min(block_k, length)
-  blocks = kernel_lib.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
-                                 block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-                                 block_q_dq=bq, block_kv_dq=bk)
+  blocks = kernel_lib.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    block_q_dq=bq,
+    block_kv_dq=bk,
+  )
   return kernel_lib.make_splash_mqa_single_device(
-      mask_lib.MultiHeadMask([base] * heads_per_kv), block_sizes=blocks,
-      attn_logits_soft_cap=attn_softcap, interpret=interpret), kernel_lib.SegmentIds
+    mask_lib.MultiHeadMask([base] * heads_per_kv),
+    block_sizes=blocks,
+    attn_logits_soft_cap=attn_softcap,
+    interpret=interpret,
+  ), kernel_lib.SegmentIds
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
-                     scale: float, attn_softcap: float | None, window: int | None,
-                     block_q: int, block_k: int, interpret: bool = False) -> jax.Array:
+def splash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  spec: MaskSpec,
+  *,
+  scale: float,
+  attn_softcap: float | None,
+  window: int | None,
+  block_q: int,
+  block_k: int,
+  interpret: bool = False,
+) -> jax.Array:
   """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H); training shapes (no cache)."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   if t % min(block_q, t) or t % min(block_k, t):
-    raise ValueError(f"splash attention needs the sequence length ({t}) to be a multiple of "
-                     f"the block sizes ({block_q}, {block_k}); use attention_impl='blockwise'")
-  kernel, segment_ids_cls = _kernel(t, n // kv_heads, window, attn_softcap, block_q, block_k,
-                                    interpret)
+    raise ValueError(
+      f"splash attention needs the sequence length ({t}) to be a multiple of "
+      f"the block sizes ({block_q}, {block_k}); use attention_impl='blockwise'"
+    )
+  kernel, segment_ids_cls = _kernel(
+    t, n // kv_heads, window, attn_softcap, block_q, block_k, interpret
+  )
   # Splash does not scale; scaling q first gives cap * tanh(scale * q.k / cap) as elsewhere.
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, n // kv_heads, h)
   qg = qg.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
@@ -59,12 +95,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *
   seg = spec.q_segment_ids
 
   def local(qg, kt, vt, seg):
-    per_head = jax.vmap(lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=s),
-                        in_axes=(0, 0, 0, None))
+    per_head = jax.vmap(
+      lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=s), in_axes=(0, 0, 0, None)
+    )
     if seg is None:
       return jax.vmap(lambda a, c, d: per_head(a, c, d, None))(qg, kt, vt)
     return jax.vmap(lambda a, c, d, s: per_head(a, c, d, segment_ids_cls(q=s, kv=s)))(
-        qg, kt, vt, seg.astype(jnp.int32))
+      qg, kt, vt, seg.astype(jnp.int32)
+    )
 
   out = _under_mesh(local, qg, kt, vt, seg, kv_heads)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -83,7 +121,7 @@ def _under_mesh(fn, qg, kt, vt, seg, kv_heads: int):
   q_spec = PartitionSpec(batch, heads, None, None, None)
   kv_spec = PartitionSpec(batch, heads, None, None)
   seg_spec = None if seg is None else PartitionSpec(batch, None)
-  mapped = jax.shard_map(fn, mesh=mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=False)
+  mapped = jax.shard_map(
+    fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+  )
   return mapped(qg, kt, vt, seg)

@@ -19,8 +19,8 @@ from core.model.norms import make_norm
 from core.model.sharding import constrain
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+  "full": None,  # save nothing: recompute the whole block
+  "save_dots": jax.checkpoint_policies.checkpoint_dots,
 }
 
 
@@ -54,9 +54,13 @@ class Block(nnx.Module):
   def _input(self, x, norm):
     return x if self.placement == "post" else norm(x)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, spec: MaskSpec,
-               cache: tuple[jax.Array, jax.Array] | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    spec: MaskSpec,
+    cache: tuple[jax.Array, jax.Array] | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """(B, T, D) -> ((B, T, D), kv): kv is the updated (k, v) cache, None without one."""
     y, kv = self.attn(self._input(x, self.attn_norm), positions, spec, cache)
     x = self._sublayer(x, y, self.attn_norm, self.attn_out_norm)
@@ -87,15 +91,24 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List(_stack_periods(config, blocks) if config.scan_layers else blocks)
     self.final_norm = make_norm(config, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ):
     """Logits (B, T, V); with a `cache`, (logits, updated cache)."""
     x, new_cache = self.forward(tokens, positions, segment_ids, cache)
     logits = self.head(x)
     return logits if cache is None else (logits, new_cache)
 
-  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """(B, T, D) final hidden states, after the final norm: what `head` maps to logits.
 
     A vocabulary-tiled loss (core.train.loss.chunked_cross_entropy) starts here,
@@ -103,9 +116,13 @@ class Transformer(nnx.Module):
     """
     return self.forward(tokens, positions, segment_ids)[0]
 
-  def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, cache: KVCache | None = None
-              ) -> tuple[jax.Array, KVCache | None]:
+  def forward(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """The one forward path: (final hidden states (B, T, D), updated cache or None).
 
     Training and scoring (no cache) build the mask from segment ids and run
@@ -117,8 +134,10 @@ class Transformer(nnx.Module):
     c = self.config
     batch, length = tokens.shape
     if c.position_embedding == "learned" and length > c.max_seq_len:
-      raise ValueError(f"sequence length {length} exceeds max_seq_len {c.max_seq_len} "
-                       "of the learned position table")
+      raise ValueError(
+        f"sequence length {length} exceeds max_seq_len {c.max_seq_len} "
+        "of the learned position table"
+      )
     start = 0 if cache is None else cache.index
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -134,8 +153,12 @@ class Transformer(nnx.Module):
       x, (k, v) = block(x, positions, spec, (k, v))
       keys.append(k)
       values.append(v)
-    new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid,
-                        index=cache.index + jnp.asarray(length, jnp.int32))
+    new_cache = KVCache(
+      k=tuple(keys),
+      v=tuple(values),
+      valid=valid,
+      index=cache.index + jnp.asarray(length, jnp.int32),
+    )
     return self.final_norm(x), new_cache
 
   def _train_blocks(self, x, positions, segment_ids):
@@ -147,6 +170,7 @@ class Transformer(nnx.Module):
         for block in blocks:
           x = call(block, x, positions, segment_ids)
         return x
+
       return period(x, self.blocks)
     for block in self.blocks:
       x = call(block, x, positions, segment_ids)

@@ -20,9 +20,18 @@ import numpy as np
 
 from core.errors import UserError
 from core.model.config import ConfigError, ModelConfig
-from core.model_dir.hf_layout import (CONFIG_FILE, CONVENTIONS, CONVENTIONS_ALL, FAMILIES,
-                                      INDEX_FILE, LAYER_TYPES, TANH_GELU, TIED_BY_DEFAULT,
-                                      natural_key, tensor_specs)
+from core.model_dir.hf_layout import (
+  CONFIG_FILE,
+  CONVENTIONS,
+  CONVENTIONS_ALL,
+  FAMILIES,
+  INDEX_FILE,
+  LAYER_TYPES,
+  TANH_GELU,
+  TIED_BY_DEFAULT,
+  natural_key,
+  tensor_specs,
+)
 
 _LAYER_KINDS = {hf: ours for ours, hf in LAYER_TYPES.items()}
 
@@ -53,15 +62,21 @@ def detect_family(hf_config: Mapping[str, Any]) -> str:
   if model_type is None:
     by_arch = [f for f, a in FAMILIES.items() if a in architectures]
     if len(by_arch) != 1:
-      raise HFImportError(f"config.json has no model_type and architectures {architectures} "
-                          f"name none of {sorted(FAMILIES.values())}")
+      raise HFImportError(
+        f"config.json has no model_type and architectures {architectures} "
+        f"name none of {sorted(FAMILIES.values())}"
+      )
     return by_arch[0]
   if model_type not in FAMILIES:
-    raise HFImportError(f"unsupported model_type {model_type!r}; ablax imports "
-                        f"{', '.join(sorted(FAMILIES))} ({', '.join(FAMILIES.values())})")
+    raise HFImportError(
+      f"unsupported model_type {model_type!r}; ablax imports "
+      f"{', '.join(sorted(FAMILIES))} ({', '.join(FAMILIES.values())})"
+    )
   if architectures and FAMILIES[model_type] not in architectures:
-    raise HFImportError(f"architectures {architectures}: ablax imports only "
-                        f"{FAMILIES[model_type]} checkpoints of model_type {model_type!r}")
+    raise HFImportError(
+      f"architectures {architectures}: ablax imports only "
+      f"{FAMILIES[model_type]} checkpoints of model_type {model_type!r}"
+    )
   return model_type
 
 
@@ -73,8 +88,10 @@ def _rope_base(hf: Mapping[str, Any]) -> float:
   for source, rope in (("rope_parameters", params), ("rope_scaling", scaling or {})):
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
-      raise HFImportError(f"{source} has rope_type {kind!r}: RoPE scaling is not supported "
-                          "(ablax implements the original RoPE only)")
+      raise HFImportError(
+        f"{source} has rope_type {kind!r}: RoPE scaling is not supported "
+        "(ablax implements the original RoPE only)"
+      )
   factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if factor not in (None, 1, 1.0):
     raise HFImportError(f"partial_rotary_factor {factor}: ablax rotates the whole head_dim")
@@ -97,8 +114,9 @@ def _activation(family: str, hf: Mapping[str, Any]) -> str:
     act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     ok = TANH_GELU
   if act not in ok:
-    raise HFImportError(f"activation {act!r}: Gemma import supports GeGLU with the tanh "
-                        f"GELU ({', '.join(ok)}) only")
+    raise HFImportError(
+      f"activation {act!r}: Gemma import supports GeGLU with the tanh GELU ({', '.join(ok)}) only"
+    )
   return CONVENTIONS[family]["activation"]
 
 
@@ -107,15 +125,14 @@ def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...
   if layer_types is None:
     # Gemma2Config's default (and the rule of checkpoints that predate
     # layer_types): layer i slides when i is even, i.e. (local, global, ...).
-    layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
-                   for i in range(num_layers)]
+    layer_types = [
+      "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+    ]
   if len(layer_types) != num_layers:
-    raise HFImportError(f"layer_types has {len(layer_types)} entries for "
-                        f"{num_layers} layers")
+    raise HFImportError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
   unknown = sorted(set(layer_types) - set(_LAYER_KINDS))
   if unknown:
-    raise HFImportError(f"layer_types {unknown} are not supported "
-                        f"(only {', '.join(_LAYER_KINDS)})")
+    raise HFImportError(f"layer_types {unknown} are not supported (only {', '.join(_LAYER_KINDS)})")
   kinds = tuple(_LAYER_KINDS[t] for t in layer_types)
   # Keep the shortest period that tiles the layers, as a preset would write it.
   for period in range(1, num_layers + 1):
@@ -124,8 +141,9 @@ def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...
   return kinds
 
 
-def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
-                   param_dtype: str = "float32") -> tuple[str, ModelConfig]:
+def config_from_hf(
+  hf_config: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str = "float32"
+) -> tuple[str, ModelConfig]:
   """(family, ModelConfig) of a HF config.json dict; refuses what ablax cannot represent."""
   hf = dict(hf_config)
   family = detect_family(hf)
@@ -145,35 +163,37 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
   num_layers = int(need("num_hidden_layers"))
   head_dim = hf.get("head_dim") or embed_dim // num_heads
   fields: dict[str, Any] = dict(
-      vocab_size=int(need("vocab_size")),
-      embed_dim=embed_dim,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-      head_dim=int(head_dim),
-      mlp_dim=int(need("intermediate_size")),
-      max_seq_len=int(hf.get("max_position_embeddings") or 8192),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      rope_base=_rope_base(hf),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", TIED_BY_DEFAULT[family])),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      **CONVENTIONS_ALL,
-      **dict(CONVENTIONS[family], activation=_activation(family, hf)),
+    vocab_size=int(need("vocab_size")),
+    embed_dim=embed_dim,
+    num_layers=num_layers,
+    num_heads=num_heads,
+    num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+    head_dim=int(head_dim),
+    mlp_dim=int(need("intermediate_size")),
+    max_seq_len=int(hf.get("max_position_embeddings") or 8192),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    rope_base=_rope_base(hf),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", TIED_BY_DEFAULT[family])),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    **CONVENTIONS_ALL,
+    **dict(CONVENTIONS[family], activation=_activation(family, hf)),
   )
   if family == "gemma2":
     pattern = _attention_pattern(hf, num_layers)
     window = hf.get("sliding_window")
     if "local" in pattern and not window:
-      raise HFImportError("layer_types has sliding_attention layers but sliding_window is "
-                          f"{window!r}")
+      raise HFImportError(
+        f"layer_types has sliding_attention layers but sliding_window is {window!r}"
+      )
     scalar = hf.get("query_pre_attn_scalar", 256)
     fields.update(
-        attention_pattern=pattern,
-        window=int(window) if "local" in pattern else None,
-        attn_softcap=_optional_float(hf.get("attn_logit_softcapping", 50.0)),
-        final_softcap=_optional_float(hf.get("final_logit_softcapping", 30.0)),
-        query_pre_attn_scalar=None if scalar == fields["head_dim"] else float(scalar))
+      attention_pattern=pattern,
+      window=int(window) if "local" in pattern else None,
+      attn_softcap=_optional_float(hf.get("attn_logit_softcapping", 50.0)),
+      final_softcap=_optional_float(hf.get("final_logit_softcapping", 30.0)),
+      query_pre_attn_scalar=None if scalar == fields["head_dim"] else float(scalar),
+    )
   try:
     return family, ModelConfig(**fields)
   except ConfigError as e:
@@ -199,6 +219,7 @@ class SafetensorsCheckpoint(Mapping):
 
   def __getitem__(self, name: str) -> np.ndarray:
     from safetensors import safe_open
+
     with safe_open(str(self._files[name]), framework="np") as f:
       return f.get_tensor(name)
 
@@ -210,6 +231,7 @@ class SafetensorsCheckpoint(Mapping):
 
   def shape(self, name: str) -> tuple[int, ...]:
     from safetensors import safe_open
+
     with safe_open(str(self._files[name]), framework="np") as f:
       return tuple(f.get_slice(name).get_shape())
 
@@ -217,6 +239,7 @@ class SafetensorsCheckpoint(Mapping):
 def load_safetensors(hf_dir: str | os.PathLike) -> SafetensorsCheckpoint:
   """Every tensor of the checkpoint (via the shard index when there is one), lazily."""
   from safetensors import safe_open  # local: only the importer needs it
+
   root = Path(hf_dir)
   index = root / INDEX_FILE
   if index.is_file():
@@ -230,8 +253,11 @@ def load_safetensors(hf_dir: str | os.PathLike) -> SafetensorsCheckpoint:
     weight_map = None
   if not files:
     bins = sorted(p.name for p in root.glob("*.bin"))
-    hint = (f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))"
-            if bins else "")
+    hint = (
+      f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))"
+      if bins
+      else ""
+    )
     raise HFImportError(f"no *.safetensors files in {root}{hint}")
   where: dict[str, Path] = {}
   for name in files:
@@ -244,8 +270,9 @@ def load_safetensors(hf_dir: str | os.PathLike) -> SafetensorsCheckpoint:
       if key in where:
         raise HFImportError(f"tensor {key!r} appears in more than one shard ({name})")
       if weight_map is not None and weight_map.get(key, name) != name:
-        raise HFImportError(f"tensor {key!r} is in {name} but {INDEX_FILE} puts it in "
-                            f"{weight_map[key]}")
+        raise HFImportError(
+          f"tensor {key!r} is in {name} but {INDEX_FILE} puts it in {weight_map[key]}"
+        )
       where[key] = root / name
   if weight_map is not None:
     absent = sorted(set(weight_map) - set(where))
@@ -260,8 +287,9 @@ def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
   return tuple(np.shape(tensors[name]))
 
 
-def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
-                   dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def params_from_hf(
+  family: str, config: ModelConfig, tensors: Mapping[str, Any], dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
   """Our flat parameter dict ('blocks/0/attn/q', ...) of `dtype` from HF tensors.
 
   Every HF tensor must be used exactly once and have the shape the config
@@ -280,32 +308,42 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
       ignored.append(name)  # a cached buffer of old checkpoints, recomputed from rope_theta
     elif name == "lm_head.weight" and c.tie_embeddings:
       if not np.array_equal(tensors[name], tensors.get("model.embed_tokens.weight")):
-        raise HFImportError("tie_word_embeddings=true but lm_head.weight differs from "
-                            "model.embed_tokens.weight")
+        raise HFImportError(
+          "tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight"
+        )
     else:
       unexpected.append(name)
   missing = sorted(set(plan) - set(tensors), key=natural_key)
   shapes = {name: _shape(tensors, name) for name in plan if name in tensors}
-  wrong = sorted((f"{name}: shape {shape}, config.json implies {plan[name].hf_shape}"
-                  for name, shape in shapes.items() if shape != plan[name].hf_shape),
-                 key=natural_key)
+  wrong = sorted(
+    (
+      f"{name}: shape {shape}, config.json implies {plan[name].hf_shape}"
+      for name, shape in shapes.items()
+      if shape != plan[name].hf_shape
+    ),
+    key=natural_key,
+  )
   if missing or unexpected or wrong:
     lines = [f"the checkpoint's tensors do not match its config.json ({FAMILIES[family]})"]
     if missing:
       lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
     if unexpected:
-      lines.append(f"  unexpected ({len(unexpected)}): "
-                   f"{', '.join(sorted(unexpected, key=natural_key))}")
+      lines.append(
+        f"  unexpected ({len(unexpected)}): {', '.join(sorted(unexpected, key=natural_key))}"
+      )
     if wrong:
       lines.append(f"  wrong shape ({len(wrong)}):")
       lines.extend(f"    {w}" for w in wrong)
     q = shapes.get("model.layers.0.self_attn.q_proj.weight")
     if q is not None and len(q) == 2 and q[0] != n * h and q[0] % n == 0:
-      lines.append(f"  head_dim mismatch: config.json gives head_dim {h} but q_proj has "
-                   f"{q[0]} rows for {n} heads, i.e. head_dim {q[0] // n}")
+      lines.append(
+        f"  head_dim mismatch: config.json gives head_dim {h} but q_proj has "
+        f"{q[0]} rows for {n} heads, i.e. head_dim {q[0] // n}"
+      )
     raise HFImportError("\n".join(lines))
 
   from core import progress  # pylint: disable=g-import-not-at-top
+
   out = {}
   for hf_name, spec in progress.track(plan.items(), "converting tensors", total=len(plan)):
     # Cast first: a bf16 checkpoint imported as float32 is exact, and the
@@ -317,9 +355,14 @@ def params_from_hf(family: str, config: ModelConfig, tensors: Mapping[str, Any],
 # -- the whole conversion --------------------------------------------------------------
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-              dtype: str = "float32", param_dtype: str = "float32",
-              overwrite: bool = False):
+def import_hf(
+  hf_dir: str | os.PathLike,
+  out_dir: str | os.PathLike | None = None,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  overwrite: bool = False,
+):
   """Converts a HF checkpoint; writes an ablax model directory when `out_dir` is given.
 
   Returns:
@@ -328,24 +371,31 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
   """
   import jax.numpy as jnp  # local: the config mapping alone needs no JAX
   from core.model_dir import io  # local: io imports the model; the config mapping does not need it
+
   root = Path(hf_dir).resolve()
   hf_config = read_hf_config(root)
   family, config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
-  params = params_from_hf(family, config, load_safetensors(root),
-                          dtype=jnp.dtype(config.param_dtype))
+  params = params_from_hf(
+    family, config, load_safetensors(root), dtype=jnp.dtype(config.param_dtype)
+  )
   model = io.model_from_params(config, params, where=f"converted tensors of {root}")
   tokenizer = root / "tokenizer.model"
   info = {
-      "family": family,
-      "hf_dir": str(root),
-      "hf_architecture": FAMILIES[family],
-      "hf_model_type": hf_config.get("model_type", family),
-      "hf_dtype": hf_config.get("dtype", hf_config.get("torch_dtype")),
-      "transformers_version": hf_config.get("transformers_version"),
-      "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
+    "family": family,
+    "hf_dir": str(root),
+    "hf_architecture": FAMILIES[family],
+    "hf_model_type": hf_config.get("model_type", family),
+    "hf_dtype": hf_config.get("dtype", hf_config.get("torch_dtype")),
+    "transformers_version": hf_config.get("transformers_version"),
+    "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
   }
   if out_dir is not None:
-    io.save_model(out_dir, model, config,
-                  tokenizer_path=tokenizer if tokenizer.is_file() else None,
-                  metadata={"source": f"hf:{root}", "hf": info}, overwrite=overwrite)
+    io.save_model(
+      out_dir,
+      model,
+      config,
+      tokenizer_path=tokenizer if tokenizer.is_file() else None,
+      metadata={"source": f"hf:{root}", "hf": info},
+      overwrite=overwrite,
+    )
   return model, config, info

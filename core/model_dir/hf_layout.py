@@ -28,20 +28,22 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # model_type -> the CausalLM class whose weights we read and write.
-FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "llama": "LlamaForCausalLM"}
+FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # What each family fixes, as ModelConfig fields. A config is exported as the
 # family whose conventions it has, and an imported checkpoint gets them.
 # Every config has RMSNorm and RoPE (CONVENTIONS_ALL).
 CONVENTIONS_ALL = {"norm": "rmsnorm", "position_embedding": "rope"}
 CONVENTIONS = {
-    "gemma": dict(norm_placement="pre", rms_scale_plus_one=True, scale_embeddings=True,
-                  activation="geglu"),
-    "gemma2": dict(norm_placement="pre_post", rms_scale_plus_one=True, scale_embeddings=True,
-                   activation="geglu"),
-    "llama": dict(norm_placement="pre", rms_scale_plus_one=False, scale_embeddings=False,
-                  activation="swiglu"),
+  "gemma": dict(
+    norm_placement="pre", rms_scale_plus_one=True, scale_embeddings=True, activation="geglu"
+  ),
+  "gemma2": dict(
+    norm_placement="pre_post", rms_scale_plus_one=True, scale_embeddings=True, activation="geglu"
+  ),
+  "llama": dict(
+    norm_placement="pre", rms_scale_plus_one=False, scale_embeddings=False, activation="swiglu"
+  ),
 }
 # tie_word_embeddings when config.json leaves it out (the config classes' defaults).
 TIED_BY_DEFAULT = {"gemma": True, "gemma2": True, "llama": False}
@@ -78,8 +80,7 @@ class TensorSpec:
 def tensor_specs(family: str, config: ModelConfig) -> list[TensorSpec]:
   """Every tensor of a `family` checkpoint of `config`, in the order HF lists them."""
   c = config
-  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
-                      c.vocab_size)
+  d, n, k, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size)
   specs = [TensorSpec("model.embed_tokens.weight", "embedder/embedding", (v, d), (v, d))]
   for i in range(c.num_layers):
     hf, ours = f"model.layers.{i}.", f"blocks/{i}/"

@@ -14,14 +14,18 @@ def open_tokenizer(path: str | os.PathLike, model_vocab_size: int, where: str) -
   tok = load_tokenizer(path)
   # A model table larger than the tokenizer is fine (tables padded for speed);
   # a tokenizer with more ids than the table would index past it.
-  check_vocab_matches(tok.vocab_size, model_vocab_size, where=f"{where}: tokenizer {path}",
-                      allow_padding=True)
+  check_vocab_matches(
+    tok.vocab_size, model_vocab_size, where=f"{where}: tokenizer {path}", allow_padding=True
+  )
   return tok
 
 
-def load_model_dir(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                   need_tokenizer: bool = True, where: str = "eval"
-                   ) -> tuple[Any, Any, Tokenizer | None, dict[str, Any]]:
+def load_model_dir(
+  model_dir: str | os.PathLike,
+  tokenizer: str | os.PathLike | None = None,
+  need_tokenizer: bool = True,
+  where: str = "eval",
+) -> tuple[Any, Any, Tokenizer | None, dict[str, Any]]:
   """(model, config, tokenizer, meta) of an ablax model directory (io.load_model).
 
   `tokenizer` overrides the one stored with the model. Without either, and when

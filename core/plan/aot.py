@@ -26,10 +26,14 @@ from core.train.step import StepBuilder, abstract_batch
 # libtpu's two overflow messages: "Used 43.15G of 15.75G hbm. Exceeded hbm capacity by
 # 27.40G." and "the total memory required for HLO temporaries (29.42G) exceeds available
 # HBM (15.75G)." Both give (what was needed, what the chip has).
-_TPU_OOM = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
-            re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available "
-                       r"HBM \(([\d.]+)([KMGT])\)"))
-_UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_TPU_OOM = (
+  re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
+  re.compile(
+    r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available "
+    r"HBM \(([\d.]+)([KMGT])\)"
+  ),
+)
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 @dataclasses.dataclass
@@ -62,6 +66,7 @@ class StepPlan:
       one iteration of it, not the whole step).
     message: the compiler's message when it refused.
   """
+
   target: str
   platform: str
   mesh: dict[str, int]
@@ -91,8 +96,13 @@ class StepPlan:
     return self.peak_bytes if self.peak_bytes is not None else self.used_bytes
 
 
-def plan_step(make: Callable[[jax.sharding.Mesh], StepBuilder], target: Target,
-              mesh_config: meshlib.MeshConfig, batch: int, seq: int) -> StepPlan:
+def plan_step(
+  make: Callable[[jax.sharding.Mesh], StepBuilder],
+  target: Target,
+  mesh_config: meshlib.MeshConfig,
+  batch: int,
+  seq: int,
+) -> StepPlan:
   """Compiles the step that `make(mesh)` builds for a (batch, seq) batch on `target`."""
   devices = target.devices()
   mesh = meshlib.make_mesh(mesh_config, devices)
@@ -103,15 +113,22 @@ def plan_step(make: Callable[[jax.sharding.Mesh], StepBuilder], target: Target,
     config = builder.config
     # The trainer always passes segment ids (packed rows), so 'auto' decides as here.
     kinds = attention_impls.used_by_kind(config, target.platform, seq, packed=True)
-    common = dict(target=target.name, platform=target.platform, mesh=dict(mesh.shape),
-                  batch=batch, seq=seq, usable_bytes=target.usable_bytes,
-                  model_flops=flops_per_token(config, seq) * batch * seq, attention=kinds,
-                  scan_layers=config.scan_layers,
-                  verdict_by="compiler" if target.platform == "tpu" else "peak vs usable")
+    common = dict(
+      target=target.name,
+      platform=target.platform,
+      mesh=dict(mesh.shape),
+      batch=batch,
+      seq=seq,
+      usable_bytes=target.usable_bytes,
+      model_flops=flops_per_token(config, seq) * batch * seq,
+      attention=kinds,
+      scan_layers=config.scan_layers,
+      verdict_by="compiler" if target.platform == "tpu" else "peak vs usable",
+    )
     try:
-      lowered = builder.build(shape).lower(builder.abstract_state(),
-                                           abstract_batch(builder, shape),
-                                           builder.step_inputs())
+      lowered = builder.build(shape).lower(
+        builder.abstract_state(), abstract_batch(builder, shape), builder.step_inputs()
+      )
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
       text = str(e)
@@ -123,13 +140,18 @@ def plan_step(make: Callable[[jax.sharding.Mesh], StepBuilder], target: Target,
   peak = _peak(memory)
   # libtpu refuses a program that does not fit (above); XLA's GPU compiler never does.
   fits = True if target.platform == "tpu" else peak <= target.usable_bytes
-  return StepPlan(**common, fits=fits,
-                  compile_s=time.perf_counter() - start, host_peak_bytes=_host_peak(),
-                  argument_bytes=memory.argument_size_in_bytes,
-                  output_bytes=memory.output_size_in_bytes,
-                  alias_bytes=memory.alias_size_in_bytes,
-                  temp_bytes=memory.temp_size_in_bytes, peak_bytes=peak,
-                  xla_flops=None if cost is None else cost * target.num_devices)
+  return StepPlan(
+    **common,
+    fits=fits,
+    compile_s=time.perf_counter() - start,
+    host_peak_bytes=_host_peak(),
+    argument_bytes=memory.argument_size_in_bytes,
+    output_bytes=memory.output_size_in_bytes,
+    alias_bytes=memory.alias_size_in_bytes,
+    temp_bytes=memory.temp_size_in_bytes,
+    peak_bytes=peak,
+    xla_flops=None if cost is None else cost * target.num_devices,
+  )
 
 
 def _refused(text: str, common: dict[str, Any], start: float) -> StepPlan:
@@ -142,11 +164,19 @@ def _refused(text: str, common: dict[str, Any], start: float) -> StepPlan:
       overflow = used - capacity
       common = {**common, "usable_bytes": capacity}
       break
-  first = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line),
-               text.strip().splitlines()[0])
-  return StepPlan(**common, fits=False, compile_s=time.perf_counter() - start,
-                  host_peak_bytes=_host_peak(), used_bytes=used, overflow_bytes=overflow,
-                  message=first[:400])
+  first = next(
+    (line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line),
+    text.strip().splitlines()[0],
+  )
+  return StepPlan(
+    **common,
+    fits=False,
+    compile_s=time.perf_counter() - start,
+    host_peak_bytes=_host_peak(),
+    used_bytes=used,
+    overflow_bytes=overflow,
+    message=first[:400],
+  )
 
 
 def _peak(memory) -> int:
@@ -154,8 +184,12 @@ def _peak(memory) -> int:
   peak = getattr(memory, "peak_memory_in_bytes", 0) or 0
   if peak:
     return int(peak)
-  return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-             + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  return int(
+    memory.argument_size_in_bytes
+    + memory.temp_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
 
 
 def _cost(compiled) -> float | None:

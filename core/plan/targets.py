@@ -26,7 +26,7 @@ from typing import Iterator
 from core.errors import UserError
 
 GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 # XLA's GPU client takes 75% of the memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION);
 # the GPU compiler never fails on overflow, so the plan compares its peak with this.
@@ -52,6 +52,7 @@ class Family:
     spec: the GPU target-config file in gpu_specs/.
     source: where the memory figure comes from.
   """
+
   platform: str
   hbm_bytes: int
   device: str
@@ -65,20 +66,67 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "v5e": Family("tpu", 16 * GIB, "tpu-v5e", "v5e", dims=2, accelerator="v5litepod",
-                  source="Cloud TPU v5e: 16 GiB HBM2 per chip"),
-    "v6e": Family("tpu", 32 * GIB, "tpu-v6e", "v6e", dims=2, accelerator="v6e",
-                  source="Cloud TPU v6e (Trillium): 32 GiB HBM per chip"),
-    "v4": Family("tpu", 32 * GIB, "tpu-v4", "v4", chip_config="megacore", dims=3,
-                 cores_per_chip=2, accelerator="v4", source="Cloud TPU v4: 32 GiB HBM2 per chip"),
-    "v5p": Family("tpu", 95 * GIB, "tpu-v5p", "v5", chip_config="megacore", dims=3,
-                  cores_per_chip=2, accelerator="v5p", source="Cloud TPU v5p: 95 GiB HBM2e per chip"),
-    "a100": Family("gpu", 85100068864, "a100-sxm", spec="a100_sxm_80.txtpb",
-                   source="XLA target config a100_sxm_80 (device_memory_size)"),
-    "h100": Family("gpu", 84942979072, "h100-sxm", spec="h100_sxm.txtpb",
-                   source="XLA target config h100_sxm (device_memory_size)"),
-    "h200": Family("gpu", 151397597184, "h200-sxm", spec="h200.txtpb",
-                   source="XLA target config h200 (device_memory_size)"),
+  "v5e": Family(
+    "tpu",
+    16 * GIB,
+    "tpu-v5e",
+    "v5e",
+    dims=2,
+    accelerator="v5litepod",
+    source="Cloud TPU v5e: 16 GiB HBM2 per chip",
+  ),
+  "v6e": Family(
+    "tpu",
+    32 * GIB,
+    "tpu-v6e",
+    "v6e",
+    dims=2,
+    accelerator="v6e",
+    source="Cloud TPU v6e (Trillium): 32 GiB HBM per chip",
+  ),
+  "v4": Family(
+    "tpu",
+    32 * GIB,
+    "tpu-v4",
+    "v4",
+    chip_config="megacore",
+    dims=3,
+    cores_per_chip=2,
+    accelerator="v4",
+    source="Cloud TPU v4: 32 GiB HBM2 per chip",
+  ),
+  "v5p": Family(
+    "tpu",
+    95 * GIB,
+    "tpu-v5p",
+    "v5",
+    chip_config="megacore",
+    dims=3,
+    cores_per_chip=2,
+    accelerator="v5p",
+    source="Cloud TPU v5p: 95 GiB HBM2e per chip",
+  ),
+  "a100": Family(
+    "gpu",
+    85100068864,
+    "a100-sxm",
+    spec="a100_sxm_80.txtpb",
+    source="XLA target config a100_sxm_80 (device_memory_size)",
+  ),
+  "h100": Family(
+    "gpu",
+    84942979072,
+    "h100-sxm",
+    spec="h100_sxm.txtpb",
+    source="XLA target config h100_sxm (device_memory_size)",
+  ),
+  "h200": Family(
+    "gpu",
+    151397597184,
+    "h200-sxm",
+    spec="h200.txtpb",
+    source="XLA target config h200 (device_memory_size)",
+  ),
 }
 
 GPUS_PER_NODE = 8
@@ -96,6 +144,7 @@ class Target:
     num_devices: JAX devices (TPU chips, or megacore chips; GPUs).
     shape: the chip grid (TPU) or (nodes, 1, GPUs per node) (GPU).
   """
+
   name: str
   family: Family
   num_devices: int
@@ -129,28 +178,41 @@ class Target:
   def devices(self) -> list:
     """Compile-only devices of the target (no hardware needed)."""
     from jax.experimental import topologies  # local: only planning needs it
+
     if self.platform == "tpu":
       _check_installed("libtpu", "tpu")
       # libtpu takes a lock file per process and asks the metadata server for the
       # slice's hosts and type; none of that applies to a compile on this machine.
       # Only while libtpu starts: left in the environment, these variables make JAX
       # (and every child process) believe it runs on a TPU pod.
-      with _environment(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
-                        TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE=self.accelerator_type):
+      with _environment(
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+        TPU_WORKER_HOSTNAMES="localhost",
+        TPU_SKIP_MDS_QUERY="1",
+        TPU_ACCELERATOR_TYPE=self.accelerator_type,
+      ):
         topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=self.topology_name,
-            chip_config_name=self.family.chip_config,
-            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+          platform="tpu",
+          topology_name=self.topology_name,
+          chip_config_name=self.family.chip_config,
+          chips_per_host_bounds=(2, 2, 1),
+          num_slices=1,
+        )
     else:
       _check_installed("jax_plugins.xla_cuda12", "plan-gpu")
       nodes, _, per_node = self.shape
       topology = topologies.get_topology_desc(
-          topology_name="", platform="cuda", topology=f"{nodes}x1x{per_node}",
-          target_config=(GPU_SPECS / self.family.spec).read_text())
+        topology_name="",
+        platform="cuda",
+        topology=f"{nodes}x1x{per_node}",
+        target_config=(GPU_SPECS / self.family.spec).read_text(),
+      )
     devices = list(topology.devices)
     if len(devices) != self.num_devices:
-      raise TargetError(f"{self.name}: the compiler's topology has {len(devices)} devices, "
-                        f"expected {self.num_devices}")
+      raise TargetError(
+        f"{self.name}: the compiler's topology has {len(devices)} devices, "
+        f"expected {self.num_devices}"
+      )
     return devices
 
 
@@ -168,6 +230,7 @@ def _environment(**values: str) -> Iterator[None]:
 
 def _check_installed(module: str, extra: str) -> None:
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   if importlib.util.find_spec(module) is None:
     raise TargetError(f"planning for this target needs {module}: pip install -e '.[{extra}]'")
 
@@ -191,18 +254,22 @@ def parse_target(name: str) -> Target:
     family = FAMILIES[m.group(1)]
     size = int(m.group(2))
     if size % family.cores_per_chip:
-      raise TargetError(f"{name}: {m.group(1)} slices are named by TensorCores, two per chip; "
-                        f"{size} is odd")
+      raise TargetError(
+        f"{name}: {m.group(1)} slices are named by TensorCores, two per chip; {size} is odd"
+      )
     chips = size // family.cores_per_chip
     return Target(name, family, chips, _grid(chips, family.dims))
   m = _GPU_NAME.match(name)
   if m:
     family, count = FAMILIES[m.group(1)], int(m.group(2))
     if count < 1 or (count > GPUS_PER_NODE and count % GPUS_PER_NODE):
-      raise TargetError(f"{name}: GPU nodes hold {GPUS_PER_NODE} GPUs; give up to "
-                        f"{GPUS_PER_NODE} or a multiple of it")
+      raise TargetError(
+        f"{name}: GPU nodes hold {GPUS_PER_NODE} GPUs; give up to "
+        f"{GPUS_PER_NODE} or a multiple of it"
+      )
     nodes = max(1, count // GPUS_PER_NODE)
     return Target(name, family, count, (nodes, 1, count // nodes))
   raise TargetError(
-      f"unknown target {name!r}: use a TPU slice v5e-N, v6e-N (N chips), v4-N, v5p-N "
-      "(N TensorCores, e.g. v5p-128), or a GPU node a100xN, h100xN, h200xN")
+    f"unknown target {name!r}: use a TPU slice v5e-N, v6e-N (N chips), v4-N, v5p-N "
+    "(N TensorCores, e.g. v5p-128), or a GPU node a100xN, h100xN, h200xN"
+  )

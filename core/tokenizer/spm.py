@@ -35,8 +35,9 @@ class VocabMismatchError(TokenizerError):
   """A tokenizer whose number of ids differs from the model's embedding rows."""
 
 
-def check_vocab_matches(tokenizer_vocab_size: int, model_vocab_size: int, where: str = "",
-                        allow_padding: bool = False) -> None:
+def check_vocab_matches(
+  tokenizer_vocab_size: int, model_vocab_size: int, where: str = "", allow_padding: bool = False
+) -> None:
   """Raises VocabMismatchError unless the two vocab sizes agree.
 
   Args:
@@ -52,11 +53,12 @@ def check_vocab_matches(tokenizer_vocab_size: int, model_vocab_size: int, where:
     return
   prefix = f"{where}: " if where else ""
   raise VocabMismatchError(
-      f"{prefix}the tokenizer has {tokenizer_vocab_size} ids but the model's vocab_size is "
-      f"{model_vocab_size}. Set ModelConfig.vocab_size = {tokenizer_vocab_size} (e.g. "
-      f"--gin_param 'ModelConfig.vocab_size = {tokenizer_vocab_size}'), or use a tokenizer with "
-      f"{model_vocab_size} ids (`ablax tokenizer train --vocab_size {model_vocab_size}` or "
-      f"`ablax tokenizer subset --size {model_vocab_size}`).")
+    f"{prefix}the tokenizer has {tokenizer_vocab_size} ids but the model's vocab_size is "
+    f"{model_vocab_size}. Set ModelConfig.vocab_size = {tokenizer_vocab_size} (e.g. "
+    f"--gin_param 'ModelConfig.vocab_size = {tokenizer_vocab_size}'), or use a tokenizer with "
+    f"{model_vocab_size} ids (`ablax tokenizer train --vocab_size {model_vocab_size}` or "
+    f"`ablax tokenizer subset --size {model_vocab_size}`)."
+  )
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -80,8 +82,10 @@ class Tokenizer:
   def __init__(self, path: str | os.PathLike):
     self.path = str(Path(path).resolve())
     if not os.path.isfile(self.path):
-      raise TokenizerError(f"no tokenizer model at {self.path}; train one with `ablax "
-                           "tokenizer train` or use the default (core.data.default_tokenizer)")
+      raise TokenizerError(
+        f"no tokenizer model at {self.path}; train one with `ablax "
+        "tokenizer train` or use the default (core.data.default_tokenizer)"
+      )
     self.sha256 = file_sha256(self.path)
     self._sp = spm.SentencePieceProcessor()
     try:
@@ -144,8 +148,10 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
-      raise TokenizerError(f"ids {bad[:5]} are outside this tokenizer's vocabulary "
-                           f"(0..{self.vocab_size - 1}); were they made by another tokenizer?")
+      raise TokenizerError(
+        f"ids {bad[:5]} are outside this tokenizer's vocabulary "
+        f"(0..{self.vocab_size - 1}); were they made by another tokenizer?"
+      )
     return self._sp.DecodeIds(ids)
 
   def format_turn(self, role: str, text: str) -> str:

@@ -39,6 +39,7 @@ class Subset:
     kept_ids: kept_ids[new_id] = id of the same piece in the base model.
     id_map_path: JSON file with the id map and the base model's hash.
   """
+
   tokenizer: Tokenizer
   kept_ids: tuple[int, ...]
   id_map_path: str
@@ -50,8 +51,9 @@ def id_map_path_for(model_path: str | os.PathLike) -> Path:
 
 def mandatory_ids(proto: Any) -> list[int]:
   """Ids of pieces every subset keeps: specials, user-defined, bytes, single characters."""
-  return [i for i, p in enumerate(proto.pieces)
-          if p.type in _ALWAYS_KEPT_TYPES or len(p.piece) == 1]
+  return [
+    i for i, p in enumerate(proto.pieces) if p.type in _ALWAYS_KEPT_TYPES or len(p.piece) == 1
+  ]
 
 
 def select_ids(proto: Any, size: int) -> list[int]:
@@ -59,18 +61,20 @@ def select_ids(proto: Any, size: int) -> list[int]:
   must = set(mandatory_ids(proto))
   if size < len(must):
     raise TokenizerError(
-        f"--size {size} is smaller than the {len(must)} pieces every subset keeps (specials, "
-        f"bytes and single characters); use a size of at least {len(must)}")
+      f"--size {size} is smaller than the {len(must)} pieces every subset keeps (specials, "
+      f"bytes and single characters); use a size of at least {len(must)}"
+    )
   if size > len(proto.pieces):
     raise TokenizerError(f"--size {size} is larger than the base vocabulary ({len(proto.pieces)})")
   others = [i for i in range(len(proto.pieces)) if i not in must]
   # Highest score first; ties (rare) keep the lower id, so the choice is stable.
   others.sort(key=lambda i: (-proto.pieces[i].score, i))
-  return sorted(must | set(others[:size - len(must)]))
+  return sorted(must | set(others[: size - len(must)]))
 
 
-def subset_tokenizer(base_path: str | os.PathLike, size: int,
-                     out_path: str | os.PathLike) -> Subset:
+def subset_tokenizer(
+  base_path: str | os.PathLike, size: int, out_path: str | os.PathLike
+) -> Subset:
   """Writes a `size`-piece subset of the model at `base_path` to `out_path`.
 
   Also writes `<out_path>.idmap.json`: {"kept_ids": [...], "base": ..., "base_sha256": ...}.
@@ -87,9 +91,18 @@ def subset_tokenizer(base_path: str | os.PathLike, size: int,
   new.trainer_spec.vocab_size = len(pieces)
   write_atomic(out_path, new.SerializeToString())
   map_path = id_map_path_for(out_path)
-  write_atomic(map_path, json.dumps({
-      "base": base.path, "base_sha256": base.sha256, "size": len(kept),
-      "subset_sha256": file_sha256(out_path), "kept_ids": kept}).encode())
+  write_atomic(
+    map_path,
+    json.dumps(
+      {
+        "base": base.path,
+        "base_sha256": base.sha256,
+        "size": len(kept),
+        "subset_sha256": file_sha256(out_path),
+        "kept_ids": kept,
+      }
+    ).encode(),
+  )
   return Subset(tokenizer=Tokenizer(out_path), kept_ids=tuple(kept), id_map_path=str(map_path))
 
 
@@ -107,6 +120,8 @@ def gather_embedding_rows(table: Any, kept_ids: Any) -> Any:
   """Rows of a base model's (vocab, dim) embedding table for the subset's ids."""
   kept_ids = np.asarray(kept_ids)
   if kept_ids.max(initial=-1) >= table.shape[0]:
-    raise TokenizerError(f"the id map refers to id {int(kept_ids.max())} but the table has "
-                         f"{table.shape[0]} rows: it belongs to another base model")
+    raise TokenizerError(
+      f"the id map refers to id {int(kept_ids.max())} but the table has "
+      f"{table.shape[0]} rows: it belongs to another base model"
+    )
   return table[kept_ids]

@@ -23,8 +23,16 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from core.tokenizer.spm import (BOS_ID, END_OF_TURN, EOS_ID, PAD_ID, START_OF_TURN, UNK_ID,
-                                Tokenizer, TokenizerError)
+from core.tokenizer.spm import (
+  BOS_ID,
+  END_OF_TURN,
+  EOS_ID,
+  PAD_ID,
+  START_OF_TURN,
+  UNK_ID,
+  Tokenizer,
+  TokenizerError,
+)
 
 MODEL_TYPES = ("bpe", "unigram")
 # Turn formatting first so these ids do not depend on the vocabulary size.
@@ -46,11 +54,20 @@ def sample_lines(lines: Sequence[str], max_sentences: int, seed: int) -> list[st
   return [lines[i] for i in keep]
 
 
-def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_size: int,
-                    model_type: str = "bpe", split_digits: bool = True, byte_fallback: bool = True,
-                    user_defined_symbols: Sequence[str] = DEFAULT_USER_SYMBOLS,
-                    character_coverage: float = 0.9995, max_sentences: int = 300_000,
-                    seed: int = 0, num_threads: int = 2) -> Tokenizer:
+def train_tokenizer(
+  texts: Iterable[str],
+  out_path: str | os.PathLike,
+  *,
+  vocab_size: int,
+  model_type: str = "bpe",
+  split_digits: bool = True,
+  byte_fallback: bool = True,
+  user_defined_symbols: Sequence[str] = DEFAULT_USER_SYMBOLS,
+  character_coverage: float = 0.9995,
+  max_sentences: int = 300_000,
+  seed: int = 0,
+  num_threads: int = 2,
+) -> Tokenizer:
   """Trains a SentencePiece model on `texts` and writes it to `out_path`.
 
   Args:
@@ -74,31 +91,52 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
     raise TokenizerError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
   lines = sample_lines(corpus_lines(texts), max_sentences, seed)
   if not lines:
-    raise TokenizerError("the training corpus is empty (no non-empty lines); give files or "
-                         "documents with text in them")
+    raise TokenizerError(
+      "the training corpus is empty (no non-empty lines); give files or documents with text in them"
+    )
   n_specials = 4 + len(user_defined_symbols) + (256 if byte_fallback else 0)
   if vocab_size <= n_specials:
-    raise TokenizerError(f"vocab_size {vocab_size} leaves no room for learned pieces: the "
-                         f"specials, user-defined symbols and byte pieces take {n_specials} ids")
+    raise TokenizerError(
+      f"vocab_size {vocab_size} leaves no room for learned pieces: the "
+      f"specials, user-defined symbols and byte pieces take {n_specials} ids"
+    )
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)
   try:
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, split_digits=split_digits, byte_fallback=byte_fallback,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=list(user_defined_symbols),
-        character_coverage=character_coverage, input_sentence_size=0,
-        shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES,
-        num_threads=num_threads, minloglevel=2)
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      split_digits=split_digits,
+      byte_fallback=byte_fallback,
+      remove_extra_whitespaces=False,
+      normalization_rule_name="identity",
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      bos_id=BOS_ID,
+      unk_id=UNK_ID,
+      pad_piece="<pad>",
+      eos_piece="<eos>",
+      bos_piece="<bos>",
+      unk_piece="<unk>",
+      user_defined_symbols=list(user_defined_symbols),
+      character_coverage=character_coverage,
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      max_sentence_length=MAX_SENTENCE_BYTES,
+      num_threads=num_threads,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     message = str(e)
     if "Vocabulary size" in message and "too high" in message:
-      raise TokenizerError(f"the corpus is too small for vocab_size={vocab_size}: {message.strip()} "
-                           "Lower --vocab_size or give more text.") from None
+      raise TokenizerError(
+        f"the corpus is too small for vocab_size={vocab_size}: {message.strip()} "
+        "Lower --vocab_size or give more text."
+      ) from None
     raise TokenizerError(f"SentencePiece training failed: {message.strip()}") from None
   write_atomic(out_path, model.getvalue())
   return Tokenizer(out_path)

@@ -30,9 +30,11 @@ POWERCAP = Path("/sys/class/powercap")
 # Platinum 8480+ (Intel ARK: 350 W TDP, 56 cores) = 6.25 W per core. It is an
 # assumption, recorded as such with every run that uses it.
 DEFAULT_CPU_W_PER_CORE = 6.25
-_DEFAULT_CPU_SOURCE = ("estimate: {cores} cores x 6.25 W/core (ablax default, from Intel Xeon "
-                       "Platinum 8480+: 350 W TDP / 56 cores, Intel ARK); no RAPL power limit "
-                       "readable on this machine")
+_DEFAULT_CPU_SOURCE = (
+  "estimate: {cores} cores x 6.25 W/core (ablax default, from Intel Xeon "
+  "Platinum 8480+: 350 W TDP / 56 cores, Intel ARK); no RAPL power limit "
+  "readable on this machine"
+)
 
 
 def _read_int(path: Path) -> int | None:
@@ -69,8 +71,10 @@ def cpu_power_w(root: Path = POWERCAP) -> tuple[float, str]:
       total += uw / 1e6
       limits.append(package.name)
   if total > 0:
-    return total, (f"estimate: RAPL long-term package power limit (PL1, the configured TDP) "
-                   f"of {', '.join(limits)} under {root}")
+    return total, (
+      f"estimate: RAPL long-term package power limit (PL1, the configured TDP) "
+      f"of {', '.join(limits)} under {root}"
+    )
   try:
     cores = len(os.sched_getaffinity(0))
   except (AttributeError, OSError):
@@ -115,6 +119,7 @@ class _NvmlCounter:
 
   def __init__(self):
     import pynvml  # optional dependency; ImportError means "not measurable"
+
     pynvml.nvmlInit()
     self._nvml = pynvml
     count = pynvml.nvmlDeviceGetCount()
@@ -151,11 +156,21 @@ class EnergyMeter:
     measure: False skips hardware counters (estimate only).
   """
 
-  def __init__(self, device_kind: str, device_count: int, pue: float = 1.0,
-               intensity_g_per_kwh: float | None = None, region: str | None = None,
-               power_w: float | None = None, *, local_device_count: int | None = None,
-               host_count: int = 1, measure: bool = True,
-               clock: Callable[[], float] = time.monotonic, powercap_root: Path = POWERCAP):
+  def __init__(
+    self,
+    device_kind: str,
+    device_count: int,
+    pue: float = 1.0,
+    intensity_g_per_kwh: float | None = None,
+    region: str | None = None,
+    power_w: float | None = None,
+    *,
+    local_device_count: int | None = None,
+    host_count: int = 1,
+    measure: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+    powercap_root: Path = POWERCAP,
+  ):
     self.spec = carbon.resolve_device(device_kind)
     self.device_kind = device_kind
     carbon._check_count(device_count)
@@ -180,7 +195,8 @@ class EnergyMeter:
       self.intensity_g_per_kwh, self.intensity_source = None, None
     else:
       self.intensity_g_per_kwh, self.intensity_source = carbon.grid_intensity(
-          region, intensity_g_per_kwh)
+        region, intensity_g_per_kwh
+      )
     self.local_device_count = local_device_count
     self._measure = measure
     self._powercap_root = powercap_root
@@ -216,8 +232,11 @@ class EnergyMeter:
     except Exception as e:  # noqa: BLE001  any NVML/RAPL failure means "unmeasurable"
       return None, f"energy counter unavailable: {type(e).__name__}: {e}"[:300]
     if counter.devices == 0:
-      where = f"readable RAPL package counters under {self._powercap_root}" if self.is_cpu \
-          else "GPUs visible to NVML"
+      where = (
+        f"readable RAPL package counters under {self._powercap_root}"
+        if self.is_cpu
+        else "GPUs visible to NVML"
+      )
       return None, f"no {where}"
     try:
       counter.joules()
@@ -243,8 +262,10 @@ class EnergyMeter:
     if self._t0 is None:
       raise RuntimeError("EnergyMeter: call start() first")
     hours = (self._clock() - self._t0) / 3600 + self._offset["elapsed_h"]
-    estimated = (self.power_w * self.estimate_units * (hours - self._offset["elapsed_h"]) / 1000
-                 + self._offset["energy_kwh_estimated"])
+    estimated = (
+      self.power_w * self.estimate_units * (hours - self._offset["elapsed_h"]) / 1000
+      + self._offset["energy_kwh_estimated"]
+    )
     measured = None
     if self._counter is not None:
       try:
@@ -257,9 +278,14 @@ class EnergyMeter:
     energy = measured if measured is not None else estimated
     energy_pue = energy * self.pue
     co2 = None if self.intensity_g_per_kwh is None else energy_pue * self.intensity_g_per_kwh / 1000
-    self._last = {"elapsed_h": hours, "energy_kwh_measured": measured,
-                  "energy_kwh_estimated": estimated, "energy_kwh": energy,
-                  "energy_kwh_pue": energy_pue, "co2_kg": co2}
+    self._last = {
+      "elapsed_h": hours,
+      "energy_kwh_measured": measured,
+      "energy_kwh_estimated": estimated,
+      "energy_kwh": energy,
+      "energy_kwh_pue": energy_pue,
+      "co2_kg": co2,
+    }
     return dict(self._last)
 
   def inputs(self) -> dict[str, Any]:
@@ -268,30 +294,38 @@ class EnergyMeter:
     measured = self._counter is not None
     scale = self._measured_scale()
     return {
-        "device_kind": self.device_kind,
-        "device": self.spec.name,
-        "device_count": self.device_count,
-        "host_count": self.host_count,
-        "power_w": self.power_w,
-        "power_per": "host CPU" if self.is_cpu else "device",
-        "power_source": self.power_source,
-        "power_user_supplied": self.power_user_supplied,
-        "estimate_formula": (f"energy_kwh_estimated = power_w x "
-                             f"{'host_count' if self.is_cpu else 'device_count'} x elapsed_h "
-                             f"/ 1000 (rated power, all the time)"),
-        "energy_source": "measured" if measured else "estimated",
-        "measured_with": self._counter.name if measured else None,
-        "measured_devices": self._counter.devices if measured else 0,
-        "measured_scale": scale if measured else None,
-        "measure_note": self._measure_note if not measured else (
-            f"{self._counter.devices} {'package(s)' if self.is_cpu else 'device(s)'} of process "
-            f"0 measured, scaled x{scale:g} to the whole job" if scale != 1 else None),
-        "pue": self.pue,
-        "intensity_g_per_kwh": self.intensity_g_per_kwh,
-        "intensity_source": self.intensity_source or "none given: co2_kg not computed",
-        "region": self.region,
-        "carbon_formula": ("energy_kwh_pue = energy_kwh x pue; "
-                           "co2_kg = energy_kwh_pue x intensity_g_per_kwh / 1000"),
-        "elapsed_h": last.get("elapsed_h"),
-        "resumed_from": dict(self._offset) if any(self._offset.values()) else None,
+      "device_kind": self.device_kind,
+      "device": self.spec.name,
+      "device_count": self.device_count,
+      "host_count": self.host_count,
+      "power_w": self.power_w,
+      "power_per": "host CPU" if self.is_cpu else "device",
+      "power_source": self.power_source,
+      "power_user_supplied": self.power_user_supplied,
+      "estimate_formula": (
+        f"energy_kwh_estimated = power_w x "
+        f"{'host_count' if self.is_cpu else 'device_count'} x elapsed_h "
+        f"/ 1000 (rated power, all the time)"
+      ),
+      "energy_source": "measured" if measured else "estimated",
+      "measured_with": self._counter.name if measured else None,
+      "measured_devices": self._counter.devices if measured else 0,
+      "measured_scale": scale if measured else None,
+      "measure_note": self._measure_note
+      if not measured
+      else (
+        f"{self._counter.devices} {'package(s)' if self.is_cpu else 'device(s)'} of process "
+        f"0 measured, scaled x{scale:g} to the whole job"
+        if scale != 1
+        else None
+      ),
+      "pue": self.pue,
+      "intensity_g_per_kwh": self.intensity_g_per_kwh,
+      "intensity_source": self.intensity_source or "none given: co2_kg not computed",
+      "region": self.region,
+      "carbon_formula": (
+        "energy_kwh_pue = energy_kwh x pue; co2_kg = energy_kwh_pue x intensity_g_per_kwh / 1000"
+      ),
+      "elapsed_h": last.get("elapsed_h"),
+      "resumed_from": dict(self._offset) if any(self._offset.values()) else None,
     }

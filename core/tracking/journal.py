@@ -128,8 +128,9 @@ class Journal:
     check_fields(fields)
     self.write([self.line(metrics, step, time.time(), fields)])
 
-  def line(self, metrics: Mapping[str, Any], step: Any, stamp_s: float,
-           fields: Mapping[str, Any]) -> str | None:
+  def line(
+    self, metrics: Mapping[str, Any], step: Any, stamp_s: float, fields: Mapping[str, Any]
+  ) -> str | None:
     """The JSON line of `metrics` (numbers; others are dropped with a warning) at `step`,
     logged at `stamp_s`; None when nothing of it is new (all of it journaled before a resume).
 
@@ -174,8 +175,10 @@ class Journal:
       return False
     if compared(key) and not _same(old, value):
       self.mismatches.append((key, step, old, value))
-      message = (f"resumed run differs from the interrupted one: {key} at step {step} was "
-                 f"{old!r} when first logged, now {value!r} (the journal keeps the first)")
+      message = (
+        f"resumed run differs from the interrupted one: {key} at step {step} was "
+        f"{old!r} when first logged, now {value!r} (the journal keeps the first)"
+      )
       logger.warning(message)
       self._say(message)
     return True

@@ -56,8 +56,9 @@ def write_json(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def add_artifact(workdir: str | os.PathLike, local_path: str | os.PathLike,
-                 artifact_path: str | None) -> None:
+def add_artifact(
+  workdir: str | os.PathLike, local_path: str | os.PathLike, artifact_path: str | None
+) -> None:
   """Lists a file or directory for upload to `artifact_path` (None: the run's root).
 
   One of the workdir is uploaded as it is when synced; one from elsewhere is

@@ -21,15 +21,31 @@ from typing import Any, Mapping
 from core.tracking import schema
 
 # Packages whose versions decide what a run computed.
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "gin-config", "mlflow", "orbax-checkpoint",
-            "grain", "tensorflow-datasets", "sentencepiece", "numpy")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "gin-config",
+  "mlflow",
+  "orbax-checkpoint",
+  "grain",
+  "tensorflow-datasets",
+  "sentencepiece",
+  "numpy",
+)
 
 _GIT_TIMEOUT_S = 30
 
 
 def _git(repo_dir: str | os.PathLike, *args: str) -> str:
-  return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True,
-                        check=True, timeout=_GIT_TIMEOUT_S).stdout
+  return subprocess.run(
+    ["git", "-C", str(repo_dir), *args],
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=_GIT_TIMEOUT_S,
+  ).stdout
 
 
 def code_version(repo_dir: str | os.PathLike) -> dict[str, Any]:
@@ -43,8 +59,14 @@ def code_version(repo_dir: str | os.PathLike) -> dict[str, Any]:
     commit = _git(repo_dir, "rev-parse", "HEAD").strip()
   except (OSError, subprocess.SubprocessError) as e:
     reason = getattr(e, "stderr", None) or str(e)
-    return {"commit": None, "dirty": None, "diff": None, "untracked": None, "branch": None,
-            "error": f"no git version for {repo_dir}: {reason.strip()[:500]}"}
+    return {
+      "commit": None,
+      "dirty": None,
+      "diff": None,
+      "untracked": None,
+      "branch": None,
+      "error": f"no git version for {repo_dir}: {reason.strip()[:500]}",
+    }
   status = _git(repo_dir, "status", "--porcelain", "--untracked-files=all")
   untracked = [line[3:] for line in status.splitlines() if line.startswith("??")]
   dirty = bool(status.strip())
@@ -53,8 +75,7 @@ def code_version(repo_dir: str | os.PathLike) -> dict[str, Any]:
     branch = _git(repo_dir, "rev-parse", "--abbrev-ref", "HEAD").strip()
   except subprocess.SubprocessError:
     branch = None
-  return {"commit": commit, "dirty": dirty, "diff": diff, "untracked": untracked,
-          "branch": branch}
+  return {"commit": commit, "dirty": dirty, "diff": diff, "untracked": untracked, "branch": branch}
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -70,29 +91,37 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
 def environment(mesh_shape: Mapping[str, int] | None = None) -> dict[str, Any]:
   """Python, platform, package versions, devices and processes of this run."""
   env: dict[str, Any] = {
-      "python": sys.version.split()[0],
-      "platform": platform.platform(),
-      "machine": platform.machine(),
-      "hostname": socket.gethostname(),
-      "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "packages": package_versions(),
-      "mesh": dict(mesh_shape) if mesh_shape is not None else None,
+    "python": sys.version.split()[0],
+    "platform": platform.platform(),
+    "machine": platform.machine(),
+    "hostname": socket.gethostname(),
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "packages": package_versions(),
+    "mesh": dict(mesh_shape) if mesh_shape is not None else None,
   }
   try:
     import jax
+
     devices = jax.devices()
     env.update(
-        backend=jax.default_backend(),
-        device_kind=devices[0].device_kind if devices else None,
-        device_count=jax.device_count(),
-        local_device_count=jax.local_device_count(),
-        process_count=jax.process_count(),
-        process_index=jax.process_index(),
+      backend=jax.default_backend(),
+      device_kind=devices[0].device_kind if devices else None,
+      device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+      process_count=jax.process_count(),
+      process_index=jax.process_index(),
     )
   except Exception as e:  # noqa: BLE001  a record without devices beats no record
-    env.update(backend=None, device_kind=None, device_count=None, local_device_count=None,
-               process_count=None, process_index=None, device_error=str(e)[:500])
+    env.update(
+      backend=None,
+      device_kind=None,
+      device_count=None,
+      local_device_count=None,
+      process_count=None,
+      process_index=None,
+      device_error=str(e)[:500],
+    )
   return env
 
 
@@ -160,8 +189,12 @@ def short_axis_names(axes: Mapping[str, Any]) -> dict[str, str]:
   return out
 
 
-def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | None,
-             ablax_version: str | None = None) -> dict[str, str]:
+def run_tags(
+  code: Mapping[str, Any],
+  env: Mapping[str, Any],
+  config_sha: str | None,
+  ablax_version: str | None = None,
+) -> dict[str, str]:
   """Tags of the run record: code version, config hash, ablax and package versions, devices."""
   if ablax_version is None:
     try:
@@ -169,14 +202,14 @@ def run_tags(code: Mapping[str, Any], env: Mapping[str, Any], config_sha: str | 
     except importlib.metadata.PackageNotFoundError:
       ablax_version = "unknown"
   tags = {
-      schema.GIT_COMMIT: str(code.get("commit")),
-      schema.GIT_DIRTY: str(code.get("dirty")).lower(),
-      schema.VERSION: ablax_version,
-      schema.CONFIG_HASH: str(config_sha),
-      schema.DEVICE_KIND: str(env.get("device_kind")),
-      schema.DEVICE_COUNT: str(env.get("device_count")),
-      schema.PROCESS_COUNT: str(env.get("process_count")),
-      schema.PYTHON: str(env.get("python")),
+    schema.GIT_COMMIT: str(code.get("commit")),
+    schema.GIT_DIRTY: str(code.get("dirty")).lower(),
+    schema.VERSION: ablax_version,
+    schema.CONFIG_HASH: str(config_sha),
+    schema.DEVICE_KIND: str(env.get("device_kind")),
+    schema.DEVICE_COUNT: str(env.get("device_count")),
+    schema.PROCESS_COUNT: str(env.get("process_count")),
+    schema.PYTHON: str(env.get("python")),
   }
   if code.get("commit"):
     tags[schema.MLFLOW_GIT_COMMIT] = code["commit"]  # shown by the MLflow UI
@@ -200,24 +233,37 @@ def dataset_inputs(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
   for name, source in sorted((manifest.get("sources") or {}).items()):
     if not isinstance(source, Mapping):
       continue
-    identity = ({k: source.get(k) for k in ("fingerprint", "kind", "domain", "spec", "feature")}
-                if "fingerprint" in source else source)
+    identity = (
+      {k: source.get(k) for k in ("fingerprint", "kind", "domain", "spec", "feature")}
+      if "fingerprint" in source
+      else source
+    )
     text = json.dumps(identity, sort_keys=True, default=str)
-    out.append({"name": str(name), "digest": hashlib.sha256(text.encode()).hexdigest()[:32],
-                "source": str(source.get("kind") or name),
-                "context": "train"})
+    out.append(
+      {
+        "name": str(name),
+        "digest": hashlib.sha256(text.encode()).hexdigest()[:32],
+        "source": str(source.get("kind") or name),
+        "context": "train",
+      }
+    )
   return out
 
 
-def write_run_record(tracker: Any, *, repo_dir: str | os.PathLike | None = None,
-                     operative_config: str | None = None, bound_config: str | None = None,
-                     gin_files: tuple[str | os.PathLike, ...] | list = (),
-                     flat_params: Mapping[str, Any] | None = None,
-                     swept_axes: Mapping[str, Any] | None = None,
-                     mesh_shape: Mapping[str, int] | None = None,
-                     param_counts: Mapping[str, int] | None = None,
-                     dataset_manifest: Mapping[str, Any] | str | os.PathLike | None = None,
-                     config_sha: str | None = None) -> dict[str, str]:
+def write_run_record(
+  tracker: Any,
+  *,
+  repo_dir: str | os.PathLike | None = None,
+  operative_config: str | None = None,
+  bound_config: str | None = None,
+  gin_files: tuple[str | os.PathLike, ...] | list = (),
+  flat_params: Mapping[str, Any] | None = None,
+  swept_axes: Mapping[str, Any] | None = None,
+  mesh_shape: Mapping[str, int] | None = None,
+  param_counts: Mapping[str, int] | None = None,
+  dataset_manifest: Mapping[str, Any] | str | os.PathLike | None = None,
+  config_sha: str | None = None,
+) -> dict[str, str]:
   """Logs a run's whole record through `tracker` (a RunTracker or NullTracker); returns the tags.
 
   Params: `flat_params` (e.g. `launch.gin_config.binding_params(bindings)`)

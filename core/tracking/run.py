@@ -30,9 +30,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from core.tracking import journal, local, schema, sync
-from core.tracking.store import (MAX_PARAM_VALUE, MAX_TAG_VALUE, TrackingStoreError,
-                                  bound_http_retries, clean_key, ensure_experiment, is_transient,
-                                  public_uri, sqlite_init_lock, truncate)
+from core.tracking.store import (
+  MAX_PARAM_VALUE,
+  MAX_TAG_VALUE,
+  TrackingStoreError,
+  bound_http_retries,
+  clean_key,
+  ensure_experiment,
+  is_transient,
+  public_uri,
+  sqlite_init_lock,
+  truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +60,23 @@ class RunTracker:
   On an exception inside the block the run is marked FAILED with the traceback.
   """
 
-  def __init__(self, tracking_uri: str | None = None, experiment: str = "Default",
-               run_name: str | None = None, run_id: str | None = None,
-               workdir: str | os.PathLike | None = None,
-               tags: Mapping[str, Any] | None = None, *,
-               retry_interval_s: float = 10.0, http_timeout_s: int = 10,
-               http_max_retries: int = 0, start_timeout_s: float = 120.0,
-               end_timeout_s: float = 60.0, batch_interval_s: float = 1.0,
-               system_metrics_s: float | None = None):
+  def __init__(
+    self,
+    tracking_uri: str | None = None,
+    experiment: str = "Default",
+    run_name: str | None = None,
+    run_id: str | None = None,
+    workdir: str | os.PathLike | None = None,
+    tags: Mapping[str, Any] | None = None,
+    *,
+    retry_interval_s: float = 10.0,
+    http_timeout_s: int = 10,
+    http_max_retries: int = 0,
+    start_timeout_s: float = 120.0,
+    end_timeout_s: float = 60.0,
+    batch_interval_s: float = 1.0,
+    system_metrics_s: float | None = None,
+  ):
     """Configures the run; nothing is contacted or written before `start()`.
 
     Args:
@@ -120,6 +138,7 @@ class RunTracker:
     if self._thread is not None:
       return self.run_id
     import mlflow  # pylint: disable=g-import-not-at-top
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
     bound_http_retries(self.tracking_uri, self.http_timeout_s, self.http_max_retries)
@@ -128,10 +147,16 @@ class RunTracker:
       client = self._retry_transient(self._open_run, "open the run")
     # This process's record starts RUNNING; the status the last one ended with was sent, or
     # its record goes now, before anything of this one.
-    local.update_run_file(self.workdir, **{
-        schema.RUN_ID_KEY: self.run_id, schema.TRACKING_URI_KEY: public_uri(self.tracking_uri),
+    local.update_run_file(
+      self.workdir,
+      **{
+        schema.RUN_ID_KEY: self.run_id,
+        schema.TRACKING_URI_KEY: public_uri(self.tracking_uri),
         schema.EXPERIMENT_KEY: self.experiment,
-        local.STATUS: None, local.END_TIME: None})
+        local.STATUS: None,
+        local.END_TIME: None,
+      },
+    )
     self.syncer = sync.Syncer(self.workdir, self.run_id, client)
     self._journal_writer = journal.Writer(self.journal)
     self._thread = threading.Thread(target=self._uploader, name="ablax-tracking", daemon=True)
@@ -158,8 +183,13 @@ class RunTracker:
   def _start_monitor(self) -> None:
     try:
       from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # pylint: disable=g-import-not-at-top
-      self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_s,
-                                           tracking_uri=self.tracking_uri, resume_logging=True)
+
+      self._monitor = SystemMetricsMonitor(
+        self.run_id,
+        sampling_interval=self.system_metrics_s,
+        tracking_uri=self.tracking_uri,
+        resume_logging=True,
+      )
       self._monitor.start()
     except Exception as e:  # noqa: BLE001  system metrics are a convenience
       logger.warning("MLflow system metrics are off: %s", e)
@@ -189,12 +219,14 @@ class RunTracker:
           delay = min(delay * 2, 5.0)
           continue
         raise TrackingStoreError(
-            f"cannot {what} in the MLflow store {self.tracking_uri!r} "
-            f"(experiment {self.experiment!r}): {type(e).__name__}: {str(e)[:1000]}") from e
+          f"cannot {what} in the MLflow store {self.tracking_uri!r} "
+          f"(experiment {self.experiment!r}): {type(e).__name__}: {str(e)[:1000]}"
+        ) from e
 
   def _open_run(self):
     from mlflow.exceptions import MlflowException  # pylint: disable=g-import-not-at-top
     from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+
     client = MlflowClient(self.tracking_uri)
     resumed = bool(self.run_id)
     experiment_id = ensure_experiment(client, self.tracking_uri, self.experiment)
@@ -204,8 +236,9 @@ class RunTracker:
         run = client.get_run(self.run_id)
       except MlflowException as e:
         if e.get_http_status_code() == 404 or "not found" in str(e).lower():
-          raise TrackingStoreError(f"cannot resume run {self.run_id}: not found in "
-                                   f"{self.tracking_uri!r}") from e
+          raise TrackingStoreError(
+            f"cannot resume run {self.run_id}: not found in {self.tracking_uri!r}"
+          ) from e
         raise
       if run.info.status != "RUNNING":
         client.update_run(self.run_id, status="RUNNING")
@@ -213,16 +246,25 @@ class RunTracker:
         client.set_tag(self.run_id, key, value)
     else:
       from mlflow.tracking.context.registry import resolve_tags  # pylint: disable=g-import-not-at-top
+
       # MLflow's own context tags (user, source name and type, git commit), which fill
       # the UI's user and source columns; ours win where both name a key.
       run = client.create_run(experiment_id, tags=resolve_tags(tags), run_name=self.run_name)
       self.run_id = run.info.run_id
     # Writing an artifact proves the artifact store is writable too; the file
     # is the run's start log (one per start, so resumes are visible).
-    start_info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                  "workdir": str(self.workdir), "resumed": resumed}
-    client.log_text(self.run_id, json.dumps(start_info, indent=1),
-                    f"ablax/starts/{int(time.time() * 1000)}-{os.getpid()}.json")
+    start_info = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "time": time.time(),
+      "workdir": str(self.workdir),
+      "resumed": resumed,
+    }
+    client.log_text(
+      self.run_id,
+      json.dumps(start_info, indent=1),
+      f"ablax/starts/{int(time.time() * 1000)}-{os.getpid()}.json",
+    )
     return client
 
   # ---------------------------------------------------------------- logging
@@ -253,14 +295,18 @@ class RunTracker:
   def log_params(self, params: Mapping[str, Any]) -> None:
     """Values longer than MLflow's 6000 characters are truncated (log the full text as an artifact)."""
     self._check()
-    local.update_run_file(self.workdir, **{local.PARAMS: {
-        clean_key(k): truncate(v, MAX_PARAM_VALUE) for k, v in params.items()}})
+    local.update_run_file(
+      self.workdir,
+      **{local.PARAMS: {clean_key(k): truncate(v, MAX_PARAM_VALUE) for k, v in params.items()}},
+    )
     self._wake.set()
 
   def set_tags(self, tags: Mapping[str, Any]) -> None:
     self._check()
-    local.update_run_file(self.workdir, **{local.TAGS: {
-        clean_key(k): truncate(v, MAX_TAG_VALUE) for k, v in tags.items()}})
+    local.update_run_file(
+      self.workdir,
+      **{local.TAGS: {clean_key(k): truncate(v, MAX_TAG_VALUE) for k, v in tags.items()}},
+    )
     self._wake.set()
 
   def log_inputs(self, datasets: list[dict[str, str]]) -> None:
@@ -284,6 +330,7 @@ class RunTracker:
   def log_dict(self, obj: Any, artifact_file: str) -> None:
     if artifact_file.endswith((".yaml", ".yml")):
       import yaml  # pylint: disable=g-import-not-at-top
+
       text = yaml.safe_dump(obj, sort_keys=False)
     else:
       text = json.dumps(obj, indent=2, sort_keys=True, default=str)
@@ -317,8 +364,12 @@ class RunTracker:
       self.reachable = True
     except Exception as e:  # noqa: BLE001  the thread must never die; the workdir keeps it all
       if self.reachable:
-        logger.warning("tracking store unreachable (%s: %s); the run's record waits in %s",
-                       type(e).__name__, str(e)[:200], self.workdir)
+        logger.warning(
+          "tracking store unreachable (%s: %s); the run's record waits in %s",
+          type(e).__name__,
+          str(e)[:200],
+          self.workdir,
+        )
       if not is_transient(e):
         logger.exception("tracking upload error")
       self.reachable = False
@@ -370,8 +421,11 @@ class RunTracker:
     atexit.unregister(self._at_exit)
     # Every queued step is in the journal before the status, which the store gets last.
     if not self._journal_writer.close(self.end_timeout_s):
-      logger.error("the journal's thread did not finish in %ss; the last steps may be missing "
-                   "from %s", self.end_timeout_s, self.journal.path)
+      logger.error(
+        "the journal's thread did not finish in %ss; the last steps may be missing from %s",
+        self.end_timeout_s,
+        self.journal.path,
+      )
     if self._monitor is not None:
       try:
         self._monitor.finish()
@@ -387,14 +441,22 @@ class RunTracker:
     self._wake.set()
     self._thread.join(self.end_timeout_s)
     if self._thread.is_alive():
-      logger.error("tracking upload did not finish in %ss; the record waits in %s",
-                   self.end_timeout_s, self.workdir)
+      logger.error(
+        "tracking upload did not finish in %ss; the record waits in %s",
+        self.end_timeout_s,
+        self.workdir,
+      )
       return False
     if self.reachable and self.pending == 0:
       return True
-    logger.error("tracking store unreachable at the end of run %s; %d records wait in %s; "
-                 "deliver them with `ablax tracking sync %s`", self.run_id, self.pending,
-                 self.workdir, self.workdir)
+    logger.error(
+      "tracking store unreachable at the end of run %s; %d records wait in %s; "
+      "deliver them with `ablax tracking sync %s`",
+      self.run_id,
+      self.pending,
+      self.workdir,
+      self.workdir,
+    )
     return False
 
   def __enter__(self) -> "RunTracker":
@@ -405,7 +467,8 @@ class RunTracker:
     if exc_type is None:
       self.end("FINISHED")
     elif issubclass(exc_type, KeyboardInterrupt) or (
-        issubclass(exc_type, SystemExit) and exc.code not in (0, None)):
+      issubclass(exc_type, SystemExit) and exc.code not in (0, None)
+    ):
       self.end("KILLED", error="".join(traceback.format_exception(exc_type, exc, tb)))
     elif issubclass(exc_type, SystemExit):
       self.end("FINISHED")

@@ -32,7 +32,7 @@ def clean_key(key: str) -> str:
 
 def truncate(value: Any, limit: int) -> str:
   text = str(value)
-  return text if len(text) <= limit else text[:limit - len(_TRUNCATED)] + _TRUNCATED
+  return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
 def is_transient(error: BaseException) -> bool:
@@ -42,6 +42,7 @@ def is_transient(error: BaseException) -> bool:
   same way forever, so it is not retried.
   """
   from mlflow.exceptions import MlflowException
+
   if isinstance(error, MlflowException):
     status = error.get_http_status_code()
     return not (400 <= status < 500 and status != 429)
@@ -71,7 +72,8 @@ def sqlite_init_lock(tracking_uri: str):
     yield
     return
   import fcntl
-  db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+
+  db = Path(tracking_uri[len("sqlite:///") :].split("?")[0])
   try:
     f = open(db.with_name(db.name + ".lock"), "a")
   except OSError:  # the store's folder is unusable; opening the run says so
@@ -149,7 +151,7 @@ def default_tracking_uri() -> str:
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
   """Artifacts next to a sqlite store (MLflow would use ./mlruns of whatever the cwd is)."""
   if tracking_uri.startswith("sqlite:///"):
-    db = Path(tracking_uri[len("sqlite:///"):])
+    db = Path(tracking_uri[len("sqlite:///") :])
     return f"{(db.parent / 'mlartifacts').resolve().as_uri()}/{experiment}"
   return None  # a server decides where its artifacts go
 
@@ -157,19 +159,21 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
   """The id of experiment `name`, created (artifacts beside the store, tagged) if missing."""
   from mlflow.exceptions import MlflowException
+
   experiment = client.get_experiment_by_name(name)
   if experiment is None:
     try:
-      return client.create_experiment(name, artifact_location=artifact_location(tracking_uri, name),
-                                      tags=dict(EXPERIMENT_TAGS))
+      return client.create_experiment(
+        name, artifact_location=artifact_location(tracking_uri, name), tags=dict(EXPERIMENT_TAGS)
+      )
     except MlflowException as e:  # created meanwhile by another process
       experiment = client.get_experiment_by_name(name)
       if experiment is None:
-        raise TrackingStoreError(f"cannot create experiment {name!r} in {tracking_uri}: {e}") \
-            from e
+        raise TrackingStoreError(f"cannot create experiment {name!r} in {tracking_uri}: {e}") from e
   if experiment.lifecycle_stage != "active":
-    raise TrackingStoreError(f"MLflow experiment {name!r} is deleted; restore it or choose "
-                             "another name")
+    raise TrackingStoreError(
+      f"MLflow experiment {name!r} is deleted; restore it or choose another name"
+    )
   for key, value in EXPERIMENT_TAGS.items():
     if experiment.tags.get(key) != value:
       client.set_experiment_tag(experiment.experiment_id, key, value)

@@ -32,9 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from core.tracking import journal, local
-from core.tracking.store import (MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE,
-                                  MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VALUE, clean_key,
-                                  is_transient, truncate)
+from core.tracking.store import (
+  MAX_METRICS_PER_BATCH,
+  MAX_PARAM_VALUE,
+  MAX_PARAMS_TAGS_PER_BATCH,
+  MAX_TAG_VALUE,
+  clean_key,
+  is_transient,
+  truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +61,14 @@ class Syncer:
     path = self.workdir / STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {}
     if state.get("run_id") != self.run_id:
-      state = {"run_id": self.run_id, "metrics_offset": 0, "record": {}, "artifacts": {},
-               "status": None, "rejected": []}
+      state = {
+        "run_id": self.run_id,
+        "metrics_offset": 0,
+        "record": {},
+        "artifacts": {},
+        "status": None,
+        "rejected": [],
+      }
     return state
 
   def _save(self) -> None:
@@ -67,17 +79,22 @@ class Syncer:
   def pending(self) -> int:
     """Records the store does not have: journal lines, record parts, artifacts, the status."""
     run = local.read_run_file(self.workdir)
-    lines = sum(1 for _ in journal.read(self.workdir / journal.METRICS_FILE,
-                                        self.state["metrics_offset"]))
-    record = sum(1 for kind, value in self._record_parts(run).items()
-                 if value and self.state["record"].get(kind) != _digest(value))
+    lines = sum(
+      1 for _ in journal.read(self.workdir / journal.METRICS_FILE, self.state["metrics_offset"])
+    )
+    record = sum(
+      1
+      for kind, value in self._record_parts(run).items()
+      if value and self.state["record"].get(kind) != _digest(value)
+    )
     return lines + record + len(self._changed_artifacts(run)) + int(self._status_due(run))
 
   def _record_parts(self, run: dict) -> dict[str, Any]:
     return {k: run.get(k) for k in (local.PARAMS, local.TAGS, local.INPUTS)}
 
-  def _changed_artifacts(self, run: dict, changed: bool = True
-                         ) -> list[tuple[str, str | None, list[int]]]:
+  def _changed_artifacts(
+    self, run: dict, changed: bool = True
+  ) -> list[tuple[str, str | None, list[int]]]:
     """Listed artifacts never uploaded, and (`changed`) those that changed since."""
     out = []
     for rel, artifact_path in run.get(local.ARTIFACTS, []):
@@ -106,11 +123,13 @@ class Syncer:
     stays sent); refusals (4xx) are noted in the state file and skipped.
     """
     run = local.read_run_file(self.workdir)
-    sent = (self._sync_metrics() + self._sync_record(run)
-            + self._sync_artifacts(run, changed_artifacts))
+    sent = (
+      self._sync_metrics() + self._sync_record(run) + self._sync_artifacts(run, changed_artifacts)
+    )
     if self._status_due(run) and (changed_artifacts or not self._changed_artifacts(run)):
-      self._call(lambda: self.client.set_terminated(self.run_id, run[local.STATUS],
-                                                    run.get(local.END_TIME)))
+      self._call(
+        lambda: self.client.set_terminated(self.run_id, run[local.STATUS], run.get(local.END_TIME))
+      )
       self.state["status"] = [run[local.STATUS], run.get(local.END_TIME)]
       self._save()
       sent += 1
@@ -118,14 +137,18 @@ class Syncer:
 
   def _sync_metrics(self) -> int:
     from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
+
     path = self.workdir / journal.METRICS_FILE
     lines = 0
     batch: list = []
     start = end = self.state["metrics_offset"]
     for offset, line in journal.read(path, start):
       step, stamp = int(line.get("step", 0)), int(line.get("time", 0))
-      metrics = [Metric(clean_key(k), float(v), stamp, step)
-                 for k, v in journal.metrics_of(line).items() if isinstance(v, (int, float))]
+      metrics = [
+        Metric(clean_key(k), float(v), stamp, step)
+        for k, v in journal.metrics_of(line).items()
+        if isinstance(v, (int, float))
+      ]
       if batch and len(batch) + len(metrics) > MAX_METRICS_PER_BATCH:
         self._send_metrics(batch, start, end)
         start, batch = end, []
@@ -143,8 +166,9 @@ class Syncer:
   def _send_metrics(self, metrics: list, start: int, end: int | None) -> None:
     """One log_batch; then the offset moves to `end` (None: the line is not done yet)."""
     if metrics:
-      self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics, synchronous=True),
-                 start, end)
+      self._call(
+        lambda: self.client.log_batch(self.run_id, metrics=metrics, synchronous=True), start, end
+      )
       self.delivered_batches += 1
     if end is not None:
       self.state["metrics_offset"] = end
@@ -152,6 +176,7 @@ class Syncer:
 
   def _sync_record(self, run: dict) -> int:
     from mlflow.entities import Param, RunTag  # pylint: disable=g-import-not-at-top
+
     sent = 0
     for kind, value in self._record_parts(run).items():
       digest = _digest(value)
@@ -162,7 +187,7 @@ class Syncer:
       else:
         items = sorted(value.items())
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-          chunk = items[i:i + MAX_PARAMS_TAGS_PER_BATCH]
+          chunk = items[i : i + MAX_PARAMS_TAGS_PER_BATCH]
           if kind == local.PARAMS:
             entities = {"params": [Param(k, truncate(v, MAX_PARAM_VALUE)) for k, v in chunk]}
           else:
@@ -177,10 +202,16 @@ class Syncer:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
-    inputs = [DatasetInput(
-        MetaDataset(CodeDatasetSource({"source": d["source"]}), name=d["name"],
-                    digest=d["digest"])._to_mlflow_entity(),
-        tags=[InputTag("mlflow.data.context", d.get("context", "train"))]) for d in datasets]
+
+    inputs = [
+      DatasetInput(
+        MetaDataset(
+          CodeDatasetSource({"source": d["source"]}), name=d["name"], digest=d["digest"]
+        )._to_mlflow_entity(),
+        tags=[InputTag("mlflow.data.context", d.get("context", "train"))],
+      )
+      for d in datasets
+    ]
     self.client.log_inputs(self.run_id, datasets=inputs)
 
   def _sync_artifacts(self, run: dict, changed_artifacts: bool) -> int:
@@ -200,8 +231,12 @@ class Syncer:
     except Exception as e:  # noqa: BLE001  classified here
       if is_transient(e):
         raise
-      logger.error("the tracking store refused part of run %s (%s); noted in %s", self.run_id,
-                   str(e)[:300], self.workdir / STATE_FILE)
+      logger.error(
+        "the tracking store refused part of run %s (%s); noted in %s",
+        self.run_id,
+        str(e)[:300],
+        self.workdir / STATE_FILE,
+      )
       self.state["rejected"].append([start, end, str(e)[:2000]])
 
 
@@ -212,7 +247,9 @@ def _digest(value: Any) -> str:
 def _stamp(path: Path) -> list[int]:
   if path.is_dir():
     files = [p for p in path.rglob("*") if p.is_file()]
-    return [sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files),
-                                                      default=0)]
+    return [
+      sum(p.stat().st_size for p in files),
+      max((p.stat().st_mtime_ns for p in files), default=0),
+    ]
   st = path.stat()
   return [st.st_size, st.st_mtime_ns]

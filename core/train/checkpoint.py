@@ -53,9 +53,12 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.directory = Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        # Keep-N is counted over finished steps only; a step being written is never deleted.
-        cleanup_tmp_directories=True)
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      # Keep-N is counted over finished steps only; a step being written is never deleted.
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.failed: CheckpointWriteError | None = None
     self._step: int | None = None  # of the newest save started
@@ -63,14 +66,22 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None,
-           meta: Mapping[str, Any] | None = None, *, wait: bool = False) -> None:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    data_state: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    wait: bool = False,
+  ) -> None:
     """Starts saving `state` at `step` (in the background unless `wait`)."""
     self._probe(step)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dict(data_state or {})),
-        meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(dict(data_state or {})),
+      meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))),
+    )
     self._step = int(step)
     with self._writing(step):
       _in_daemon_thread(lambda: self.manager.save(int(step), args=args, force=True))
@@ -113,7 +124,8 @@ class Checkpointer:
   def _fail(self, step: int | None, error: BaseException) -> None:
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
     self.failed = CheckpointWriteError(
-        f"{what} could not be written to {self.directory}: {_os_error(error)}")
+      f"{what} could not be written to {self.directory}: {_os_error(error)}"
+    )
     raise self.failed from error
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
@@ -128,23 +140,35 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+          ),
+        )
         _check_complete(restored["state"], abstract_state)
       except Exception as e:  # noqa: BLE001  any failure to read means "not usable"
         errors.append((step, short_reason(e)))
         self._discard(step)
         continue
       for bad, reason in errors:  # when none is readable, the CheckpointError alone says it
-        logger.warning("checkpoint step %d in %s is unreadable (%s); went on from step %d", bad,
-                       self.directory, reason, step)
+        logger.warning(
+          "checkpoint step %d in %s is unreadable (%s); went on from step %d",
+          bad,
+          self.directory,
+          reason,
+          step,
+        )
       return step, restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
     if steps:
       reasons = "; ".join(f"step {bad}: {reason}" for bad, reason in errors)
-      raise CheckpointError(f"none of the checkpoints in {self.directory} could be read "
-                            f"({reasons}); each was removed: the same command now starts from "
-                            "step 0")
+      raise CheckpointError(
+        f"none of the checkpoints in {self.directory} could be read "
+        f"({reasons}); each was removed: the same command now starts from "
+        "step 0"
+      )
     return None
 
   def _discard(self, step: int) -> None:
@@ -247,8 +271,10 @@ def _quiet_closed_loop_callbacks() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable) -> None:
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
+    if (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+    ):
       return
     previous(unraisable)
 

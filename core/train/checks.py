@@ -22,20 +22,28 @@ class RunConfigError(UserError, ValueError):
   """A train() argument, workdir or data length that cannot make a run."""
 
 
-def check_run(*, workdir: str | os.PathLike, num_steps: int, batch_size: int,
-              grad_accum_steps: int, log_every: int, checkpoint_every: int,
-              eval_every: int) -> None:
+def check_run(
+  *,
+  workdir: str | os.PathLike,
+  num_steps: int,
+  batch_size: int,
+  grad_accum_steps: int,
+  log_every: int,
+  checkpoint_every: int,
+  eval_every: int,
+) -> None:
   """Rejects arguments that cannot make a run, then a workdir process 0 cannot write."""
-  _at_least("num_steps", num_steps, 1, "the run would train nothing and export its initial "
-            "weights")
+  _at_least("num_steps", num_steps, 1, "the run would train nothing and export its initial weights")
   _at_least("batch_size", batch_size, 1)
   _at_least("grad_accum_steps", grad_accum_steps, 1, "1 means no accumulation")
   _at_least("log_every", log_every, 1)
   _at_least("checkpoint_every", checkpoint_every, 0, "0 saves only at the end")
   _at_least("eval_every", eval_every, 0, "0 evaluates only at the end")
   if batch_size % grad_accum_steps:
-    raise RunConfigError(f"train.batch_size {batch_size} is not a multiple of "
-                         f"train.grad_accum_steps {grad_accum_steps}")
+    raise RunConfigError(
+      f"train.batch_size {batch_size} is not a multiple of "
+      f"train.grad_accum_steps {grad_accum_steps}"
+    )
   if jax.process_index() == 0:
     check_workdir(workdir)
 
@@ -54,8 +62,9 @@ def check_workdir(workdir: str | os.PathLike) -> None:
     os.unlink(probe)
   except OSError as e:
     reason = e.strerror or type(e).__name__
-    raise RunConfigError(f"workdir {path} cannot be written ({reason}); give a --workdir on a "
-                         "writable filesystem") from None
+    raise RunConfigError(
+      f"workdir {path} cannot be written ({reason}); give a --workdir on a writable filesystem"
+    ) from None
 
 
 def check_seq_len(model, seq_len: int | None) -> None:
@@ -69,9 +78,10 @@ def check_seq_len(model, seq_len: int | None) -> None:
   """
   if seq_len is not None and seq_len > model.max_seq_len:
     raise RunConfigError(
-        f"the data's rows are {seq_len} tokens, longer than ModelConfig.max_seq_len "
-        f"{model.max_seq_len} (position_embedding={model.position_embedding!r}); shorten the "
-        "data's seq_len or raise ModelConfig.max_seq_len")
+      f"the data's rows are {seq_len} tokens, longer than ModelConfig.max_seq_len "
+      f"{model.max_seq_len} (position_embedding={model.position_embedding!r}); shorten the "
+      "data's seq_len or raise ModelConfig.max_seq_len"
+    )
 
 
 def _at_least(name: str, value, low: int, note: str = "") -> None:

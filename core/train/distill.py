@@ -55,9 +55,14 @@ class DistillationError(UserError, ValueError):
 # -- the loss --------------------------------------------------------------------------------
 
 
-def _soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
-                        loss_mask: jax.Array, *, temperature: float = 1.0,
-                        top_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _soft_cross_entropy(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  loss_mask: jax.Array,
+  *,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of soft cross-entropies, sum of KL divergences, number of tokens) over loss_mask.
 
   Per position: CE = -sum_x p_T(x) log p_S(x) and KL = CE - H(p_T), with
@@ -82,7 +87,7 @@ def _soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array,
   ce = -jnp.sum(p * log_q, axis=-1)
   kl = jnp.sum(p * (log_p - log_q), axis=-1)
   mask = loss_mask.astype(jnp.float32)
-  scale = temperature ** 2
+  scale = temperature**2
   return scale * jnp.sum(ce * mask), scale * jnp.sum(kl * mask), jnp.sum(mask)
 
 
@@ -98,8 +103,9 @@ def _with_rest(log_top: jax.Array) -> jax.Array:
 # -- the teacher --------------------------------------------------------------------------------
 
 
-def _load_teacher(teacher_dir: str, student_vocab_size: int,
-                  student_tokenizer_sha256: str | None = None):
+def _load_teacher(
+  teacher_dir: str, student_vocab_size: int, student_tokenizer_sha256: str | None = None
+):
   """(teacher model, config, manifest) of `teacher_dir`, checked against the student.
 
   Raises:
@@ -112,21 +118,26 @@ def _load_teacher(teacher_dir: str, student_vocab_size: int,
     raise DistillationError(f"cannot load the teacher: {e}") from None
   if config.vocab_size != student_vocab_size:
     raise DistillationError(
-        f"teacher and student must share the tokenizer: the teacher in {teacher_dir} has "
-        f"vocab_size {config.vocab_size}, the student {student_vocab_size}. Distill with the "
-        "teacher's tokenizer (lm_batches.tokenizer = '<teacher>/tokenizer.model') and "
-        f"ModelConfig.vocab_size = {config.vocab_size}")
+      f"teacher and student must share the tokenizer: the teacher in {teacher_dir} has "
+      f"vocab_size {config.vocab_size}, the student {student_vocab_size}. Distill with the "
+      "teacher's tokenizer (lm_batches.tokenizer = '<teacher>/tokenizer.model') and "
+      f"ModelConfig.vocab_size = {config.vocab_size}"
+    )
   teacher_sha = meta.get("tokenizer_sha256")
   if teacher_sha and student_tokenizer_sha256 and teacher_sha != student_tokenizer_sha256:
     raise DistillationError(
-        f"teacher and student must share the tokenizer: the teacher in {teacher_dir} was "
-        f"trained with tokenizer sha256 {teacher_sha[:12]}..., the student's data uses "
-        f"{student_tokenizer_sha256[:12]}... (same vocab_size, different pieces). Use the "
-        f"teacher's tokenizer: lm_batches.tokenizer = '{meta.get('tokenizer_path')}'")
+      f"teacher and student must share the tokenizer: the teacher in {teacher_dir} was "
+      f"trained with tokenizer sha256 {teacher_sha[:12]}..., the student's data uses "
+      f"{student_tokenizer_sha256[:12]}... (same vocab_size, different pieces). Use the "
+      f"teacher's tokenizer: lm_batches.tokenizer = '{meta.get('tokenizer_path')}'"
+    )
   if not teacher_sha or not student_tokenizer_sha256:
-    logger.warning("teacher %s: tokenizer file not compared (%s records none); only the "
-                   "vocabulary size was checked", teacher_dir,
-                   "the teacher" if not teacher_sha else "the student's data")
+    logger.warning(
+      "teacher %s: tokenizer file not compared (%s records none); only the "
+      "vocabulary size was checked",
+      teacher_dir,
+      "the teacher" if not teacher_sha else "the student's data",
+    )
   return model, config, meta
 
 
@@ -146,6 +157,7 @@ class _DistillStepBuilder(StepBuilder):
     student_tokenizer_sha256: the student's tokenizer file hash, compared with
       the teacher's (None: compare vocabulary sizes only).
   """
+
   teacher_dir: str = ""
   temperature: float = 1.0
   top_k: int | None = None
@@ -158,8 +170,9 @@ class _DistillStepBuilder(StepBuilder):
     if not self.teacher_dir:
       raise DistillationError("distillation needs teacher_dir (an ablax model directory)")
     if self.loss_vocab_chunk:
-      raise DistillationError("distillation compares whole teacher and student logits; "
-                              "loss_vocab_chunk must be 0 with it")
+      raise DistillationError(
+        "distillation compares whole teacher and student logits; loss_vocab_chunk must be 0 with it"
+      )
     if self.objective not in _OBJECTIVES:
       raise DistillationError(f"objective must be one of {_OBJECTIVES}, got {self.objective!r}")
     if not 0.0 <= self.alpha <= 1.0:
@@ -167,13 +180,15 @@ class _DistillStepBuilder(StepBuilder):
     if self.temperature <= 0:
       raise DistillationError(f"temperature must be > 0, got {self.temperature}")
     teacher, self.teacher_config, _ = _load_teacher(
-        self.teacher_dir, self.config.vocab_size, self.student_tokenizer_sha256)
+      self.teacher_dir, self.config.vocab_size, self.student_tokenizer_sha256
+    )
     self.teacher_graphdef, state = nnx.split(teacher, nnx.Param)
     # Sharded like the student's parameters (ZeRO-3 over fsdp), so a large teacher is
     # spread over the devices rather than copied onto each; it reaches the step as its
     # third argument (step_inputs), never as a constant of the compiled program.
     self.teacher_shardings = partition.named(
-        self.mesh, partition.param_specs(state, self.mesh, self.rules))
+      self.mesh, partition.param_specs(state, self.mesh, self.rules)
+    )
     self.teacher_params = jax.device_put(nnx.to_pure_dict(state), self.teacher_shardings)
 
   def step_inputs(self):
@@ -189,16 +204,23 @@ class _DistillStepBuilder(StepBuilder):
     hard_sum, z_sum, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     teacher = nnx.merge(self.teacher_graphdef, inputs)
     teacher_logits = teacher(batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce_sum, kl_sum, _ = _soft_cross_entropy(logits, teacher_logits, batch["loss_mask"],
-                                            temperature=self.temperature, top_k=self.top_k)
+    ce_sum, kl_sum, _ = _soft_cross_entropy(
+      logits, teacher_logits, batch["loss_mask"], temperature=self.temperature, top_k=self.top_k
+    )
     soft_sum = kl_sum if self.objective == "kl" else ce_sum
     return self.alpha * soft_sum + (1.0 - self.alpha) * hard_sum, z_sum, tokens
 
 
-def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | None = None,
-                 objective: str = "cross_entropy", alpha: float = 1.0,
-                 student_tokenizer_sha256: str | None = None,
-                 data: Callable[..., TrainData] | None = None) -> Callable[..., StepBuilder]:
+def step_builder(
+  *,
+  teacher_dir: str,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  objective: str = "cross_entropy",
+  alpha: float = 1.0,
+  student_tokenizer_sha256: str | None = None,
+  data: Callable[..., TrainData] | None = None,
+) -> Callable[..., StepBuilder]:
   """A factory with StepBuilder's signature that builds a distillation StepBuilder.
 
   The module's one entry point: pass it as core.train.loop.train(step_builder=...)
@@ -209,8 +231,17 @@ def step_builder(*, teacher_dir: str, temperature: float = 1.0, top_k: int | Non
   if student_tokenizer_sha256 is None and data is not None:
     tokenizer = data(batch_size=1, seed=0, split="train", shard_index=0, shard_count=1).tokenizer
     student_tokenizer_sha256 = tokenizer.sha256 if tokenizer is not None else None
+
   def make(*args: Any, **kwargs: Any) -> _DistillStepBuilder:
-    return _DistillStepBuilder(*args, **kwargs, teacher_dir=teacher_dir,
-                               temperature=temperature, top_k=top_k, objective=objective,
-                               alpha=alpha, student_tokenizer_sha256=student_tokenizer_sha256)
+    return _DistillStepBuilder(
+      *args,
+      **kwargs,
+      teacher_dir=teacher_dir,
+      temperature=temperature,
+      top_k=top_k,
+      objective=objective,
+      alpha=alpha,
+      student_tokenizer_sha256=student_tokenizer_sha256,
+    )
+
   return make

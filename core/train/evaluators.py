@@ -39,8 +39,9 @@ class HeldoutLoss:
   same values.
   """
 
-  def __init__(self, builder: StepBuilder, data: Callable[..., TrainData], shape, seed: int,
-               batches: int):
+  def __init__(
+    self, builder: StepBuilder, data: Callable[..., TrainData], shape, seed: int, batches: int
+  ):
     self.builder, self.data, self.shape, self.seed = builder, data, shape, seed
     self.batches = batches
     self.fn = None
@@ -50,8 +51,9 @@ class HeldoutLoss:
     if self.disabled:
       return {}
     try:
-      it = self.data(batch_size=self.shape[0], seed=self.seed, split="validation",
-                     shard_index=0, shard_count=1)
+      it = self.data(
+        batch_size=self.shape[0], seed=self.seed, split="validation", shard_index=0, shard_count=1
+      )
     except Exception as e:  # noqa: BLE001  a source without a validation split
       logger.warning("no held-out evaluation: the data has no validation split (%s)", e)
       self.disabled = True
@@ -70,8 +72,11 @@ class HeldoutLoss:
     var = max(squares / max(tokens, 1.0) - loss * loss, 0.0) * tokens / max(tokens - 1.0, 1.0)
     se = math.sqrt(var / max(tokens, 1.0))
     if jax.process_index() == 0:  # launch.sweep_view reads this line from a point's log
-      print(f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
-            f"{int(tokens)} tokens)", flush=True)
+      print(
+        f"step {step} | held-out loss {loss:.4f} ± {se:.4f} (standard error over "
+        f"{int(tokens)} tokens)",
+        flush=True,
+      )
     return {schema.EVAL_LOSS: loss, schema.EVAL_LOSS_SE: se, schema.EVAL_TOKENS: tokens}
 
 
@@ -89,18 +94,27 @@ class ModelEvals:
 
   def __call__(self, params, step: int) -> dict[str, float]:
     from flax import nnx  # pylint: disable=g-import-not-at-top
+
     if jax.process_count() > 1:
       params = multihost_utils.process_allgather(params, tiled=True)
       if jax.process_index() != 0:
         return {}
       params = jax.tree.map(np.asarray, params)
-    return {k: float(v) for k, v in self.evals(nnx.merge(self.graphdef, params), step).items()
-            if isinstance(v, (int, float, np.floating, np.integer))}
+    return {
+      k: float(v)
+      for k, v in self.evals(nnx.merge(self.graphdef, params), step).items()
+      if isinstance(v, (int, float, np.floating, np.integer))
+    }
 
 
-def evaluators(builder: StepBuilder, data: Callable[..., TrainData], shape, seed: int,
-               eval_batches: int, evals: Callable[[Any, int], Mapping[str, Any]] | None
-               ) -> list[Evaluator]:
+def evaluators(
+  builder: StepBuilder,
+  data: Callable[..., TrainData],
+  shape,
+  seed: int,
+  eval_batches: int,
+  evals: Callable[[Any, int], Mapping[str, Any]] | None,
+) -> list[Evaluator]:
   """The run's evaluators: the held-out loss (eval_batches > 0), then the caller's `evals`."""
   out: list[Evaluator] = []
   if eval_batches:

@@ -52,6 +52,7 @@ class TrainData(Protocol):
     manifest: what the stream reads (sources, file hashes, tokenizer), for the
       run record; None if it has nothing to record.
   """
+
   seq_len: int
   tokenizer: Tokenizer | None
   manifest: Mapping[str, Any] | None
@@ -83,8 +84,10 @@ def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
   covered = lo
   for start, stop in ordered:
     if start > covered:
-      raise HostInputError(f"this process holds rows {ordered} of the batch, not one "
-                           "contiguous range; build the mesh with core.train.mesh.make_mesh")
+      raise HostInputError(
+        f"this process holds rows {ordered} of the batch, not one "
+        "contiguous range; build the mesh with core.train.mesh.make_mesh"
+      )
     covered = max(covered, stop)
   return lo, hi
 
@@ -96,15 +99,25 @@ class HostShardedBatches:
   global batch is made of.
   """
 
-  def __init__(self, data: Callable[..., TrainData], *, batch_size: int, seed: int, shards: int,
-               rows: tuple[int, int], split: str = "train"):
+  def __init__(
+    self,
+    data: Callable[..., TrainData],
+    *,
+    batch_size: int,
+    seed: int,
+    shards: int,
+    rows: tuple[int, int],
+    split: str = "train",
+  ):
     if shards < 1 or batch_size % shards:
       raise HostInputError(f"batch_size {batch_size} is not a multiple of data_shards {shards}")
     self.shards, self.rows = shards, rows
     self.block = batch_size // shards
     first, last = rows[0] // self.block, (rows[1] - 1) // self.block
-    self.streams = {k: data(batch_size=self.block, seed=seed, split=split, shard_index=k,
-                            shard_count=shards) for k in range(first, last + 1)}
+    self.streams = {
+      k: data(batch_size=self.block, seed=seed, split=split, shard_index=k, shard_count=shards)
+      for k in range(first, last + 1)
+    }
     self._offset = rows[0] - first * self.block
     head = self.streams[first]
     self.seq_len: int = head.seq_len
@@ -117,8 +130,10 @@ class HostShardedBatches:
   def __next__(self) -> dict[str, np.ndarray]:
     blocks = [next(s) for s in self.streams.values()]
     n = self.rows[1] - self.rows[0]
-    return {key: np.concatenate([b[key] for b in blocks])[self._offset:self._offset + n]
-            for key in blocks[0]}
+    return {
+      key: np.concatenate([b[key] for b in blocks])[self._offset : self._offset + n]
+      for key in blocks[0]
+    }
 
   # -- position ---------------------------------------------------------------------
   # With one stream the state is that stream's own (what checkpoints always held);
@@ -132,13 +147,17 @@ class HostShardedBatches:
   def set_state(self, state: Mapping[str, Any]) -> None:
     if self.shards == 1:
       if "shards" in state:
-        raise HostInputError(f"the checkpoint's data position is for data_shards="
-                             f"{state['shards']}, the run has data_shards=1")
+        raise HostInputError(
+          f"the checkpoint's data position is for data_shards="
+          f"{state['shards']}, the run has data_shards=1"
+        )
       self.streams[0].set_state(state)
       return
     if state.get("shards") != self.shards:
-      raise HostInputError(f"the checkpoint's data position is for data_shards="
-                           f"{state.get('shards', 1)}, the run has data_shards={self.shards}")
+      raise HostInputError(
+        f"the checkpoint's data position is for data_shards="
+        f"{state.get('shards', 1)}, the run has data_shards={self.shards}"
+      )
     for k, stream in self.streams.items():
       stream.set_state(state[str(k)])
 
@@ -150,11 +169,11 @@ def global_state(local: Mapping[str, Any]) -> dict[str, Any]:
   encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
   padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:encoded.size] = encoded
+  padded[: encoded.size] = encoded
   gathered = multihost_utils.process_allgather(padded)
   merged: dict[str, Any] = {}
   for row, n in zip(np.asarray(gathered), np.asarray(lengths).reshape(-1)):
-    merged.update(json.loads(bytes(row[:int(n)]).decode()))
+    merged.update(json.loads(bytes(row[: int(n)]).decode()))
   return merged
 
 

@@ -85,6 +85,7 @@ class RunConfigRecord:
     gin_files: the gin files the run was started with.
     config_hash: the hash of the bindings (launch.gin_config.bindings_hash).
   """
+
   params: dict[str, str]
   text: str = ""
   bound_text: str | None = None
@@ -103,24 +104,43 @@ class TrainResult:
   compile_s: float
 
 
-def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
-          optimizer: Callable[..., Any],
-          num_steps: int, batch_size: int, workdir: str | Path, seed: int = 0,
-          data_seed: int | None = None,
-          mesh: meshlib.MeshConfig | None = None, rules: Mapping[str, Any] | None = None,
-          grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
-          data_shards: int | None = None, log_every: int = 10,
-          eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 100,
-          keep_checkpoints: int = 3, async_checkpoints: bool = True,
-          tracking_uri: str | None = None, experiment: str = "ablax",
-          run_name: str | None = None, track: bool = True, export_model: bool = True,
-          config_hook: Callable[[Path], RunConfigRecord] | None = None,
-          devices: list | None = None, progress: bool = True,
-          step_builder: Callable[..., StepBuilder] | None = None,
-          evals: Callable[[Any, int], Mapping[str, float]] | None = None,
-          pue: float = 1.0, grid_region: str | None = None,
-          grid_intensity: float | None = None,
-          device_power_w: float | None = None) -> TrainResult:
+def train(
+  *,
+  model: ModelConfig,
+  data: Callable[..., host_input.TrainData],
+  optimizer: Callable[..., Any],
+  num_steps: int,
+  batch_size: int,
+  workdir: str | Path,
+  seed: int = 0,
+  data_seed: int | None = None,
+  mesh: meshlib.MeshConfig | None = None,
+  rules: Mapping[str, Any] | None = None,
+  grad_accum_steps: int = 1,
+  z_loss: float = 0.0,
+  loss_vocab_chunk: int = 0,
+  data_shards: int | None = None,
+  log_every: int = 10,
+  eval_every: int = 0,
+  eval_batches: int = 4,
+  checkpoint_every: int = 100,
+  keep_checkpoints: int = 3,
+  async_checkpoints: bool = True,
+  tracking_uri: str | None = None,
+  experiment: str = "ablax",
+  run_name: str | None = None,
+  track: bool = True,
+  export_model: bool = True,
+  config_hook: Callable[[Path], RunConfigRecord] | None = None,
+  devices: list | None = None,
+  progress: bool = True,
+  step_builder: Callable[..., StepBuilder] | None = None,
+  evals: Callable[[Any, int], Mapping[str, float]] | None = None,
+  pue: float = 1.0,
+  grid_region: str | None = None,
+  grid_intensity: float | None = None,
+  device_power_w: float | None = None,
+) -> TrainResult:
   """Trains `model` on `data` with `optimizer`, resuming from `workdir` when it has checkpoints.
 
   Args:
@@ -172,9 +192,15 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
   # == Inputs ================================================================================
   # Everything a user can get wrong is checked before anything is built or written.
   trk.check_carbon_inputs(pue, grid_region, grid_intensity, device_power_w)
-  checks.check_run(workdir=workdir, num_steps=num_steps, batch_size=batch_size,
-                   grad_accum_steps=grad_accum_steps, log_every=log_every,
-                   checkpoint_every=checkpoint_every, eval_every=eval_every)
+  checks.check_run(
+    workdir=workdir,
+    num_steps=num_steps,
+    batch_size=batch_size,
+    grad_accum_steps=grad_accum_steps,
+    log_every=log_every,
+    checkpoint_every=checkpoint_every,
+    eval_every=eval_every,
+  )
   workdir = Path(workdir).resolve()
   primary = jax.process_index() == 0
   if primary:
@@ -195,30 +221,45 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     # builder is made around it; the data comes after, since which rows a process reads
     # depends on the batch sharding.
     mesh_obj = meshlib.make_mesh(mesh or meshlib.MeshConfig(), devices)
-    builder = make_builder(model, optimizer, mesh_obj, partition.merged_rules(rules),
-                           num_steps=num_steps, grad_accum_steps=grad_accum_steps, z_loss=z_loss,
-                           loss_vocab_chunk=loss_vocab_chunk, step_builder=step_builder)
+    builder = make_builder(
+      model,
+      optimizer,
+      mesh_obj,
+      partition.merged_rules(rules),
+      num_steps=num_steps,
+      grad_accum_steps=grad_accum_steps,
+      z_loss=z_loss,
+      loss_vocab_chunk=loss_vocab_chunk,
+      step_builder=step_builder,
+    )
     # The rows of the batch this process's devices hold; the sequence length does not
     # change which rows those are.
     rows = host_input.process_rows(builder.batch_sharding((batch_size, 1)), (batch_size, 1))
     data_seed = seed if data_seed is None else data_seed
-    train_data = host_input.HostShardedBatches(data, batch_size=batch_size, seed=data_seed,
-                                               shards=data_shards or jax.process_count(),
-                                               rows=rows)
+    train_data = host_input.HostShardedBatches(
+      data,
+      batch_size=batch_size,
+      seed=data_seed,
+      shards=data_shards or jax.process_count(),
+      rows=rows,
+    )
     checks.check_seq_len(model, train_data.seq_len)
     if train_data.tokenizer is not None:
       # A model whose table disagrees with the data's ids trains on garbage or fails deep in XLA.
-      check_vocab_matches(train_data.tokenizer.vocab_size, model.vocab_size,
-                          where="train: data tokenizer")
+      check_vocab_matches(
+        train_data.tokenizer.vocab_size, model.vocab_size, where="train: data tokenizer"
+      )
 
     # == Record, tracker, checkpoints ==========================================================
     # The MLflow run opens here, so a store that cannot be written fails before any step.
     # From here on the run ends FINISHED, KILLED or FAILED (with the error) in MLflow.
     record = config_hook(workdir) if (config_hook and primary) else None
-    tracker = trk.start_tracker(workdir, tracking_uri=tracking_uri, experiment=experiment,
-                                run_name=run_name, enabled=track)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=keep_checkpoints,
-                                     async_save=async_checkpoints)
+    tracker = trk.start_tracker(
+      workdir, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, enabled=track
+    )
+    checkpointer = ckpt.Checkpointer(
+      workdir / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints
+    )
     ending = {"status": "FAILED"}
 
     def end_run(exc_type, exc, tb) -> bool:
@@ -232,6 +273,7 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
         if note:
           _say(primary, note)
       return False
+
     closing.push(end_run)
 
     # == State: fresh or resumed ===============================================================
@@ -251,12 +293,31 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     seq_len = first.peek()["inputs"].shape[1]
     checks.check_seq_len(model, seq_len)
     if primary:
-      _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                      train_data.manifest, train_data.shards)
-    energy = (trk.energy_meter(jax.devices()[0].device_kind, jax.device_count(),
-                               resume_from=saved_meta.get("energy"), pue=pue,
-                               grid_region=grid_region, grid_intensity=grid_intensity,
-                               device_power_w=device_power_w) if primary else None)
+      _log_run_record(
+        tracker,
+        record,
+        builder,
+        model,
+        mesh_obj,
+        seq_len,
+        batch_size,
+        start_step,
+        train_data.manifest,
+        train_data.shards,
+      )
+    energy = (
+      trk.energy_meter(
+        jax.devices()[0].device_kind,
+        jax.device_count(),
+        resume_from=saved_meta.get("energy"),
+        pue=pue,
+        grid_region=grid_region,
+        grid_intensity=grid_intensity,
+        device_power_w=device_power_w,
+      )
+      if primary
+      else None
+    )
 
     # == Compile ===============================================================================
     # Timed apart from the steps, so tokens/s and MFU are of training alone.
@@ -295,31 +356,46 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
           checkpointer.wait()
           good = checkpointer.steps()
           raise NonFiniteError(
-              f"non-finite {'loss' if not math.isfinite(host['loss']) else 'gradient'} at step "
-              f"{s} (loss={host['loss']}, grad_norm={host['grad_norm']}); the update was not "
-              f"applied; last good checkpoint: "
-              f"{('step ' + str(good[-1])) if good else 'none'} in {checkpointer.directory}")
+            f"non-finite {'loss' if not math.isfinite(host['loss']) else 'gradient'} at step "
+            f"{s} (loss={host['loss']}, grad_norm={host['grad_norm']}); the update was not "
+            f"applied; last good checkpoint: "
+            f"{('step ' + str(good[-1])) if good else 'none'} in {checkpointer.directory}"
+          )
         losses[s] = host["loss"]
         if s % log_every == 0 or s == num_steps:
           rates = meter.report(s)
-          line = {"step": s, "loss": host["loss"], "z_loss": host["z_loss"],
-                  "grad_norm": host["grad_norm"], "param_norm": host["param_norm"], **rates,
-                  # Cumulative, so curves can be drawn against tokens or compute, not steps.
-                  "tokens": s * tokens_per_step, "flops": s * tokens_per_step * fpt}
+          line = {
+            "step": s,
+            "loss": host["loss"],
+            "z_loss": host["z_loss"],
+            "grad_norm": host["grad_norm"],
+            "param_norm": host["param_norm"],
+            **rates,
+            # Cumulative, so curves can be drawn against tokens or compute, not steps.
+            "tokens": s * tokens_per_step,
+            "flops": s * tokens_per_step * fpt,
+          }
           if builder.schedule is not None:
             line["learning_rate"] = float(builder.schedule(s - 1))  # what update s applied
           if primary:
             # The ETA is for the console and the journal; a store holds what happened.
-            tracker.log_metrics({f"{schema.TRAIN}{k}": v for k, v in line.items()
-                                 if k not in ("step", "eta_s")}, step=s, eta_s=rates["eta_s"])
+            tracker.log_metrics(
+              {f"{schema.TRAIN}{k}": v for k, v in line.items() if k not in ("step", "eta_s")},
+              step=s,
+              eta_s=rates["eta_s"],
+            )
             if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
-              tracker.log_metrics({f"{schema.ENERGY}{k}": v
-                                   for k, v in _energy_reading(energy).items()}, step=s)
+              tracker.log_metrics(
+                {f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()}, step=s
+              )
             if progress:
-              print(f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
-                    f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
-                    f"MFU {100 * rates['mfu']:.1f}% | "
-                    f"ETA {throughput.format_duration(rates['eta_s'])}", flush=True)
+              print(
+                f"step {s}/{num_steps} | loss {host['loss']:.4f} | "
+                f"{throughput.format_rate(rates['tokens_per_s'])} tok/s | "
+                f"MFU {100 * rates['mfu']:.1f}% | "
+                f"ETA {throughput.format_duration(rates['eta_s'])}",
+                flush=True,
+              )
 
     def evaluate(step: int) -> None:
       """Every evaluator at `step` (every process takes part); process 0 logs them as one record."""
@@ -367,8 +443,9 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
           _say(primary, f"SIGTERM: saved step {step} in {checkpointer.directory}; exiting")
           tracker.flush()
           ending["status"] = "KILLED"
-          return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker),
-                             "KILLED", compile_s)
+          return TrainResult(
+            workdir, step, losses, eval_losses, tracker_run_id(tracker), "KILLED", compile_s
+          )
       # == The end: last checkpoint, evaluations ===============================================
       resolve(0)
       if step > last_saved or not checkpointer.steps():
@@ -381,14 +458,16 @@ def train(*, model: ModelConfig, data: Callable[..., host_input.TrainData],
     # == Export and finish =====================================================================
     checkpointer.wait()
     if export_model:
-      _export(workdir, builder, state, model, tracker, primary,
-              _tokenizer_path(train_data.tokenizer))
+      _export(
+        workdir, builder, state, model, tracker, primary, _tokenizer_path(train_data.tokenizer)
+      )
     if primary:
       _finish_record(tracker, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
     ending["status"] = "FINISHED"
-    return TrainResult(workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED",
-                       compile_s)
+    return TrainResult(
+      workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED", compile_s
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -416,9 +495,11 @@ def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
   if step < 0:
     return None
   run_id = trk.read_run_file(workdir).get(schema.RUN_ID_KEY)
-  _say(jax.process_index() == 0,
-       f"{workdir} finished at step {step} before; nothing to do (to train further, raise "
-       f"num_steps; to start over, use another workdir)")
+  _say(
+    jax.process_index() == 0,
+    f"{workdir} finished at step {step} before; nothing to do (to train further, raise "
+    f"num_steps; to start over, use another workdir)",
+  )
   return TrainResult(workdir, step, {}, {}, run_id, "FINISHED", 0.0)
 
 
@@ -426,25 +507,40 @@ def tracker_run_id(tracker) -> str | None:
   return getattr(tracker, "run_id", None)
 
 
-def _log_run_record(tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step,
-                    manifest, data_shards) -> None:
+def _log_run_record(
+  tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step, manifest, data_shards
+) -> None:
   if start_step > 0:
     return  # logged by the first session of this run; MLflow refuses changed params
   params = {f"{schema.MODEL}{k}": v for k, v in model.to_dict().items()}
-  params.update({schema.SEQ_LEN: seq_len, schema.GLOBAL_BATCH: batch_size,
-                 schema.MESH: meshlib.describe(mesh_obj), schema.DATA_SHARDS: data_shards,
-                 schema.FLOPS_PER_TOKEN: flops_per_token(model, seq_len)})
+  params.update(
+    {
+      schema.SEQ_LEN: seq_len,
+      schema.GLOBAL_BATCH: batch_size,
+      schema.MESH: meshlib.describe(mesh_obj),
+      schema.DATA_SHARDS: data_shards,
+      schema.FLOPS_PER_TOKEN: flops_per_token(model, seq_len),
+    }
+  )
   # What 'auto' resolved to on this platform at this length (the trainer always packs).
-  used = attention_impls.used_by_kind(model, attention_impls.current_platform(), seq_len,
-                                      packed=True)
+  used = attention_impls.used_by_kind(
+    model, attention_impls.current_platform(), seq_len, packed=True
+  )
   params.update({f"{schema.ATTENTION_IMPL}{kind}": impl for kind, impl in used.items()})
   if record:
     params.update(record.params)
-  trk.write_record(tracker, repo_dir=REPO_ROOT, mesh_shape=dict(mesh_obj.shape), params=params,
-                   counts=param_counts(model), operative_config=record.text if record else None,
-                   bound_config=record.bound_text if record else None,
-                   gin_files=record.gin_files if record else [], manifest=manifest,
-                   config_hash=record.config_hash if record else None)
+  trk.write_record(
+    tracker,
+    repo_dir=REPO_ROOT,
+    mesh_shape=dict(mesh_obj.shape),
+    params=params,
+    counts=param_counts(model),
+    operative_config=record.text if record else None,
+    bound_config=record.bound_text if record else None,
+    gin_files=record.gin_files if record else [],
+    manifest=manifest,
+    config_hash=record.config_hash if record else None,
+  )
   tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
 
 
@@ -459,8 +555,9 @@ def _energy_reading(energy) -> dict[str, float]:
 def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
   tracker.set_tags({schema.MFU_PEAK_SOURCE: peak_source})
   if energy is not None:  # the loop leaves the last step's reading to this, the final one
-    tracker.log_metrics({f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()},
-                        step=step)
+    tracker.log_metrics(
+      {f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()}, step=step
+    )
     try:
       tracker.log_dict(energy.inputs(), "energy/inputs.json")
     except Exception as e:  # noqa: BLE001
@@ -469,19 +566,32 @@ def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, ste
     tracker.log_artifact(workdir / "metrics.jsonl")
 
 
-def _export(workdir: Path, builder: StepBuilder, state, model: ModelConfig, tracker,
-            primary: bool, tokenizer: str | None) -> None:
+def _export(
+  workdir: Path,
+  builder: StepBuilder,
+  state,
+  model: ModelConfig,
+  tracker,
+  primary: bool,
+  tokenizer: str | None,
+) -> None:
   from core.model_dir import io  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   # Whole arrays on every process (parameters may be sharded across hosts); then process 0
   # writes the model directory alone (save_model scopes orbax to the calling process).
   params = multihost_utils.process_allgather(state.params, tiled=True)
   if not primary:
     return
   module = nnx.merge(builder.graphdef, jax.tree.map(np.asarray, params))
-  out = io.save_model(workdir / "model", module, model, tokenizer_path=tokenizer, overwrite=True,
-                      metadata={"source": f"train:{tracker_run_id(tracker) or workdir}",
-                                "step": int(state.step)})
+  out = io.save_model(
+    workdir / "model",
+    module,
+    model,
+    tokenizer_path=tokenizer,
+    overwrite=True,
+    metadata={"source": f"train:{tracker_run_id(tracker) or workdir}", "step": int(state.step)},
+  )
   print(f"exported the model to {out}", flush=True)
 
 

@@ -22,8 +22,9 @@ from core.model.ops import softcap
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cross_entropy(
+  logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of token losses, sum of log(Z)^2, number of tokens), all over loss_mask."""
   return loss_sums(*log_z_and_target(logits, targets), loss_mask)
 
@@ -35,22 +36,36 @@ def log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
   return log_z, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def chunked_cross_entropy(hidden: jax.Array, output_rows: jax.Array, targets: jax.Array,
-                          loss_mask: jax.Array, *, chunk: int,
-                          final_softcap: float | None = None
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def chunked_cross_entropy(
+  hidden: jax.Array,
+  output_rows: jax.Array,
+  targets: jax.Array,
+  loss_mask: jax.Array,
+  *,
+  chunk: int,
+  final_softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """cross_entropy(softcap(hidden @ output_rows.T), ...) without the whole logits.
 
   hidden: (B, T, D) final hidden states (after the final norm); output_rows:
   (V, D), one row per vocabulary entry, in the compute dtype; chunk: rows per tile.
   """
-  return loss_sums(*chunked_log_z_and_target(hidden, output_rows, targets, chunk=chunk,
-                                         final_softcap=final_softcap), loss_mask)
+  return loss_sums(
+    *chunked_log_z_and_target(
+      hidden, output_rows, targets, chunk=chunk, final_softcap=final_softcap
+    ),
+    loss_mask,
+  )
 
 
-def chunked_log_z_and_target(hidden: jax.Array, output_rows: jax.Array, targets: jax.Array, *,
-                             chunk: int, final_softcap: float | None = None
-                             ) -> tuple[jax.Array, jax.Array]:
+def chunked_log_z_and_target(
+  hidden: jax.Array,
+  output_rows: jax.Array,
+  targets: jax.Array,
+  *,
+  chunk: int,
+  final_softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """log_z_and_target of the soft-capped logits, one vocabulary tile at a time."""
   if chunk <= 0:
     raise ValueError(f"vocabulary chunk must be positive, got {chunk}")
@@ -71,21 +86,26 @@ def chunked_log_z_and_target(hidden: jax.Array, output_rows: jax.Array, targets:
     # The running max only keeps exp() in range; log-sum-exp does not depend on it.
     m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
     s = s * jnp.exp(m - m_new) + jnp.sum(
-        jnp.where(real_c, jnp.exp(logits - m_new[..., None]), 0.0), axis=-1)
+      jnp.where(real_c, jnp.exp(logits - m_new[..., None]), 0.0), axis=-1
+    )
     local = targets - start
     here = (local >= 0) & (local < chunk)
     picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], -1)[..., 0]
     return (m_new, s, target_logit + jnp.where(here, picked, 0.0)), None
 
   shape = targets.shape
-  init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(shape, jnp.float32))
+  init = (
+    jnp.full(shape, _NEG, jnp.float32),
+    jnp.zeros(shape, jnp.float32),
+    jnp.zeros(shape, jnp.float32),
+  )
   (m, s, target_logit), _ = jax.lax.scan(tile, init, (rows, real, starts))
   return m + jnp.log(s), target_logit
 
 
-def loss_moments(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def loss_moments(
+  log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of token losses, sum of their squares, number of tokens) over loss_mask.
 
   The squares give the spread of token losses, hence the standard error of a
@@ -96,9 +116,9 @@ def loss_moments(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
   return jnp.sum(loss * mask), jnp.sum(jnp.square(loss) * mask), jnp.sum(mask)
 
 
-def loss_sums(log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def loss_sums(
+  log_z: jax.Array, target_logit: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of token losses, sum of log(Z)^2, number of tokens) over loss_mask."""
   mask = loss_mask.astype(jnp.float32)
-  return (jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask),
-          jnp.sum(mask))
+  return (jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask), jnp.sum(mask))

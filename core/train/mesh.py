@@ -37,6 +37,7 @@ class MeshConfig:
     fsdp: data parallelism with parameters and optimizer state sharded (ZeRO-3).
     tensor: model parallelism over heads and the MLP hidden dimension.
   """
+
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
@@ -51,17 +52,22 @@ class MeshConfig:
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
       if device_count % fixed:
-        raise MeshError(f"{device_count} devices cannot be split into mesh "
-                        f"{dict(zip(AXES, sizes))}: {fixed} does not divide {device_count}")
+        raise MeshError(
+          f"{device_count} devices cannot be split into mesh "
+          f"{dict(zip(AXES, sizes))}: {fixed} does not divide {device_count}"
+        )
       sizes[free[0]] = device_count // fixed
     if math.prod(sizes) != device_count:
-      raise MeshError(f"mesh {dict(zip(AXES, sizes))} has {math.prod(sizes)} devices, "
-                      f"but {device_count} are in use")
+      raise MeshError(
+        f"mesh {dict(zip(AXES, sizes))} has {math.prod(sizes)} devices, "
+        f"but {device_count} are in use"
+      )
     return tuple(sizes)
 
 
-def make_mesh(config: MeshConfig | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A mesh over `devices` (default: every device of every process)."""
   config = config or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
@@ -76,8 +82,11 @@ def make_mesh(config: MeshConfig | None = None,
     # A 3-D torus (v4, v5p) maps a mesh axis onto whole physical axes only, e.g. no
     # 8-way axis on 4x4x4. Splitting a physical axis still runs, with collectives
     # that span partial rings.
-    logger.warning("mesh %s does not map onto whole physical axes (%s); splitting them",
-                   dict(zip(AXES, shape)), e)
+    logger.warning(
+      "mesh %s does not map onto whole physical axes (%s); splitting them",
+      dict(zip(AXES, shape)),
+      e,
+    )
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=auto)
 

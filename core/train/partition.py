@@ -26,22 +26,22 @@ Rules = Mapping[str, "str | Sequence[str] | None"]
 # ZeRO-3 layout: weights sharded over fsdp along their model dimension, heads and
 # the MLP hidden dimension over tensor; the batch over every data-parallel axis.
 DEFAULT_RULES: dict[str, Any] = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "norm": None,
-    "positions": None,
-    "layers": None,  # the stacked axis of scanned layers: every device holds every layer's shard
-    "batch": ("data", "fsdp"),
-    "length": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "mlp": "tensor",
+  "head_dim": None,
+  "norm": None,
+  "positions": None,
+  "layers": None,  # the stacked axis of scanned layers: every device holds every layer's shard
+  "batch": ("data", "fsdp"),
+  "length": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
 }
 
 
@@ -60,22 +60,29 @@ def _axis_size(mesh: Mesh, entry) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
-             what: str = "array") -> PartitionSpec:
+def fit_spec(
+  spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str = "array"
+) -> PartitionSpec:
   """`spec` with every dimension that its mesh axes do not divide replicated."""
   fitted = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     size = _axis_size(mesh, entry)
     if size > 1 and dim % size:
-      logger.info("%s: dimension %d does not divide mesh axes %s (size %d); replicated",
-                  what, dim, entry, size)
+      logger.info(
+        "%s: dimension %d does not divide mesh axes %s (size %d); replicated",
+        what,
+        dim,
+        entry,
+        size,
+      )
       entry = None
     fitted.append(entry)
   return PartitionSpec(*fitted)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules,
-             what: str = "array") -> PartitionSpec:
+def spec_for(
+  axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules, what: str = "array"
+) -> PartitionSpec:
   # A rule may name a mesh axis of size 1 or one the mesh lacks; drop the latter.
   known = {a: (_known(mesh, t)) for a, t in rules.items()}
   return fit_spec(logical_to_spec(axes, known), shape, mesh, what)
@@ -106,15 +113,15 @@ def param_specs(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
 
 def variables_by_path(state: nnx.State) -> dict[str, nnx.Variable]:
   """{keystr(path): Variable}; the paths are those of `nnx.to_pure_dict(state)`."""
-  leaves = jax.tree_util.tree_leaves_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return {jax.tree_util.keystr(p): v for p, v in leaves}
 
 
 def named(mesh: Mesh, specs) -> Any:
   """NamedShardings for a tree of PartitionSpecs."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
 
 
 def batch_spec(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> PartitionSpec:
@@ -125,5 +132,6 @@ def batch_spec(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> PartitionSpec:
 def describe_specs(specs) -> dict[str, str]:
   """{'blocks.0.attn.q': "PartitionSpec('fsdp', 'tensor', None)", ...} for the run record."""
   flat = jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )[0]
   return {".".join(str(getattr(k, "key", k)) for k in path): str(spec) for path, spec in flat}

@@ -24,22 +24,26 @@ from core.model.sharding import activation_sharding
 from core.model.transformer import Transformer
 from core.train import partition
 from core.train.host_input import process_rows
-from core.train.loss import (chunked_log_z_and_target, log_z_and_target, loss_moments,
-                             loss_sums)
+from core.train.loss import chunked_log_z_and_target, log_z_and_target, loss_moments, loss_sums
 from core.train.optimizer import Scheduled
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-                "positions": jnp.int32, "loss_mask": jnp.float32}
+BATCH_DTYPES = {
+  "inputs": jnp.int32,
+  "targets": jnp.int32,
+  "segment_ids": jnp.int32,
+  "positions": jnp.int32,
+  "loss_mask": jnp.float32,
+}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: optimizer updates applied
-  params: Any            # pure dict of arrays, as nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  opt_state: Any         # the optax state
-  rng: jax.Array         # uint32 key data; per-step keys are fold_in(rng, step)
+  step: jax.Array  # int32 scalar: optimizer updates applied
+  params: Any  # pure dict of arrays, as nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  opt_state: Any  # the optax state
+  rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
 
 
 @dataclasses.dataclass
@@ -68,6 +72,7 @@ class StepBuilder:
       vocabulary rows at a time (core.train.loss.chunked_cross_entropy), so the
       (B, T, V) float32 logits never exist; 0 = from whole logits.
   """
+
   config: ModelConfig
   optimizer: optax.GradientTransformation
   mesh: Mesh
@@ -93,22 +98,29 @@ class StepBuilder:
     init_key, state_key = jax.random.split(rng)
     model = Transformer(self.config, rngs=nnx.Rngs(params=init_key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params),
-                      rng=jax.random.key_data(state_key))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.optimizer.init(params),
+      rng=jax.random.key_data(state_key),
+    )
 
   def abstract_state(self) -> TrainState:
     """Shapes and dtypes of the state, each leaf with its NamedSharding."""
     shapes = jax.eval_shape(self._init, jax.random.key(0))
     shardings = self.state_shardings(shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+    return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
 
   def state_shardings(self, shapes: TrainState | None = None) -> TrainState:
     shapes = shapes or jax.eval_shape(self._init, jax.random.key(0))
-    specs = TrainState(step=PartitionSpec(), params=self.param_specs,
-                       opt_state=opt_state_specs(shapes.opt_state, self.param_specs, shapes.params),
-                       rng=PartitionSpec())
+    specs = TrainState(
+      step=PartitionSpec(),
+      params=self.param_specs,
+      opt_state=opt_state_specs(shapes.opt_state, self.param_specs, shapes.params),
+      rng=PartitionSpec(),
+    )
     return partition.named(self.mesh, specs)
 
   def init(self, seed: int) -> TrainState:
@@ -138,9 +150,13 @@ class StepBuilder:
     model = nnx.merge(self.graphdef, params)
     if self.loss_vocab_chunk:
       hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-      return chunked_log_z_and_target(hidden, model.embedder.output_rows(), batch["targets"],
-                                      chunk=self.loss_vocab_chunk,
-                                      final_softcap=self.config.final_softcap)
+      return chunked_log_z_and_target(
+        hidden,
+        model.embedder.output_rows(),
+        batch["targets"],
+        chunk=self.loss_vocab_chunk,
+        final_softcap=self.config.final_softcap,
+      )
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     return log_z_and_target(logits, batch["targets"])
 
@@ -164,6 +180,7 @@ class StepBuilder:
     a = self.grad_accum_steps
     if a == 1:
       return grad_fn(params, batch, inputs)
+
     # Micro-batch i takes rows i, i + a, ...: each data shard keeps its own rows,
     # so splitting moves no data between devices.
     def split(x):
@@ -171,6 +188,7 @@ class StepBuilder:
       if b % a:
         raise ValueError(f"batch size {b} is not a multiple of grad_accum_steps {a}")
       return x.reshape(b // a, a, *x.shape[1:]).swapaxes(0, 1)
+
     micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
@@ -196,12 +214,20 @@ class StepBuilder:
     # next (stop, save) it holds the last good parameters.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(ok, new, old)
-    new_state = TrainState(step=state.step + ok.astype(jnp.int32),
-                           params=jax.tree.map(keep, params, state.params),
-                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                           rng=state.rng)
-    metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm,
-               "param_norm": optax.tree.norm(params), "tokens": tokens, "finite": ok}
+    new_state = TrainState(
+      step=state.step + ok.astype(jnp.int32),
+      params=jax.tree.map(keep, params, state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+      rng=state.rng,
+    )
+    metrics = {
+      "loss": loss,
+      "z_loss": z_sum / denom,
+      "grad_norm": grad_norm,
+      "param_norm": optax.tree.norm(params),
+      "tokens": tokens,
+      "finite": ok,
+    }
     return new_state, metrics
 
   def build(self, batch_shape) -> Callable[[TrainState, Mapping[str, jax.Array], Any], Any]:
@@ -209,8 +235,12 @@ class StepBuilder:
     state_sh = self.state_shardings()
     batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
     replicated = NamedSharding(self.mesh, PartitionSpec())
-    return jax.jit(self._step, in_shardings=(state_sh, batch_sh, self.step_input_shardings()),
-                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    return jax.jit(
+      self._step,
+      in_shardings=(state_sh, batch_sh, self.step_input_shardings()),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=(0,),
+    )
 
   def _heldout(self, params, batch):
     """(loss sum, sum of squared token losses, tokens) of the plain next-token loss.
@@ -222,9 +252,11 @@ class StepBuilder:
 
   def build_eval(self, batch_shape) -> Callable[[Any, Mapping[str, jax.Array]], Any]:
     """(params, batch) -> (loss sum, squared-loss sum, tokens): held-out loss, no gradient."""
+
     def evaluate(params, batch):
       with activation_sharding(self.mesh, self.rules):
         return self._heldout(params, batch)
+
     param_sh = partition.named(self.mesh, self.param_specs)
     batch_sh = {k: self.batch_sharding(batch_shape) for k in BATCH_KEYS}
     replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -246,9 +278,9 @@ def param_axes(config: ModelConfig) -> dict:
   _, param_state = _abstract_params(config)
   variables = partition.variables_by_path(param_state)
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: tuple(variables[jax.tree_util.keystr(p)].get_metadata().get("logical_axes")
-                         or ()),
-      nnx.to_pure_dict(param_state))
+    lambda p, _: tuple(variables[jax.tree_util.keystr(p)].get_metadata().get("logical_axes") or ()),
+    nnx.to_pure_dict(param_state),
+  )
 
 
 def opt_state_specs(opt_shapes, param_specs, param_shapes) -> Any:
@@ -259,10 +291,16 @@ def opt_state_specs(opt_shapes, param_specs, param_shapes) -> Any:
   parameter's moment. Factored statistics (Adafactor's row/column vectors) and
   counters are small and replicated.
   """
-  flat_specs = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
-  flat_shapes = {jax.tree_util.keystr(p): x.shape
-                 for p, x in jax.tree_util.tree_flatten_with_path(param_shapes)[0]}
+  flat_specs = {
+    jax.tree_util.keystr(p): s
+    for p, s in jax.tree_util.tree_flatten_with_path(
+      param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+  }
+  flat_shapes = {
+    jax.tree_util.keystr(p): x.shape
+    for p, x in jax.tree_util.tree_flatten_with_path(param_shapes)[0]
+  }
   # Longest first, so a parameter path that ends another one's never shadows it.
   keys = sorted(flat_specs, key=len, reverse=True)
 
@@ -272,6 +310,7 @@ def opt_state_specs(opt_shapes, param_specs, param_shapes) -> Any:
       if name.endswith(key) and tuple(leaf.shape) == tuple(flat_shapes[key]):
         return flat_specs[key]
     return PartitionSpec()
+
   return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
@@ -281,10 +320,18 @@ def abstract_batch(builder: StepBuilder, shape: tuple[int, int]) -> dict:
   return {k: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[k], sharding=sharding) for k in BATCH_KEYS}
 
 
-def make_builder(model: ModelConfig, optimizer: Callable[..., optax.GradientTransformation],
-                 mesh: Mesh, rules: Mapping[str, Any], *, num_steps: int,
-                 grad_accum_steps: int = 1, z_loss: float = 0.0, loss_vocab_chunk: int = 0,
-                 step_builder: Callable[..., StepBuilder] | None = None) -> StepBuilder:
+def make_builder(
+  model: ModelConfig,
+  optimizer: Callable[..., optax.GradientTransformation],
+  mesh: Mesh,
+  rules: Mapping[str, Any],
+  *,
+  num_steps: int,
+  grad_accum_steps: int = 1,
+  z_loss: float = 0.0,
+  loss_vocab_chunk: int = 0,
+  step_builder: Callable[..., StepBuilder] | None = None,
+) -> StepBuilder:
   """The StepBuilder of a run, with the optimizer of its recipe.
 
   One place for what a run steps with, so that `ablax plan` compiles exactly
@@ -293,12 +340,22 @@ def make_builder(model: ModelConfig, optimizer: Callable[..., optax.GradientTran
   with the optimizer it will always step with.
   """
   tx = optimizer(param_axes=param_axes(model), total_steps=num_steps)
-  return (step_builder or StepBuilder)(model, tx, mesh, rules, grad_accum_steps=grad_accum_steps,
-                                       z_loss=z_loss, loss_vocab_chunk=loss_vocab_chunk)
+  return (step_builder or StepBuilder)(
+    model,
+    tx,
+    mesh,
+    rules,
+    grad_accum_steps=grad_accum_steps,
+    z_loss=z_loss,
+    loss_vocab_chunk=loss_vocab_chunk,
+  )
 
 
-def device_batch(batch: Mapping[str, Any], sharding_for: Callable[[tuple], NamedSharding],
-                 global_rows: int | None = None) -> dict:
+def device_batch(
+  batch: Mapping[str, Any],
+  sharding_for: Callable[[tuple], NamedSharding],
+  global_rows: int | None = None,
+) -> dict:
   """A global jax.Array per field, assembled from what this process holds.
 
   `batch` is this process's rows of a `global_rows`-row batch

@@ -17,9 +17,20 @@ import numpy as np
 class SyntheticBatches:
   """Rows of packed "documents" drawn from a bigram chain; state = the step."""
 
-  def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0,
-               split: str = "train", shard_index: int = 0, shard_count: int = 1,
-               num_epochs: int | None = None, doc_len: int = 0, **unused: Any):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    split: str = "train",
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    doc_len: int = 0,
+    **unused: Any,
+  ):
     del unused  # the data layer's other options (sources, tokenizer...) do not apply
     self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
     self.seed = seed + (1_000_003 if split == "validation" else 0)
@@ -33,8 +44,14 @@ class SyntheticBatches:
 
   @property
   def manifest(self) -> dict:
-    return {"synthetic": {"vocab_size": self.vocab_size, "seq_len": self.seq_len,
-                          "batch_size": self.batch_size, "seed": self.seed}}
+    return {
+      "synthetic": {
+        "vocab_size": self.vocab_size,
+        "seq_len": self.seq_len,
+        "batch_size": self.batch_size,
+        "seed": self.seed,
+      }
+    }
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -53,9 +70,13 @@ class SyntheticBatches:
     positions = np.broadcast_to(index % self.doc_len, (b, t)).astype(np.int32)
     segment_ids = np.broadcast_to(index // self.doc_len + 1, (b, t)).astype(np.int32)
     self.step += 1
-    return {"inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy(),
-            "segment_ids": segment_ids.copy(), "positions": positions.copy(),
-            "loss_mask": np.ones((b, t), np.float32)}
+    return {
+      "inputs": tokens[:, :-1].copy(),
+      "targets": tokens[:, 1:].copy(),
+      "segment_ids": segment_ids.copy(),
+      "positions": positions.copy(),
+      "loss_mask": np.ones((b, t), np.float32),
+    }
 
   def get_state(self) -> dict:
     return {"step": self.step}

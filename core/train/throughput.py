@@ -21,6 +21,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+
 def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
   """Per-device dense peak FLOP/s from the one device table (core.tracking.carbon), or None.
 
@@ -28,6 +29,7 @@ def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
   MFU is then not reported, never divided by another device's peak.
   """
   from core.tracking import carbon  # pylint: disable=g-import-not-at-top
+
   try:
     spec = carbon.resolve_device(device_kind)
   except carbon.CarbonInputError:
@@ -40,8 +42,7 @@ def table_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
 PEAK_ENV = "ABLAX_CPU_PEAK_FLOPS"
 
 
-def matmul_rate(m: int, k: int, n: int, *, repeats: int = 3, chain: int = 2,
-                device=None) -> float:
+def matmul_rate(m: int, k: int, n: int, *, repeats: int = 3, chain: int = 2, device=None) -> float:
   """The best float32 FLOP/s of (m, k) @ (k, n) matmuls on `device` (default: the first).
 
   Each of `chain` loop iterations multiplies (m, k) @ (k, n) @ (n, k), which
@@ -52,9 +53,14 @@ def matmul_rate(m: int, k: int, n: int, *, repeats: int = 3, chain: int = 2,
   device = device or jax.local_devices()[0]
   rng = np.random.default_rng(0)
   # Scaled so that values stay O(1) along the chain.
-  a, b, c = (jax.device_put(jnp.asarray(x, jnp.float32), device) for x in (
-      rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k),
-      rng.standard_normal((n, k)) / np.sqrt(n)))
+  a, b, c = (
+    jax.device_put(jnp.asarray(x, jnp.float32), device)
+    for x in (
+      rng.standard_normal((m, k)),
+      rng.standard_normal((k, n)) / np.sqrt(k),
+      rng.standard_normal((n, k)) / np.sqrt(n),
+    )
+  )
   run = jax.jit(lambda x: jax.lax.fori_loop(0, chain, lambda _, y: (y @ b) @ c, x))
   run(a).block_until_ready()
   best = float("inf")
@@ -84,7 +90,10 @@ def peak_flops(devices, dtype: str = "float32") -> tuple[float, str]:
     if os.environ.get(PEAK_ENV):
       return float(os.environ[PEAK_ENV]) * processes, f"{PEAK_ENV} x {processes} process(es)"
     # Fake CPU devices share one machine's cores: the peak is per process, not per device.
-    return measured_cpu_peak() * processes, f"measured float32 matmul on {processes} CPU process(es)"
+    return (
+      measured_cpu_peak() * processes,
+      f"measured float32 matmul on {processes} CPU process(es)",
+    )
   per_device = table_peak(kind, dtype)
   if per_device is None:
     logger.warning("no peak FLOP/s known for device kind %r; MFU is not reported", kind)
@@ -127,8 +136,11 @@ class Meter:
     dt = max(now - self._t, 1e-9)
     steps = max(step - self._step, 1)
     tokens_per_s = self._tokens / dt
-    out = {"tokens_per_s": tokens_per_s, "step_time_s": dt / steps,
-           "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else float("nan"),
-           "eta_s": (self.total_steps - step) * dt / steps}
+    out = {
+      "tokens_per_s": tokens_per_s,
+      "step_time_s": dt / steps,
+      "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else float("nan"),
+      "eta_s": (self.total_steps - step) * dt / steps,
+    }
     self._mark(step)
     return out

@@ -41,16 +41,29 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
 def write_run_file(workdir: Path, run_id: str, tracking_uri: str, experiment: str) -> None:
   """Points `workdir` at an MLflow run: the trainer there continues it (the sweep and reproduce
   write it; the URI never holds credentials)."""
-  local.update_run_file(workdir, **{schema.RUN_ID_KEY: run_id,
-                                    schema.TRACKING_URI_KEY: public_uri(tracking_uri),
-                                    schema.EXPERIMENT_KEY: experiment})
+  local.update_run_file(
+    workdir,
+    **{
+      schema.RUN_ID_KEY: run_id,
+      schema.TRACKING_URI_KEY: public_uri(tracking_uri),
+      schema.EXPERIMENT_KEY: experiment,
+    },
+  )
 
 
-def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
-                  run_name: str | None, enabled: bool, tags: Mapping[str, Any] | None = None):
+def start_tracker(
+  workdir: Path,
+  *,
+  tracking_uri: str | None,
+  experiment: str,
+  run_name: str | None,
+  enabled: bool,
+  tags: Mapping[str, Any] | None = None,
+):
   """Process 0: a started RunTracker (resuming the workdir's run), or with tracking off a
   LocalTracker (the journal alone); other processes: a NullTracker."""
   import jax  # pylint: disable=g-import-not-at-top  (not at import: `ablax tracking` needs no JAX)
+
   if jax.process_index() != 0:
     return NullTracker()
   if not enabled:
@@ -59,8 +72,15 @@ def start_tracker(workdir: Path, *, tracking_uri: str | None, experiment: str,
   record = read_run_file(workdir)
   same_store = public_uri(record.get(schema.TRACKING_URI_KEY)) == public_uri(uri)
   run_id = record.get(schema.RUN_ID_KEY) if same_store else None
-  tracker = RunTracker(uri, experiment, run_name=run_name or Path(workdir).name, run_id=run_id,
-                       workdir=workdir, tags=dict(tags or {}), system_metrics_s=SYSTEM_METRICS_S)
+  tracker = RunTracker(
+    uri,
+    experiment,
+    run_name=run_name or Path(workdir).name,
+    run_id=run_id,
+    workdir=workdir,
+    tags=dict(tags or {}),
+    system_metrics_s=SYSTEM_METRICS_S,
+  )
   tracker.start()
   return tracker
 
@@ -77,27 +97,53 @@ def undelivered_note(workdir: Path, tracker) -> str | None:
     return None
   uri = tracker.tracking_uri
   flag = "" if uri == default_tracking_uri() else f" --tracking_uri {uri}"
-  return (f"{waiting} records of MLflow run {tracker.run_id} did not reach {uri}; they are kept "
-          f"in {workdir}. Deliver them once the store answers:\n"
-          f"  ablax tracking sync {workdir}{flag}")
+  return (
+    f"{waiting} records of MLflow run {tracker.run_id} did not reach {uri}; they are kept "
+    f"in {workdir}. Deliver them once the store answers:\n"
+    f"  ablax tracking sync {workdir}{flag}"
+  )
 
 
-def write_record(tracker, *, repo_dir: Path, mesh_shape: Mapping[str, int],
-                 params: Mapping[str, Any], counts: Mapping[str, int],
-                 operative_config: str | None, bound_config: str | None, gin_files: list,
-                 manifest: Any, config_hash: str | None = None) -> None:
+def write_record(
+  tracker,
+  *,
+  repo_dir: Path,
+  mesh_shape: Mapping[str, int],
+  params: Mapping[str, Any],
+  counts: Mapping[str, int],
+  operative_config: str | None,
+  bound_config: str | None,
+  gin_files: list,
+  manifest: Any,
+  config_hash: str | None = None,
+) -> None:
   """The run record of a new run: params, tags, config/code/environment/manifest artifacts."""
   from core.tracking import record  # pylint: disable=g-import-not-at-top
-  record.write_run_record(tracker, repo_dir=repo_dir, operative_config=operative_config,
-                          bound_config=bound_config, gin_files=tuple(gin_files),
-                          flat_params=params, mesh_shape=dict(mesh_shape),
-                          param_counts=dict(counts), dataset_manifest=manifest,
-                          config_sha=config_hash)
+
+  record.write_run_record(
+    tracker,
+    repo_dir=repo_dir,
+    operative_config=operative_config,
+    bound_config=bound_config,
+    gin_files=tuple(gin_files),
+    flat_params=params,
+    mesh_shape=dict(mesh_shape),
+    param_counts=dict(counts),
+    dataset_manifest=manifest,
+    config_sha=config_hash,
+  )
 
 
-def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, Any] | None = None,
-                 *, pue: float = 1.0, grid_region: str | None = None,
-                 grid_intensity: float | None = None, device_power_w: float | None = None):
+def energy_meter(
+  device_kind: str,
+  device_count: int,
+  resume_from: Mapping[str, Any] | None = None,
+  *,
+  pue: float = 1.0,
+  grid_region: str | None = None,
+  grid_intensity: float | None = None,
+  device_power_w: float | None = None,
+):
   """A started core.tracking.energy.EnergyMeter (cumulative over resumed sessions), or None.
 
   None when the device has no known power figure and none was given: energy is
@@ -106,9 +152,15 @@ def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, 
   """
   try:
     from core.tracking.energy import EnergyMeter  # pylint: disable=g-import-not-at-top
-    meter = EnergyMeter(device_kind=device_kind, device_count=device_count, pue=pue,
-                        region=grid_region, intensity_g_per_kwh=grid_intensity,
-                        power_w=device_power_w)
+
+    meter = EnergyMeter(
+      device_kind=device_kind,
+      device_count=device_count,
+      pue=pue,
+      region=grid_region,
+      intensity_g_per_kwh=grid_intensity,
+      power_w=device_power_w,
+    )
     meter.start(resume_from=resume_from or None)
     return meter
   except Exception as e:  # noqa: BLE001  energy is a record, never a reason to stop training
@@ -117,10 +169,12 @@ def energy_meter(device_kind: str, device_count: int, resume_from: Mapping[str, 
     return None
 
 
-def check_carbon_inputs(pue: float, grid_region: str | None, grid_intensity: float | None,
-                        device_power_w: float | None) -> None:
+def check_carbon_inputs(
+  pue: float, grid_region: str | None, grid_intensity: float | None, device_power_w: float | None
+) -> None:
   """Raises CarbonInputError for a bad PUE, region, intensity or power, before training starts."""
   from core.tracking import carbon  # pylint: disable=g-import-not-at-top
+
   carbon.check_pue(pue)
   if grid_region is not None or grid_intensity is not None:
     carbon.grid_intensity(region=grid_region, intensity_g_per_kwh=grid_intensity)

@@ -65,8 +65,12 @@ class WorkdirLock:
           raise WorkdirBusyError(busy_message(self.workdir, _read(self.path))) from None
         time.sleep(0.05)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                              "time": time.time()}).encode() + b"\n", 0)
+    os.pwrite(
+      fd,
+      json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+      + b"\n",
+      0,
+    )
     self._fd = fd
     return self
 
@@ -92,9 +96,11 @@ def lock_for_run(workdir: str | os.PathLike, primary: bool) -> WorkdirLock:
     except WorkdirBusyError as e:
       error = e
   import jax  # pylint: disable=g-import-not-at-top  (`ablax tracking sync` needs no JAX)
+
   if jax.process_count() > 1:
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     busy = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if busy and error is None:
       error = WorkdirBusyError(f"{workdir} is being trained by another run (process 0 names it)")
@@ -128,8 +134,10 @@ def holder(workdir: str | os.PathLike) -> dict | None:
 
 def busy_message(workdir: str | os.PathLike, info: dict | None) -> str:
   info = info or {}
-  return (f"{workdir} is being trained by pid {info.get('pid', '?')} on "
-          f"{info.get('host', '?')}; wait for it, stop it, or use another workdir")
+  return (
+    f"{workdir} is being trained by pid {info.get('pid', '?')} on "
+    f"{info.get('host', '?')}; wait for it, stop it, or use another workdir"
+  )
 
 
 def _read(path: Path) -> dict:

@@ -14,16 +14,24 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("model_dir", metavar="MODEL_DIR",
-                      help="ablax model directory (ablax_model.json, params/, tokenizer.model)")
-  parser.add_argument("--out", required=True, metavar="OUT_DIR",
-                      help="Hugging Face checkpoint directory to write")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing Hugging Face checkpoint at OUT_DIR")
+  parser.add_argument(
+    "model_dir",
+    metavar="MODEL_DIR",
+    help="ablax model directory (ablax_model.json, params/, tokenizer.model)",
+  )
+  parser.add_argument(
+    "--out", required=True, metavar="OUT_DIR", help="Hugging Face checkpoint directory to write"
+  )
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing Hugging Face checkpoint at OUT_DIR",
+  )
 
 
 def run(args: argparse.Namespace) -> int:
   from core.model_dir import hf_export, io
+
   try:
     info = hf_export.export_hf(args.model_dir, args.out, overwrite=args.overwrite)
   except (hf_export.HFExportError, io.ModelIOError) as e:
@@ -34,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     return 2
   config = info["config"]
   print(f"exported {info['hf_architecture']} to {info['out_dir']}")
-  print(f"  layers {config.num_layers}, embed_dim {config.embed_dim}, heads {config.num_heads}/"
-        f"{config.num_kv_heads} kv, head_dim {config.head_dim}, vocab {config.vocab_size}, "
-        f"attention {'/'.join(config.attention_pattern)}, dtype {config.param_dtype}")
+  print(
+    f"  layers {config.num_layers}, embed_dim {config.embed_dim}, heads {config.num_heads}/"
+    f"{config.num_kv_heads} kv, head_dim {config.head_dim}, vocab {config.vocab_size}, "
+    f"attention {'/'.join(config.attention_pattern)}, dtype {config.param_dtype}"
+  )
   print(f"  tokenizer: {info['tokenizer'] or 'none in the model directory'}")
   if info["tokenizer_note"]:
     print(f"  note: {info['tokenizer_note']}")

@@ -18,8 +18,10 @@ MODELS_DIR = REPO_ROOT / "gin" / "models"
 def _preset_order(name: str) -> tuple:
   # Family first (the text before the first "_"), then sizes as numbers: gemma_2b, gemma_7b,
   # gemma2_2b, ..., gemma2_27b, llama_7b, ..., llama_65b, tiny_gemma, tiny_gemma2, tiny_llama.
-  return tuple(tuple((0, int(c)) if c.isdigit() else (1, c) for c in re.findall(r"\d+|\D+", part))
-               for part in name.split("_"))
+  return tuple(
+    tuple((0, int(c)) if c.isdigit() else (1, c) for c in re.findall(r"\d+|\D+", part))
+    for part in name.split("_")
+  )
 
 
 def presets() -> list[str]:
@@ -37,6 +39,7 @@ def count(gin_files, gin_params) -> dict[str, int]:
   import gin
   from core.model.config import ModelConfig
   from core.model.flops import param_counts
+
   gin.clear_config()
   gin_config.parse(gin_files, gin_params)
   return param_counts(gin_config.build(ModelConfig, gin_files))
@@ -56,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"ablax params: {e}", file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps(results[""] if "" in results else results, indent=None if "" in results else 2))
+    print(
+      json.dumps(results[""] if "" in results else results, indent=None if "" in results else 2)
+    )
     return 0
   print(f"{'model':<12} {'embedding':>16} {'non-embedding':>18} {'total':>18}")
   for name, c in results.items():
-    print(f"{name or 'model':<12} {c['embedding']:>16,} {c['non_embedding']:>18,} {c['total']:>18,}")
+    print(
+      f"{name or 'model':<12} {c['embedding']:>16,} {c['non_embedding']:>18,} {c['total']:>18,}"
+    )
   return 0

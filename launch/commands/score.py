@@ -21,13 +21,26 @@ from core.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model_dir", required=True, help="ablax model directory")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--text-file", "--text_file", dest="text_file",
-                      help="UTF-8 text to score (read whole, newlines included)")
-  source.add_argument("--ids-file", "--ids_file", dest="ids_file",
-                      help="token ids to score, used verbatim (no BOS added)")
+  source.add_argument(
+    "--text-file",
+    "--text_file",
+    dest="text_file",
+    help="UTF-8 text to score (read whole, newlines included)",
+  )
+  source.add_argument(
+    "--ids-file",
+    "--ids_file",
+    dest="ids_file",
+    help="token ids to score, used verbatim (no BOS added)",
+  )
   parser.add_argument("--tokenizer", help="SentencePiece .model file (default: the model's)")
-  parser.add_argument("--no_bos", "--no-bos", dest="no_bos", action="store_true",
-                      help="do not prepend the tokenizer's BOS to the text")
+  parser.add_argument(
+    "--no_bos",
+    "--no-bos",
+    dest="no_bos",
+    action="store_true",
+    help="do not prepend the tokenizer's BOS to the text",
+  )
   parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -41,17 +54,20 @@ def read_ids(path: str) -> list[int]:
     values = json.loads(text) if text.lstrip().startswith("[") else text.replace(",", " ").split()
     return [int(v) for v in values]
   except (ValueError, TypeError) as e:
-    raise _Usage(f"{path}: expected integers separated by whitespace or commas, or a JSON "
-                 f"list ({e})") from None
+    raise _Usage(
+      f"{path}: expected integers separated by whitespace or commas, or a JSON list ({e})"
+    ) from None
 
 
 def _load_tokenizer(path: str, model_vocab: int):
   from core.tokenizer import check_vocab_matches, load_tokenizer
+
   tok = load_tokenizer(path)
   # A model table larger than the tokenizer is fine (padded tables); a
   # tokenizer with more ids than the table would index past it.
-  check_vocab_matches(tok.vocab_size, model_vocab, where=f"score: tokenizer {path}",
-                      allow_padding=True)
+  check_vocab_matches(
+    tok.vocab_size, model_vocab, where=f"score: tokenizer {path}", allow_padding=True
+  )
   return tok
 
 
@@ -59,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
   from core.eval import score
   from core.model_dir import io
   from core.tokenizer import TokenizerError
+
   try:
     model, config, meta = io.load_model(args.model_dir)
     sp = None
@@ -92,20 +109,28 @@ def run(args: argparse.Namespace) -> int:
   values = [None] + logprobs
   total = float(sum(logprobs))
   if args.json:
-    print(json.dumps({
-        "model_dir": str(args.model_dir),
-        "convention": "logprob[i] = log p(token i | tokens < i); token 0 has none",
-        "bos_prepended": bool(args.text_file and not args.no_bos and sp.bos_id >= 0),
-        "tokens": [{"index": i, "id": t, "piece": p, "logprob": lp}
-                   for i, (t, p, lp) in enumerate(zip(ids, pieces, values))],
-        "total_logprob": total,
-        "num_scored": len(logprobs),
-    }))
+    print(
+      json.dumps(
+        {
+          "model_dir": str(args.model_dir),
+          "convention": "logprob[i] = log p(token i | tokens < i); token 0 has none",
+          "bos_prepended": bool(args.text_file and not args.no_bos and sp.bos_id >= 0),
+          "tokens": [
+            {"index": i, "id": t, "piece": p, "logprob": lp}
+            for i, (t, p, lp) in enumerate(zip(ids, pieces, values))
+          ],
+          "total_logprob": total,
+          "num_scored": len(logprobs),
+        }
+      )
+    )
     return 0
   print(f"{'index':>5} {'id':>8} {'logprob':>12}  piece")
   for i, (t, p, lp) in enumerate(zip(ids, pieces, values)):
     shown = "-" if lp is None else f"{lp:.6f}"
     print(f"{i:>5} {t:>8} {shown:>12}  {'' if p is None else repr(p)}")
-  print(f"total log-probability {total:.6f} over {len(logprobs)} scored tokens "
-        f"(mean {total / len(logprobs):.6f})")
+  print(
+    f"total log-probability {total:.6f} over {len(logprobs)} scored tokens "
+    f"(mean {total / len(logprobs):.6f})"
+  )
   return 0

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(out_dir: str) -> int:
   from launch import distributed
+
   config = distributed.resolve_distributed(None, os.environ)
   assert config is not None, "expected a multi-process SLURM step"
   distributed.initialize(config)
@@ -24,13 +25,18 @@ def main(out_dir: str) -> int:
   import jax.numpy as jnp
   import numpy as np
   from jax.experimental import multihost_utils
+
   mine = np.full((jax.local_device_count(),), jax.process_index() + 1, np.int32)
   gathered = multihost_utils.process_allgather(jnp.asarray(mine))
-  result = {"config": [config.coordinator_address, config.num_processes, config.process_id],
-            "source": config.source, "process_index": jax.process_index(),
-            "process_count": jax.process_count(), "device_count": jax.device_count(),
-            "local_device_count": jax.local_device_count(),
-            "gathered": np.asarray(gathered).ravel().tolist()}
+  result = {
+    "config": [config.coordinator_address, config.num_processes, config.process_id],
+    "source": config.source,
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "device_count": jax.device_count(),
+    "local_device_count": jax.local_device_count(),
+    "gathered": np.asarray(gathered).ravel().tolist(),
+  }
   Path(out_dir, f"process-{jax.process_index()}.json").write_text(json.dumps(result))
   jax.distributed.shutdown()
   return 0

@@ -27,6 +27,7 @@ def main() -> int:
   p.add_argument("--tracking_uri", required=True)
   args = p.parse_args()
   from mlflow.tracking import MlflowClient
+
   workdir = Path(args.workdir)
   run_id = json.loads((workdir / "run.json").read_text())["mlflow_run_id"]
   client = MlflowClient(args.tracking_uri)
