@@ -49,10 +49,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core.model import attention_impls
 from core.model.config import ModelConfig
-from core.model.flops import flops_per_token, param_counts
-from core.paths import REPO_ROOT
+from core.model.flops import flops_per_token
 from core.tokenizer import Tokenizer, check_vocab_matches
 from core.tracking import schema
 from core.train import checkpoint as ckpt
@@ -293,7 +291,7 @@ def train(
     seq_len = first.peek()["inputs"].shape[1]
     checks.check_seq_len(model, seq_len)
     if primary:
-      _log_run_record(
+      trk.log_run_record(
         tracker,
         record,
         builder,
@@ -384,9 +382,9 @@ def train(
               step=s,
               eta_s=rates["eta_s"],
             )
-            if energy is not None and s < num_steps:  # the last step's: once, by _finish_record
+            if energy is not None and s < num_steps:  # the last step's: once, by trk.finish_record
               tracker.log_metrics(
-                {f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()}, step=s
+                {f"{schema.ENERGY}{k}": v for k, v in trk.energy_reading(energy).items()}, step=s
               )
             if progress:
               print(
@@ -415,7 +413,7 @@ def train(
       resolve(0)  # never save parameters that a later check would reject
       meta = {"time": time.time()}
       if energy is not None:
-        meta["energy"] = _energy_reading(energy)  # so a resumed run's figures stay cumulative
+        meta["energy"] = trk.energy_reading(energy)  # so a resumed run's figures stay cumulative
       checkpointer.save(step, state, host_input.global_state(data_state), meta, wait=wait)
       last_saved = step
 
@@ -444,7 +442,7 @@ def train(
           tracker.flush()
           ending["status"] = "KILLED"
           return TrainResult(
-            workdir, step, losses, eval_losses, tracker_run_id(tracker), "KILLED", compile_s
+            workdir, step, losses, eval_losses, trk.run_id_of(tracker), "KILLED", compile_s
           )
       # == The end: last checkpoint, evaluations ===============================================
       resolve(0)
@@ -462,11 +460,11 @@ def train(
         workdir, builder, state, model, tracker, primary, _tokenizer_path(train_data.tokenizer)
       )
     if primary:
-      _finish_record(tracker, workdir, record, peak_source, energy, step)
+      trk.finish_record(tracker, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
     ending["status"] = "FINISHED"
     return TrainResult(
-      workdir, step, losses, eval_losses, tracker_run_id(tracker), "FINISHED", compile_s
+      workdir, step, losses, eval_losses, trk.run_id_of(tracker), "FINISHED", compile_s
     )
 
 
@@ -503,69 +501,6 @@ def _finished_before(workdir: Path, num_steps: int) -> TrainResult | None:
   return TrainResult(workdir, step, {}, {}, run_id, "FINISHED", 0.0)
 
 
-def tracker_run_id(tracker) -> str | None:
-  return getattr(tracker, "run_id", None)
-
-
-def _log_run_record(
-  tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step, manifest, data_shards
-) -> None:
-  if start_step > 0:
-    return  # logged by the first session of this run; MLflow refuses changed params
-  params = {f"{schema.MODEL}{k}": v for k, v in model.to_dict().items()}
-  params.update(
-    {
-      schema.SEQ_LEN: seq_len,
-      schema.GLOBAL_BATCH: batch_size,
-      schema.MESH: meshlib.describe(mesh_obj),
-      schema.DATA_SHARDS: data_shards,
-      schema.FLOPS_PER_TOKEN: flops_per_token(model, seq_len),
-    }
-  )
-  # What 'auto' resolved to on this platform at this length (the trainer always packs).
-  used = attention_impls.used_by_kind(
-    model, attention_impls.current_platform(), seq_len, packed=True
-  )
-  params.update({f"{schema.ATTENTION_IMPL}{kind}": impl for kind, impl in used.items()})
-  if record:
-    params.update(record.params)
-  trk.write_record(
-    tracker,
-    repo_dir=REPO_ROOT,
-    mesh_shape=dict(mesh_obj.shape),
-    params=params,
-    counts=param_counts(model),
-    operative_config=record.text if record else None,
-    bound_config=record.bound_text if record else None,
-    gin_files=record.gin_files if record else [],
-    manifest=manifest,
-    config_hash=record.config_hash if record else None,
-  )
-  tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
-
-
-def _energy_reading(energy) -> dict[str, float]:
-  try:
-    return {k: float(v) for k, v in energy.read().items() if isinstance(v, (int, float))}
-  except Exception as e:  # noqa: BLE001  a failing counter must not stop training
-    logger.info("energy reading failed: %s", e)
-    return {}
-
-
-def _finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
-  tracker.set_tags({schema.MFU_PEAK_SOURCE: peak_source})
-  if energy is not None:  # the loop leaves the last step's reading to this, the final one
-    tracker.log_metrics(
-      {f"{schema.ENERGY}{k}": v for k, v in _energy_reading(energy).items()}, step=step
-    )
-    try:
-      tracker.log_dict(energy.inputs(), "energy/inputs.json")
-    except Exception as e:  # noqa: BLE001
-      logger.info("energy inputs unavailable: %s", e)
-  if (workdir / "metrics.jsonl").is_file():
-    tracker.log_artifact(workdir / "metrics.jsonl")
-
-
 def _export(
   workdir: Path,
   builder: StepBuilder,
@@ -590,7 +525,7 @@ def _export(
     model,
     tokenizer_path=tokenizer,
     overwrite=True,
-    metadata={"source": f"train:{tracker_run_id(tracker) or workdir}", "step": int(state.step)},
+    metadata={"source": f"train:{trk.run_id_of(tracker) or workdir}", "step": int(state.step)},
   )
   print(f"exported the model to {out}", flush=True)
 

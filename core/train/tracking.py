@@ -16,10 +16,15 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from core.model import attention_impls
+from core.model.flops import flops_per_token, param_counts
+from core.paths import REPO_ROOT
 from core.tracking import local, schema
 from core.tracking.local import read_run_file
 from core.tracking.run import LocalTracker, NullTracker, RunTracker
 from core.tracking.store import adopt_credentials, default_tracking_uri, public_uri
+from core.train import mesh as meshlib
+from core.train import partition
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +185,70 @@ def check_carbon_inputs(
     carbon.grid_intensity(region=grid_region, intensity_g_per_kwh=grid_intensity)
   if device_power_w is not None and not device_power_w > 0:
     raise carbon.CarbonInputError(f"device_power_w must be positive, got {device_power_w!r}")
+
+
+def run_id_of(tracker) -> str | None:
+  """The MLflow run id (None: tracking is off, or this is not process 0)."""
+  return getattr(tracker, "run_id", None)
+
+
+def log_run_record(
+  tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step, manifest, data_shards
+) -> None:
+  """The record a run writes once, at its first step: params, counts, configs, sharding."""
+  if start_step > 0:
+    return  # logged by the first session of this run; MLflow refuses changed params
+  params = {f"{schema.MODEL}{k}": v for k, v in model.to_dict().items()}
+  params.update(
+    {
+      schema.SEQ_LEN: seq_len,
+      schema.GLOBAL_BATCH: batch_size,
+      schema.MESH: meshlib.describe(mesh_obj),
+      schema.DATA_SHARDS: data_shards,
+      schema.FLOPS_PER_TOKEN: flops_per_token(model, seq_len),
+    }
+  )
+  # What 'auto' resolved to on this platform at this length (the trainer always packs).
+  used = attention_impls.used_by_kind(
+    model, attention_impls.current_platform(), seq_len, packed=True
+  )
+  params.update({f"{schema.ATTENTION_IMPL}{kind}": impl for kind, impl in used.items()})
+  if record:
+    params.update(record.params)
+  write_record(
+    tracker,
+    repo_dir=REPO_ROOT,
+    mesh_shape=dict(mesh_obj.shape),
+    params=params,
+    counts=param_counts(model),
+    operative_config=record.text if record else None,
+    bound_config=record.bound_text if record else None,
+    gin_files=record.gin_files if record else [],
+    manifest=manifest,
+    config_hash=record.config_hash if record else None,
+  )
+  tracker.log_dict(partition.describe_specs(builder.param_specs), "sharding.json")
+
+
+def energy_reading(energy) -> dict[str, float]:
+  """The meter's cumulative figures; {} when it cannot be read."""
+  try:
+    return {k: float(v) for k, v in energy.read().items() if isinstance(v, (int, float))}
+  except Exception as e:  # noqa: BLE001  a failing counter must not stop training
+    logger.info("energy reading failed: %s", e)
+    return {}
+
+
+def finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
+  """What a finished run adds to its record: the MFU peak's source, energy, the journal."""
+  tracker.set_tags({schema.MFU_PEAK_SOURCE: peak_source})
+  if energy is not None:  # the loop leaves the last step's reading to this, the final one
+    tracker.log_metrics(
+      {f"{schema.ENERGY}{k}": v for k, v in energy_reading(energy).items()}, step=step
+    )
+    try:
+      tracker.log_dict(energy.inputs(), "energy/inputs.json")
+    except Exception as e:  # noqa: BLE001
+      logger.info("energy inputs unavailable: %s", e)
+  if (workdir / "metrics.jsonl").is_file():
+    tracker.log_artifact(workdir / "metrics.jsonl")
