@@ -11,7 +11,7 @@ from core.model.config import ConfigError, llama_mlp_dim
 from core.model.positions import apply_rope
 from core.model.transformer import Transformer
 from core.train import partition
-from tests.tiny_model import tiny_config
+from tests.tiny_model import FAMILIES, tiny_config
 
 
 def model_and_tokens(config, length=24, batch=2, seed=0):
@@ -21,23 +21,7 @@ def model_and_tokens(config, length=24, batch=2, seed=0):
 
 
 VARIANTS = {
-  "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
-  "gemma2": dict(
-    norm_placement="pre_post",
-    attention_pattern=("local", "global"),
-    window=5,
-    attn_softcap=50.0,
-    final_softcap=30.0,
-    query_pre_attn_scalar=12.0,
-  ),
-  "llama": dict(
-    activation="swiglu",
-    mlp_dim=0,
-    mlp_multiple_of=16,
-    tie_embeddings=False,
-    scale_embeddings=False,
-    num_kv_heads=4,
-  ),
+  **FAMILIES,
   "post_layernorm_learned": dict(
     norm="layernorm", norm_placement="post", position_embedding="learned", activation="relu"
   ),

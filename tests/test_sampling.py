@@ -9,28 +9,13 @@ from flax import nnx
 from core.eval.sampling import Sampler, SamplingError, generate, sample_logits
 from core.model.cache import init_cache
 from core.model.transformer import Transformer
-from tests.tiny_model import tiny_config
+from tests.tiny_model import FAMILIES, tiny_config
 
 VARIANTS = {
-  "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
+  "gemma": FAMILIES["gemma"],
   # window 4 < sequence length: local layers must forget what left the window.
-  "gemma2": dict(
-    norm_placement="pre_post",
-    attention_pattern=("local", "global"),
-    window=4,
-    attn_softcap=50.0,
-    final_softcap=30.0,
-    query_pre_attn_scalar=12.0,
-  ),
-  "llama": dict(
-    activation="swiglu",
-    mlp_dim=0,
-    mlp_multiple_of=16,
-    tie_embeddings=False,
-    scale_embeddings=False,
-    num_kv_heads=4,
-    rms_scale_plus_one=False,
-  ),
+  "gemma2": {**FAMILIES["gemma2"], "window": 4},
+  "llama": FAMILIES["llama"],
   "learned_positions": dict(position_embedding="learned", norm="layernorm", activation="relu"),
 }
 

@@ -14,20 +14,12 @@ from core.model_dir import io
 from core.train import mesh as meshlib
 from core.train import partition
 from core.train.step import StepBuilder
-from tests.tiny_model import tiny_config
+from tests.tiny_model import FAMILIES, tiny_config
 
 BASE = dict(num_layers=4)
 VARIANTS = {
   # Gemma 2's (local, global) period with every soft-cap, scanned as 2 repeats of a pair.
-  "gemma2": dict(
-    norm_placement="pre_post",
-    attention_pattern=("local", "global"),
-    window=5,
-    attn_softcap=50.0,
-    final_softcap=30.0,
-    query_pre_attn_scalar=12.0,
-    remat="full",
-  ),
+  "gemma2": {**FAMILIES["gemma2"], "remat": "full"},
   # LLaMA: one global layer per period, GQA, untied, blocks saving matmul outputs.
   "llama": dict(
     activation="swiglu", tie_embeddings=False, scale_embeddings=False, remat="save_dots"

@@ -25,3 +25,26 @@ TINY = dict(
 def tiny_config(**overrides) -> ModelConfig:
   """TINY with `overrides` replacing or adding fields."""
   return ModelConfig(**{**TINY, **overrides})
+
+
+# The published families' distinguishing settings on the tiny shape, for tests that run one
+# check across them. A test that needs a family differently states only the difference.
+FAMILIES = {
+  "gemma": dict(num_kv_heads=1, rms_scale_plus_one=True),
+  "gemma2": dict(
+    norm_placement="pre_post",
+    attention_pattern=("local", "global"),
+    window=5,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    query_pre_attn_scalar=12.0,
+  ),
+  "llama": dict(
+    activation="swiglu",
+    mlp_dim=0,
+    mlp_multiple_of=16,
+    tie_embeddings=False,
+    scale_embeddings=False,
+    num_kv_heads=4,
+  ),
+}
