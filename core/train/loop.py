@@ -442,7 +442,7 @@ def train(
           tracker.flush()
           ending["status"] = "KILLED"
           return TrainResult(
-            workdir, step, losses, eval_losses, trk.run_id_of(tracker), "KILLED", compile_s
+            workdir, step, losses, eval_losses, tracker.run_id, "KILLED", compile_s
           )
       # == The end: last checkpoint, evaluations ===============================================
       resolve(0)
@@ -463,9 +463,7 @@ def train(
       trk.finish_record(tracker, workdir, record, peak_source, energy, step)
       trk.mark_finished(workdir, step)
     ending["status"] = "FINISHED"
-    return TrainResult(
-      workdir, step, losses, eval_losses, trk.run_id_of(tracker), "FINISHED", compile_s
-    )
+    return TrainResult(workdir, step, losses, eval_losses, tracker.run_id, "FINISHED", compile_s)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -525,7 +523,7 @@ def _export(
     model,
     tokenizer_path=tokenizer,
     overwrite=True,
-    metadata={"source": f"train:{trk.run_id_of(tracker) or workdir}", "step": int(state.step)},
+    metadata={"source": f"train:{tracker.run_id or workdir}", "step": int(state.step)},
   )
   print(f"exported the model to {out}", flush=True)
 

@@ -187,11 +187,6 @@ def check_carbon_inputs(
     raise carbon.CarbonInputError(f"device_power_w must be positive, got {device_power_w!r}")
 
 
-def run_id_of(tracker) -> str | None:
-  """The MLflow run id (None: tracking is off, or this is not process 0)."""
-  return getattr(tracker, "run_id", None)
-
-
 def log_run_record(
   tracker, record, builder, model, mesh_obj, seq_len, batch_size, start_step, manifest, data_shards
 ) -> None:
