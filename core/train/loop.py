@@ -383,9 +383,7 @@ def train(
               eta_s=rates["eta_s"],
             )
             if energy is not None and s < num_steps:  # the last step's: once, by trk.finish_record
-              tracker.log_metrics(
-                {f"{schema.ENERGY}{k}": v for k, v in trk.energy_reading(energy).items()}, step=s
-              )
+              tracker.log_metrics(trk.energy_metrics(energy), step=s)
             if progress:
               print(
                 f"step {s}/{num_steps} | loss {host['loss']:.4f} | "

@@ -234,13 +234,16 @@ def energy_reading(energy) -> dict[str, float]:
     return {}
 
 
+def energy_metrics(energy) -> dict[str, float]:
+  """energy_reading under the schema's metric names (energy/...)."""
+  return {f"{schema.ENERGY}{k}": v for k, v in energy_reading(energy).items()}
+
+
 def finish_record(tracker, workdir: Path, record, peak_source: str, energy, step: int) -> None:
   """What a finished run adds to its record: the MFU peak's source, energy, the journal."""
   tracker.set_tags({schema.MFU_PEAK_SOURCE: peak_source})
   if energy is not None:  # the loop leaves the last step's reading to this, the final one
-    tracker.log_metrics(
-      {f"{schema.ENERGY}{k}": v for k, v in energy_reading(energy).items()}, step=step
-    )
+    tracker.log_metrics(energy_metrics(energy), step=step)
     try:
       tracker.log_dict(energy.inputs(), "energy/inputs.json")
     except Exception as e:  # noqa: BLE001
